@@ -1,0 +1,99 @@
+"""manifest.json: what an engine directory holds, and the checks that refuse a directory that is not what it says.
+
+An engine directory is trusted because its files hash to what its manifest records, never because files with the
+right names exist. `write_manifest` is called by export; `load_manifest` by every runtime entry point.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from .errors import SoraError
+from .spec import EngineSpec
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def hash_tree(root: Path) -> dict[str, dict]:
+    """{relative path: {sha256, bytes}} for every file under root except the manifest itself."""
+    files = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and p.name != MANIFEST:
+            files[p.relative_to(root).as_posix()] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+    return files
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write to a temp file beside `path`, fsync, rename: readers never see a half-written file."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_manifest(root: Path, body: dict) -> dict:
+    manifest = {"format_version": FORMAT_VERSION, **body, "files": hash_tree(root)}
+    atomic_write_text(root / MANIFEST, json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    return manifest
+
+
+class Manifest:
+    """A verified manifest: the parsed JSON plus typed accessors for what the runtime needs."""
+
+    def __init__(self, root: Path, data: dict):
+        self.root = root
+        self.data = data
+
+    @property
+    def config(self) -> dict:
+        return self.data["pipeline"]
+
+    def spec(self, engine: str) -> EngineSpec:
+        return EngineSpec.from_dict(self.data["engines"][engine]["spec"])
+
+    def engine_path(self, engine: str) -> Path:
+        return self.root / self.data["engines"][engine]["file"]
+
+    @property
+    def engine_names(self) -> list[str]:
+        return list(self.data["engines"])
+
+
+def load_manifest(root: str | Path, verify: bool = True) -> Manifest:
+    """Read and (by default) verify every file's hash. Raises SoraError with a one-line reason."""
+    root = Path(root)
+    if not root.is_dir():
+        raise SoraError(f"engine directory {root} does not exist (create one with `sora-export MODEL -o {root}`)")
+    path = root / MANIFEST
+    if not path.is_file():
+        raise SoraError(f"{root} has no {MANIFEST}: not an engine directory written by sora-export")
+    try:
+        data = json.loads(path.read_text())
+        files = data["files"]
+        version = data["format_version"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SoraError(f"{path} is unreadable or malformed ({type(e).__name__}): re-run sora-export") from None
+    if version != FORMAT_VERSION:
+        raise SoraError(f"{path} has format version {version}; this runtime reads {FORMAT_VERSION}: re-export")
+    if verify:
+        for rel, meta in files.items():
+            f = root / rel
+            if not f.is_file():
+                raise SoraError(f"{f} is listed in the manifest but missing: the engine directory is incomplete")
+            if f.stat().st_size != meta["bytes"] or sha256_file(f) != meta["sha256"]:
+                raise SoraError(f"{f} does not match its manifest hash (truncated or replaced): re-run sora-export")
+    return Manifest(root, data)

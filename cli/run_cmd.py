@@ -1,0 +1,66 @@
+"""sora-run: prompt in, video out, on the exported engines alone (no PyTorch)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+import numpy as np
+
+from .common import cli_errors
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--engines", required=True, type=click.Path(path_type=Path), help="Engine directory from sora-export.")
+@click.option("--prompt", required=True)
+@click.option("--negative-prompt", default=None, help="Default: the one recorded at export.")
+@click.option("--steps", type=int, help="Denoising steps (default recorded at export).")
+@click.option("--guidance", type=float, help="Classifier-free guidance scale; <= 1 skips the negative branch.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed for the initial noise (numpy PCG64: deterministic here, but not equal to torch's "
+                   "generator; pass --latents to reproduce a PyTorch run).")
+@click.option("--height", type=int)
+@click.option("--width", type=int)
+@click.option("--frames", type=int, help="Pixel frames, 4k+1; must be one exported.")
+@click.option("--latents", "latents_file", type=click.Path(path_type=Path),
+              help="Initial noise as .npy: float32 [1, C, (F-1)//4+1, H//8, W//8], as WanPipeline's latents.")
+@click.option("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores).")
+@click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path), help="Output .mp4, .gif or .npy")
+@cli_errors
+def main(engines, prompt, negative_prompt, steps, guidance, seed, height, width, frames, latents_file, threads, out):
+    """Generate a video for PROMPT with the engines in ENGINES."""
+    import time
+
+    from tqdm import tqdm
+
+    from ..runtime.errors import SoraError
+    from ..runtime.pipeline import Pipeline
+    from ..runtime.video import check_output_path, write_video
+
+    out = check_output_path(out)
+    latents = None
+    if latents_file is not None:
+        try:
+            latents = np.load(latents_file, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise SoraError(f"--latents {latents_file}: not a readable .npy array ({e})") from None
+    t0 = time.perf_counter()
+    pipe = Pipeline.load(engines, threads=threads)
+    load_s = time.perf_counter() - t0
+    h, w, f, n_steps, g, _ = pipe.resolve(height, width, frames, steps, guidance, negative_prompt)
+    if latents is not None:
+        pipe.check_latents(latents, pipe.latent_shape(h, w, f))
+    with tqdm(total=n_steps, desc="denoise", unit="step", leave=False) as bar:
+        result = pipe(prompt, negative_prompt, h, w, f, n_steps, g, seed, latents, on_step=lambda i, dt: bar.update())
+    t0 = time.perf_counter()
+    write_video(out, result.frames, pipe.defaults["fps"])
+    write_s = time.perf_counter() - t0
+    tm = result.timings
+    per_step = tm["denoise"] / max(len(result.step_times), 1)
+    click.echo(f"wrote {out} ({f} frames, {w}x{h}, {n_steps} steps, guidance {g})")
+    click.echo(f"time: load {load_s:.2f}s | tokenize+encode {tm['encode']:.2f}s | denoise {tm['denoise']:.2f}s "
+               f"({per_step * 1000:.0f} ms/step) | decode {tm['decode']:.2f}s | write {write_s:.2f}s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,279 @@
+"""Orchestrate an export: checkpoint -> ONNX models + tokenizer + scheduler config + manifest, atomically.
+
+Everything is written into a temporary sibling directory and renamed into place at the end, so an interrupted or
+failed export never leaves a half-written engine directory, and an existing one is never lost. An existing
+directory built from the same content with the same options (the cache key) is reused; a different one is
+refused unless `overwrite=True`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .. import __version__
+from ..runtime.errors import SoraError
+from ..runtime.manifest import MANIFEST, load_manifest, sha256_file, write_manifest
+from ..runtime.spec import Dim
+from .checkpoint import WanCheckpoint, read_checkpoint
+from .dit import AttentionForm, DiTReference, dit_spec, load_dit
+from .text_encoder import load_text_encoder, text_encoder_spec
+from .vae import load_vae_decoder, vae_engine_name, vae_spec
+
+# WanPipeline.__call__ defaults; the demo model records its own.
+WAN_DEFAULTS = {"height": 480, "width": 832, "frames": 81, "steps": 50, "guidance": 5.0, "negative_prompt": "",
+                "fps": 16}
+DEMO_DEFAULTS = {"height": 128, "width": 192, "frames": 9, "steps": 20, "guidance": 5.0,
+                 "negative_prompt": "low quality, blurry, static", "fps": 8}
+MAX_SIDE = 1280  # largest height/width the engines accept (TensorRT profile max); ORT CPU itself has no limit
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    model: str  # a diffusers directory, or "demo"
+    out: Path
+    frames: tuple[int, ...] = ()  # pixel frame counts to export VAE decoders for; default: the model's default
+    height: int | None = None
+    width: int | None = None
+    attention: AttentionForm = AttentionForm.ONNX
+    max_sequence_length: int = 512
+    overwrite: bool = False
+    check_parity: bool = True
+
+
+@dataclass
+class ExportReport:
+    out: Path
+    reused: bool
+    seconds: dict[str, float] = field(default_factory=dict)
+    parity: dict[str, dict] = field(default_factory=dict)
+
+
+def validate_frames(frames: int, scale_t: int) -> None:
+    if frames < 1 or (frames - 1) % scale_t:
+        lo = (max(frames - 1, 0) // scale_t) * scale_t + 1
+        raise SoraError(f"frames={frames} is not of the form {scale_t}k+1 (nearest valid: {lo} or {lo + scale_t})")
+
+
+def validate_size(height: int, width: int, multiple: int) -> None:
+    for name, v in (("height", height), ("width", width)):
+        if v < multiple or v % multiple:
+            lo = max(multiple, v // multiple * multiple)
+            raise SoraError(f"{name}={v} is not a multiple of {multiple} (nearest valid: {lo} or {lo + multiple})")
+
+
+def _checkpoint_digest(ck: WanCheckpoint) -> str:
+    """Content hash of everything the export reads (configs, weights, tokenizer), for the cache key."""
+    h = hashlib.sha256()
+    for p in sorted(ck.root.rglob("*")):
+        if p.is_file() and p.suffix in (".json", ".safetensors", ".model", ".txt"):
+            h.update(p.relative_to(ck.root).as_posix().encode())
+            h.update(sha256_file(p).encode())
+    return h.hexdigest()
+
+
+def _versions() -> dict:
+    import diffusers
+    import onnx
+    import onnxruntime
+    import torch
+    import transformers
+
+    return {"soraedge": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__, "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__}
+
+
+def _quiet():
+    """The exporter prints progress bars and optimizer chatter; keep the CLI output to our own lines."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
+    stack.enter_context(contextlib.redirect_stderr(io.StringIO()))
+    return stack
+
+
+def _export_component(name, module, reference, spec, tmp, opset, sample, probes, cfg, report, log):
+    from .onnx_export import export_onnx, parity_check
+
+    t0 = time.perf_counter()
+    log(f"exporting {name} ...")
+    with _quiet():
+        export_onnx(module, spec, tmp / f"{name}.onnx", opset, sample)
+    report.seconds[f"export_{name}"] = time.perf_counter() - t0
+    entry = {"file": f"{name}.onnx", "spec": spec.to_dict(), "opset": opset}
+    if cfg.check_parity:
+        t0 = time.perf_counter()
+        entry["parity"] = parity_check(reference, spec, tmp / f"{name}.onnx", probes)
+        report.seconds[f"parity_{name}"] = time.perf_counter() - t0
+        report.parity[name] = entry["parity"]
+        log(f"  {name}: max abs error vs PyTorch {entry['parity']['max_abs']:.2e} "
+            f"(rel {entry['parity']['max_rel']:.2e}) on shapes {[p['sizes'] for p in entry['parity']['probes']]}")
+    return entry
+
+
+def _export_into(ck: WanCheckpoint, cfg: ExportConfig, defaults: dict, tmp: Path, report: ExportReport, log) -> dict:
+    import torch
+    from diffusers import WanTransformer3DModel
+
+    s, t = ck.vae_scale_spatial, ck.vae_scale_temporal
+    p_t, p_h, p_w = ck.patch
+    if p_t != 1:
+        raise SoraError(f"temporal patch size {p_t} is not supported (Wan2.1 uses 1)")
+    lat_f = (defaults["frames"] - 1) // t + 1
+    lat_f_max = max(lat_f, (WAN_DEFAULTS["frames"] - 1) // t + 1)
+    lat_max = max(defaults["height"], defaults["width"], MAX_SIDE) // s
+    f_dim = Dim("f", 1, lat_f, lat_f_max)
+    h_dim = Dim("h", p_h, defaults["height"] // s, lat_max // p_h * p_h, p_h)
+    w_dim = Dim("w", p_w, defaults["width"] // s, lat_max // p_w * p_w, p_w)
+    engines = {}
+
+    # Text encoder
+    te = load_text_encoder(ck.root, ck.text_encoder_class)
+    d_model = te.encoder.config.d_model
+    spec = text_encoder_spec(d_model, cfg.max_sequence_length)
+    engines["text_encoder"] = _export_component(
+        "text_encoder", te, te, spec, tmp, cfg.attention.opset, {"b": 2, "s": min(8, cfg.max_sequence_length)},
+        [{"b": 1, "s": cfg.max_sequence_length}, {"b": 2, "s": min(5, cfg.max_sequence_length)}], cfg, report, log)
+    del te
+
+    # DiT: the exported module carries the export-time rewrites; the reference is diffusers' own model.
+    dit = load_dit(ck.root, cfg.attention)
+    reference = DiTReference(WanTransformer3DModel.from_pretrained(ck.root / "transformer", use_safetensors=True,
+                                                                    torch_dtype=torch.float32).eval())
+    spec = dit_spec(ck.transformer_config, cfg.max_sequence_length, f_dim, h_dim, w_dim)
+    engines["transformer"] = _export_component(
+        "transformer", dit, reference, spec, tmp, cfg.attention.opset,
+        {"b": 2, "f": 2, "h": 2 * p_h, "w": 3 * p_w},
+        [{"b": 1, "f": 3, "h": 3 * p_h, "w": 2 * p_w}, {"b": 2, "f": 1, "h": p_h, "w": 4 * p_w}], cfg, report, log)
+    del dit, reference
+
+    # VAE decoders, one per requested frame count
+    vae = load_vae_decoder(ck.root)
+    vae_frames = {}
+    for frames in sorted(set(cfg.frames or (defaults["frames"],))):
+        n = (frames - 1) // t + 1
+        spec = vae_spec(ck.latent_channels, n, t, s, Dim("h", 1, defaults["height"] // s, lat_max),
+                        Dim("w", 1, defaults["width"] // s, lat_max))
+        engines[spec.name] = _export_component(
+            spec.name, vae, vae, spec, tmp, cfg.attention.opset, {"h": 4, "w": 6}, [{"h": 3, "w": 5}], cfg,
+            report, log)
+        vae_frames[str(frames)] = vae_engine_name(n)
+    return engines, vae_frames, d_model
+
+
+def _prepare_source(cfg: ExportConfig, workdir: Path) -> tuple[WanCheckpoint, dict, str]:
+    if cfg.model == "demo":
+        from .tiny_wan import build_tiny_wan
+
+        return read_checkpoint(build_tiny_wan(workdir / "demo-src", "demo")), dict(DEMO_DEFAULTS), "demo"
+    ck = read_checkpoint(cfg.model)
+    return ck, dict(WAN_DEFAULTS), str(Path(cfg.model).resolve())
+
+
+def _check_destination(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise SoraError(f"output {out} exists and is not a directory")
+    if not out.parent.is_dir():
+        raise SoraError(f"the folder {out.parent} for the output does not exist")
+    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
+        raise SoraError(f"{out} exists, is not empty and is not an engine directory: refusing to touch it")
+
+
+def run_export(cfg: ExportConfig, log: Callable[[str], None] = lambda s: None) -> ExportReport:
+    """Export `cfg.model` to an engine directory at `cfg.out`. Raises SoraError on bad input."""
+    out = Path(cfg.out)
+    _check_destination(out, cfg.overwrite)
+    report = ExportReport(out=out, reused=False)
+    t_all = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.build-", dir=out.parent) as work:
+        work = Path(work)
+        ck, defaults, source = _prepare_source(cfg, work)
+        if cfg.height or cfg.width:
+            defaults["height"] = cfg.height or defaults["height"]
+            defaults["width"] = cfg.width or defaults["width"]
+        validate_size(defaults["height"], defaults["width"], ck.vae_scale_spatial * max(ck.patch[1:]))
+        if cfg.frames:
+            defaults["frames"] = cfg.frames[0]  # the first --frames is the run-time default
+        for f in (*cfg.frames, defaults["frames"]):
+            validate_frames(f, ck.vae_scale_temporal)
+
+        options = {k: v for k, v in asdict(cfg).items() if k not in ("model", "out", "overwrite", "check_parity")}
+        options["attention"] = cfg.attention.value
+        options["defaults"] = defaults
+        key = hashlib.sha256(json.dumps({"checkpoint": _checkpoint_digest(ck), "options": options,
+                                         "versions": _versions()}, sort_keys=True).encode()).hexdigest()
+        if (out / MANIFEST).is_file():
+            try:
+                existing = load_manifest(out)
+            except SoraError:
+                existing = None
+            if existing is not None and existing.data.get("cache_key") == key:
+                log(f"{out} is already an up-to-date export of this model with these options (cache key {key[:12]})")
+                report.reused = True
+                return report
+            if not cfg.overwrite:
+                raise SoraError(f"{out} holds a different engine directory; pass --overwrite to replace it")
+
+        stage = work / "engine"
+        stage.mkdir()
+        engines, vae_frames, d_model = _export_into(ck, cfg, defaults, stage, report, log)
+        (stage / "tokenizer").mkdir()
+        shutil.copy2(ck.tokenizer_file, stage / "tokenizer" / "tokenizer.json")
+        (stage / "scheduler").mkdir()
+        (stage / "scheduler" / "scheduler_config.json").write_text(json.dumps(ck.scheduler_config, indent=2))
+        pipeline = {
+            "family": "wan2.1-t2v",
+            "defaults": defaults,
+            "max_sequence_length": cfg.max_sequence_length,
+            "pad_token_id": _pad_token_id(ck),
+            "text_dim": d_model,
+            "latent_channels": ck.latent_channels,
+            "latents_mean": ck.vae_config["latents_mean"],
+            "latents_std": ck.vae_config["latents_std"],
+            "vae_scale_spatial": ck.vae_scale_spatial,
+            "vae_scale_temporal": ck.vae_scale_temporal,
+            "patch_size": list(ck.patch),
+            "vae_decoders": vae_frames,
+            "tokenizer": "tokenizer/tokenizer.json",
+            "scheduler": "scheduler/scheduler_config.json",
+        }
+        write_manifest(stage, {
+            "cache_key": key,
+            "source": source,
+            "created_unix": int(time.time()),
+            "versions": _versions(),
+            "precision": "fp32",
+            "attention": cfg.attention.value,
+            "gpu": None,  # portable ONNX, not built for a particular GPU
+            "pipeline": pipeline,
+            "engines": engines,
+        })
+        _swap_into_place(stage, out, work)
+    report.seconds["total"] = time.perf_counter() - t_all
+    return report
+
+
+def _pad_token_id(ck: WanCheckpoint) -> int:
+    from tokenizers import Tokenizer
+
+    cfg_file = ck.root / "tokenizer" / "tokenizer_config.json"
+    pad = json.loads(cfg_file.read_text()).get("pad_token", "<pad>") if cfg_file.is_file() else "<pad>"
+    pad = pad["content"] if isinstance(pad, dict) else pad
+    tid = Tokenizer.from_file(str(ck.tokenizer_file)).token_to_id(pad)
+    return 0 if tid is None else int(tid)
+
+
+def _swap_into_place(stage: Path, out: Path, work: Path) -> None:
+    """Rename the finished build into place; an old directory is moved aside first and deleted only after."""
+    if out.exists():
+        old = work / "previous"
+        out.rename(old)  # the work dir is removed with everything in it once we return
+    stage.rename(out)

@@ -1,0 +1,131 @@
+"""The Wan DiT (WanTransformer3DModel) for export: its EngineSpec, the traced wrapper, the export-time attention.
+
+Two export-time substitutions, both proven equal to diffusers by the parity check after export:
+- rotary embedding: diffusers writes `out[..., 0::2] = ...`, which exports as ScatterND chains; here the rotation
+  is a stack + flatten of the same terms, with the cos/sin tables precomputed in float32.
+- attention form: `AttentionForm.ONNX` emits one ONNX `Attention` node per attention (opset 23; ONNX Runtime runs
+  it, TensorRT parses it from 10.14); `AttentionForm.DECOMPOSED` writes MatMul-Softmax-MatMul (opset 20) for
+  TensorRT < 10.14, which fuses that pattern itself.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import torch
+import torch.nn.functional as F
+
+from ..runtime.spec import Dim, EngineSpec, TensorSpec
+
+
+class AttentionForm(str, enum.Enum):
+    ONNX = "onnx-attention"
+    DECOMPOSED = "decomposed"
+
+    @property
+    def opset(self) -> int:
+        return 23 if self is AttentionForm.ONNX else 20
+
+
+def dit_spec(tcfg: dict, text_len: int, lat_frames: Dim, lat_h: Dim, lat_w: Dim, max_batch: int = 2) -> EngineSpec:
+    """hidden_states [b, C, f, h, w] latents, timestep [b] float32, encoder_hidden_states [b, S, text_dim]."""
+    c_in, c_out = tcfg["in_channels"], tcfg.get("out_channels") or tcfg["in_channels"]
+    return EngineSpec(
+        name="transformer",
+        inputs=(
+            TensorSpec("hidden_states", "float32", ("b", c_in, "f", "h", "w")),
+            TensorSpec("timestep", "float32", ("b",)),
+            TensorSpec("encoder_hidden_states", "float32", ("b", text_len, tcfg["text_dim"])),
+        ),
+        outputs=(TensorSpec("noise_pred", "float32", ("b", c_out, "f", "h", "w")),),
+        dims=(Dim("b", 1, max_batch, max_batch), lat_frames, lat_h, lat_w),
+    )
+
+
+class RotaryTables(torch.nn.Module):
+    """Replaces diffusers' WanRotaryPosEmbed: returns (cos, sin) [1, L, 1, head_dim/2] float32, one per pair."""
+
+    def __init__(self, rope):
+        super().__init__()
+        self.patch_size = rope.patch_size
+        self.split = [rope.t_dim // 2, rope.h_dim // 2, rope.w_dim // 2]
+        # diffusers' tables repeat each frequency twice (repeat_interleave_real); keep one of each pair.
+        self.register_buffer("cos", rope.freqs_cos[:, 0::2].float().clone(), persistent=False)  # [max_len, D/2]
+        self.register_buffer("sin", rope.freqs_sin[:, 1::2].float().clone(), persistent=False)
+
+    def _grid(self, table, f, h, w):
+        tf, th, tw = table.split(self.split, dim=1)
+        grid = torch.cat([
+            tf[:f].view(f, 1, 1, -1).expand(f, h, w, -1),
+            th[:h].view(1, h, 1, -1).expand(f, h, w, -1),
+            tw[:w].view(1, 1, w, -1).expand(f, h, w, -1),
+        ], dim=-1)
+        return grid.reshape(1, f * h * w, 1, -1)
+
+    def forward(self, hidden_states):  # [B, C, F, H, W]
+        _, _, frames, height, width = hidden_states.shape
+        p_t, p_h, p_w = self.patch_size
+        f, h, w = frames // p_t, height // p_h, width // p_w
+        return self._grid(self.cos, f, h, w), self._grid(self.sin, f, h, w)
+
+
+def _rotate(x, cos, sin):  # x [B, L, H, D], cos/sin [1, L, 1, D/2]
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
+
+
+class ExportAttnProcessor:
+    """WanAttnProcessor for text-to-video (no image branch), with the rotary rewrite and a chosen attention form."""
+
+    def __init__(self, form: AttentionForm):
+        self.form = form
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        q = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))  # [B, L, H, D]
+        k = attn.norm_k(attn.to_k(context)).unflatten(2, (attn.heads, -1))  # [B, S, H, D]
+        v = attn.to_v(context).unflatten(2, (attn.heads, -1))
+        if rotary_emb is not None:
+            q, k = _rotate(q, *rotary_emb), _rotate(k, *rotary_emb)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, L, D]
+        if self.form is AttentionForm.ONNX:
+            out = F.scaled_dot_product_attention(q, k, v)
+        else:
+            scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)  # [B, H, L, S]
+            out = scores.softmax(dim=-1) @ v
+        out = out.transpose(1, 2).flatten(2, 3).type_as(q)  # [B, L, H*D]
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+class DiTForExport(torch.nn.Module):
+    """(hidden_states, timestep, encoder_hidden_states) -> noise_pred, with the export-time substitutions applied."""
+
+    def __init__(self, transformer, form: AttentionForm):
+        super().__init__()
+        transformer.rope = RotaryTables(transformer.rope)
+        for block in transformer.blocks:
+            block.attn1.set_processor(ExportAttnProcessor(form))
+            block.attn2.set_processor(ExportAttnProcessor(form))
+        self.transformer = transformer
+
+    def forward(self, hidden_states, timestep, encoder_hidden_states):
+        return self.transformer(hidden_states, timestep, encoder_hidden_states, return_dict=False)[0]
+
+
+class DiTReference(torch.nn.Module):
+    """diffusers' own WanTransformer3DModel, unmodified, with the exported signature: the parity reference."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, hidden_states, timestep, encoder_hidden_states):
+        return self.model(hidden_states, timestep, encoder_hidden_states, return_dict=False)[0]
+
+
+def load_dit(root, form: AttentionForm) -> DiTForExport:
+    from diffusers import WanTransformer3DModel
+
+    model = WanTransformer3DModel.from_pretrained(root / "transformer", torch_dtype=torch.float32,
+                                                  use_safetensors=True).eval()
+    return DiTForExport(model, form).eval()

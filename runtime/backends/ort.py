@@ -1,0 +1,44 @@
+"""ONNX Runtime backend: one session per engine, inputs validated against the engine's spec before running."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from ..errors import SoraError
+from ..spec import EngineSpec
+
+
+class OrtEngine:
+    """A session over one ONNX model. Call with keyword inputs; returns the first output."""
+
+    def __init__(self, path: Path, spec: EngineSpec, threads: int | None = None,
+                 providers: list[str] | None = None):
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            so.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(str(path), so, providers=providers or ["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
+            raise SoraError(f"ONNX Runtime could not load {path.name}: {str(e).splitlines()[0]}") from None
+        self.spec = spec
+
+    def __call__(self, **feeds: np.ndarray) -> np.ndarray:
+        self.spec.bind(feeds)
+        return self.session.run([self.spec.output_names[0]], feeds)[0]
+
+
+class OrtDenoiser:
+    """The sampler's Denoiser over the transformer engine."""
+
+    def __init__(self, engine: OrtEngine):
+        self.engine = engine
+        self.max_batch = engine.spec.dim_map["b"].max
+
+    def __call__(self, latents: np.ndarray, timestep: np.ndarray, context: np.ndarray) -> np.ndarray:
+        # latents [B, C, F, H, W] float32, timestep [B] float32, context [B, S, D] float32
+        return self.engine(hidden_states=latents, timestep=timestep, encoder_hidden_states=context)

@@ -1,0 +1,140 @@
+"""The Python API: `Pipeline.load(engine_dir)` then `pipe(prompt, ...)` -> frames. No torch anywhere.
+
+Stages: prompt -> text embeddings (runtime/text.py) -> sampler loop over the DiT engine (runtime/sampler.py) ->
+latent de-normalisation -> VAE decoder engine -> frames [F, H, W, 3] in [0, 1]. Every argument is validated
+before any compute.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .backends.ort import OrtDenoiser, OrtEngine
+from .errors import SoraError
+from .manifest import Manifest, load_manifest
+from .sampler import sample
+from .schedulers import load_scheduler
+from .text import PromptEncoder
+
+
+@dataclass
+class Generation:
+    frames: np.ndarray | None  # [F, H, W, 3] float32 in [0, 1]; None for output_type="latent"
+    latents: np.ndarray  # [1, C, f, h, w] final latents (before de-normalisation)
+    timings: dict[str, float] = field(default_factory=dict)
+    step_times: list[float] = field(default_factory=list)
+
+
+class Pipeline:
+    def __init__(self, manifest: Manifest, threads: int | None = None):
+        self.manifest = manifest
+        self.config = manifest.config
+        self.defaults = self.config["defaults"]
+        self.threads = threads
+        root = manifest.root
+        self.text = PromptEncoder(str(root / self.config["tokenizer"]), self._engine("text_encoder"),
+                                  self.config["max_sequence_length"], self.config["pad_token_id"])
+        self.denoiser = OrtDenoiser(self._engine("transformer"))
+        self.scheduler = load_scheduler(root / self.config["scheduler"])
+        self._decoders: dict[str, OrtEngine] = {}
+
+    @classmethod
+    def load(cls, engine_dir, threads: int | None = None, verify: bool = True) -> Pipeline:
+        return cls(load_manifest(engine_dir, verify=verify), threads)
+
+    def _engine(self, name: str) -> OrtEngine:
+        return OrtEngine(self.manifest.engine_path(name), self.manifest.spec(name), self.threads)
+
+    def _decoder(self, frames: int) -> OrtEngine:
+        name = self.config["vae_decoders"][str(frames)]
+        if name not in self._decoders:
+            self._decoders[name] = self._engine(name)
+        return self._decoders[name]
+
+    # -- validation ------------------------------------------------------------------------------------------
+    def latent_shape(self, height: int, width: int, frames: int) -> tuple[int, ...]:
+        s, t = self.config["vae_scale_spatial"], self.config["vae_scale_temporal"]
+        return (1, self.config["latent_channels"], (frames - 1) // t + 1, height // s, width // s)
+
+    def resolve(self, height=None, width=None, frames=None, steps=None, guidance=None, negative_prompt=None):
+        """Fill defaults and validate every argument; raises SoraError naming the nearest valid values."""
+        d = self.defaults
+        h, w = height or d["height"], width or d["width"]
+        f = frames or d["frames"]
+        steps = d["steps"] if steps is None else steps
+        guidance = d["guidance"] if guidance is None else guidance
+        negative_prompt = d["negative_prompt"] if negative_prompt is None else negative_prompt
+        mult = self.config["vae_scale_spatial"] * max(self.config["patch_size"][1:])
+        for name, v in (("height", h), ("width", w)):
+            if v < mult or v % mult:
+                lo = max(mult, v // mult * mult)
+                raise SoraError(f"{name}={v} is not a multiple of {mult} (nearest valid: {lo} or {lo + mult})")
+        t = self.config["vae_scale_temporal"]
+        if f < 1 or (f - 1) % t:
+            lo = (max(f - 1, 0) // t) * t + 1
+            raise SoraError(f"frames={f} is not of the form {t}k+1 (nearest valid: {lo} or {lo + t})")
+        if str(f) not in self.config["vae_decoders"]:
+            have = ", ".join(sorted(self.config["vae_decoders"], key=int))
+            raise SoraError(f"frames={f} has no exported VAE decoder (exported: {have}; re-export with --frames {f})")
+        if steps < 1:
+            raise SoraError(f"steps={steps}: need at least 1 step")
+        if guidance < 0:
+            raise SoraError(f"guidance={guidance}: guidance must be >= 0 (1 or less disables the negative prompt)")
+        spec = self.manifest.spec("transformer")
+        lat = self.latent_shape(h, w, f)
+        bad = [m for name, v in zip("fhw", lat[2:]) if (m := spec.dim_map[name].check(v))]
+        if bad:
+            raise SoraError(f"{h}x{w}x{f} is outside the exported range: {', '.join(bad)} (latent units)")
+        return h, w, f, steps, guidance, negative_prompt
+
+    def check_latents(self, latents: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        if not isinstance(latents, np.ndarray) or latents.dtype != np.float32 or latents.shape != shape:
+            got = f"{latents.dtype} {tuple(latents.shape)}" if isinstance(latents, np.ndarray) else type(latents)
+            raise SoraError(f"latents must be float32 of shape {shape} (as WanPipeline's), got {got}")
+        return latents
+
+    # -- generation ------------------------------------------------------------------------------------------
+    def __call__(self, prompt: str, negative_prompt: str | None = None, height: int | None = None,
+                 width: int | None = None, frames: int | None = None, steps: int | None = None,
+                 guidance: float | None = None, seed: int = 0, latents: np.ndarray | None = None,
+                 output_type: str = "np", on_step=None) -> Generation:
+        h, w, f, steps, guidance, negative_prompt = self.resolve(height, width, frames, steps, guidance,
+                                                                 negative_prompt)
+        shape = self.latent_shape(h, w, f)
+        if latents is None:
+            latents = np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
+        latents = self.check_latents(latents, shape)
+        timings: dict[str, float] = {}
+
+        t0 = time.perf_counter()
+        cfg = guidance > 1.0
+        emb = self.text([prompt, negative_prompt] if cfg else [prompt])  # [1 or 2, L, D]
+        cond, uncond = emb[:1], (emb[1:] if cfg else None)
+        timings["encode"] = time.perf_counter() - t0
+
+        step_times: list[float] = []
+
+        def _on_step(i, dt):
+            step_times.append(dt)
+            if on_step:
+                on_step(i, dt)
+
+        t0 = time.perf_counter()
+        latents = sample(self.denoiser, self.scheduler, latents, cond, uncond, guidance, steps, _on_step)
+        timings["denoise"] = time.perf_counter() - t0
+        if output_type == "latent":
+            return Generation(None, latents, timings, step_times)
+
+        t0 = time.perf_counter()
+        c = self.config["latent_channels"]
+        mean = np.asarray(self.config["latents_mean"], np.float32).reshape(1, c, 1, 1, 1)
+        std = np.asarray(self.config["latents_std"], np.float32).reshape(1, c, 1, 1, 1)
+        # WanPipeline: latents / (1 / std) + mean
+        z = (latents / (np.float32(1.0) / std) + mean).astype(np.float32)
+        video = self._decoder(f)(latents=z)  # [1, 3, F, H, W] in [-1, 1]
+        frames_out = np.clip(video[0] / 2 + 0.5, 0, 1).transpose(1, 2, 3, 0)  # [F, H, W, 3]
+        timings["decode"] = time.perf_counter() - t0
+        return Generation(np.ascontiguousarray(frames_out, dtype=np.float32), latents, timings, step_times)

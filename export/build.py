@@ -31,7 +31,7 @@ from .vae import load_vae_decoder, vae_engine_name, vae_spec
 # WanPipeline.__call__ defaults; the demo model records its own.
 WAN_DEFAULTS = {"height": 480, "width": 832, "frames": 81, "steps": 50, "guidance": 5.0, "negative_prompt": "",
                 "fps": 16}
-DEMO_DEFAULTS = {"height": 128, "width": 192, "frames": 9, "steps": 20, "guidance": 5.0,
+DEMO_DEFAULTS = {"height": 192, "width": 320, "frames": 9, "steps": 20, "guidance": 5.0,
                  "negative_prompt": "low quality, blurry, static", "fps": 8}
 MAX_SIDE = 1280  # largest height/width the engines accept (TensorRT profile max); ORT CPU itself has no limit
 
@@ -170,6 +170,11 @@ def _export_into(ck: WanCheckpoint, cfg: ExportConfig, defaults: dict, tmp: Path
 
 
 def _prepare_source(cfg: ExportConfig, workdir: Path) -> tuple[WanCheckpoint, dict, str]:
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
     if cfg.model == "demo":
         from .tiny_wan import build_tiny_wan
 

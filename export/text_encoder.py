@@ -34,5 +34,5 @@ def load_text_encoder(root, class_name: str) -> TextEncoderForExport:
     import transformers
 
     cls = getattr(transformers, class_name)
-    model = cls.from_pretrained(root / "text_encoder", torch_dtype=torch.float32, use_safetensors=True).eval()
+    model = cls.from_pretrained(root / "text_encoder", use_safetensors=True).eval()
     return TextEncoderForExport(model).eval()

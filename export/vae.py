@@ -40,5 +40,5 @@ class VaeDecoderForExport(torch.nn.Module):
 def load_vae_decoder(root) -> VaeDecoderForExport:
     from diffusers import AutoencoderKLWan
 
-    vae = AutoencoderKLWan.from_pretrained(root / "vae", torch_dtype=torch.float32, use_safetensors=True).eval()
+    vae = AutoencoderKLWan.from_pretrained(root / "vae", use_safetensors=True).eval()
     return VaeDecoderForExport(vae).eval()

@@ -1,0 +1,59 @@
+"""Shared fixtures: tiny Wan pipelines written with save_pretrained, and their exported engine directories.
+
+Built once per test session (export is the slow part: ~30 s per configuration on 2 cores).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# Test sizes: small enough for CI, different from the export samples (b=2, f=2, h=2p, w=3p).
+TEST_SIZE = {"tiny-a": dict(height=32, width=48, frames=5), "tiny-b": dict(height=48, width=32, frames=9)}
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """name -> diffusers WanPipeline directory (built lazily, once)."""
+    from soraedge.export.tiny_wan import build_tiny_wan
+
+    cache: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in cache:
+            cache[name] = build_tiny_wan(tmp_path_factory.mktemp(name) / "model", name)
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_engines(tmp_path_factory, tiny_model):
+    """name -> engine directory exported from tiny_model(name) with that config's test frame count."""
+    from soraedge.export.build import ExportConfig, run_export
+
+    cache: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in cache:
+            size = TEST_SIZE[name]
+            out = tmp_path_factory.mktemp(f"{name}-eng") / "engines"
+            run_export(ExportConfig(model=str(tiny_model(name)), out=out, frames=(size["frames"],),
+                                    height=size["height"], width=size["width"], max_sequence_length=512))
+            cache[name] = out
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture
+def engine_copy(tiny_engines, tmp_path):
+    """A private copy of tiny-a's engines that a test may damage."""
+    dst = tmp_path / "engines"
+    shutil.copytree(tiny_engines("tiny-a"), dst)
+    return dst

@@ -146,8 +146,7 @@ def _export_into(ck: WanCheckpoint, cfg: ExportConfig, defaults: dict, tmp: Path
 
     # DiT: the exported module carries the export-time rewrites; the reference is diffusers' own model.
     dit = load_dit(ck.root, cfg.attention)
-    reference = DiTReference(WanTransformer3DModel.from_pretrained(ck.root / "transformer", use_safetensors=True,
-                                                                    torch_dtype=torch.float32).eval())
+    reference = DiTReference(WanTransformer3DModel.from_pretrained(ck.root / "transformer", use_safetensors=True).eval())
     spec = dit_spec(ck.transformer_config, cfg.max_sequence_length, f_dim, h_dim, w_dim)
     engines["transformer"] = _export_component(
         "transformer", dit, reference, spec, tmp, cfg.attention.opset,

@@ -126,6 +126,5 @@ class DiTReference(torch.nn.Module):
 def load_dit(root, form: AttentionForm) -> DiTForExport:
     from diffusers import WanTransformer3DModel
 
-    model = WanTransformer3DModel.from_pretrained(root / "transformer", torch_dtype=torch.float32,
-                                                  use_safetensors=True).eval()
+    model = WanTransformer3DModel.from_pretrained(root / "transformer", use_safetensors=True).eval()
     return DiTForExport(model, form).eval()

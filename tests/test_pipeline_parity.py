@@ -39,7 +39,7 @@ def test_sora_run_matches_wan_pipeline(name, guidance, steps, tiny_model, tiny_e
     ref_lat = ref_pipe(**kw, latents=torch.from_numpy(noise), output_type="latent").frames.numpy()
     ref_frames = ref_pipe(**kw, latents=torch.from_numpy(noise), output_type="np").frames[0]  # [F, H, W, 3]
     got = ours(PROMPT, NEGATIVE, size["height"], size["width"], size["frames"], steps,
-                            guidance, latents=noise)
+                guidance, latents=noise)
 
     assert got.frames.shape == ref_frames.shape
     frame_err = float(np.abs(got.frames - ref_frames).max())

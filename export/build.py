@@ -23,6 +23,7 @@ from .. import __version__
 from ..runtime.errors import SoraError
 from ..runtime.manifest import MANIFEST, load_manifest, sha256_file, write_manifest
 from ..runtime.spec import Dim
+from ..runtime.validate import check_frames, check_size
 from .checkpoint import WanCheckpoint, read_checkpoint
 from .dit import AttentionForm, DiTReference, dit_spec, load_dit
 from .text_encoder import load_text_encoder, text_encoder_spec
@@ -55,19 +56,6 @@ class ExportReport:
     reused: bool
     seconds: dict[str, float] = field(default_factory=dict)
     parity: dict[str, dict] = field(default_factory=dict)
-
-
-def validate_frames(frames: int, scale_t: int) -> None:
-    if frames < 1 or (frames - 1) % scale_t:
-        lo = (max(frames - 1, 0) // scale_t) * scale_t + 1
-        raise SoraError(f"frames={frames} is not of the form {scale_t}k+1 (nearest valid: {lo} or {lo + scale_t})")
-
-
-def validate_size(height: int, width: int, multiple: int) -> None:
-    for name, v in (("height", height), ("width", width)):
-        if v < multiple or v % multiple:
-            lo = max(multiple, v // multiple * multiple)
-            raise SoraError(f"{name}={v} is not a multiple of {multiple} (nearest valid: {lo} or {lo + multiple})")
 
 
 def _checkpoint_digest(ck: WanCheckpoint) -> str:
@@ -182,7 +170,7 @@ def _prepare_source(cfg: ExportConfig, workdir: Path) -> tuple[WanCheckpoint, di
     return ck, dict(WAN_DEFAULTS), str(Path(cfg.model).resolve())
 
 
-def _check_destination(out: Path, overwrite: bool) -> None:
+def _check_destination(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise SoraError(f"output {out} exists and is not a directory")
     if not out.parent.is_dir():
@@ -194,7 +182,7 @@ def _check_destination(out: Path, overwrite: bool) -> None:
 def run_export(cfg: ExportConfig, log: Callable[[str], None] = lambda s: None) -> ExportReport:
     """Export `cfg.model` to an engine directory at `cfg.out`. Raises SoraError on bad input."""
     out = Path(cfg.out)
-    _check_destination(out, cfg.overwrite)
+    _check_destination(out)
     report = ExportReport(out=out, reused=False)
     t_all = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.build-", dir=out.parent) as work:
@@ -203,11 +191,11 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = lambda s: None) -
         if cfg.height or cfg.width:
             defaults["height"] = cfg.height or defaults["height"]
             defaults["width"] = cfg.width or defaults["width"]
-        validate_size(defaults["height"], defaults["width"], ck.vae_scale_spatial * max(ck.patch[1:]))
+        check_size(defaults["height"], defaults["width"], ck.vae_scale_spatial * max(ck.patch[1:]))
         if cfg.frames:
             defaults["frames"] = cfg.frames[0]  # the first --frames is the run-time default
         for f in (*cfg.frames, defaults["frames"]):
-            validate_frames(f, ck.vae_scale_temporal)
+            check_frames(f, ck.vae_scale_temporal)
 
         options = {k: v for k, v in asdict(cfg).items() if k not in ("model", "out", "overwrite", "check_parity")}
         options["attention"] = cfg.attention.value

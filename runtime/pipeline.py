@@ -18,6 +18,7 @@ from .manifest import Manifest, load_manifest
 from .sampler import sample
 from .schedulers import load_scheduler
 from .text import PromptEncoder
+from .validate import check_frames, check_size
 
 
 @dataclass
@@ -67,15 +68,8 @@ class Pipeline:
         steps = d["steps"] if steps is None else steps
         guidance = d["guidance"] if guidance is None else guidance
         negative_prompt = d["negative_prompt"] if negative_prompt is None else negative_prompt
-        mult = self.config["vae_scale_spatial"] * max(self.config["patch_size"][1:])
-        for name, v in (("height", h), ("width", w)):
-            if v < mult or v % mult:
-                lo = max(mult, v // mult * mult)
-                raise SoraError(f"{name}={v} is not a multiple of {mult} (nearest valid: {lo} or {lo + mult})")
-        t = self.config["vae_scale_temporal"]
-        if f < 1 or (f - 1) % t:
-            lo = (max(f - 1, 0) // t) * t + 1
-            raise SoraError(f"frames={f} is not of the form {t}k+1 (nearest valid: {lo} or {lo + t})")
+        check_size(h, w, self.config["vae_scale_spatial"] * max(self.config["patch_size"][1:]))
+        check_frames(f, self.config["vae_scale_temporal"])
         if str(f) not in self.config["vae_decoders"]:
             have = ", ".join(sorted(self.config["vae_decoders"], key=int))
             raise SoraError(f"frames={f} has no exported VAE decoder (exported: {have}; re-export with --frames {f})")

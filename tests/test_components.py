@@ -82,3 +82,26 @@ def test_no_scatternd_and_attention_form(tiny_engines):
     ops = {n.op_type for n in onnx.load(str(m.engine_path("transformer")), load_external_data=False).graph.node}
     assert "ScatterND" not in ops
     assert "Attention" in ops
+
+
+def test_decomposed_attention_variant(tiny_model, tmp_path):
+    """--attention decomposed: opset 20, MatMul-Softmax-MatMul instead of Attention, same numbers as diffusers."""
+    import onnx
+    from diffusers import WanTransformer3DModel
+
+    from soraedge.export.checkpoint import read_checkpoint
+    from soraedge.export.dit import AttentionForm, DiTReference, dit_spec, load_dit
+    from soraedge.export.onnx_export import export_onnx, parity_check
+    from soraedge.runtime.spec import Dim
+
+    ck = read_checkpoint(tiny_model("tiny-a"))
+    spec = dit_spec(ck.transformer_config, 16, Dim("f", 1, 2, 8), Dim("h", 2, 4, 32, 2), Dim("w", 2, 4, 32, 2))
+    form = AttentionForm.DECOMPOSED
+    export_onnx(load_dit(ck.root, form), spec, tmp_path / "dit.onnx", form.opset, {"b": 2, "f": 2, "h": 4, "w": 6})
+    model = onnx.load(str(tmp_path / "dit.onnx"), load_external_data=False)
+    ops = {n.op_type for n in model.graph.node}
+    assert "Attention" not in ops and "Softmax" in ops and "ScatterND" not in ops
+    assert {o.domain: o.version for o in model.opset_import}[""] == 20
+    reference = DiTReference(WanTransformer3DModel.from_pretrained(ck.root / "transformer").eval())
+    parity = parity_check(reference, spec, tmp_path / "dit.onnx", [{"b": 1, "f": 3, "h": 6, "w": 8}])
+    assert parity["max_abs"] < 1e-4

@@ -173,8 +173,10 @@ def _prepare_source(cfg: ExportConfig, workdir: Path) -> tuple[WanCheckpoint, di
 def _check_destination(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise SoraError(f"output {out} exists and is not a directory")
-    if not out.parent.is_dir():
-        raise SoraError(f"the folder {out.parent} for the output does not exist")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SoraError(f"cannot create the folder {out.parent} for the output ({e.strerror})") from None
     if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
         raise SoraError(f"{out} exists, is not empty and is not an engine directory: refusing to touch it")
 

@@ -107,7 +107,9 @@ def _export_component(name, module, reference, spec, tmp, opset, sample, probes,
     return entry
 
 
-def _export_into(ck: WanCheckpoint, cfg: ExportConfig, defaults: dict, tmp: Path, report: ExportReport, log) -> dict:
+def _export_into(ck: WanCheckpoint, cfg: ExportConfig, defaults: dict, tmp: Path, report: ExportReport,
+                 log) -> tuple[dict, dict, int]:
+    """Export every component into `tmp`; returns (engines manifest entries, {pixel frames: vae engine}, d_model)."""
     import torch
     from diffusers import WanTransformer3DModel
 
@@ -134,7 +136,8 @@ def _export_into(ck: WanCheckpoint, cfg: ExportConfig, defaults: dict, tmp: Path
 
     # DiT: the exported module carries the export-time rewrites; the reference is diffusers' own model.
     dit = load_dit(ck.root, cfg.attention)
-    reference = DiTReference(WanTransformer3DModel.from_pretrained(ck.root / "transformer", use_safetensors=True).eval())
+    reference = DiTReference(
+        WanTransformer3DModel.from_pretrained(ck.root / "transformer", use_safetensors=True).eval())
     spec = dit_spec(ck.transformer_config, cfg.max_sequence_length, f_dim, h_dim, w_dim)
     engines["transformer"] = _export_component(
         "transformer", dit, reference, spec, tmp, cfg.attention.opset,

@@ -85,7 +85,8 @@ def read_checkpoint(path: str | Path) -> WanCheckpoint:
 
     tcfg = _read_json(root / "transformer" / "config.json")
     if tcfg.get("image_dim") is not None or tcfg.get("added_kv_proj_dim") is not None:
-        raise SoraError(f"{root}: transformer has image conditioning (image_dim/added_kv_proj_dim): I2V is not supported")
+        raise SoraError(f"{root}: transformer has image conditioning (image_dim/added_kv_proj_dim): "
+                        "image-to-video is not supported yet")
     vcfg = _read_json(root / "vae" / "config.json")
     if vcfg.get("patch_size") is not None or vcfg.get("is_residual"):
         raise SoraError(f"{root}: the Wan2.2 VAE (patch_size/is_residual) is not supported yet")
@@ -94,7 +95,8 @@ def read_checkpoint(path: str | Path) -> WanCheckpoint:
         raise SoraError(f"{root}: text encoder class {te_class!r} is not supported (supported: {list(TEXT_ENCODERS)})")
     scfg = _read_json(root / "scheduler" / "scheduler_config.json")
     if scfg.get("_class_name") not in SCHEDULERS:
-        raise SoraError(f"{root}: scheduler {scfg.get('_class_name')!r} is not supported (supported: {list(SCHEDULERS)})")
+        raise SoraError(f"{root}: scheduler {scfg.get('_class_name')!r} is not supported "
+                        f"(supported: {list(SCHEDULERS)})")
     # Validate scheduler math now, so an unsupported config fails before minutes of export.
     from ..runtime.schedulers import scheduler_from_config
 

@@ -23,7 +23,8 @@ def torch_dynamic_shapes(spec: EngineSpec) -> dict[str, dict[int, object]]:
     dims = {}
     for d in spec.dims:
         if d.multiple > 1:
-            dims[d.name] = torch.export.Dim(f"{d.name}_q", min=d.min // d.multiple, max=d.max // d.multiple) * d.multiple
+            quotient = torch.export.Dim(f"{d.name}_q", min=d.min // d.multiple, max=d.max // d.multiple)
+            dims[d.name] = quotient * d.multiple
         else:
             dims[d.name] = torch.export.Dim(d.name, min=d.min, max=d.max)
     return {

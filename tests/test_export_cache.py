@@ -1,8 +1,11 @@
 """The export cache is keyed by content and options: the same export is reused, a changed one is not."""
 
-from soraedge.export.build import ExportConfig, run_export
-from soraedge.runtime.manifest import load_manifest
+import pytest
+
 from conftest import TEST_SIZE
+from soraedge.export.build import ExportConfig, run_export
+from soraedge.runtime.errors import SoraError
+from soraedge.runtime.manifest import load_manifest
 
 
 def test_same_content_and_options_is_reused(tiny_model, tiny_engines):
@@ -19,10 +22,6 @@ def test_renamed_copy_with_same_content_is_reused_but_different_options_are_not(
     same = ExportConfig(model=str(tiny_model("tiny-a")), out=engine_copy, frames=(size["frames"],),
                         height=size["height"], width=size["width"])
     assert run_export(same).reused  # a copy under another name: same content, same key
-    import pytest
-
-    from soraedge.runtime.errors import SoraError
-
     other = ExportConfig(model=str(tiny_model("tiny-a")), out=engine_copy, frames=(9,), height=size["height"],
                          width=size["width"])
     with pytest.raises(SoraError, match="--overwrite"):

@@ -23,8 +23,16 @@ from .common import cli_errors
 @click.option("--max-sequence-length", default=512, show_default=True, type=click.IntRange(2, 4096))
 @click.option("--overwrite", is_flag=True, help="Replace an existing, different engine directory.")
 @click.option("--skip-parity", is_flag=True, help="Do not run the ONNX-vs-PyTorch check after export.")
+@click.option("--backend", type=click.Choice(["auto", "ort", "openvino"]), default="auto", show_default=True,
+              help="CPU backend sora-run uses by default; auto times one DiT step on each and keeps the fastest.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
+              help="CPU execution precision; bf16 runs on OpenVINO and must pass the quality gate.")
+@click.option("--min-psnr", type=float, default=30.0, show_default=True,
+              help="Quality gate for reduced precision: final-frame PSNR against fp32, in dB.")
+@click.option("--threads", type=int, help="Threads for the backend timing and gate (default: all cores).")
 @cli_errors
-def main(model, out, frames, height, width, attention, max_sequence_length, overwrite, skip_parity):
+def main(model, out, frames, height, width, attention, max_sequence_length, overwrite, skip_parity, backend,
+         precision, min_psnr, threads):
     """Export MODEL (a diffusers-format Wan2.1-T2V directory, or the built-in `demo`) to OUT."""
     try:
         from ..export.build import ExportConfig, run_export
@@ -35,7 +43,8 @@ def main(model, out, frames, height, width, attention, max_sequence_length, over
         raise SoraError(f"the export toolchain is not installed ({e.name}): pip install 'soraedge[export]'") from None
     cfg = ExportConfig(model=model, out=out, frames=tuple(frames), height=height, width=width,
                        attention=AttentionForm(attention), max_sequence_length=max_sequence_length,
-                       overwrite=overwrite, check_parity=not skip_parity)
+                       overwrite=overwrite, check_parity=not skip_parity, backend=backend, precision=precision,
+                       min_psnr=min_psnr, threads=threads)
     report = run_export(cfg, log=click.echo)
     if not report.reused:
         stages = ", ".join(f"{k} {v:.1f}s" for k, v in report.seconds.items())

@@ -24,10 +24,13 @@ from .common import cli_errors
 @click.option("--frames", type=int, help="Pixel frames, 4k+1; must be one exported.")
 @click.option("--latents", "latents_file", type=click.Path(path_type=Path),
               help="Initial noise as .npy: float32 [1, C, (F-1)//4+1, H//8, W//8], as WanPipeline's latents.")
-@click.option("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores).")
+@click.option("--threads", type=int, help="Backend threads (default: all cores).")
+@click.option("--backend", type=click.Choice(["ort", "openvino"]), help="Default: the one chosen at export.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), help="Default: the one chosen at export.")
 @click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path), help="Output .mp4, .gif or .npy")
 @cli_errors
-def main(engines, prompt, negative_prompt, steps, guidance, seed, height, width, frames, latents_file, threads, out):
+def main(engines, prompt, negative_prompt, steps, guidance, seed, height, width, frames, latents_file, threads,
+         backend, precision, out):
     """Generate a video for PROMPT with the engines in ENGINES."""
     import time
 
@@ -45,7 +48,7 @@ def main(engines, prompt, negative_prompt, steps, guidance, seed, height, width,
         except (OSError, ValueError) as e:
             raise SoraError(f"--latents {latents_file}: not a readable .npy array ({e})") from None
     t0 = time.perf_counter()
-    pipe = Pipeline.load(engines, threads=threads)
+    pipe = Pipeline.load(engines, threads=threads, backend=backend, precision=precision)
     load_s = time.perf_counter() - t0
     h, w, f, n_steps, g, _ = pipe.resolve(height, width, frames, steps, guidance, negative_prompt)
     if latents is not None:
@@ -57,7 +60,7 @@ def main(engines, prompt, negative_prompt, steps, guidance, seed, height, width,
     write_s = time.perf_counter() - t0
     tm = result.timings
     per_step = tm["denoise"] / max(len(result.step_times), 1)
-    click.echo(f"wrote {out} ({f} frames, {w}x{h}, {n_steps} steps, guidance {g})")
+    click.echo(f"wrote {out} ({f} frames, {w}x{h}, {n_steps} steps, guidance {g}, {pipe.backend} {pipe.precision})")
     click.echo(f"time: load {load_s:.2f}s | tokenize+encode {tm['encode']:.2f}s | denoise {tm['denoise']:.2f}s "
                f"({per_step * 1000:.0f} ms/step) | decode {tm['decode']:.2f}s | write {write_s:.2f}s")
 

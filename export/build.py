@@ -21,10 +21,11 @@ from typing import Callable
 
 from .. import __version__
 from ..runtime.errors import SoraError
-from ..runtime.manifest import MANIFEST, load_manifest, sha256_file, write_manifest
+from ..runtime.manifest import CACHE_DIR, MANIFEST, load_manifest, sha256_file, write_manifest
 from ..runtime.spec import Dim
 from ..runtime.validate import check_frames, check_size
 from .checkpoint import WanCheckpoint, read_checkpoint
+from .choose_backend import choose_runtime
 from .dit import AttentionForm, DiTReference, dit_spec, load_dit
 from .text_encoder import load_text_encoder, text_encoder_spec
 from .vae import load_vae_decoder, vae_engine_name, vae_spec
@@ -48,6 +49,10 @@ class ExportConfig:
     max_sequence_length: int = 512
     overwrite: bool = False
     check_parity: bool = True
+    backend: str = "auto"  # "auto" (fastest measured on this machine) | "ort" | "openvino"
+    precision: str = "fp32"  # execution precision on the CPU: "fp32" | "bf16" (OpenVINO, quality-gated)
+    min_psnr: float = 30.0  # the gate's threshold for reduced precision
+    threads: int | None = None
 
 
 @dataclass
@@ -202,7 +207,8 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = lambda s: None) -
         for f in (*cfg.frames, defaults["frames"]):
             check_frames(f, ck.vae_scale_temporal)
 
-        options = {k: v for k, v in asdict(cfg).items() if k not in ("model", "out", "overwrite", "check_parity")}
+        options = {k: v for k, v in asdict(cfg).items() if k not in ("model", "out", "overwrite", "check_parity",
+                                                                     "threads")}
         options["attention"] = cfg.attention.value
         options["defaults"] = defaults
         key = hashlib.sha256(json.dumps({"checkpoint": _checkpoint_digest(ck), "options": options,
@@ -242,7 +248,7 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = lambda s: None) -
             "tokenizer": "tokenizer/tokenizer.json",
             "scheduler": "scheduler/scheduler_config.json",
         }
-        write_manifest(stage, {
+        body = {
             "cache_key": key,
             "source": source,
             "created_unix": int(time.time()),
@@ -252,7 +258,14 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = lambda s: None) -
             "gpu": None,  # portable ONNX, not built for a particular GPU
             "pipeline": pipeline,
             "engines": engines,
-        })
+        }
+        write_manifest(stage, body)
+        t0 = time.perf_counter()
+        log("choosing the CPU backend ...")
+        body["runtime"] = choose_runtime(stage, cfg.backend, cfg.precision, cfg.min_psnr, cfg.threads, log)
+        report.seconds["choose_backend"] = time.perf_counter() - t0
+        write_manifest(stage, body)
+        shutil.rmtree(stage / CACHE_DIR, ignore_errors=True)  # compile caches belong to the machine that runs
         _swap_into_place(stage, out, work)
     report.seconds["total"] = time.perf_counter() - t_all
     return report

@@ -16,6 +16,7 @@ from .spec import EngineSpec
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
+CACHE_DIR = ".cache"  # backend compile caches inside an engine directory; not part of its content
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -27,10 +28,10 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
 
 
 def hash_tree(root: Path) -> dict[str, dict]:
-    """{relative path: {sha256, bytes}} for every file under root except the manifest itself."""
+    """{relative path: {sha256, bytes}} for every file under root except the manifest and backend caches."""
     files = {}
     for p in sorted(root.rglob("*")):
-        if p.is_file() and p.name != MANIFEST:
+        if p.is_file() and p.name != MANIFEST and p.relative_to(root).parts[0] != CACHE_DIR:
             files[p.relative_to(root).as_posix()] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
     return files
 
@@ -67,6 +68,17 @@ class Manifest:
 
     def engine_path(self, engine: str) -> Path:
         return self.root / self.data["engines"][engine]["file"]
+
+    def content_key(self, engine: str) -> str:
+        """A short hash of an engine's graph and weights files, for naming caches of it."""
+        rel = self.data["engines"][engine]["file"]
+        parts = [self.data["files"][f]["sha256"] for f in (rel, rel + ".data") if f in self.data["files"]]
+        return hashlib.sha256("".join(parts).encode()).hexdigest()[:16]
+
+    @property
+    def runtime(self) -> dict:
+        """The backend and precision chosen at export (ONNX Runtime fp32 for directories that record none)."""
+        return self.data.get("runtime") or {"backend": "ort", "precision": "fp32"}
 
     @property
     def engine_names(self) -> list[str]:

@@ -7,18 +7,26 @@ before any compute.
 
 from __future__ import annotations
 
+import logging
+import os
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from .backends.ort import OrtDenoiser, OrtEngine
+from .backends import EngineDenoiser, open_engine
 from .errors import SoraError
-from .manifest import Manifest, load_manifest
+from .manifest import CACHE_DIR, Manifest, load_manifest
 from .sampler import sample
 from .schedulers import load_scheduler
 from .text import PromptEncoder
 from .validate import check_frames, check_size
+
+
+def _openvino_available() -> bool:
+    from .backends.openvino import available
+
+    return available()
 
 
 @dataclass
@@ -29,27 +37,45 @@ class Generation:
     step_times: list[float] = field(default_factory=list)
 
 
+log = logging.getLogger("soraedge")
+
+
 class Pipeline:
-    def __init__(self, manifest: Manifest, threads: int | None = None):
+    """Engines of one engine directory on one backend. backend/precision default to what export chose."""
+
+    def __init__(self, manifest: Manifest, threads: int | None = None, backend: str | None = None,
+                 precision: str | None = None):
         self.manifest = manifest
         self.config = manifest.config
         self.defaults = self.config["defaults"]
         self.threads = threads
+        chosen = manifest.runtime
+        if backend is None and chosen["backend"] == "openvino" and not _openvino_available():
+            log.warning("these engines were tuned for OpenVINO, which is not installed; running on ONNX Runtime")
+            chosen = {"backend": "ort", "precision": "fp32"}
+        self.backend = backend or chosen["backend"]
+        self.precision = precision or (chosen["precision"] if self.backend == chosen["backend"] else "fp32")
         root = manifest.root
         self.text = PromptEncoder(str(root / self.config["tokenizer"]), self._engine("text_encoder"),
                                   self.config["max_sequence_length"], self.config["pad_token_id"])
-        self.denoiser = OrtDenoiser(self._engine("transformer"))
+        self.denoiser = EngineDenoiser(self._engine("transformer"))
         self.scheduler = load_scheduler(root / self.config["scheduler"])
-        self._decoders: dict[str, OrtEngine] = {}
+        self._decoders: dict[str, object] = {}
 
     @classmethod
-    def load(cls, engine_dir, threads: int | None = None, verify: bool = True) -> Pipeline:
-        return cls(load_manifest(engine_dir, verify=verify), threads)
+    def load(cls, engine_dir, threads: int | None = None, verify: bool = True, backend: str | None = None,
+             precision: str | None = None) -> Pipeline:
+        return cls(load_manifest(engine_dir, verify=verify), threads, backend, precision)
 
-    def _engine(self, name: str) -> OrtEngine:
-        return OrtEngine(self.manifest.engine_path(name), self.manifest.spec(name), self.threads)
+    def _engine(self, name: str):
+        cache = None
+        if self.backend != "ort" and os.access(self.manifest.root, os.W_OK):
+            key = self.manifest.content_key(name)
+            cache = self.manifest.root / CACHE_DIR / self.backend / f"{name}-{key}-{self.precision}"
+        return open_engine(self.backend, self.manifest.engine_path(name), self.manifest.spec(name), self.threads,
+                           self.precision, cache)
 
-    def _decoder(self, frames: int) -> OrtEngine:
+    def _decoder(self, frames: int):
         name = self.config["vae_decoders"][str(frames)]
         if name not in self._decoders:
             self._decoders[name] = self._engine(name)

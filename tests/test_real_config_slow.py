@@ -1,6 +1,6 @@
 """Slow (not in CI): the real Wan2.1-T2V-1.3B transformer configuration, random weights, exported and checked.
 
-Run with `./dev.sh test -m slow`. Needs ~20 GB of RAM and several minutes on 2 cores.
+Run with `./dev.sh test -m slow`. Measured: 3 min 52 s, peak RSS 17.6 GB on 2 cores.
 """
 
 import pytest

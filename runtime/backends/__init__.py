@@ -1,1 +1,45 @@
-"""Backends: each wraps one engine format beneath the sampler's small interfaces. Only ONNX Runtime so far."""
+"""Backends: each runs one engine format beneath the sampler's small interfaces.
+
+An engine is a callable `engine(**inputs) -> first output` with a `.spec` (its EngineSpec); `open_engine` picks the
+implementation by backend name. `EngineDenoiser` adapts any DiT engine to the sampler's Denoiser interface, so
+there is one sampler loop whatever runs beneath it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import SoraError
+from ..spec import EngineSpec
+
+BACKENDS = ("ort", "openvino")
+PRECISIONS = ("fp32", "bf16")
+
+
+def open_engine(backend: str, path: Path, spec: EngineSpec, threads: int | None = None, precision: str = "fp32",
+                cache_dir: Path | None = None):
+    if backend == "ort":
+        if precision != "fp32":
+            raise SoraError(f"the ort backend runs these engines in fp32 only (asked for {precision})")
+        from .ort import OrtEngine
+
+        return OrtEngine(path, spec, threads)
+    if backend == "openvino":
+        from .openvino import OvEngine
+
+        return OvEngine(path, spec, threads, precision, cache_dir)
+    raise SoraError(f"unknown backend {backend!r} (known: {', '.join(BACKENDS)})")
+
+
+class EngineDenoiser:
+    """The sampler's Denoiser over a transformer engine of any backend."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.max_batch = engine.spec.dim_map["b"].max
+
+    def __call__(self, latents: np.ndarray, timestep: np.ndarray, context: np.ndarray) -> np.ndarray:
+        # latents [B, C, F, H, W] float32, timestep [B] float32, context [B, S, D] float32
+        return self.engine(hidden_states=latents, timestep=timestep, encoder_hidden_states=context)

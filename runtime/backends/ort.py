@@ -30,15 +30,3 @@ class OrtEngine:
     def __call__(self, **feeds: np.ndarray) -> np.ndarray:
         self.spec.bind(feeds)
         return self.session.run([self.spec.output_names[0]], feeds)[0]
-
-
-class OrtDenoiser:
-    """The sampler's Denoiser over the transformer engine."""
-
-    def __init__(self, engine: OrtEngine):
-        self.engine = engine
-        self.max_batch = engine.spec.dim_map["b"].max
-
-    def __call__(self, latents: np.ndarray, timestep: np.ndarray, context: np.ndarray) -> np.ndarray:
-        # latents [B, C, F, H, W] float32, timestep [B] float32, context [B, S, D] float32
-        return self.engine(hidden_states=latents, timestep=timestep, encoder_hidden_states=context)

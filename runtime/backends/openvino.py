@@ -1,0 +1,69 @@
+"""OpenVINO backend (optional extra `soraedge[openvino]`): compiles the exported ONNX files for the CPU.
+
+fp32 or bf16 execution (bf16 only where the CPU reports it; whether bf16 ships is decided by the quality gate at
+export). Compiled models are cached under the engine directory in a folder named by the ONNX file's content hash
+and the precision, so a changed model never meets a stale blob.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import SoraError
+from ..spec import EngineSpec
+
+_HINT = {"fp32": "f32", "bf16": "bf16"}
+
+
+def _core():
+    try:
+        import openvino as ov
+    except ImportError:
+        raise SoraError("the openvino backend needs OpenVINO: pip install 'soraedge[openvino]'") from None
+    return ov.Core()
+
+
+def cpu_info() -> dict:
+    """OpenVINO version, CPU name and whether it has bf16, as recorded in the manifest."""
+    import openvino as ov
+
+    core = _core()
+    return {"openvino": ov.__version__, "cpu": core.get_property("CPU", "FULL_DEVICE_NAME"),
+            "bf16": "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")}
+
+
+def available() -> bool:
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class OvEngine:
+    def __init__(self, path: Path, spec: EngineSpec, threads: int | None = None, precision: str = "fp32",
+                 cache_dir: Path | None = None):
+        if precision not in _HINT:
+            raise SoraError(f"openvino precision {precision!r} is not supported (use fp32 or bf16)")
+        core = _core()
+        if precision == "bf16" and "BF16" not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+            raise SoraError("this CPU has no bf16 support: use --precision fp32")
+        config = {"INFERENCE_PRECISION_HINT": _HINT[precision], "PERFORMANCE_HINT": "LATENCY"}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = threads
+        if cache_dir is not None:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            config["CACHE_DIR"] = str(cache_dir)
+        try:
+            self.compiled = core.compile_model(str(path), "CPU", config)
+        except RuntimeError as e:
+            raise SoraError(f"OpenVINO could not compile {path.name}: {str(e).splitlines()[0]}") from None
+        self.request = self.compiled.create_infer_request()
+        self.spec = spec
+
+    def __call__(self, **feeds: np.ndarray) -> np.ndarray:
+        self.spec.bind(feeds)
+        out = self.request.infer(feeds)
+        return np.array(out[self.compiled.output(0)], copy=True)

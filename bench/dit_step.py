@@ -1,0 +1,195 @@
+"""DiT step latency, side by side in one run: PyTorch eager (the reference), ONNX Runtime fp32, OpenVINO fp32/bf16.
+
+Same weights (a Wan-architecture transformer built from a fixed seed), same inputs, same thread count. Reports the
+median and p95 of repeats after warm-up, the load/compile time apart, the output error against PyTorch, the step's
+FLOPs (bench/flops.py), achieved GFLOP/s and the fraction of this machine's measured MatMul peak
+(bench/matmul_peak.py). Writes bench/results/dit_step_<tag>.json and .md.
+
+    python -m soraedge.bench.dit_step [--threads 2] [--repeats 5] [--scenario wan-384x6-1280tok] [--tag cpu]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+
+from .flops import wan_dit_flops
+from .matmul_peak import matmul_peak
+
+# Scenarios as data. hidden 384 = 6 heads x 64; ffn in Wan2.1's ratio (8960 / 1536); 17 frames of 256x256 ->
+# 5 x 32 x 32 latents -> 1280 tokens after the 1x2x2 patch; CFG batch of 2; 512 text tokens of width 4096.
+SCENARIOS = {
+    "wan-384x6-1280tok": dict(model=dict(num_attention_heads=6, attention_head_dim=64, ffn_dim=2240, num_layers=6,
+                                         text_dim=4096), frames=17, height=256, width=256, text_len=512, batch=2),
+    "wan-384x6-320tok": dict(model=dict(num_attention_heads=6, attention_head_dim=64, ffn_dim=2240, num_layers=6,
+                                        text_dim=4096), frames=5, height=128, width=256, text_len=512, batch=2),
+    "tiny": dict(model=dict(num_attention_heads=2, attention_head_dim=12, ffn_dim=32, num_layers=2, text_dim=32),
+                 frames=5, height=32, width=48, text_len=16, batch=2),
+}
+BASE = dict(patch_size=(1, 2, 2), in_channels=16, out_channels=16, freq_dim=256, cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
+
+
+def _stats(fn, repeats: int) -> dict:
+    t0 = time.perf_counter()
+    out = fn()
+    warm = time.perf_counter() - t0
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return {"median_s": float(np.median(times)), "p95_s": float(np.percentile(times, 95)), "warmup_s": warm,
+            "repeats": repeats}, out
+
+
+def run(scenario: str, threads: int, repeats: int, compile_peer: bool = False, log=print) -> dict:
+    import torch
+    from diffusers import WanTransformer3DModel
+
+    from ..export.dit import AttentionForm, dit_spec, load_dit
+    from ..export.onnx_export import export_onnx
+    from ..runtime.backends import open_engine
+    from ..runtime.backends import openvino as ov_backend
+    from ..runtime.spec import Dim
+
+    sc = SCENARIOS[scenario]
+    cfg = {**BASE, **sc["model"]}
+    torch.set_num_threads(threads)
+    lat = (sc["batch"], 16, (sc["frames"] - 1) // 4 + 1, sc["height"] // 8, sc["width"] // 8)
+    tokens = lat[2] * lat[3] * lat[4] // 4
+    rng = np.random.default_rng(0)
+    feeds = {"hidden_states": rng.standard_normal(lat, dtype=np.float32),
+             "timestep": np.array([900.0, 900.0][: sc["batch"]], np.float32),
+             "encoder_hidden_states": rng.standard_normal((sc["batch"], sc["text_len"], cfg["text_dim"]),
+                                                          dtype=np.float32)}
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        torch.manual_seed(0)
+        model = WanTransformer3DModel(**cfg).eval()
+        model.save_pretrained(tmp / "transformer")
+        args = [torch.from_numpy(feeds[k]) for k in ("hidden_states", "timestep", "encoder_hidden_states")]
+
+        def eager():
+            with torch.inference_mode():
+                return model(*args, return_dict=False)[0].numpy()
+
+        log("PyTorch eager ...")
+        rows["pytorch-eager-fp32"], ref = _stats(eager, repeats)
+        if compile_peer:
+            log("torch.compile ...")
+            compiled = torch.compile(model)
+
+            def comp():
+                with torch.inference_mode():
+                    return compiled(*args, return_dict=False)[0].numpy()
+
+            rows["torch-compile-fp32"], out = _stats(comp, repeats)
+            rows["torch-compile-fp32"]["max_rel_err"] = float(np.abs(out - ref).max() / np.abs(ref).max())
+
+        log("exporting ...")
+        spec = dit_spec(cfg, sc["text_len"], Dim("f", 1, lat[2], max(lat[2], 21)),
+                        Dim("h", 2, lat[3], max(lat[3], 160), 2), Dim("w", 2, lat[4], max(lat[4], 160), 2))
+        t0 = time.perf_counter()
+        export_onnx(load_dit(tmp, AttentionForm.ONNX), spec, tmp / "dit.onnx", 23,
+                    {"b": 2, "f": 2, "h": 4, "w": 6})
+        export_s = time.perf_counter() - t0
+        peers = [("ort", "fp32")]
+        if ov_backend.available():
+            peers += [("openvino", "fp32")] + ([("openvino", "bf16")] if ov_backend.cpu_info()["bf16"] else [])
+        for backend, precision in peers:
+            log(f"{backend} {precision} ...")
+            t0 = time.perf_counter()
+            engine = open_engine(backend, tmp / "dit.onnx", spec, threads, precision)
+            load_s = time.perf_counter() - t0
+            row, out = _stats(lambda: engine(**feeds), repeats)
+            row["load_s"] = load_s
+            row["max_rel_err"] = float(np.abs(out - ref).max() / np.abs(ref).max())
+            rows[f"{backend}-{precision}"] = row
+            del engine
+
+    flops = wan_dit_flops(cfg, sc["batch"], tokens, sc["text_len"])
+    log("matmul peak ...")
+    peak = matmul_peak(threads)
+    best_fp32 = max(v for k, v in peak.items() if k.endswith("fp32"))
+    for name, row in rows.items():
+        row["gflops"] = flops["total"] / row["median_s"] / 1e9
+        row["fraction_of_fp32_peak"] = row["gflops"] / best_fp32
+        row["speedup_vs_pytorch"] = rows["pytorch-eager-fp32"]["median_s"] / row["median_s"]
+    return {"scenario": scenario, "config": cfg, "shape": {**{k: sc[k] for k in ("frames", "height", "width",
+                                                                                "text_len", "batch")},
+                                                         "latents": list(lat), "tokens": tokens},
+            "threads": threads, "machine": _machine(), "versions": _versions(), "export_s": export_s,
+            "flops": flops, "matmul_peak_gflops": peak, "rows": rows}
+
+
+def _machine() -> dict:
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "arch": platform.machine(), "os": platform.platform()}
+
+
+def _versions() -> dict:
+    import onnxruntime
+    import torch
+
+    v = {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__}
+    try:
+        import openvino
+
+        v["openvino"] = openvino.__version__
+    except ImportError:
+        pass
+    return v
+
+
+def to_markdown(r: dict) -> str:
+    s = r["shape"]
+    lines = [f"### DiT step: {r['scenario']}", "",
+             f"{r['machine']['cpu']}, {r['threads']} threads; {s['frames']} frames {s['width']}x{s['height']} "
+             f"-> {s['tokens']} tokens, CFG batch {s['batch']}, {s['text_len']} text tokens; "
+             f"{r['flops']['total'] / 1e9:.1f} GFLOP per call; MatMul peak (best of 1024^3, 2048^3): "
+             + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in r["matmul_peak_gflops"].items()), "",
+             "| backend | precision | median s | p95 s | warm-up s | GFLOP/s | of fp32 peak | vs PyTorch | max rel err |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, row in r["rows"].items():
+        backend, precision = name.rsplit("-", 1)
+        err = f"{row['max_rel_err']:.1e}" if "max_rel_err" in row else "reference"
+        lines.append(f"| {backend} | {precision} | {row['median_s']:.3f} | {row['p95_s']:.3f} | "
+                     f"{row['warmup_s']:.2f} | {row['gflops']:.0f} | {row['fraction_of_fp32_peak']:.0%} | "
+                     f"{row['speedup_vs_pytorch']:.2f}x | {err} |")
+    return "\n".join(lines) + "\n"
+
+
+@click.command()
+@click.option("--scenario", type=click.Choice(sorted(SCENARIOS)), default="wan-384x6-1280tok", show_default=True)
+@click.option("--threads", type=int, default=os.cpu_count(), show_default=True)
+@click.option("--repeats", type=int, default=5, show_default=True)
+@click.option("--compile", "compile_peer", is_flag=True, help="Also time torch.compile (slow to compile).")
+@click.option("--tag", default="cpu", show_default=True, help="Results go to bench/results/dit_step_<tag>.*")
+@click.option("--results", type=click.Path(path_type=Path), default=Path(__file__).parent / "results")
+def main(scenario, threads, repeats, compile_peer, tag, results):
+    r = run(scenario, threads, repeats, compile_peer, log=lambda m: click.echo(m, err=True))
+    results.mkdir(parents=True, exist_ok=True)
+    (results / f"dit_step_{tag}.json").write_text(json.dumps(r, indent=2) + "\n")
+    md = to_markdown(r)
+    (results / f"dit_step_{tag}.md").write_text(md)
+    click.echo(md)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""This machine's dense fp32 matrix-multiply peak, measured with the same libraries the engines use.
+
+Square MatMuls (1024^3 and 2048^3; the best counts) as one-node ONNX models on ONNX Runtime and on OpenVINO (fp32,
+and bf16 where the CPU has it); median of repeats after warm-up. The DiT step's achieved FLOP/s is reported as a fraction of the best of these.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _matmul_model(path: Path, n: int) -> None:
+    import onnx
+    from onnx import TensorProto, helper
+
+    a = helper.make_tensor_value_info("a", TensorProto.FLOAT, [n, n])
+    b = helper.make_tensor_value_info("b", TensorProto.FLOAT, [n, n])
+    c = helper.make_tensor_value_info("c", TensorProto.FLOAT, [n, n])
+    graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "mm", [a, b], [c])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+
+
+def _time(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def matmul_peak(threads: int, sizes: tuple[int, ...] = (1024, 2048), repeats: int = 10) -> dict[str, float]:
+    """Best GFLOP/s over square MatMul sizes, per library (and OpenVINO bf16 where available)."""
+    best: dict[str, float] = {}
+    for n in sizes:
+        for k, v in _matmul_peak_at(threads, n, repeats).items():
+            best[k] = max(best.get(k, 0.0), v)
+    return best
+
+
+def _matmul_peak_at(threads: int, n: int, repeats: int) -> dict[str, float]:
+    import onnxruntime as ort
+
+    flops = 2.0 * n**3
+    rng = np.random.default_rng(0)
+    feeds = {"a": rng.standard_normal((n, n), dtype=np.float32), "b": rng.standard_normal((n, n), dtype=np.float32)}
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "mm.onnx"
+        _matmul_model(path, n)
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        out["ort_fp32"] = flops / _time(lambda: sess.run(None, feeds), repeats) / 1e9
+        try:
+            import openvino as ov
+        except ImportError:
+            return out
+        core = ov.Core()
+        for prec, hint in (("fp32", "f32"), ("bf16", "bf16")):
+            if prec == "bf16" and "BF16" not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+                continue
+            cm = core.compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": hint,
+                                                       "INFERENCE_NUM_THREADS": threads})
+            req = cm.create_infer_request()
+            out[f"openvino_{prec}"] = flops / _time(lambda: req.infer(feeds), repeats) / 1e9
+    return out

@@ -1,0 +1,99 @@
+"""Where ONNX Runtime's CPU DiT step spends its time: per-operator-type shares from ORT's own profiler.
+
+Exports the scenario's DiT (bench/dit_step.py SCENARIOS), runs it with profiling on, and sums node times by op
+type (after ORT's graph optimisations, so fused ops show under their fused names). Writes
+bench/results/ort_profile_<tag>.json and .md.
+
+    python -m soraedge.bench.ort_profile [--scenario wan-384x6-1280tok] [--threads 2] [--runs 3]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+import click
+import numpy as np
+
+from .dit_step import BASE, SCENARIOS
+
+
+def profile(scenario: str, threads: int, runs: int, opt_level: str = "all") -> dict:
+    import onnxruntime as ort
+    import torch
+    from diffusers import WanTransformer3DModel
+
+    from ..export.dit import AttentionForm, dit_spec, load_dit
+    from ..export.onnx_export import export_onnx
+    from ..runtime.spec import Dim
+
+    sc = SCENARIOS[scenario]
+    cfg = {**BASE, **sc["model"]}
+    lat = (sc["batch"], 16, (sc["frames"] - 1) // 4 + 1, sc["height"] // 8, sc["width"] // 8)
+    rng = np.random.default_rng(0)
+    feeds = {"hidden_states": rng.standard_normal(lat, dtype=np.float32),
+             "timestep": np.full((sc["batch"],), 900.0, np.float32),
+             "encoder_hidden_states": rng.standard_normal((sc["batch"], sc["text_len"], cfg["text_dim"]),
+                                                          dtype=np.float32)}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        torch.manual_seed(0)
+        WanTransformer3DModel(**cfg).save_pretrained(tmp / "transformer")
+        spec = dit_spec(cfg, sc["text_len"], Dim("f", 1, lat[2], max(lat[2], 21)),
+                        Dim("h", 2, lat[3], max(lat[3], 160), 2), Dim("w", 2, lat[4], max(lat[4], 160), 2))
+        export_onnx(load_dit(tmp, AttentionForm.ONNX), spec, tmp / "dit.onnx", 23, {"b": 2, "f": 2, "h": 4, "w": 6})
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.graph_optimization_level = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+                                       "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC}[opt_level]
+        so.enable_profiling = True
+        so.profile_file_prefix = str(tmp / "prof")
+        sess = ort.InferenceSession(str(tmp / "dit.onnx"), so, providers=["CPUExecutionProvider"])
+        sess.run(None, feeds)  # warm-up (excluded below)
+        for _ in range(runs):
+            sess.run(None, feeds)
+        events = json.loads(Path(sess.end_profiling()).read_text())
+    by_op: dict[str, float] = defaultdict(float)
+    count: dict[str, int] = defaultdict(int)
+    model_runs = [e for e in events if e.get("name") == "model_run"]
+    first_timed = model_runs[1]["ts"] if len(model_runs) > 1 else 0
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= first_timed:
+            op = e["args"].get("op_name", "?")
+            by_op[op] += e["dur"] / 1e6 / runs
+            count[op] += 1
+    total = sum(by_op.values())
+    ops = sorted(({"op": k, "seconds": v, "share": v / total, "nodes": count[k] // runs} for k, v in by_op.items()),
+                 key=lambda r: -r["seconds"])
+    return {"scenario": scenario, "threads": threads, "runs": runs, "opt_level": opt_level,
+            "node_seconds_per_run": total, "ops": ops}
+
+
+def to_markdown(r: dict) -> str:
+    lines = [f"### ONNX Runtime CPU profile: {r['scenario']} ({r['threads']} threads, optimisation {r['opt_level']})",
+             "", f"sum of node times per run: {r['node_seconds_per_run']:.3f} s", "",
+             "| op type | s per run | share | nodes |", "|---|---|---|---|"]
+    for o in r["ops"][:15]:
+        lines.append(f"| {o['op']} | {o['seconds']:.4f} | {o['share']:.1%} | {o['nodes']} |")
+    return "\n".join(lines) + "\n"
+
+
+@click.command()
+@click.option("--scenario", type=click.Choice(sorted(SCENARIOS)), default="wan-384x6-1280tok", show_default=True)
+@click.option("--threads", type=int, default=os.cpu_count(), show_default=True)
+@click.option("--runs", type=int, default=3, show_default=True)
+@click.option("--tag", default="cpu", show_default=True)
+@click.option("--results", type=click.Path(path_type=Path), default=Path(__file__).parent / "results")
+def main(scenario, threads, runs, tag, results):
+    r = profile(scenario, threads, runs)
+    results.mkdir(parents=True, exist_ok=True)
+    (results / f"ort_profile_{tag}.json").write_text(json.dumps(r, indent=2) + "\n")
+    (results / f"ort_profile_{tag}.md").write_text(to_markdown(r))
+    click.echo(to_markdown(r))
+
+
+if __name__ == "__main__":
+    main()

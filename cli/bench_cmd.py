@@ -1,0 +1,50 @@
+"""sora-bench MODEL: latency per stage and end to end, engines against the PyTorch reference, in one run."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import click
+
+from .common import cli_errors
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("model")
+@click.option("--engines", multiple=True, type=click.Path(path_type=Path),
+              help="Engine directory to time (repeatable). Default: export MODEL into a temporary directory.")
+@click.option("--height", type=int)
+@click.option("--width", type=int)
+@click.option("--frames", type=int)
+@click.option("--steps", type=int)
+@click.option("--guidance", type=float)
+@click.option("--prompt", default="a red fox runs along the beach at sunset", show_default=True)
+@click.option("--threads", type=int, default=os.cpu_count(), show_default=True)
+@click.option("--repeats", type=int, default=3, show_default=True)
+@click.option("--peers", default="ort-fp32,openvino-fp32,openvino-bf16", show_default=True,
+              help="Engine backends/precisions to time (those not available here are skipped).")
+@click.option("--no-scaling", is_flag=True, help="Skip the latency-vs-tokens curves.")
+@click.option("--compile", "compile_", is_flag=True, help="Also time torch.compile of the reference transformer.")
+@click.option("-o", "--out", type=click.Path(path_type=Path), default=Path("bench-results"), show_default=True)
+@click.option("--tag", default="cpu", show_default=True, help="Result files are bench_<tag>.json/.md/.png")
+@cli_errors
+def main(model, engines, height, width, frames, steps, guidance, prompt, threads, repeats, peers, no_scaling,
+         compile_, out, tag):
+    """Benchmark MODEL (a diffusers Wan2.1 directory or `demo`)."""
+    from tqdm import tqdm
+
+    from ..bench.e2e import BenchConfig, run_bench, to_markdown, write_results
+
+    cfg = BenchConfig(model=model, engines=tuple(engines), height=height, width=width, frames=frames, steps=steps,
+                      guidance=guidance, prompt=prompt, threads=threads, repeats=repeats,
+                      peers=tuple(p for p in peers.split(",") if p), scaling=not no_scaling, compile=compile_)
+    with tqdm(desc="bench", unit="run", leave=False) as bar:
+        result = run_bench(cfg, log=lambda s: bar.write(s), tick=bar.update)
+    paths = write_results(result, out, tag)
+    click.echo(to_markdown(result))
+    click.echo("results: " + ", ".join(str(p) for p in paths))
+
+
+if __name__ == "__main__":
+    main()

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import click
 import numpy as np
 
+from .e2e import machine, versions
 from .flops import wan_dit_flops
 from .matmul_peak import matmul_peak
 
@@ -127,34 +127,8 @@ def run(scenario: str, threads: int, repeats: int, compile_peer: bool = False, l
     return {"scenario": scenario, "config": cfg, "shape": {**{k: sc[k] for k in ("frames", "height", "width",
                                                                                 "text_len", "batch")},
                                                          "latents": list(lat), "tokens": tokens},
-            "threads": threads, "machine": _machine(), "versions": _versions(), "export_s": export_s,
+            "threads": threads, "machine": machine(), "versions": versions(), "export_s": export_s,
             "flops": flops, "matmul_peak_gflops": peak, "rows": rows}
-
-
-def _machine() -> dict:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "arch": platform.machine(), "os": platform.platform()}
-
-
-def _versions() -> dict:
-    import onnxruntime
-    import torch
-
-    v = {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__}
-    try:
-        import openvino
-
-        v["openvino"] = openvino.__version__
-    except ImportError:
-        pass
-    return v
 
 
 def to_markdown(r: dict) -> str:

@@ -45,6 +45,9 @@ TINY_CONFIGS = {
                             text_layers=1, text_heads=2, latent_channels=4, vae_dim=4, scheduler="euler",
                             flow_shift=5.0, seed=1),
     # The built-in demo: big enough to make a moving picture, export + 20 steps in well under a minute on 2 cores.
+    # The benchmark configuration of the bench issue: hidden size 384 (6 heads x 64), 6 layers, Wan's FFN ratio.
+    "bench-384": TinyWanConfig(layers=6, heads=6, head_dim=64, ffn_dim=2240, text_dim=64, text_layers=2,
+                               text_heads=4, vae_dim=16, seed=384),
     "demo": TinyWanConfig(layers=2, heads=4, head_dim=24, ffn_dim=192, text_dim=64, text_layers=2, text_heads=4,
                           vae_dim=16, seed=2026),
 }

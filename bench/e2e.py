@@ -135,7 +135,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda s: None, tic
             log("exporting the model for the engines under test ...")
             t0 = time.perf_counter()
             run_export(ExportConfig(model=cfg.model, out=tmp / "engines", backend="ort", check_parity=False,
-                                    frames=(cfg.frames,) if cfg.frames else (), height=cfg.height, width=cfg.width))
+                                    frames=cfg.frames, height=cfg.height, width=cfg.width))
             export_s = time.perf_counter() - t0
             engines = [tmp / "engines"]
 

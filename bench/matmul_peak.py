@@ -1,7 +1,8 @@
 """This machine's dense fp32 matrix-multiply peak, measured with the same libraries the engines use.
 
 Square MatMuls (1024^3 and 2048^3; the best counts) as one-node ONNX models on ONNX Runtime and on OpenVINO (fp32,
-and bf16 where the CPU has it); median of repeats after warm-up. The DiT step's achieved FLOP/s is reported as a fraction of the best of these.
+and bf16 where the CPU has it); median of repeats after warm-up. The DiT step's achieved FLOP/s is reported as a
+fraction of the best of these.
 """
 
 from __future__ import annotations

@@ -12,8 +12,9 @@ from .common import cli_errors
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("model")
 @click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path), help="Engine directory to write.")
-@click.option("--frames", multiple=True, type=int,
-              help="Pixel frame count (4k+1) to export a VAE decoder for; repeatable. The first is the run default.")
+@click.option("--frames", type=int, help="Default frame count (4k+1) recorded for sora-run.")
+@click.option("--max-frames", type=int, default=81, show_default=True,
+              help="Most frames (4k+1) the engines accept; the chunked VAE decodes any count up to it.")
 @click.option("--height", type=int, help="Default height recorded for sora-run (multiple of 16).")
 @click.option("--width", type=int, help="Default width recorded for sora-run (multiple of 16).")
 @click.option("--attention", type=click.Choice(["onnx-attention", "decomposed"]), default="onnx-attention",
@@ -31,7 +32,7 @@ from .common import cli_errors
               help="Quality gate for reduced precision: final-frame PSNR against fp32, in dB.")
 @click.option("--threads", type=int, help="Threads for the backend timing and gate (default: all cores).")
 @cli_errors
-def main(model, out, frames, height, width, attention, max_sequence_length, overwrite, skip_parity, backend,
+def main(model, out, frames, max_frames, height, width, attention, max_sequence_length, overwrite, skip_parity, backend,
          precision, min_psnr, threads):
     """Export MODEL (a diffusers-format Wan2.1-T2V directory, or the built-in `demo`) to OUT."""
     try:
@@ -41,7 +42,7 @@ def main(model, out, frames, height, width, attention, max_sequence_length, over
         from ..runtime.errors import SoraError
 
         raise SoraError(f"the export toolchain is not installed ({e.name}): pip install 'soraedge[export]'") from None
-    cfg = ExportConfig(model=model, out=out, frames=tuple(frames), height=height, width=width,
+    cfg = ExportConfig(model=model, out=out, frames=frames, max_frames=max_frames, height=height, width=width,
                        attention=AttentionForm(attention), max_sequence_length=max_sequence_length,
                        overwrite=overwrite, check_parity=not skip_parity, backend=backend, precision=precision,
                        min_psnr=min_psnr, threads=threads)

@@ -28,7 +28,7 @@ from .checkpoint import WanCheckpoint, read_checkpoint
 from .choose_backend import choose_runtime
 from .dit import AttentionForm, DiTReference, dit_spec, load_dit
 from .text_encoder import load_text_encoder, text_encoder_spec
-from .vae import load_vae_decoder, vae_engine_name, vae_spec
+from .vae import load_vae_decoders, vae_specs
 
 # WanPipeline.__call__ defaults; the demo model records its own.
 WAN_DEFAULTS = {"height": 480, "width": 832, "frames": 81, "steps": 50, "guidance": 5.0, "negative_prompt": "",
@@ -42,7 +42,8 @@ MAX_SIDE = 1280  # largest height/width the engines accept (TensorRT profile max
 class ExportConfig:
     model: str  # a diffusers directory, or "demo"
     out: Path
-    frames: tuple[int, ...] = ()  # pixel frame counts to export VAE decoders for; default: the model's default
+    frames: int | None = None  # default frame count for sora-run (4k+1); default: the model's
+    max_frames: int = 81  # the most frames the DiT engine accepts (any 4k+1 up to it decodes: chunked VAE)
     height: int | None = None
     width: int | None = None
     attention: AttentionForm = AttentionForm.ONNX
@@ -114,7 +115,7 @@ def _export_component(name, module, reference, spec, tmp, opset, sample, probes,
 
 def _export_into(ck: WanCheckpoint, cfg: ExportConfig, defaults: dict, tmp: Path, report: ExportReport,
                  log) -> tuple[dict, dict, int]:
-    """Export every component into `tmp`; returns (engines manifest entries, {pixel frames: vae engine}, d_model)."""
+    """Export every component into `tmp`; returns (engine manifest entries, the VAE engine names, d_model)."""
     import torch
     from diffusers import WanTransformer3DModel
 
@@ -123,7 +124,7 @@ def _export_into(ck: WanCheckpoint, cfg: ExportConfig, defaults: dict, tmp: Path
     if p_t != 1:
         raise SoraError(f"temporal patch size {p_t} is not supported (Wan2.1 uses 1)")
     lat_f = (defaults["frames"] - 1) // t + 1
-    lat_f_max = max(lat_f, (WAN_DEFAULTS["frames"] - 1) // t + 1)
+    lat_f_max = max(lat_f, (cfg.max_frames - 1) // t + 1)
     lat_max = max(defaults["height"], defaults["width"], MAX_SIDE) // s
     f_dim = Dim("f", 1, lat_f, lat_f_max)
     h_dim = Dim("h", p_h, defaults["height"] // s, lat_max // p_h * p_h, p_h)
@@ -150,18 +151,37 @@ def _export_into(ck: WanCheckpoint, cfg: ExportConfig, defaults: dict, tmp: Path
         [{"b": 1, "f": 3, "h": 3 * p_h, "w": 2 * p_w}, {"b": 2, "f": 1, "h": p_h, "w": 4 * p_w}], cfg, report, log)
     del dit, reference
 
-    # VAE decoders, one per requested frame count
-    vae = load_vae_decoder(ck.root)
-    vae_frames = {}
-    for frames in sorted(set(cfg.frames or (defaults["frames"],))):
-        n = (frames - 1) // t + 1
-        spec = vae_spec(ck.latent_channels, n, t, s, Dim("h", 1, defaults["height"] // s, lat_max),
-                        Dim("w", 1, defaults["width"] // s, lat_max))
-        engines[spec.name] = _export_component(
-            spec.name, vae, vae, spec, tmp, cfg.attention.opset, {"h": 4, "w": 6}, [{"h": 3, "w": 5}], cfg,
-            report, log)
-        vae_frames[str(frames)] = vae_engine_name(n)
-    return engines, vae_frames, d_model
+    # VAE: the chunked causal decoder (first frame, then one latent frame per step), checked graph by graph and
+    # then as the runtime runs it against diffusers' whole-clip decode.
+    first, step, slots, vae = load_vae_decoders(ck.root)
+    lat_hw = [Dim(n, 1, defaults[k] // s, lat_max) for n, k in (("h", "height"), ("w", "width"))]
+    specs = vae_specs(ck.latent_channels, s, t, slots, *lat_hw)
+    for module, spec in zip((first, step), specs):
+        engines[spec.name] = _export_component(spec.name, module, module, spec, tmp, cfg.attention.opset,
+                                               {"h": 4, "w": 6}, [{"h": 3, "w": 5}], cfg, report, log)
+    if cfg.check_parity:
+        engines[specs[1].name]["decode_parity"] = _chunked_decode_parity(vae, specs, tmp, ck.latent_channels)
+        log(f"  chunked decode vs diffusers' decode: max abs error "
+            f"{engines[specs[1].name]['decode_parity']['max_abs']:.2e}")
+    vae_engines = {"first": specs[0].name, "step": specs[1].name}
+    return engines, vae_engines, d_model
+
+
+def _chunked_decode_parity(vae, specs, tmp: Path, z_dim: int) -> dict:
+    """The runtime's chunked decoder on the exported graphs against diffusers' AutoencoderKLWan.decode."""
+    import numpy as np
+    import torch
+
+    from ..runtime.backends.ort import OrtEngine
+    from ..runtime.vae_decode import ChunkedVaeDecoder
+
+    decoder = ChunkedVaeDecoder(*(OrtEngine(tmp / f"{sp.name}.onnx", sp) for sp in specs))
+    z = np.random.default_rng(5).standard_normal((1, z_dim, 3, 3, 5), dtype=np.float32)
+    got = decoder(z)
+    with torch.no_grad():
+        ref = vae.decode(torch.from_numpy(z), return_dict=False)[0].numpy()
+    err = float(np.abs(got - ref).max())
+    return {"latent_shape": list(z.shape), "max_abs": err, "max_rel": err / float(np.abs(ref).max())}
 
 
 def _prepare_source(cfg: ExportConfig, workdir: Path) -> tuple[WanCheckpoint, dict, str]:
@@ -202,9 +222,8 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = lambda s: None) -
             defaults["height"] = cfg.height or defaults["height"]
             defaults["width"] = cfg.width or defaults["width"]
         check_size(defaults["height"], defaults["width"], ck.vae_scale_spatial * max(ck.patch[1:]))
-        if cfg.frames:
-            defaults["frames"] = cfg.frames[0]  # the first --frames is the run-time default
-        for f in (*cfg.frames, defaults["frames"]):
+        defaults["frames"] = cfg.frames or defaults["frames"]
+        for f in (defaults["frames"], cfg.max_frames):
             check_frames(f, ck.vae_scale_temporal)
 
         options = {k: v for k, v in asdict(cfg).items() if k not in ("model", "out", "overwrite", "check_parity",
@@ -227,7 +246,7 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = lambda s: None) -
 
         stage = work / "engine"
         stage.mkdir()
-        engines, vae_frames, d_model = _export_into(ck, cfg, defaults, stage, report, log)
+        engines, vae_engines, d_model = _export_into(ck, cfg, defaults, stage, report, log)
         (stage / "tokenizer").mkdir()
         shutil.copy2(ck.tokenizer_file, stage / "tokenizer" / "tokenizer.json")
         (stage / "scheduler").mkdir()
@@ -244,7 +263,7 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = lambda s: None) -
             "vae_scale_spatial": ck.vae_scale_spatial,
             "vae_scale_temporal": ck.vae_scale_temporal,
             "patch_size": list(ck.patch),
-            "vae_decoders": vae_frames,
+            "vae": vae_engines,
             "tokenizer": "tokenizer/tokenizer.json",
             "scheduler": "scheduler/scheduler_config.json",
         }

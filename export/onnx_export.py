@@ -7,6 +7,7 @@ dynamic axes are proven) and the worst error is returned for the manifest.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import warnings
 from pathlib import Path
@@ -18,8 +19,9 @@ from ..runtime.errors import SoraError
 from ..runtime.spec import EngineSpec
 
 
-def torch_dynamic_shapes(spec: EngineSpec) -> dict[str, dict[int, object]]:
-    """The exporter's dynamic_shapes, derived from the spec: a dim with multiple m becomes m * Dim(name_q)."""
+def torch_dynamic_shapes(spec: EngineSpec) -> tuple[dict[int, object], ...]:
+    """The exporter's dynamic_shapes (positional, one dict per input), derived from the spec: a dim with multiple
+    m becomes m * Dim(name_q); an entry "k*name" becomes k * Dim(name)."""
     dims = {}
     for d in spec.dims:
         if d.multiple > 1:
@@ -27,10 +29,22 @@ def torch_dynamic_shapes(spec: EngineSpec) -> dict[str, dict[int, object]]:
             dims[d.name] = quotient * d.multiple
         else:
             dims[d.name] = torch.export.Dim(d.name, min=d.min, max=d.max)
-    return {
-        t.name: {i: dims[e] for i, e in enumerate(t.shape) if isinstance(e, str) and e in dims}
-        for t in spec.inputs
-    }
+    def axis(entry):
+        if entry in dims:
+            return dims[entry]
+        factor, _, name = entry.partition("*")  # "k*name": a dim derived from another
+        return dims[name] * int(factor)
+
+    return tuple({i: axis(e) for i, e in enumerate(t.shape) if isinstance(e, str)} for t in spec.inputs)
+
+
+def _group_varargs(module: torch.nn.Module, shapes: tuple) -> tuple:
+    """torch.export matches dynamic_shapes to the forward signature: inputs taken by `*args` form one tuple."""
+    params = list(inspect.signature(module.forward).parameters.values())
+    for i, p in enumerate(params):
+        if p.kind is inspect.Parameter.VAR_POSITIONAL:
+            return (*shapes[:i], tuple(shapes[i:]))
+    return shapes
 
 
 def export_onnx(module: torch.nn.Module, spec: EngineSpec, path: Path, opset: int, sizes: dict[str, int]) -> None:
@@ -42,8 +56,8 @@ def export_onnx(module: torch.nn.Module, spec: EngineSpec, path: Path, opset: in
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)
         program = torch.onnx.export(
             module, args, dynamo=True, opset_version=opset, input_names=spec.input_names,
-            output_names=spec.output_names, dynamic_shapes=torch_dynamic_shapes(spec), optimize=True,
-            verbose=False, report=False,
+            output_names=spec.output_names, dynamic_shapes=_group_varargs(module, torch_dynamic_shapes(spec)),
+            optimize=True, verbose=False, report=False,
         )
     if program is None:
         raise SoraError(f"export of {spec.name} produced no ONNX program")
@@ -60,13 +74,18 @@ def parity_check(module: torch.nn.Module, spec: EngineSpec, path: Path, probes: 
     worst = {"max_abs": 0.0, "max_rel": 0.0, "probes": []}
     for i, sizes in enumerate(probes):
         feeds = spec.sample_inputs(seed=100 + i, **sizes)
-        got = sess.run(spec.output_names, feeds)[0]
+        outputs = sess.run(spec.output_names, feeds)
         with torch.no_grad():
-            ref = module(*(torch.from_numpy(feeds[n]) for n in spec.input_names)).numpy()
-        if got.shape != ref.shape:
-            raise SoraError(f"{spec.name}: ONNX output shape {got.shape} != PyTorch {ref.shape} at {sizes}")
-        max_abs = float(np.abs(got - ref).max())
-        max_rel = max_abs / (float(np.abs(ref).max()) + 1e-12)
+            refs = module(*(torch.from_numpy(feeds[n]) for n in spec.input_names))
+        refs = refs if isinstance(refs, (tuple, list)) else (refs,)
+        max_abs = max_rel = 0.0
+        for name, got, ref in zip(spec.output_names, outputs, refs):  # every output, caches included
+            ref = ref.numpy()
+            if got.shape != ref.shape:
+                raise SoraError(f"{spec.name}: ONNX {name} shape {got.shape} != PyTorch {ref.shape} at {sizes}")
+            err = float(np.abs(got - ref).max()) if got.size else 0.0
+            max_abs = max(max_abs, err)
+            max_rel = max(max_rel, err / (float(np.abs(ref).max()) + 1e-12))
         worst["max_abs"] = max(worst["max_abs"], max_abs)
         worst["max_rel"] = max(worst["max_rel"], max_rel)
         worst["probes"].append({"sizes": sizes, "max_abs": max_abs, "max_rel": max_rel})

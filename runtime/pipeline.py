@@ -20,6 +20,7 @@ from .manifest import CACHE_DIR, Manifest, load_manifest
 from .sampler import sample
 from .schedulers import load_scheduler
 from .text import PromptEncoder
+from .vae_decode import ChunkedVaeDecoder
 from .validate import check_frames, check_size
 
 
@@ -60,7 +61,8 @@ class Pipeline:
                                   self.config["max_sequence_length"], self.config["pad_token_id"])
         self.denoiser = EngineDenoiser(self._engine("transformer"))
         self.scheduler = load_scheduler(root / self.config["scheduler"])
-        self._decoders: dict[str, object] = {}
+        self.decoder = ChunkedVaeDecoder(self._engine(self.config["vae"]["first"]),
+                                         self._engine(self.config["vae"]["step"]))
 
     @classmethod
     def load(cls, engine_dir, threads: int | None = None, verify: bool = True, backend: str | None = None,
@@ -74,12 +76,6 @@ class Pipeline:
             cache = self.manifest.root / CACHE_DIR / self.backend / f"{name}-{key}-{self.precision}"
         return open_engine(self.backend, self.manifest.engine_path(name), self.manifest.spec(name), self.threads,
                            self.precision, cache)
-
-    def _decoder(self, frames: int):
-        name = self.config["vae_decoders"][str(frames)]
-        if name not in self._decoders:
-            self._decoders[name] = self._engine(name)
-        return self._decoders[name]
 
     # -- validation ------------------------------------------------------------------------------------------
     def latent_shape(self, height: int, width: int, frames: int) -> tuple[int, ...]:
@@ -96,9 +92,6 @@ class Pipeline:
         negative_prompt = d["negative_prompt"] if negative_prompt is None else negative_prompt
         check_size(h, w, self.config["vae_scale_spatial"] * max(self.config["patch_size"][1:]))
         check_frames(f, self.config["vae_scale_temporal"])
-        if str(f) not in self.config["vae_decoders"]:
-            have = ", ".join(sorted(self.config["vae_decoders"], key=int))
-            raise SoraError(f"frames={f} has no exported VAE decoder (exported: {have}; re-export with --frames {f})")
         if steps < 1:
             raise SoraError(f"steps={steps}: need at least 1 step")
         if guidance < 0:
@@ -154,7 +147,7 @@ class Pipeline:
         std = np.asarray(self.config["latents_std"], np.float32).reshape(1, c, 1, 1, 1)
         # WanPipeline: latents / (1 / std) + mean
         z = (latents / (np.float32(1.0) / std) + mean).astype(np.float32)
-        video = self._decoder(f)(latents=z)  # [1, 3, F, H, W] in [-1, 1]
+        video = self.decoder(z)  # [1, 3, F, H, W] in [-1, 1]
         frames_out = np.clip(video[0] / 2 + 0.5, 0, 1).transpose(1, 2, 3, 0)  # [F, H, W, 3]
         timings["decode"] = time.perf_counter() - t0
         return Generation(np.ascontiguousarray(frames_out, dtype=np.float32), latents, timings, step_times)

@@ -159,6 +159,11 @@ class EngineSpec:
         bad = [msg for name, v in sizes.items() if (msg := self.dim_map[name].check(v))]
         if bad:
             raise SoraError(f"{self.name}: outside the exported range: {', '.join(bad)}")
+        for t in self.inputs:  # derived entries ("2*h") must agree with the dims they derive from
+            for axis, (entry, got) in enumerate(zip(t.shape, feeds[t.name].shape)):
+                if isinstance(entry, str) and entry not in sizes and _eval(entry, sizes) != got:
+                    raise SoraError(f"{self.name}: {t.name} axis {axis} is {got}, expected {entry}="
+                                    f"{_eval(entry, sizes)}")
         return sizes
 
     # -- serialisation -------------------------------------------------------------------------------------------

@@ -43,7 +43,7 @@ def tiny_engines(tmp_path_factory, tiny_model):
         if name not in cache:
             size = TEST_SIZE[name]
             out = tmp_path_factory.mktemp(f"{name}-eng") / "engines"
-            run_export(ExportConfig(model=str(tiny_model(name)), out=out, frames=(size["frames"],),
+            run_export(ExportConfig(model=str(tiny_model(name)), out=out, frames=size["frames"],
                                     height=size["height"], width=size["width"], max_sequence_length=512))
             cache[name] = out
         return cache[name]

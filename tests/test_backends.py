@@ -47,7 +47,7 @@ def test_backend_choice_is_recorded_and_honoured(tiny_engines):
 def test_explicit_backend_is_recorded(tiny_model, tmp_path):
     size = TEST_SIZE["tiny-a"]
     out = tmp_path / "e"
-    run_export(ExportConfig(model=str(tiny_model("tiny-a")), out=out, frames=(size["frames"],), backend="ort",
+    run_export(ExportConfig(model=str(tiny_model("tiny-a")), out=out, frames=size["frames"], backend="ort",
                             height=size["height"], width=size["width"], check_parity=False))
     assert json.loads((out / "manifest.json").read_text())["runtime"]["backend"] == "ort"
     assert Pipeline.load(out).backend == "ort"
@@ -70,7 +70,7 @@ def test_bf16_gate_refuses_and_writes_nothing(tiny_model, tmp_path):
     size = TEST_SIZE["tiny-a"]
     out = tmp_path / "e"
     with pytest.raises(SoraError, match="fails the quality gate"):
-        run_export(ExportConfig(model=str(tiny_model("tiny-a")), out=out, frames=(size["frames"],),
+        run_export(ExportConfig(model=str(tiny_model("tiny-a")), out=out, frames=size["frames"],
                                 height=size["height"], width=size["width"], precision="bf16", min_psnr=200.0,
                                 check_parity=False))
     assert not out.exists()

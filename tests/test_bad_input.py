@@ -144,7 +144,7 @@ def test_run_hash_mismatch(engine_copy, tmp_path, how):
     (["--height", "40"], "height=40 is not a multiple of 16 (nearest valid: 32 or 48)"),
     (["--width", "50"], "width=50 is not a multiple of 16 (nearest valid: 48 or 64)"),
     (["--frames", "6"], "frames=6 is not of the form 4k+1 (nearest valid: 5 or 9)"),
-    (["--frames", "9"], "no exported VAE decoder (exported: 5"),
+    (["--frames", "89"], "outside the exported range: f=23"),
     (["--steps", "0"], "need at least 1 step"),
     (["--guidance", "-1"], "guidance must be >= 0"),
 ])

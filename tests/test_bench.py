@@ -36,8 +36,8 @@ def test_sora_bench_bad_arguments(tiny_model, tiny_engines, tmp_path):
     r = CliRunner().invoke(bench_main, [str(tiny_model("tiny-a")), "--engines", str(tmp_path / "none")])
     assert r.exit_code == 2 and "does not exist" in r.output and "Traceback" not in r.output
     r = CliRunner().invoke(bench_main, [str(tiny_model("tiny-a")), "--engines", str(tiny_engines("tiny-a")),
-                                        "--frames", "9", "--no-scaling"])
-    assert r.exit_code == 2 and "no exported VAE decoder" in r.output
+                                        "--frames", "89", "--no-scaling"])
+    assert r.exit_code == 2 and "outside the exported range" in r.output
     r = CliRunner().invoke(bench_main, [str(tiny_model("tiny-a")), "--engines", str(tiny_engines("tiny-a")),
                                         "--peers", "cuda-fp16"])
     assert r.exit_code == 2 and "unknown peer" in r.output

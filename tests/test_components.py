@@ -51,26 +51,31 @@ def test_text_encoder_dynamic_shapes(name, tiny_model, tiny_engines):
 
 
 @pytest.mark.parametrize("name", ["tiny-a", "tiny-b"])
-def test_vae_decoder_dynamic_shapes(name, tiny_model, tiny_engines):
+def test_chunked_vae_decoder_matches_whole_clip_decode(name, tiny_model, tiny_engines):
+    """The runtime's chunked decoder (first + step engines) against AutoencoderKLWan.decode: frame counts and
+    sizes other than the export sample, including more frames than the engines' default."""
     from diffusers import AutoencoderKLWan
 
-    _, m = _engine(tiny_engines(name), "transformer")
-    vae_name = next(iter(m.config["vae_decoders"].values()))
-    engine, _ = _engine(tiny_engines(name), vae_name)
+    from soraedge.runtime.vae_decode import ChunkedVaeDecoder
+
+    m = load_manifest(tiny_engines(name))
+    decoder = ChunkedVaeDecoder(*(_engine(tiny_engines(name), m.config["vae"][k])[0] for k in ("first", "step")))
     ref = AutoencoderKLWan.from_pretrained(tiny_model(name) / "vae").eval()
-    for h, w in ((5, 3), (2, 7)):
-        z = engine.spec.sample_inputs(seed=1, h=h, w=w)["latents"]
-        got = engine(latents=z)
+    rng = np.random.default_rng(1)
+    for frames, h, w in ((1, 5, 3), (2, 2, 7), (6, 4, 4)):
+        z = rng.standard_normal((1, m.config["latent_channels"], frames, h, w), dtype=np.float32)
+        got = decoder(z)
         with torch.no_grad():
             want = ref.decode(torch.from_numpy(z), return_dict=False)[0].numpy()
-        assert got.shape == want.shape
-        assert np.abs(got - want).max() < ATOL["vae"], (h, w)
+        assert got.shape == want.shape == (1, 3, 4 * (frames - 1) + 1, 8 * h, 8 * w)
+        assert np.abs(got - want).max() < ATOL["vae"], (frames, h, w)
 
 
 def test_manifest_records_parity_and_versions(tiny_engines):
     m = load_manifest(tiny_engines("tiny-a"))
     for name, entry in m.data["engines"].items():
         assert entry["parity"]["max_rel"] < 1e-4, name
+    assert m.data["engines"]["vae_decoder_step"]["decode_parity"]["max_rel"] < 1e-4
     assert {"onnx", "onnxruntime", "torch", "diffusers", "soraedge"} <= set(m.data["versions"])
     assert m.data["precision"] == "fp32"
 

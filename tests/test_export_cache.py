@@ -12,17 +12,17 @@ def test_same_content_and_options_is_reused(tiny_model, tiny_engines):
     size = TEST_SIZE["tiny-a"]
     before = load_manifest(tiny_engines("tiny-a")).data["cache_key"]
     report = run_export(ExportConfig(model=str(tiny_model("tiny-a")), out=tiny_engines("tiny-a"),
-                                     frames=(size["frames"],), height=size["height"], width=size["width"]))
+                                     frames=size["frames"], height=size["height"], width=size["width"]))
     assert report.reused
     assert load_manifest(tiny_engines("tiny-a")).data["cache_key"] == before
 
 
 def test_renamed_copy_with_same_content_is_reused_but_different_options_are_not(tiny_model, engine_copy):
     size = TEST_SIZE["tiny-a"]
-    same = ExportConfig(model=str(tiny_model("tiny-a")), out=engine_copy, frames=(size["frames"],),
+    same = ExportConfig(model=str(tiny_model("tiny-a")), out=engine_copy, frames=size["frames"],
                         height=size["height"], width=size["width"])
     assert run_export(same).reused  # a copy under another name: same content, same key
-    other = ExportConfig(model=str(tiny_model("tiny-a")), out=engine_copy, frames=(9,), height=size["height"],
+    other = ExportConfig(model=str(tiny_model("tiny-a")), out=engine_copy, frames=9, height=size["height"],
                          width=size["width"])
     with pytest.raises(SoraError, match="--overwrite"):
         run_export(other)

@@ -64,6 +64,10 @@ class OvEngine:
         self.spec = spec
 
     def __call__(self, **feeds: np.ndarray) -> np.ndarray:
+        return self.run(**feeds)[0]
+
+    def run(self, **feeds: np.ndarray) -> list[np.ndarray]:
+        """Every output, in spec order (copied: the request's buffers are reused by the next call)."""
         self.spec.bind(feeds)
         out = self.request.infer(feeds)
-        return np.array(out[self.compiled.output(0)], copy=True)
+        return [np.array(out[self.compiled.output(name)], copy=True) for name in self.spec.output_names]

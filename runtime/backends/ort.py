@@ -12,7 +12,7 @@ from ..spec import EngineSpec
 
 
 class OrtEngine:
-    """A session over one ONNX model. Call with keyword inputs; returns the first output."""
+    """A session over one ONNX model. Call with keyword inputs: `engine(...)` the first output, `.run` all."""
 
     def __init__(self, path: Path, spec: EngineSpec, threads: int | None = None,
                  providers: list[str] | None = None):
@@ -30,3 +30,8 @@ class OrtEngine:
     def __call__(self, **feeds: np.ndarray) -> np.ndarray:
         self.spec.bind(feeds)
         return self.session.run([self.spec.output_names[0]], feeds)[0]
+
+    def run(self, **feeds: np.ndarray) -> list[np.ndarray]:
+        """Every output, in spec order."""
+        self.spec.bind(feeds)
+        return self.session.run(self.spec.output_names, feeds)

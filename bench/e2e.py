@@ -23,7 +23,7 @@ import numpy as np
 from ..runtime.errors import SoraError
 from .flops import wan_dit_flops
 from .matmul_peak import matmul_peak
-from .memory import PeakRss
+from ..runtime.memory import PeakRss
 
 PEERS = ("ort-fp32", "openvino-fp32", "openvino-bf16")
 

@@ -27,10 +27,15 @@ from .common import cli_errors
 @click.option("--threads", type=int, help="Backend threads (default: all cores).")
 @click.option("--backend", type=click.Choice(["ort", "openvino"]), help="Default: the one chosen at export.")
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]), help="Default: the one chosen at export.")
+@click.option("--low-memory", is_flag=True,
+              help="Keep one stage resident at a time: load each engine for its stage and release it after.")
+@click.option("--prompt-cache", "prompt_cache", type=click.Path(path_type=Path),
+              help="Folder for cached prompt embeddings (default: ~/.cache/soraedge/prompts).")
+@click.option("--no-prompt-cache", is_flag=True, help="Always run the text encoder.")
 @click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path), help="Output .mp4, .gif or .npy")
 @cli_errors
 def main(engines, prompt, negative_prompt, steps, guidance, seed, height, width, frames, latents_file, threads,
-         backend, precision, out):
+         backend, precision, low_memory, prompt_cache, no_prompt_cache, out):
     """Generate a video for PROMPT with the engines in ENGINES."""
     import time
 
@@ -38,6 +43,7 @@ def main(engines, prompt, negative_prompt, steps, guidance, seed, height, width,
 
     from ..runtime.errors import SoraError
     from ..runtime.pipeline import Pipeline
+    from ..runtime.prompt_cache import default_cache_dir
     from ..runtime.video import check_output_path, write_video
 
     out = check_output_path(out)
@@ -48,7 +54,9 @@ def main(engines, prompt, negative_prompt, steps, guidance, seed, height, width,
         except (OSError, ValueError) as e:
             raise SoraError(f"--latents {latents_file}: not a readable .npy array ({e})") from None
     t0 = time.perf_counter()
-    pipe = Pipeline.load(engines, threads=threads, backend=backend, precision=precision)
+    cache_dir = None if no_prompt_cache else (prompt_cache or default_cache_dir())
+    pipe = Pipeline.load(engines, threads=threads, backend=backend, precision=precision, low_memory=low_memory,
+                         prompt_cache=cache_dir)
     load_s = time.perf_counter() - t0
     h, w, f, n_steps, g, _ = pipe.resolve(height, width, frames, steps, guidance, negative_prompt)
     if latents is not None:
@@ -63,6 +71,10 @@ def main(engines, prompt, negative_prompt, steps, guidance, seed, height, width,
     click.echo(f"wrote {out} ({f} frames, {w}x{h}, {n_steps} steps, guidance {g}, {pipe.backend} {pipe.precision})")
     click.echo(f"time: load {load_s:.2f}s | tokenize+encode {tm['encode']:.2f}s | denoise {tm['denoise']:.2f}s "
                f"({per_step * 1000:.0f} ms/step) | decode {tm['decode']:.2f}s | write {write_s:.2f}s")
+    mem = result.memory_mb
+    if all(v is not None for v in mem.values()):
+        click.echo("peak RSS: " + " | ".join(f"{k} {v:.0f} MB" for k, v in mem.items())
+                   + (" (one stage resident at a time)" if low_memory else ""))
 
 
 if __name__ == "__main__":

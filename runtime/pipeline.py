@@ -1,22 +1,26 @@
 """The Python API: `Pipeline.load(engine_dir)` then `pipe(prompt, ...)` -> frames. No torch anywhere.
 
-Stages: prompt -> text embeddings (runtime/text.py) -> sampler loop over the DiT engine (runtime/sampler.py) ->
+Stages: prompt -> text embeddings (runtime/text.py, cached on disk by runtime/prompt_cache.py) -> sampler loop over the DiT engine (runtime/sampler.py) ->
 latent de-normalisation -> VAE decoder engine -> frames [F, H, W, 3] in [0, 1]. Every argument is validated
 before any compute.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
-from .backends import EngineDenoiser, open_engine
+from .backends import BACKENDS, PRECISIONS, EngineDenoiser, open_engine
 from .errors import SoraError
 from .manifest import CACHE_DIR, Manifest, load_manifest
+from .memory import PeakRss
+from .prompt_cache import PromptCache
 from .sampler import sample
 from .schedulers import load_scheduler
 from .text import PromptEncoder
@@ -36,46 +40,92 @@ class Generation:
     latents: np.ndarray  # [1, C, f, h, w] final latents (before de-normalisation)
     timings: dict[str, float] = field(default_factory=dict)
     step_times: list[float] = field(default_factory=list)
+    memory_mb: dict[str, float | None] = field(default_factory=dict)  # peak RSS per stage (sampled)
 
 
 log = logging.getLogger("soraedge")
 
 
 class Pipeline:
-    """Engines of one engine directory on one backend. backend/precision default to what export chose."""
+    """Engines of one engine directory on one backend. backend/precision default to what export chose.
+
+    Engines open on first use. With `low_memory`, each stage opens its engines and releases them when it ends, so
+    only one stage is resident at a time. With a `prompt_cache` folder, embeddings of prompts seen before are read
+    from disk and the text encoder is not even loaded.
+    """
 
     def __init__(self, manifest: Manifest, threads: int | None = None, backend: str | None = None,
-                 precision: str | None = None):
+                 precision: str | None = None, low_memory: bool = False, prompt_cache: Path | None = None):
         self.manifest = manifest
         self.config = manifest.config
         self.defaults = self.config["defaults"]
         self.threads = threads
+        self.low_memory = low_memory
         chosen = manifest.runtime
         if backend is None and chosen["backend"] == "openvino" and not _openvino_available():
             log.warning("these engines were tuned for OpenVINO, which is not installed; running on ONNX Runtime")
             chosen = {"backend": "ort", "precision": "fp32"}
         self.backend = backend or chosen["backend"]
         self.precision = precision or (chosen["precision"] if self.backend == chosen["backend"] else "fp32")
+        if self.backend not in BACKENDS:
+            raise SoraError(f"unknown backend {self.backend!r} (known: {', '.join(BACKENDS)})")
+        if self.precision not in PRECISIONS:
+            raise SoraError(f"unknown precision {self.precision!r} (known: {', '.join(PRECISIONS)})")
         root = manifest.root
-        self.text = PromptEncoder(str(root / self.config["tokenizer"]), self._engine("text_encoder"),
+        self._engines: dict[str, object] = {}
+        self.text = PromptEncoder(str(root / self.config["tokenizer"]),
+                                  lambda **feeds: self.engine("text_encoder")(**feeds),
                                   self.config["max_sequence_length"], self.config["pad_token_id"])
-        self.denoiser = EngineDenoiser(self._engine("transformer"))
         self.scheduler = load_scheduler(root / self.config["scheduler"])
-        self.decoder = ChunkedVaeDecoder(self._engine(self.config["vae"]["first"]),
-                                         self._engine(self.config["vae"]["step"]))
+        self.prompt_cache = None
+        if prompt_cache is not None:
+            key = hashlib.sha256((manifest.content_key("text_encoder") + manifest.data["files"][
+                self.config["tokenizer"]]["sha256"] + str(self.config["max_sequence_length"])).encode()).hexdigest()
+            self.prompt_cache = PromptCache(prompt_cache, key[:16],
+                                            (self.config["max_sequence_length"], self.config["text_dim"]))
 
     @classmethod
     def load(cls, engine_dir, threads: int | None = None, verify: bool = True, backend: str | None = None,
-             precision: str | None = None) -> Pipeline:
-        return cls(load_manifest(engine_dir, verify=verify), threads, backend, precision)
+             precision: str | None = None, low_memory: bool = False, prompt_cache: Path | None = None) -> Pipeline:
+        return cls(load_manifest(engine_dir, verify=verify), threads, backend, precision, low_memory, prompt_cache)
 
-    def _engine(self, name: str):
+    def _open(self, name: str):
         cache = None
         if self.backend != "ort" and os.access(self.manifest.root, os.W_OK):
             key = self.manifest.content_key(name)
             cache = self.manifest.root / CACHE_DIR / self.backend / f"{name}-{key}-{self.precision}"
         return open_engine(self.backend, self.manifest.engine_path(name), self.manifest.spec(name), self.threads,
                            self.precision, cache)
+
+    def engine(self, name: str):
+        """The engine `name`, opened on first use; kept open unless low_memory."""
+        if name in self._engines:
+            return self._engines[name]
+        engine = self._open(name)
+        if not self.low_memory:
+            self._engines[name] = engine
+        return engine
+
+    @property
+    def denoiser(self) -> EngineDenoiser:
+        return EngineDenoiser(self.engine("transformer"))
+
+    @property
+    def decoder(self) -> ChunkedVaeDecoder:
+        return ChunkedVaeDecoder(self.engine(self.config["vae"]["first"]), self.engine(self.config["vae"]["step"]))
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        """[B, L, D] embeddings; cached ones are read from disk, the rest encoded in one batch and stored."""
+        cached = [self.prompt_cache.get(t) if self.prompt_cache else None for t in texts]
+        missing = [t for t, c in zip(texts, cached) if c is None]
+        if missing:
+            fresh = iter(self.text(missing))
+            for i, c in enumerate(cached):
+                if c is None:
+                    cached[i] = next(fresh)
+                    if self.prompt_cache:
+                        self.prompt_cache.put(texts[i], cached[i])
+        return np.stack(cached)
 
     # -- validation ------------------------------------------------------------------------------------------
     def latent_shape(self, height: int, width: int, frames: int) -> tuple[int, ...]:
@@ -122,9 +172,12 @@ class Pipeline:
         latents = self.check_latents(latents, shape)
         timings: dict[str, float] = {}
 
+        memory: dict[str, float | None] = {}
         t0 = time.perf_counter()
         cfg = guidance > 1.0
-        emb = self.text([prompt, negative_prompt] if cfg else [prompt])  # [1 or 2, L, D]
+        with PeakRss() as mem:
+            emb = self.encode([prompt, negative_prompt] if cfg else [prompt])  # [1 or 2, L, D]
+        memory["encode"] = mem.peak_mb
         cond, uncond = emb[:1], (emb[1:] if cfg else None)
         timings["encode"] = time.perf_counter() - t0
 
@@ -136,10 +189,12 @@ class Pipeline:
                 on_step(i, dt)
 
         t0 = time.perf_counter()
-        latents = sample(self.denoiser, self.scheduler, latents, cond, uncond, guidance, steps, _on_step)
+        with PeakRss() as mem:
+            latents = sample(self.denoiser, self.scheduler, latents, cond, uncond, guidance, steps, _on_step)
+        memory["denoise"] = mem.peak_mb
         timings["denoise"] = time.perf_counter() - t0
         if output_type == "latent":
-            return Generation(None, latents, timings, step_times)
+            return Generation(None, latents, timings, step_times, memory)
 
         t0 = time.perf_counter()
         c = self.config["latent_channels"]
@@ -147,7 +202,9 @@ class Pipeline:
         std = np.asarray(self.config["latents_std"], np.float32).reshape(1, c, 1, 1, 1)
         # WanPipeline: latents / (1 / std) + mean
         z = (latents / (np.float32(1.0) / std) + mean).astype(np.float32)
-        video = self.decoder(z)  # [1, 3, F, H, W] in [-1, 1]
+        with PeakRss() as mem:
+            video = self.decoder(z)  # [1, 3, F, H, W] in [-1, 1]
+        memory["decode"] = mem.peak_mb
         frames_out = np.clip(video[0] / 2 + 0.5, 0, 1).transpose(1, 2, 3, 0)  # [F, H, W, 3]
         timings["decode"] = time.perf_counter() - t0
-        return Generation(np.ascontiguousarray(frames_out, dtype=np.float32), latents, timings, step_times)
+        return Generation(np.ascontiguousarray(frames_out, dtype=np.float32), latents, timings, step_times, memory)

@@ -34,6 +34,10 @@ class PeakRss:
                 self.peak = max(self.peak or 0, v)
             time.sleep(self.interval_s)
 
+    @property
+    def peak_mb(self) -> float | None:
+        return None if self.peak is None else self.peak / 2**20
+
     def __enter__(self):
         self.peak = rss_bytes()
         self._thread = threading.Thread(target=self._run, daemon=True)

@@ -44,7 +44,7 @@ def main(engines, prompt, negative_prompt, steps, guidance, seed, height, width,
     from ..runtime.errors import SoraError
     from ..runtime.pipeline import Pipeline
     from ..runtime.prompt_cache import default_cache_dir
-    from ..runtime.video import check_output_path, write_video
+    from ..runtime.video import VideoWriter, check_output_path
 
     out = check_output_path(out)
     latents = None
@@ -61,11 +61,12 @@ def main(engines, prompt, negative_prompt, steps, guidance, seed, height, width,
     h, w, f, n_steps, g, _ = pipe.resolve(height, width, frames, steps, guidance, negative_prompt)
     if latents is not None:
         pipe.check_latents(latents, pipe.latent_shape(h, w, f))
-    with tqdm(total=n_steps, desc="denoise", unit="step", leave=False) as bar:
-        result = pipe(prompt, negative_prompt, h, w, f, n_steps, g, seed, latents, on_step=lambda i, dt: bar.update())
-    t0 = time.perf_counter()
-    write_video(out, result.frames, pipe.defaults["fps"])
-    write_s = time.perf_counter() - t0
+    with VideoWriter(out, pipe.defaults["fps"]) as writer:  # mp4: frames stream to ffmpeg as they are decoded
+        with tqdm(total=n_steps, desc="denoise", unit="step", leave=False) as bar:
+            result = pipe(prompt, negative_prompt, h, w, f, n_steps, g, seed, latents,
+                          on_step=lambda i, dt: bar.update(), sink=writer.write)
+        t0 = time.perf_counter()
+    write_s = time.perf_counter() - t0  # finishing the file; encoding overlapped the decode
     tm = result.timings
     per_step = tm["denoise"] / max(len(result.step_times), 1)
     click.echo(f"wrote {out} ({f} frames, {w}x{h}, {n_steps} steps, guidance {g}, {pipe.backend} {pipe.precision})")

@@ -163,7 +163,9 @@ class Pipeline:
     def __call__(self, prompt: str, negative_prompt: str | None = None, height: int | None = None,
                  width: int | None = None, frames: int | None = None, steps: int | None = None,
                  guidance: float | None = None, seed: int = 0, latents: np.ndarray | None = None,
-                 output_type: str = "np", on_step=None) -> Generation:
+                 output_type: str = "np", on_step=None, sink=None) -> Generation:
+        """Generate. With `sink` (a callable taking [T, H, W, 3] float32 chunks, e.g. VideoWriter.write), frames
+        are handed over as each latent frame is decoded and not kept: Generation.frames is then None."""
         h, w, f, steps, guidance, negative_prompt = self.resolve(height, width, frames, steps, guidance,
                                                                  negative_prompt)
         shape = self.latent_shape(h, w, f)
@@ -202,9 +204,15 @@ class Pipeline:
         std = np.asarray(self.config["latents_std"], np.float32).reshape(1, c, 1, 1, 1)
         # WanPipeline: latents / (1 / std) + mean
         z = (latents / (np.float32(1.0) / std) + mean).astype(np.float32)
+        kept = []
         with PeakRss() as mem:
-            video = self.decoder(z)  # [1, 3, F, H, W] in [-1, 1]
+            for video in self.decoder.chunks(z):  # [1, 3, T, H, W] in [-1, 1]
+                chunk = np.ascontiguousarray(np.clip(video[0] / 2 + 0.5, 0, 1).transpose(1, 2, 3, 0))  # [T, H, W, 3]
+                if sink:
+                    sink(chunk)
+                else:
+                    kept.append(chunk)
         memory["decode"] = mem.peak_mb
-        frames_out = np.clip(video[0] / 2 + 0.5, 0, 1).transpose(1, 2, 3, 0)  # [F, H, W, 3]
         timings["decode"] = time.perf_counter() - t0
-        return Generation(np.ascontiguousarray(frames_out, dtype=np.float32), latents, timings, step_times, memory)
+        frames_out = np.concatenate(kept).astype(np.float32, copy=False) if kept else None
+        return Generation(frames_out, latents, timings, step_times, memory)

@@ -34,34 +34,68 @@ def to_uint8(frames: np.ndarray) -> np.ndarray:
     return (frames * 255).round().astype(np.uint8)
 
 
-def write_video(path: str | Path, frames: np.ndarray, fps: int) -> Path:
-    """frames: [F, H, W, 3] float32 in [0, 1]."""
-    path = check_output_path(path)
-    ext = path.suffix.lower()
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{ext}")
-    try:
-        if ext == ".npy":
-            with open(tmp, "wb") as f:
-                np.save(f, frames.astype(np.float32))
-        elif ext == ".gif":
-            from PIL import Image
+class VideoWriter:
+    """Frames in as they are decoded, file out atomically on close. mp4 streams each chunk straight to ffmpeg
+    (memory stays flat however long the clip); gif and npy need every frame and collect them.
 
-            images = [Image.fromarray(f) for f in to_uint8(frames)]
-            images[0].save(tmp, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
-        else:
+        with VideoWriter(path, fps) as out:
+            out.write(chunk)  # [T, H, W, 3] float32 in [0, 1]
+    """
+
+    def __init__(self, path: str | Path, fps: int):
+        self.path = check_output_path(path)
+        self.fps = fps
+        self.ext = self.path.suffix.lower()
+        self.tmp = self.path.with_name(f".{self.path.stem}.tmp{os.getpid()}{self.ext}")
+        self.frames: list[np.ndarray] = []
+        self._ffmpeg = None
+
+    def write(self, chunk: np.ndarray) -> None:
+        if self.ext != ".mp4":
+            self.frames.append(chunk.astype(np.float32))
+            return
+        data = to_uint8(chunk)
+        if self._ffmpeg is None:
             import imageio_ffmpeg
 
-            data = to_uint8(frames)
             h, w = data.shape[1:3]
-            writer = imageio_ffmpeg.write_frames(str(tmp), (w, h), fps=fps, codec="libx264", pix_fmt_out="yuv420p",
-                                                 quality=8, macro_block_size=1,
-                                                 output_params=["-movflags", "+faststart"])
-            writer.send(None)
-            for frame in data:
-                writer.send(np.ascontiguousarray(frame))
-            writer.close()
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+            self._ffmpeg = imageio_ffmpeg.write_frames(
+                str(self.tmp), (w, h), fps=self.fps, codec="libx264", pix_fmt_out="yuv420p", quality=8,
+                macro_block_size=1, output_params=["-movflags", "+faststart"])
+            self._ffmpeg.send(None)
+        for frame in data:
+            self._ffmpeg.send(np.ascontiguousarray(frame))
+
+    def _finish(self) -> None:
+        if self.ext == ".npy":
+            with open(self.tmp, "wb") as f:
+                np.save(f, np.concatenate(self.frames))
+        elif self.ext == ".gif":
+            from PIL import Image
+
+            images = [Image.fromarray(f) for f in to_uint8(np.concatenate(self.frames))]
+            images[0].save(self.tmp, save_all=True, append_images=images[1:], duration=int(1000 / self.fps),
+                           loop=0)
+        else:
+            self._ffmpeg.close()
+        os.replace(self.tmp, self.path)
+
+    def __enter__(self) -> VideoWriter:
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        try:
+            if exc_type is None:
+                self._finish()
+            elif self._ffmpeg is not None:
+                self._ffmpeg.close()
+        finally:
+            if self.tmp.exists():
+                self.tmp.unlink()
+
+
+def write_video(path: str | Path, frames: np.ndarray, fps: int) -> Path:
+    """frames: [F, H, W, 3] float32 in [0, 1]."""
+    with VideoWriter(path, fps) as out:
+        out.write(frames)
+    return out.path

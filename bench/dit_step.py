@@ -114,7 +114,6 @@ def run(scenario: str, threads: int, repeats: int, compile_peer: bool = False, l
             row["load_s"] = load_s
             row["max_rel_err"] = float(np.abs(out - ref).max() / np.abs(ref).max())
             rows[f"{backend}-{precision}"] = row
-            del engine
 
     flops = wan_dit_flops(cfg, sc["batch"], tokens, sc["text_len"])
     log("matmul peak ...")

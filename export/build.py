@@ -116,7 +116,6 @@ def _export_component(name, module, reference, spec, tmp, opset, sample, probes,
 def _export_into(ck: WanCheckpoint, cfg: ExportConfig, defaults: dict, tmp: Path, report: ExportReport,
                  log) -> tuple[dict, dict, int]:
     """Export every component into `tmp`; returns (engine manifest entries, the VAE engine names, d_model)."""
-    import torch
     from diffusers import WanTransformer3DModel
 
     s, t = ck.vae_scale_spatial, ck.vae_scale_temporal

@@ -1,8 +1,8 @@
 """The Python API: `Pipeline.load(engine_dir)` then `pipe(prompt, ...)` -> frames. No torch anywhere.
 
-Stages: prompt -> text embeddings (runtime/text.py, cached on disk by runtime/prompt_cache.py) -> sampler loop over the DiT engine (runtime/sampler.py) ->
-latent de-normalisation -> VAE decoder engine -> frames [F, H, W, 3] in [0, 1]. Every argument is validated
-before any compute.
+Stages: prompt -> text embeddings (runtime/text.py; cached on disk by runtime/prompt_cache.py) -> sampler loop
+over the DiT engine (runtime/sampler.py) -> latent de-normalisation -> chunked VAE decoder (runtime/vae_decode.py)
+-> frames [F, H, W, 3] in [0, 1]. Every argument is validated before any compute.
 """
 
 from __future__ import annotations
@@ -28,6 +28,9 @@ from .vae_decode import ChunkedVaeDecoder
 from .validate import check_frames, check_size
 
 
+log = logging.getLogger("soraedge")
+
+
 def _openvino_available() -> bool:
     from .backends.openvino import available
 
@@ -36,14 +39,11 @@ def _openvino_available() -> bool:
 
 @dataclass
 class Generation:
-    frames: np.ndarray | None  # [F, H, W, 3] float32 in [0, 1]; None for output_type="latent"
+    frames: np.ndarray | None  # [F, H, W, 3] float32 in [0, 1]; None for output_type="latent" or with a sink
     latents: np.ndarray  # [1, C, f, h, w] final latents (before de-normalisation)
     timings: dict[str, float] = field(default_factory=dict)
     step_times: list[float] = field(default_factory=list)
     memory_mb: dict[str, float | None] = field(default_factory=dict)  # peak RSS per stage (sampled)
-
-
-log = logging.getLogger("soraedge")
 
 
 class Pipeline:
@@ -117,6 +117,9 @@ class Pipeline:
     def encode(self, texts: list[str]) -> np.ndarray:
         """[B, L, D] embeddings; cached ones are read from disk, the rest encoded in one batch and stored."""
         cached = [self.prompt_cache.get(t) if self.prompt_cache else None for t in texts]
+        hits = [t for t, c in zip(texts, cached) if c is not None]
+        if hits:
+            self.text.tokenize(hits)  # cheap; keeps the over-long-prompt warning on cache hits
         missing = [t for t, c in zip(texts, cached) if c is None]
         if missing:
             fresh = iter(self.text(missing))

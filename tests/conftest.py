@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# sora-run caches prompt embeddings under $XDG_CACHE_HOME: keep the tests' cache out of the user's home.
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="soraedge-test-cache-")
 
 # Test sizes: small enough for CI, different from the export samples (b=2, f=2, h=2p, w=3p).
 TEST_SIZE = {"tiny-a": dict(height=32, width=48, frames=5), "tiny-b": dict(height=48, width=32, frames=9)}

@@ -35,11 +35,9 @@ def cpu_info() -> dict:
 
 
 def available() -> bool:
-    try:
-        import openvino  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    import importlib.util
+
+    return importlib.util.find_spec("openvino") is not None
 
 
 class OvEngine:

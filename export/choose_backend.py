@@ -99,6 +99,8 @@ def choose_runtime(engine_dir: Path, backend: str, precision: str, min_psnr: flo
                    log: Callable[[str], None]) -> dict:
     """Measure, gate and decide; returns the manifest's `runtime` section."""
     load_manifest(engine_dir)  # the directory must be complete before anything runs on it
+    if precision == "bf16" and backend == "ort":
+        raise SoraError("bf16 runs on OpenVINO here; ONNX Runtime engines are fp32: drop --backend ort or use fp32")
     candidates = [("ort", "fp32")]
     if ov_backend.available():
         candidates.append(("openvino", "fp32"))

@@ -38,7 +38,10 @@ class PromptCache:
             return None
         if emb.shape != self.shape or emb.dtype != np.float32:
             return None  # damaged or from another layout: rewritten by the next put
-        os.utime(path)  # recency for eviction
+        try:
+            os.utime(path)  # recency for eviction
+        except OSError:
+            pass  # evicted by a concurrent run, or a read-only cache: the entry is still good
         return emb
 
     def put(self, text: str, emb: np.ndarray) -> None:

@@ -182,7 +182,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda s: None, tic
             for backend, precision in _available_peers(cfg.peers):
                 log(f"{engine_dir.name}: {backend} {precision} ...")
                 t0 = time.perf_counter()
-                pipe = Pipeline.load(engine_dir, threads=cfg.threads, backend=backend, precision=precision)
+                pipe = Pipeline.load(engine_dir, threads=cfg.threads, backend=backend, precision=precision).open_all()
                 load_s = time.perf_counter() - t0
                 t0 = time.perf_counter()
                 pipe(cfg.prompt, negative, h, w, f, 1, g, latents=latents)

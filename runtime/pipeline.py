@@ -106,6 +106,13 @@ class Pipeline:
             self._engines[name] = engine
         return engine
 
+    def open_all(self) -> Pipeline:
+        """Open every engine now (session creation / compilation), e.g. to time loading apart from running."""
+        if not self.low_memory:
+            for name in ("text_encoder", "transformer", self.config["vae"]["first"], self.config["vae"]["step"]):
+                self.engine(name)
+        return self
+
     @property
     def denoiser(self) -> EngineDenoiser:
         return EngineDenoiser(self.engine("transformer"))

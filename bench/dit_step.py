@@ -50,32 +50,56 @@ def _stats(fn, repeats: int) -> dict:
             "repeats": repeats}, out
 
 
-def run(scenario: str, threads: int, repeats: int, compile_peer: bool = False, log=print) -> dict:
+def scenario_inputs(scenario: str) -> tuple[dict, tuple[int, ...], dict[str, np.ndarray]]:
+    """(transformer config, latent shape [B, C, f, h, w], DiT inputs at a fixed seed) of a scenario."""
+    sc = SCENARIOS[scenario]
+    cfg = {**BASE, **sc["model"]}
+    lat = (sc["batch"], 16, (sc["frames"] - 1) // 4 + 1, sc["height"] // 8, sc["width"] // 8)
+    rng = np.random.default_rng(0)
+    feeds = {"hidden_states": rng.standard_normal(lat, dtype=np.float32),
+             "timestep": np.full((sc["batch"],), 900.0, np.float32),
+             "encoder_hidden_states": rng.standard_normal((sc["batch"], sc["text_len"], cfg["text_dim"]),
+                                                          dtype=np.float32)}
+    return cfg, lat, feeds
+
+
+def build_scenario_model(cfg: dict, tmp: Path):
+    """The scenario's transformer (seed 0), saved as tmp/transformer for the exporter; returned for eager runs."""
     import torch
     from diffusers import WanTransformer3DModel
 
+    torch.manual_seed(0)
+    model = WanTransformer3DModel(**cfg).eval()
+    model.save_pretrained(tmp / "transformer")
+    return model
+
+
+def export_scenario_dit(cfg: dict, text_len: int, lat: tuple[int, ...], tmp: Path):
+    """Export tmp/transformer to tmp/dit.onnx with a spec covering the scenario's shape; returns the spec."""
     from ..export.dit import AttentionForm, dit_spec, load_dit
     from ..export.onnx_export import export_onnx
-    from ..runtime.backends import open_engine
-    from ..runtime.backends import openvino as ov_backend
     from ..runtime.spec import Dim
 
+    spec = dit_spec(cfg, text_len, Dim("f", 1, lat[2], max(lat[2], 21)),
+                    Dim("h", 2, lat[3], max(lat[3], 160), 2), Dim("w", 2, lat[4], max(lat[4], 160), 2))
+    export_onnx(load_dit(tmp, AttentionForm.ONNX), spec, tmp / "dit.onnx", 23, {"b": 2, "f": 2, "h": 4, "w": 6})
+    return spec
+
+
+def run(scenario: str, threads: int, repeats: int, compile_peer: bool = False, log=print) -> dict:
+    import torch
+
+    from ..runtime.backends import open_engine
+    from ..runtime.backends import openvino as ov_backend
+
     sc = SCENARIOS[scenario]
-    cfg = {**BASE, **sc["model"]}
+    cfg, lat, feeds = scenario_inputs(scenario)
     torch.set_num_threads(threads)
-    lat = (sc["batch"], 16, (sc["frames"] - 1) // 4 + 1, sc["height"] // 8, sc["width"] // 8)
     tokens = lat[2] * lat[3] * lat[4] // 4
-    rng = np.random.default_rng(0)
-    feeds = {"hidden_states": rng.standard_normal(lat, dtype=np.float32),
-             "timestep": np.array([900.0, 900.0][: sc["batch"]], np.float32),
-             "encoder_hidden_states": rng.standard_normal((sc["batch"], sc["text_len"], cfg["text_dim"]),
-                                                          dtype=np.float32)}
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        torch.manual_seed(0)
-        model = WanTransformer3DModel(**cfg).eval()
-        model.save_pretrained(tmp / "transformer")
+        model = build_scenario_model(cfg, tmp)
         args = [torch.from_numpy(feeds[k]) for k in ("hidden_states", "timestep", "encoder_hidden_states")]
 
         def eager():
@@ -96,11 +120,8 @@ def run(scenario: str, threads: int, repeats: int, compile_peer: bool = False, l
             rows["torch-compile-fp32"]["max_rel_err"] = float(np.abs(out - ref).max() / np.abs(ref).max())
 
         log("exporting ...")
-        spec = dit_spec(cfg, sc["text_len"], Dim("f", 1, lat[2], max(lat[2], 21)),
-                        Dim("h", 2, lat[3], max(lat[3], 160), 2), Dim("w", 2, lat[4], max(lat[4], 160), 2))
         t0 = time.perf_counter()
-        export_onnx(load_dit(tmp, AttentionForm.ONNX), spec, tmp / "dit.onnx", 23,
-                    {"b": 2, "f": 2, "h": 4, "w": 6})
+        spec = export_scenario_dit(cfg, sc["text_len"], lat, tmp)
         export_s = time.perf_counter() - t0
         peers = [("ort", "fp32")]
         if ov_backend.available():

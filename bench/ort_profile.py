@@ -16,35 +16,18 @@ from collections import defaultdict
 from pathlib import Path
 
 import click
-import numpy as np
 
-from .dit_step import BASE, SCENARIOS
+from .dit_step import SCENARIOS, build_scenario_model, export_scenario_dit, scenario_inputs
 
 
 def profile(scenario: str, threads: int, runs: int, opt_level: str = "all") -> dict:
     import onnxruntime as ort
-    import torch
-    from diffusers import WanTransformer3DModel
 
-    from ..export.dit import AttentionForm, dit_spec, load_dit
-    from ..export.onnx_export import export_onnx
-    from ..runtime.spec import Dim
-
-    sc = SCENARIOS[scenario]
-    cfg = {**BASE, **sc["model"]}
-    lat = (sc["batch"], 16, (sc["frames"] - 1) // 4 + 1, sc["height"] // 8, sc["width"] // 8)
-    rng = np.random.default_rng(0)
-    feeds = {"hidden_states": rng.standard_normal(lat, dtype=np.float32),
-             "timestep": np.full((sc["batch"],), 900.0, np.float32),
-             "encoder_hidden_states": rng.standard_normal((sc["batch"], sc["text_len"], cfg["text_dim"]),
-                                                          dtype=np.float32)}
+    cfg, lat, feeds = scenario_inputs(scenario)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        torch.manual_seed(0)
-        WanTransformer3DModel(**cfg).save_pretrained(tmp / "transformer")
-        spec = dit_spec(cfg, sc["text_len"], Dim("f", 1, lat[2], max(lat[2], 21)),
-                        Dim("h", 2, lat[3], max(lat[3], 160), 2), Dim("w", 2, lat[4], max(lat[4], 160), 2))
-        export_onnx(load_dit(tmp, AttentionForm.ONNX), spec, tmp / "dit.onnx", 23, {"b": 2, "f": 2, "h": 4, "w": 6})
+        build_scenario_model(cfg, tmp)
+        export_scenario_dit(cfg, SCENARIOS[scenario]["text_len"], lat, tmp)
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads
         so.graph_optimization_level = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,

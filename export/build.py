@@ -61,7 +61,6 @@ class ExportReport:
     out: Path
     reused: bool
     seconds: dict[str, float] = field(default_factory=dict)
-    parity: dict[str, dict] = field(default_factory=dict)
 
 
 def _checkpoint_digest(ck: WanCheckpoint) -> str:
@@ -107,7 +106,6 @@ def _export_component(name, module, reference, spec, tmp, opset, sample, probes,
         t0 = time.perf_counter()
         entry["parity"] = parity_check(reference, spec, tmp / f"{name}.onnx", probes)
         report.seconds[f"parity_{name}"] = time.perf_counter() - t0
-        report.parity[name] = entry["parity"]
         log(f"  {name}: max abs error vs PyTorch {entry['parity']['max_abs']:.2e} "
             f"(rel {entry['parity']['max_rel']:.2e}) on shapes {[p['sizes'] for p in entry['parity']['probes']]}")
     return entry
@@ -229,8 +227,9 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = lambda s: None) -
                                                                      "threads")}
         options["attention"] = cfg.attention.value
         options["defaults"] = defaults
+        versions = _versions()
         key = hashlib.sha256(json.dumps({"checkpoint": _checkpoint_digest(ck), "options": options,
-                                         "versions": _versions()}, sort_keys=True).encode()).hexdigest()
+                                         "versions": versions}, sort_keys=True).encode()).hexdigest()
         if (out / MANIFEST).is_file():
             try:
                 existing = load_manifest(out)
@@ -270,19 +269,19 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = lambda s: None) -
             "cache_key": key,
             "source": source,
             "created_unix": int(time.time()),
-            "versions": _versions(),
+            "versions": versions,
             "precision": "fp32",
             "attention": cfg.attention.value,
             "gpu": None,  # portable ONNX, not built for a particular GPU
             "pipeline": pipeline,
             "engines": engines,
         }
-        write_manifest(stage, body)
+        files = write_manifest(stage, body)["files"]  # the engines run from it while the backend is chosen
         t0 = time.perf_counter()
         log("choosing the CPU backend ...")
         body["runtime"] = choose_runtime(stage, cfg.backend, cfg.precision, cfg.min_psnr, cfg.threads, log)
         report.seconds["choose_backend"] = time.perf_counter() - t0
-        write_manifest(stage, body)
+        write_manifest(stage, body, files)  # same files (backend caches are outside the content): no re-hash
         shutil.rmtree(stage / CACHE_DIR, ignore_errors=True)  # compile caches belong to the machine that runs
         _swap_into_place(stage, out, work)
     report.seconds["total"] = time.perf_counter() - t_all

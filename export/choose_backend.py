@@ -18,7 +18,6 @@ import numpy as np
 
 from ..runtime.backends import openvino as ov_backend
 from ..runtime.errors import SoraError
-from ..runtime.manifest import load_manifest
 from ..runtime.pipeline import Pipeline
 
 GATE_PROMPTS = ("a red fox runs along the beach at sunset", "a small boat drifts on a calm lake at night")
@@ -99,7 +98,6 @@ def quality_gate(engine_dir: Path, backend: str, precision: str, min_psnr: float
 def choose_runtime(engine_dir: Path, backend: str, precision: str, min_psnr: float, threads: int | None,
                    log: Callable[[str], None]) -> dict:
     """Measure, gate and decide; returns the manifest's `runtime` section."""
-    load_manifest(engine_dir)  # the directory must be complete before anything runs on it
     if precision == "bf16" and backend == "ort":
         raise SoraError("bf16 runs on OpenVINO here; ONNX Runtime engines are fp32: drop --backend ort or use fp32")
     candidates = [("ort", "fp32")]
@@ -114,10 +112,10 @@ def choose_runtime(engine_dir: Path, backend: str, precision: str, min_psnr: flo
         timings[f"{b}-{p}"] = time_dit_step(engine_dir, b, p, threads)
         log(f"  DiT step on {b} {p}: {timings[f'{b}-{p}']['step_s'] * 1000:.0f} ms "
             f"({timings[f'{b}-{p}']['tokens']} tokens, CFG batch 2)")
-    runtime = {"timings": timings, "threads": threads, "machine": platform.machine(),
-               "cpu": ov_backend.cpu_info()["cpu"] if ov_backend.available() else platform.processor()}
+    runtime = {"timings": timings, "threads": threads, "machine": platform.machine(), "cpu": platform.processor()}
     if ov_backend.available():
-        runtime["openvino"] = ov_backend.cpu_info()["openvino"]
+        info = ov_backend.cpu_info()
+        runtime["cpu"], runtime["openvino"] = info["cpu"], info["openvino"]
     if precision == "bf16":
         chosen = ("openvino", "bf16")
         runtime["quality_gate"] = quality_gate(engine_dir, *chosen, min_psnr, threads)

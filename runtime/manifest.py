@@ -46,8 +46,9 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def write_manifest(root: Path, body: dict) -> dict:
-    manifest = {"format_version": FORMAT_VERSION, **body, "files": hash_tree(root)}
+def write_manifest(root: Path, body: dict, files: dict | None = None) -> dict:
+    """Write root/manifest.json; `files` reuses hashes already taken of an unchanged tree (default: hash it)."""
+    manifest = {"format_version": FORMAT_VERSION, **body, "files": files if files is not None else hash_tree(root)}
     atomic_write_text(root / MANIFEST, json.dumps(manifest, indent=2, sort_keys=False) + "\n")
     return manifest
 

@@ -51,7 +51,7 @@ def _summary(values: list[float]) -> dict:
 
 
 def _psnr(a: np.ndarray, b: np.ndarray) -> float:
-    from ..export.choose_backend import psnr
+    from ..export.quality_gate import psnr
 
     return psnr(a, b)
 

@@ -1,4 +1,4 @@
-"""sora-export MODEL -o DIR: a diffusers Wan2.1 directory (or `demo`) -> an engine directory for ONNX Runtime."""
+"""sora-export MODEL -o DIR: a diffusers Wan2.1 directory (or `demo`) -> an engine directory (fp32/fp16/int8)."""
 
 from __future__ import annotations
 
@@ -26,16 +26,37 @@ from .common import cli_errors
 @click.option("--skip-parity", is_flag=True, help="Do not run the ONNX-vs-PyTorch check after export.")
 @click.option("--backend", type=click.Choice(["auto", "ort", "openvino"]), default="auto", show_default=True,
               help="CPU backend sora-run uses by default; auto times one DiT step on each and keeps the fastest.")
-@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
-              help="CPU execution precision; bf16 runs on OpenVINO and must pass the quality gate.")
-@click.option("--min-psnr", type=float, default=30.0, show_default=True,
-              help="Quality gate for reduced precision: final-frame PSNR against fp32, in dB.")
-@click.option("--threads", type=int, help="Threads for the backend timing and gate (default: all cores).")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8", "bf16"]), default="fp32", show_default=True,
+              help="Default precision of every component (fp16/int8 live in the ONNX graphs; bf16 = fp32 graphs "
+                   "run in bf16 by OpenVINO). Reduced precision must pass the quality gate.")
+@click.option("--dit-precision", type=click.Choice(["fp32", "fp16", "int8"]), help="Override for the DiT.")
+@click.option("--text-encoder-precision", type=click.Choice(["fp32", "int8", "int4"]),
+              help="Override for the text encoder (int8/int4: weight-only).")
+@click.option("--vae-precision", type=click.Choice(["fp32", "fp16"]), help="Override for the VAE decoder.")
+@click.option("--min-psnr", type=float,
+              help="Quality gate: least final-frame PSNR against fp32, in dB [default: 30 with 8-bit or bf16, 40 "
+                   "with fp16].")
+@click.option("--calib-method", type=click.Choice(["minmax", "percentile", "entropy"]), default="minmax",
+              show_default=True, help="INT8 activation ranges.")
+@click.option("--calib-percentile", type=float, default=99.999, show_default=True, help="For --calib-method percentile.")
+@click.option("--calib-prompts", type=click.Path(path_type=Path), help="Calibration prompts, one per line "
+              "[default: the shipped calib/prompts.txt].")
+@click.option("--calib-prompt-count", type=int, default=4, show_default=True, help="Prompts of the file to run.")
+@click.option("--calib-steps", type=int, default=8, show_default=True, help="Sampler steps per calibration prompt.")
+@click.option("--smooth-alpha", type=float, default=0.8, show_default=True,
+              help="SmoothQuant migration strength for INT8 linears; 0 turns smoothing off.")
+@click.option("--int8-first-last-blocks", type=click.Choice(["auto", "keep", "quantize"]), default="auto",
+              show_default=True, help="Keep the first and last DiT blocks float (auto: when the DiT has 8+ blocks).")
+@click.option("--int8-activations", type=click.Choice(["u8", "s8"]), default="u8", show_default=True,
+              help="u8: asymmetric, ONNX Runtime CPU's integer fast path; s8: symmetric, what TensorRT requires.")
+@click.option("--threads", type=int, help="Threads for calibration, backend timing and gate (default: all cores).")
 @cli_errors
 def main(model, out, frames, max_frames, height, width, attention, max_sequence_length, overwrite, skip_parity, backend,
-         precision, min_psnr, threads):
+         precision, dit_precision, text_encoder_precision, vae_precision, min_psnr, calib_method, calib_percentile,
+         calib_prompts, calib_prompt_count, calib_steps, smooth_alpha, int8_first_last_blocks, int8_activations, threads):
     """Export MODEL (a diffusers-format Wan2.1-T2V directory, or the built-in `demo`) to OUT."""
     try:
+        from ..calib.config import CalibConfig
         from ..export.build import ExportConfig, run_export
         from ..export.dit import AttentionForm
     except ImportError as e:
@@ -45,7 +66,14 @@ def main(model, out, frames, max_frames, height, width, attention, max_sequence_
     cfg = ExportConfig(model=model, out=out, frames=frames, max_frames=max_frames, height=height, width=width,
                        attention=AttentionForm(attention), max_sequence_length=max_sequence_length,
                        overwrite=overwrite, check_parity=not skip_parity, backend=backend, precision=precision,
-                       min_psnr=min_psnr, threads=threads)
+                       component_precision=tuple((c, p) for c, p in (("transformer", dit_precision),
+                                                                      ("text_encoder", text_encoder_precision),
+                                                                      ("vae", vae_precision)) if p),
+                       min_psnr=min_psnr, threads=threads,
+                       calib=CalibConfig(method=calib_method, percentile=calib_percentile,
+                                         smooth_alpha=smooth_alpha or None, prompts_file=calib_prompts,
+                                         prompts=calib_prompt_count, steps=calib_steps,
+                                         keep_first_last_blocks={"auto": None, "keep": True, "quantize": False}[int8_first_last_blocks], activations=int8_activations))
     report = run_export(cfg, log=click.echo)
     if not report.reused:
         stages = ", ".join(f"{k} {v:.1f}s" for k, v in report.seconds.items())

@@ -25,7 +25,10 @@ from ..runtime.manifest import CACHE_DIR, MANIFEST, load_manifest, sha256_file, 
 from ..runtime.spec import Dim
 from ..runtime.validate import check_frames, check_size
 from .checkpoint import WanCheckpoint, read_checkpoint
+from ..calib.config import CalibConfig
 from .choose_backend import choose_runtime
+from .precision import convert_engines, default_min_psnr, plan_precision
+from .quality_gate import quality_gate
 from .dit import AttentionForm, DiTReference, dit_spec, load_dit
 from .text_encoder import load_text_encoder, text_encoder_spec
 from .vae import load_vae_decoders, vae_specs
@@ -51,8 +54,12 @@ class ExportConfig:
     overwrite: bool = False
     check_parity: bool = True
     backend: str = "auto"  # "auto" (fastest measured on this machine) | "ort" | "openvino"
-    precision: str = "fp32"  # execution precision on the CPU: "fp32" | "bf16" (OpenVINO, quality-gated)
-    min_psnr: float = 30.0  # the gate's threshold for reduced precision
+    # Default precision of every component: fp32 | fp16 | int8 (graphs) | bf16 (fp32 graphs run in bf16 by
+    # OpenVINO). export/precision.py says what each component offers.
+    precision: str = "fp32"
+    component_precision: tuple[tuple[str, str], ...] = ()  # per-component overrides: (("text_encoder", "int4"),)
+    min_psnr: float | None = None  # the gate's threshold; default by precision (30 dB 8-bit/bf16, 40 dB fp16)
+    calib: CalibConfig = field(default_factory=CalibConfig)  # INT8 DiT calibration
     threads: int | None = None
 
 
@@ -223,10 +230,15 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = lambda s: None) -
         for f in (defaults["frames"], cfg.max_frames):
             check_frames(f, ck.vae_scale_temporal)
 
+        plan, notes = plan_precision(cfg.precision, dict(cfg.component_precision))
+        execution = "bf16" if cfg.precision == "bf16" else "fp32"
+        min_psnr = cfg.min_psnr if cfg.min_psnr is not None else default_min_psnr(plan, execution)
         options = {k: v for k, v in asdict(cfg).items() if k not in ("model", "out", "overwrite", "check_parity",
-                                                                     "threads")}
-        options["attention"] = cfg.attention.value
-        options["defaults"] = defaults
+                                                                     "threads", "calib", "component_precision",
+                                                                     "min_psnr")}
+        options.update(attention=cfg.attention.value, defaults=defaults, plan=plan, min_psnr=min_psnr)
+        if plan["transformer"] == "int8":
+            options["calib"] = {**cfg.calib.to_dict(), "prompts": cfg.calib.read_prompts()}
         versions = _versions()
         key = hashlib.sha256(json.dumps({"checkpoint": _checkpoint_digest(ck), "options": options,
                                          "versions": versions}, sort_keys=True).encode()).hexdigest()
@@ -242,13 +254,15 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = lambda s: None) -
             if not cfg.overwrite:
                 raise SoraError(f"{out} holds a different engine directory; pass --overwrite to replace it")
 
+        reduced = any(p != "fp32" for p in plan.values())
         stage = work / "engine"
-        stage.mkdir()
-        engines, vae_engines, d_model = _export_into(ck, cfg, defaults, stage, report, log)
-        (stage / "tokenizer").mkdir()
-        shutil.copy2(ck.tokenizer_file, stage / "tokenizer" / "tokenizer.json")
-        (stage / "scheduler").mkdir()
-        (stage / "scheduler" / "scheduler_config.json").write_text(json.dumps(ck.scheduler_config, indent=2))
+        ref = work / "fp32" if reduced else stage  # the fp32 export: the reference for calibration and the gate
+        ref.mkdir()
+        engines, vae_engines, d_model = _export_into(ck, cfg, defaults, ref, report, log)
+        (ref / "tokenizer").mkdir()
+        shutil.copy2(ck.tokenizer_file, ref / "tokenizer" / "tokenizer.json")
+        (ref / "scheduler").mkdir()
+        (ref / "scheduler" / "scheduler_config.json").write_text(json.dumps(ck.scheduler_config, indent=2))
         pipeline = {
             "family": "wan2.1-t2v",
             "defaults": defaults,
@@ -270,22 +284,56 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = lambda s: None) -
             "source": source,
             "created_unix": int(time.time()),
             "versions": versions,
-            "precision": "fp32",
+            "precision": {c: "fp32" for c in plan},
             "attention": cfg.attention.value,
             "gpu": None,  # portable ONNX, not built for a particular GPU
             "pipeline": pipeline,
             "engines": engines,
         }
-        files = write_manifest(stage, body)["files"]  # the engines run from it while the backend is chosen
+        files = write_manifest(ref, body)["files"]  # the engines run from it while the backend is chosen
+        if reduced:
+            t0 = time.perf_counter()
+            log(f"converting to {', '.join(f'{c} {p}' for c, p in plan.items())} ...")
+            for c, why in notes.items():
+                log(f"  {c} stays fp32: {why}")
+            stage.mkdir()
+            for d in ("tokenizer", "scheduler"):
+                shutil.copytree(ref / d, stage / d)
+            converted = convert_engines(ref, stage, engines, plan, _dit_int8(cfg, ref, work), log)
+            body["engines"] = {name: {**entry, **converted[name]} for name, entry in engines.items()}
+            body["precision"], body["precision_notes"] = plan, notes
+            files = write_manifest(stage, body)["files"]
+            report.seconds["convert_precision"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         log("choosing the CPU backend ...")
-        body["runtime"] = choose_runtime(stage, cfg.backend, cfg.precision, cfg.min_psnr, cfg.threads, log)
+        weight_only = plan["text_encoder"] in ("int8", "int4")
+        body["runtime"] = choose_runtime(stage, cfg.backend, execution, cfg.threads, log,
+                                         "the text encoder uses ONNX Runtime's MatMulNBits" if weight_only else None)
         report.seconds["choose_backend"] = time.perf_counter() - t0
+        if reduced or execution != "fp32":
+            t0 = time.perf_counter()
+            log(f"quality gate against fp32 (threshold {min_psnr} dB) ...")
+            gate = quality_gate(ref, stage, body["runtime"]["backend"], body["runtime"]["precision"], min_psnr,
+                                cfg.threads)
+            body["runtime"]["quality_gate"] = gate
+            log(f"  PSNR {min(gate['psnr_db']):.1f} dB, DiT step cosine >= "
+                f"{min(min(c) for c in gate['dit_step_cosine']):.5f}, text embedding cosine >= "
+                f"{min(gate['text_embedding_cosine']):.5f}")
+            report.seconds["quality_gate"] = time.perf_counter() - t0
         write_manifest(stage, body, files)  # same files (backend caches are outside the content): no re-hash
         shutil.rmtree(stage / CACHE_DIR, ignore_errors=True)  # compile caches belong to the machine that runs
         _swap_into_place(stage, out, work)
     report.seconds["total"] = time.perf_counter() - t_all
     return report
+
+
+def _dit_int8(cfg: ExportConfig, ref: Path, work: Path):
+    def build(src: Path, dst: Path) -> dict:
+        from ..calib.dit_int8 import quantize_dit
+
+        return quantize_dit(ref, src, dst, cfg.calib, work, cfg.threads)
+
+    return build
 
 
 def _pad_token_id(ck: WanCheckpoint) -> int:

@@ -173,9 +173,10 @@ class Pipeline:
     def __call__(self, prompt: str, negative_prompt: str | None = None, height: int | None = None,
                  width: int | None = None, frames: int | None = None, steps: int | None = None,
                  guidance: float | None = None, seed: int = 0, latents: np.ndarray | None = None,
-                 output_type: str = "np", on_step=None, sink=None) -> Generation:
+                 output_type: str = "np", on_step=None, sink=None, observe=None) -> Generation:
         """Generate. With `sink` (a callable taking [T, H, W, 3] float32 chunks, e.g. VideoWriter.write), frames
-        are handed over as each latent frame is decoded and not kept: Generation.frames is then None."""
+        are handed over as each latent frame is decoded and not kept: Generation.frames is then None.
+        `observe(feeds, noise_pred)` sees every DiT call (see EngineDenoiser)."""
         h, w, f, steps, guidance, negative_prompt = self.resolve(height, width, frames, steps, guidance,
                                                                  negative_prompt)
         shape = self.latent_shape(h, w, f)
@@ -202,7 +203,8 @@ class Pipeline:
 
         t0 = time.perf_counter()
         with PeakRss() as mem:
-            latents = sample(self.denoiser, self.scheduler, latents, cond, uncond, guidance, steps, _on_step)
+            denoiser = EngineDenoiser(self.engine("transformer"), observe)
+            latents = sample(denoiser, self.scheduler, latents, cond, uncond, guidance, steps, _on_step)
         memory["denoise"] = mem.peak_mb
         timings["denoise"] = time.perf_counter() - t0
         if output_type == "latent":

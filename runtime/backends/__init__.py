@@ -8,6 +8,7 @@ there is one sampler loop whatever runs beneath it.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -34,12 +35,18 @@ def open_engine(backend: str, path: Path, spec: EngineSpec, threads: int | None 
 
 
 class EngineDenoiser:
-    """The sampler's Denoiser over a transformer engine of any backend."""
+    """The sampler's Denoiser over a transformer engine of any backend. `observe(feeds, output)`, when given, sees
+    every call (calibration records the trajectory through it; the quality gate compares steps with it)."""
 
-    def __init__(self, engine):
+    def __init__(self, engine, observe: Callable[[dict, np.ndarray], None] | None = None):
         self.engine = engine
+        self.observe = observe
         self.max_batch = engine.spec.dim_map["b"].max
 
     def __call__(self, latents: np.ndarray, timestep: np.ndarray, context: np.ndarray) -> np.ndarray:
         # latents [B, C, F, H, W] float32, timestep [B] float32, context [B, S, D] float32
-        return self.engine(hidden_states=latents, timestep=timestep, encoder_hidden_states=context)
+        feeds = {"hidden_states": latents, "timestep": timestep, "encoder_hidden_states": context}
+        out = self.engine(**feeds)
+        if self.observe:
+            self.observe(feeds, out)
+        return out

@@ -1,0 +1,26 @@
+"""Calibration data: every DiT input of real generations with the fp32 engines, all timesteps, both CFG branches.
+
+A DiT's activations change a lot with the timestep, so calibrating on one timestep (or on random inputs) is the
+classic mistake. This runs the runtime's own pipeline (the one sampler loop, the checkpoint's scheduler) and
+records what the denoiser is fed at each step: with guidance that is one batch of 2 (conditional and
+unconditional), so both branches are in every sample.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..runtime.pipeline import Pipeline
+
+
+def collect_dit_inputs(engine_dir: Path, prompts: list[str], steps: int, height: int, width: int, frames: int,
+                       threads: int | None = None, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    """[{hidden_states [B,C,f,h,w], timestep [B], encoder_hidden_states [B,L,D]}] over prompts x steps."""
+    pipe = Pipeline.load(engine_dir, threads=threads, verify=False, backend="ort", precision="fp32")
+    samples: list[dict[str, np.ndarray]] = []
+    for i, prompt in enumerate(prompts):
+        pipe(prompt, height=height, width=width, frames=frames, steps=steps, seed=seed + i, output_type="latent",
+             observe=lambda feeds, out: samples.append(feeds))
+    return samples

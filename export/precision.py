@@ -1,0 +1,111 @@
+"""Per-component precision: what each component may be stored as, its fp32 islands, and the conversion pass.
+
+Precision lives in the ONNX graph (FP16 casts, INT8 Q/DQ, weight-only MatMulNBits), never in builder flags, so
+one file serves ONNX Runtime and TensorRT alike. `--precision` is the default for every component; a component
+that does not offer it falls back to fp32 with the reason recorded (and an explicit per-component request that it
+cannot honour is refused). `bf16` is different: the graphs stay fp32 and OpenVINO executes them in bf16.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Callable
+
+from ..runtime.errors import SoraError
+
+COMPONENTS = ("transformer", "text_encoder", "vae")
+PRECISIONS = ("fp32", "bf16", "fp16", "int8")  # what --precision takes
+OFFERED = {"transformer": ("fp32", "fp16", "int8"), "text_encoder": ("fp32", "int8", "int4"), "vae": ("fp32", "fp16")}
+WHY_NOT = {
+    ("text_encoder", "fp16"): "umT5's feed-forward outputs overflow fp16 (transformers keeps its `wo` layers in fp32 "
+                              "and clamps hidden states for this reason); weight-only int8/int4 saves more memory "
+                              "and keeps fp32 arithmetic",
+    ("vae", "int8"): "an 8-bit video VAE decoder bands smooth gradients, and the decoder runs once per video; "
+                     "use fp16 for its memory",
+    ("vae", "int4"): "weight-only int4 is for the text encoder's memory",
+    ("transformer", "int4"): "weight-only int4 helps memory-bound models; a DiT step is compute-bound",
+}
+# FP16 islands: op types and module prefixes kept in fp32, per component. Normalisations and softmax (overflow in
+# sums of squares and exponentials), sin/cos of the timestep and RoPE (argument precision), the timestep
+# embedder and the final projection (the model's output scale).
+FP16_ISLANDS = {
+    "transformer": (("LayerNormalization", "RMSNormalization", "Softmax", "Sin", "Cos", "ReduceMean", "Pow", "Sqrt"),
+                    ("rope", "condition_embedder.timesteps_proj", "condition_embedder.time_embedder",
+                     "condition_embedder.time_proj", "norm_out", "proj_out")),
+    # Wan's RMS_norm exports as ReduceL2 -> Clip -> Div: the sum of squares overflows fp16 first.
+    "vae": (("ReduceL2", "Clip", "Div", "Softmax"), ("norm_out", "conv_out")),
+}
+DEFAULT_MIN_PSNR = {"int8": 30.0, "int4": 30.0, "bf16": 30.0, "fp16": 40.0}
+
+
+def component_of(engine: str) -> str:
+    return "vae" if engine.startswith("vae_") else engine
+
+
+def plan_precision(default: str, overrides: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """({component: graph precision}, {component: why it differs from the default})."""
+    if default not in PRECISIONS:
+        raise SoraError(f"precision {default!r} unknown (known: {', '.join(PRECISIONS)})")
+    graph_default = "fp32" if default == "bf16" else default
+    plan, notes = {}, {}
+    for c in COMPONENTS:
+        asked = overrides.get(c)
+        if asked is not None and asked not in OFFERED[c]:
+            why = WHY_NOT.get((c, asked), "")
+            raise SoraError(f"{c} cannot be {asked} (offered: {', '.join(OFFERED[c])})" + (f": {why}" if why else ""))
+        if asked is None and graph_default not in OFFERED[c]:
+            plan[c] = "fp32"
+            notes[c] = f"{graph_default} not offered: {WHY_NOT[(c, graph_default)]}"
+        else:
+            plan[c] = asked or graph_default
+    for c in overrides:
+        if c not in COMPONENTS:
+            raise SoraError(f"unknown component {c!r} (known: {', '.join(COMPONENTS)})")
+    return plan, notes
+
+
+def default_min_psnr(plan: dict[str, str], execution: str) -> float:
+    """The gate's threshold: the loosest precision in use decides (30 dB with any 8-bit or bf16, else 40 dB)."""
+    used = set(plan.values()) | {execution}
+    return min((DEFAULT_MIN_PSNR[p] for p in used if p in DEFAULT_MIN_PSNR), default=DEFAULT_MIN_PSNR["fp16"])
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def convert_engines(ref: Path, stage: Path, engines: dict, plan: dict[str, str], dit_int8: Callable[[Path, Path], dict],
+                    log: Callable[[str], None]) -> dict[str, dict]:
+    """Write each engine of the fp32 export `ref` into `stage` at its component's precision.
+
+    `dit_int8(src, dst)` builds the INT8 DiT (it needs calibration data, see export/build.py). Returns
+    {engine: {"precision": ..., "detail": summary of the pass}} for the manifest.
+    """
+    from .fp16 import convert_fp16
+    from .weight_only import quantize_weights
+
+    out = {}
+    for name, entry in engines.items():
+        comp = component_of(name)
+        p = plan[comp]
+        src, dst = ref / entry["file"], stage / entry["file"]
+        if p == "fp32":
+            for f in (src, src.with_name(src.name + ".data")):
+                if f.exists():
+                    _link_or_copy(f, stage / f.name)
+            out[name] = {"precision": p}
+            continue
+        log(f"  {name}: {p} ...")
+        if p == "fp16":
+            detail = convert_fp16(src, dst, *FP16_ISLANDS[comp])
+        elif comp == "text_encoder":
+            detail = quantize_weights(src, dst, p)
+        else:
+            detail = dit_int8(src, dst)
+        out[name] = {"precision": p, "detail": detail}
+    return out

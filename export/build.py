@@ -313,8 +313,10 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = lambda s: None) -
         if reduced or execution != "fp32":
             t0 = time.perf_counter()
             log(f"quality gate against fp32 (threshold {min_psnr} dB) ...")
+            label = ", ".join([f"{p} {c}" for c, p in plan.items() if p != "fp32"]
+                              + ([f"{execution} execution"] if execution != "fp32" else []))
             gate = quality_gate(ref, stage, body["runtime"]["backend"], body["runtime"]["precision"], min_psnr,
-                                cfg.threads)
+                                cfg.threads, label)
             body["runtime"]["quality_gate"] = gate
             log(f"  PSNR {min(gate['psnr_db']):.1f} dB, DiT step cosine >= "
                 f"{min(min(c) for c in gate['dit_step_cosine']):.5f}, text embedding cosine >= "

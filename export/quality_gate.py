@@ -54,8 +54,9 @@ def gate_size(pipe: Pipeline) -> tuple[int, int]:
 
 
 def quality_gate(reference: Path, candidate: Path, backend: str, precision: str, min_psnr: float,
-                 threads: int | None) -> dict:
-    """Measure `candidate` engines on (backend, execution precision) against fp32 `reference` engines."""
+                 threads: int | None, label: str = "") -> dict:
+    """Measure `candidate` engines on (backend, execution precision) against fp32 `reference` engines. `label`
+    names what is being gated in the refusal message (e.g. "int8 transformer")."""
     ref = Pipeline.load(reference, threads=threads, verify=False, backend="ort", precision="fp32")
     cand = Pipeline.load(candidate, threads=threads, verify=False, backend=backend, precision=precision)
     h, w = gate_size(ref)
@@ -77,7 +78,7 @@ def quality_gate(reference: Path, candidate: Path, backend: str, precision: str,
               "dit_step_cosine": step_cosines, "text_embedding_cosine": text, "min_text_cosine": MIN_TEXT_COSINE}
     worst = min(psnrs) if all(not np.isnan(s) for s in psnrs) else float("nan")
     if not worst >= min_psnr:  # also catches NaN
-        raise SoraError(f"the reduced-precision engines fail the quality gate: PSNR {worst:.1f} dB against fp32 "
+        raise SoraError(f"{label or precision} on {backend} fails the quality gate: PSNR {worst:.1f} dB against fp32 "
                         f"(threshold {min_psnr} dB); nothing was written. Use a higher precision, another "
                         f"calibration, or lower --min-psnr")
     if not min(text) >= MIN_TEXT_COSINE:

@@ -22,9 +22,14 @@ def quantize_weights(src: Path, dst: Path, precision: str, block_size: int = 32)
     """Write `dst`: every MatMul with a constant weight in `src` as MatMulNBits. Returns a summary."""
     import logging
 
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    # Importing it calls logging.basicConfig(level=INFO), which would print every later INFO line of onnxscript and
+    # onnx_ir: undo that, and mute its own line per node.
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
-    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)  # a line per node
+    root.handlers[:], root.level = handlers, level
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
     model = onnx.load(str(src))
     before = sum(n.op_type == "MatMul" for n in model.graph.node)
     config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True, bits=BITS[precision],

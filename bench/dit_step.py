@@ -37,7 +37,9 @@ BASE = dict(patch_size=(1, 2, 2), in_channels=16, out_channels=16, freq_dim=256,
             qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
 
 
-def _stats(fn, repeats: int) -> dict:
+def time_calls(fn, repeats: int) -> tuple[dict, object]:
+    """(median/p95 seconds of `fn` over `repeats` calls after one warm-up call, warm-up seconds; the warm-up
+    call's output)."""
     t0 = time.perf_counter()
     out = fn()
     warm = time.perf_counter() - t0
@@ -107,7 +109,7 @@ def run(scenario: str, threads: int, repeats: int, compile_peer: bool = False, l
                 return model(*args, return_dict=False)[0].numpy()
 
         log("PyTorch eager ...")
-        rows["pytorch-eager-fp32"], ref = _stats(eager, repeats)
+        rows["pytorch-eager-fp32"], ref = time_calls(eager, repeats)
         if compile_peer:
             log("torch.compile ...")
             compiled = torch.compile(model)
@@ -116,7 +118,7 @@ def run(scenario: str, threads: int, repeats: int, compile_peer: bool = False, l
                 with torch.inference_mode():
                     return compiled(*args, return_dict=False)[0].numpy()
 
-            rows["torch-compile-fp32"], out = _stats(comp, repeats)
+            rows["torch-compile-fp32"], out = time_calls(comp, repeats)
             rows["torch-compile-fp32"]["max_rel_err"] = float(np.abs(out - ref).max() / np.abs(ref).max())
 
         log("exporting ...")
@@ -131,7 +133,7 @@ def run(scenario: str, threads: int, repeats: int, compile_peer: bool = False, l
             t0 = time.perf_counter()
             engine = open_engine(backend, tmp / "dit.onnx", spec, threads, precision)
             load_s = time.perf_counter() - t0
-            row, out = _stats(lambda: engine(**feeds), repeats)
+            row, out = time_calls(lambda: engine(**feeds), repeats)
             row["load_s"] = load_s
             row["max_rel_err"] = float(np.abs(out - ref).max() / np.abs(ref).max())
             rows[f"{backend}-{precision}"] = row

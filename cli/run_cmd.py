@@ -69,7 +69,9 @@ def main(engines, prompt, negative_prompt, steps, guidance, seed, height, width,
     write_s = time.perf_counter() - t0  # finishing the file; encoding overlapped the decode
     tm = result.timings
     per_step = tm["denoise"] / max(len(result.step_times), 1)
-    click.echo(f"wrote {out} ({f} frames, {w}x{h}, {n_steps} steps, guidance {g}, {pipe.backend} {pipe.precision})")
+    graphs = ", ".join(f"{c} {p}" for c, p in pipe.manifest.precision.items())
+    click.echo(f"wrote {out} ({f} frames, {w}x{h}, {n_steps} steps, guidance {g}; engines {graphs}; "
+               f"running on {pipe.backend} {pipe.precision})")
     click.echo(f"time: load {load_s:.2f}s | tokenize+encode {tm['encode']:.2f}s | denoise {tm['denoise']:.2f}s "
                f"({per_step * 1000:.0f} ms/step) | decode {tm['decode']:.2f}s | write {write_s:.2f}s")
     mem = result.memory_mb

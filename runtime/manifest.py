@@ -82,6 +82,13 @@ class Manifest:
         return self.data.get("runtime") or {"backend": "ort", "precision": "fp32"}
 
     @property
+    def precision(self) -> dict[str, str]:
+        """Graph precision per component ({"transformer": "int8", ...}); directories from before per-component
+        precision record one string for all."""
+        p = self.data.get("precision", "fp32")
+        return dict(p) if isinstance(p, dict) else {c: p for c in ("transformer", "text_encoder", "vae")}
+
+    @property
     def engine_names(self) -> list[str]:
         return list(self.data["engines"])
 

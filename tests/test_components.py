@@ -77,7 +77,7 @@ def test_manifest_records_parity_and_versions(tiny_engines):
         assert entry["parity"]["max_rel"] < 1e-4, name
     assert m.data["engines"]["vae_decoder_step"]["decode_parity"]["max_rel"] < 1e-4
     assert {"onnx", "onnxruntime", "torch", "diffusers", "soraedge"} <= set(m.data["versions"])
-    assert m.data["precision"] == "fp32"
+    assert m.precision == {"transformer": "fp32", "text_encoder": "fp32", "vae": "fp32"}
 
 
 def test_no_scatternd_and_attention_form(tiny_engines):

@@ -1,0 +1,183 @@
+"""Reduced precision on the CPU, side by side in one run: the DiT step of INT8 and FP16 engines against the fp32
+engine and PyTorch eager on the same weights and thread count, and each engine's end-to-end PSNR.
+
+The model is the `bench-384` Wan configuration (hidden 384 = 6 heads x 64, 6 layers, Wan2.1's FFN ratio) built from
+a fixed seed; the shape is 17 frames of 256x256 (1280 tokens), CFG batch 2. Every variant is a real `run_export`
+(calibration, quality gate and all); a variant the gate refuses is reported as refused. End-to-end PSNR: frames of
+the variant's engines against the fp32 engines' from the same prompts and initial latents, at `--steps` steps.
+Writes bench/results/precision_<tag>.json and .md.
+
+    python -m soraedge.bench.precision [--threads 2] [--repeats 5] [--steps 20] [--tag cpu]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+
+from ..calib.config import CalibConfig
+from .dit_step import time_calls
+from .e2e import machine, versions
+
+SHAPE = {"frames": 17, "height": 256, "width": 256}
+PROMPTS = ("a red fox runs through the snow in the forest", "a small boat drifts on a calm lake at night")
+# Variants as data: ExportConfig fields. The DiT has 6 blocks, so first/last stay int8 unless asked (auto: 8+).
+VARIANTS = {
+    "fp32": {},
+    "int8": {"precision": "int8"},
+    "int8-no-smoothquant": {"precision": "int8", "calib": CalibConfig(smooth_alpha=None)},
+    "int8-keep-first-last": {"precision": "int8", "calib": CalibConfig(keep_first_last_blocks=True)},
+    "int8-s8-symmetric": {"precision": "int8", "calib": CalibConfig(activations="s8")},
+    "int8-attention-products": {"precision": "int8", "attention": "decomposed"},
+    "fp16": {"precision": "fp16"},
+}
+
+
+def _export(model: Path, out: Path, variant: dict, threads: int, log) -> dict:
+    from ..export.build import ExportConfig, run_export
+    from ..export.dit import AttentionForm
+    from ..runtime.errors import SoraError
+
+    fields = dict(variant)
+    if "attention" in fields:
+        fields["attention"] = AttentionForm(fields["attention"])
+    t0 = time.perf_counter()
+    try:
+        run_export(ExportConfig(model=str(model), out=out, **SHAPE, backend="ort", check_parity=False,
+                                threads=threads, **fields), log=lambda s: log("    " + s.strip()) if "PSNR" in s else None)
+    except SoraError as e:
+        return {"refused": str(e), "export_s": time.perf_counter() - t0}
+    return {"export_s": time.perf_counter() - t0}
+
+
+def run(threads: int, repeats: int, steps: int, variants: list[str], log=print) -> dict:
+    import torch
+    from diffusers import WanTransformer3DModel
+
+    from ..export.quality_gate import psnr
+    from ..export.tiny_wan import build_tiny_wan
+    from ..runtime.backends import open_engine
+    from ..runtime.manifest import load_manifest
+    from ..runtime.pipeline import Pipeline
+
+    torch.set_num_threads(threads)
+    rows: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-precision-") as tmp:
+        tmp = Path(tmp)
+        model = build_tiny_wan(tmp / "model", "bench-384")
+        for name in ["fp32"] + [v for v in variants if v != "fp32"]:
+            log(f"export {name} ...")
+            rows[name] = _export(model, tmp / name, VARIANTS[name], threads, log)
+
+        ref = Pipeline.load(tmp / "fp32", threads=threads)
+        spec = ref.manifest.spec("transformer")
+        lat = ref.latent_shape(SHAPE["height"], SHAPE["width"], SHAPE["frames"])
+        feeds = spec.sample_inputs(seed=0, b=2, f=lat[2], h=lat[3], w=lat[4])
+        feeds["timestep"] = np.full((2,), 700.0, np.float32)
+        tokens = lat[2] * lat[3] * lat[4] // 4
+
+        log("PyTorch eager ...")
+        torch_model = WanTransformer3DModel.from_pretrained(model / "transformer").eval()
+        args = [torch.from_numpy(feeds[k]) for k in ("hidden_states", "timestep", "encoder_hidden_states")]
+
+        def eager():
+            with torch.inference_mode():
+                return torch_model(*args, return_dict=False)[0].numpy()
+
+        rows["pytorch-eager"], torch_out = time_calls(eager, repeats)
+        del torch_model
+
+        noises = [np.random.default_rng(i).standard_normal(lat, dtype=np.float32) for i in range(len(PROMPTS))]
+        ref_frames = None
+        for name, row in rows.items():
+            if name == "pytorch-eager" or "refused" in row:
+                continue
+            log(f"DiT step and end to end: {name} ...")
+            m = load_manifest(tmp / name)
+            engine = open_engine("ort", m.engine_path("transformer"), m.spec("transformer"), threads)
+            step, out = time_calls(lambda: engine(**feeds), repeats)
+            row.update(step)
+            row["max_rel_err_vs_pytorch"] = float(np.abs(out - torch_out).max() / np.abs(torch_out).max())
+            del engine
+            pipe = Pipeline.load(tmp / name, threads=threads)
+            t0 = time.perf_counter()
+            frames = [pipe(p, **SHAPE, steps=steps, latents=z).frames for p, z in zip(PROMPTS, noises)]
+            row["e2e_s_per_video"] = (time.perf_counter() - t0) / len(PROMPTS)
+            if name == "fp32":
+                ref_frames = frames
+            row["e2e_psnr_db"] = [psnr(f, r) for f, r in zip(frames, ref_frames)]
+            row["precision"] = m.data["precision"]
+            detail = m.data["engines"]["transformer"].get("detail", {})
+            row["dit_detail"] = {k: detail[k] for k in ("quantized_matmuls", "float_matmuls", "kept_float_modules",
+                                                        "smoothquant", "samples") if k in detail}
+            row["gate"] = m.runtime.get("quality_gate", {}).get("psnr_db")
+            row["engine_mb"] = {e: sum(m.data["files"][f]["bytes"] for f in (m.data["engines"][e]["file"],
+                                                                             m.data["engines"][e]["file"] + ".data")
+                                       if f in m.data["files"]) / 1e6 for e in m.engine_names}
+
+    base = rows["fp32"]["median_s"]
+    for name, row in rows.items():
+        if "median_s" in row:
+            row["speedup_vs_ort_fp32"] = base / row["median_s"]
+            row["speedup_vs_pytorch"] = rows["pytorch-eager"]["median_s"] / row["median_s"]
+    return {"model": "bench-384 (hidden 384, 6 layers, 6 heads x 64, ffn 2240)", "shape": {**SHAPE,
+            "latents": list(lat), "tokens": tokens, "cfg_batch": 2, "text_len": int(feeds["encoder_hidden_states"]
+                                                                                      .shape[1])},
+            "steps": steps, "prompts": list(PROMPTS), "threads": threads, "repeats": repeats, "machine": machine(),
+            "versions": versions(), "rows": rows}
+
+
+def to_markdown(r: dict) -> str:
+    s = r["shape"]
+    lines = [f"### Reduced precision: {r['model']}", "",
+             f"{r['machine']['cpu']}, {r['threads']} threads; {s['frames']} frames {s['width']}x{s['height']} -> "
+             f"{s['tokens']} tokens, CFG batch 2, {s['text_len']} text tokens. DiT step: median of {r['repeats']} "
+             f"after warm-up, ONNX Runtime CPU. End to end: {len(r['prompts'])} prompts, {r['steps']} steps, "
+             f"PSNR of the frames against the fp32 engines' from the same latents.", "",
+             "| variant | DiT step s | vs ORT fp32 | vs PyTorch | e2e s/video | e2e PSNR dB | gate PSNR dB "
+             "| int8 linears | max rel err vs PyTorch | DiT / text encoder MB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, row in r["rows"].items():
+        if "refused" in row:
+            lines.append(f"| {name} | refused by the gate: {row['refused']} ||||||||")
+            continue
+        q = row.get("dit_detail", {})
+        psnrs = row.get("e2e_psnr_db")
+        e2e = "reference" if name == "fp32" else (f"{min(psnrs):.1f}" if psnrs else "")
+        gate = f"{min(row['gate']):.1f}" if row.get("gate") else ""
+        err = f"{row['max_rel_err_vs_pytorch']:.1e}" if "max_rel_err_vs_pytorch" in row else "reference"
+        lin = f"{q['quantized_matmuls']}/{q['quantized_matmuls'] + q['float_matmuls']}" if q.get("quantized_matmuls") \
+            else ""
+        e2e_s = f"{row['e2e_s_per_video']:.1f}" if "e2e_s_per_video" in row else ""
+        sizes = row.get("engine_mb", {})
+        mb = f"{sizes['transformer']:.1f} / {sizes['text_encoder']:.2f}" if sizes else ""
+        lines.append(f"| {name} | {row['median_s']:.3f} | {row['speedup_vs_ort_fp32']:.2f}x | "
+                     f"{row['speedup_vs_pytorch']:.2f}x | {e2e_s} | {e2e} | {gate} | {lin} | {err} | {mb} |")
+    return "\n".join(lines) + "\n"
+
+
+@click.command()
+@click.option("--threads", type=int, default=os.cpu_count(), show_default=True)
+@click.option("--repeats", type=int, default=5, show_default=True)
+@click.option("--steps", type=int, default=20, show_default=True, help="Sampler steps of the end-to-end runs.")
+@click.option("--variant", "variants", multiple=True, type=click.Choice(sorted(VARIANTS)),
+              help="Variants to run (default: all).")
+@click.option("--tag", default="cpu", show_default=True, help="Results go to bench/results/precision_<tag>.*")
+@click.option("--results", type=click.Path(path_type=Path), default=Path(__file__).parent / "results")
+def main(threads, repeats, steps, variants, tag, results):
+    r = run(threads, repeats, steps, list(variants) or list(VARIANTS), log=lambda m: click.echo(m, err=True))
+    results.mkdir(parents=True, exist_ok=True)
+    (results / f"precision_{tag}.json").write_text(json.dumps(r, indent=2, default=str) + "\n")
+    md = to_markdown(r)
+    (results / f"precision_{tag}.md").write_text(md)
+    click.echo(md)
+
+
+if __name__ == "__main__":
+    main()

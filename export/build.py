@@ -30,6 +30,7 @@ from .choose_backend import choose_runtime
 from .precision import convert_engines, default_min_psnr, plan_precision
 from .quality_gate import quality_gate
 from .dit import AttentionForm, DiTReference, dit_spec, load_dit
+from .dit_probe import FirstBlockProbe, ProbeReference, probe_spec
 from .text_encoder import load_text_encoder, text_encoder_spec
 from .vae import load_vae_decoders, vae_specs
 
@@ -153,6 +154,12 @@ def _export_into(ck: WanCheckpoint, cfg: ExportConfig, defaults: dict, tmp: Path
         "transformer", dit, reference, spec, tmp, cfg.attention.opset,
         {"b": 2, "f": 2, "h": 2 * p_h, "w": 3 * p_w},
         [{"b": 1, "f": 3, "h": 3 * p_h, "w": 2 * p_w}, {"b": 2, "f": 1, "h": p_h, "w": 4 * p_w}], cfg, report, log)
+    # The step-cache probe: the DiT's first block's modulated input, a small engine of its own.
+    engines["dit_probe"] = _export_component(
+        "dit_probe", FirstBlockProbe(dit.transformer), ProbeReference(reference.model),
+        probe_spec(ck.transformer_config, f_dim, h_dim, w_dim), tmp, cfg.attention.opset,
+        {"b": 2, "f": 2, "h": 2 * p_h, "w": 3 * p_w}, [{"b": 1, "f": 3, "h": 3 * p_h, "w": 2 * p_w}], cfg, report,
+        log)
     del dit, reference
 
     # VAE: the chunked causal decoder (first frame, then one latent frame per step), checked graph by graph and

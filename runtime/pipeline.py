@@ -23,6 +23,7 @@ from .memory import PeakRss
 from .prompt_cache import PromptCache
 from .sampler import sample
 from .schedulers import load_scheduler
+from .step_cache import StepCache
 from .text import PromptEncoder
 from .vae_decode import ChunkedVaeDecoder
 from .validate import check_frames, check_size
@@ -44,6 +45,7 @@ class Generation:
     timings: dict[str, float] = field(default_factory=dict)
     step_times: list[float] = field(default_factory=list)
     memory_mb: dict[str, float | None] = field(default_factory=dict)  # peak RSS per stage (sampled)
+    dit_evaluations: int = 0  # DiT calls made (fewer than steps x branches with step caching)
 
 
 class Pipeline:
@@ -110,7 +112,7 @@ class Pipeline:
         """Open every engine now (session creation / compilation), e.g. to time loading apart from running."""
         if not self.low_memory:
             for name in ("text_encoder", "transformer", self.config["vae"]["first"], self.config["vae"]["step"]):
-                self.engine(name)
+                self.engine(name)  # the step-cache probe opens when first asked for
         return self
 
     @property
@@ -173,12 +175,17 @@ class Pipeline:
     def __call__(self, prompt: str, negative_prompt: str | None = None, height: int | None = None,
                  width: int | None = None, frames: int | None = None, steps: int | None = None,
                  guidance: float | None = None, seed: int = 0, latents: np.ndarray | None = None,
-                 output_type: str = "np", on_step=None, sink=None, observe=None) -> Generation:
+                 output_type: str = "np", on_step=None, sink=None, observe=None,
+                 step_cache: float | None = None) -> Generation:
         """Generate. With `sink` (a callable taking [T, H, W, 3] float32 chunks, e.g. VideoWriter.write), frames
         are handed over as each latent frame is decoded and not kept: Generation.frames is then None.
-        `observe(feeds, noise_pred)` sees every DiT call (see EngineDenoiser)."""
+        `observe(feeds, noise_pred)` sees every DiT call (see EngineDenoiser). `step_cache` (a threshold, e.g.
+        runtime.step_cache.DEFAULT_THRESHOLD) skips DiT calls whose input barely changed (runtime/step_cache.py)."""
         h, w, f, steps, guidance, negative_prompt = self.resolve(height, width, frames, steps, guidance,
                                                                  negative_prompt)
+        if step_cache is not None and (step_cache < 0 or "dit_probe" not in self.manifest.engine_names):
+            raise SoraError(f"step cache threshold {step_cache} must be >= 0" if step_cache < 0 else
+                            f"{self.manifest.root} has no step-cache probe engine: re-export it with this version")
         shape = self.latent_shape(h, w, f)
         if latents is None:
             latents = np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
@@ -204,11 +211,13 @@ class Pipeline:
         t0 = time.perf_counter()
         with PeakRss() as mem:
             denoiser = EngineDenoiser(self.engine("transformer"), observe)
-            latents = sample(denoiser, self.scheduler, latents, cond, uncond, guidance, steps, _on_step)
+            cache = StepCache(denoiser, self.engine("dit_probe"), step_cache) if step_cache is not None else None
+            latents = sample(cache or denoiser, self.scheduler, latents, cond, uncond, guidance, steps, _on_step)
+        evaluations = cache.evaluations if cache else len(step_times) * (1 + (cfg and denoiser.max_batch < 2))
         memory["denoise"] = mem.peak_mb
         timings["denoise"] = time.perf_counter() - t0
         if output_type == "latent":
-            return Generation(None, latents, timings, step_times, memory)
+            return Generation(None, latents, timings, step_times, memory, evaluations)
 
         t0 = time.perf_counter()
         c = self.config["latent_channels"]
@@ -227,4 +236,4 @@ class Pipeline:
         memory["decode"] = mem.peak_mb
         timings["decode"] = time.perf_counter() - t0
         frames_out = np.concatenate(kept).astype(np.float32, copy=False) if kept else None
-        return Generation(frames_out, latents, timings, step_times, memory)
+        return Generation(frames_out, latents, timings, step_times, memory, evaluations)

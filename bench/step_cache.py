@@ -22,7 +22,7 @@ from .e2e import machine, versions
 
 PROMPTS = ("a red fox runs through the snow in the forest", "a small boat drifts on a calm lake at night",
            "a golden eagle flies over the mountains at sunset")
-THRESHOLDS = (0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5)
+THRESHOLDS = (0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0)
 MIN_PSNR = 30.0
 
 

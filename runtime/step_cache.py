@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-DEFAULT_THRESHOLD = 0.1  # measured on the demo model (bench/results/step_cache_cpu.md): >= 30 dB at 30 steps
+# On the demo model at 30 steps (bench/results/step_cache_cpu.md) every threshold up to 0.5 kept >= 30 dB; random
+# weights flatter caching (their output moves little with t), so the default keeps a wide margin.
+DEFAULT_THRESHOLD = 0.2
 
 
 @dataclass

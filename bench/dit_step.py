@@ -10,7 +10,6 @@ FLOPs (bench/flops.py), achieved GFLOP/s and the fraction of this machine's meas
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import time
@@ -22,6 +21,7 @@ import numpy as np
 from .e2e import machine, versions
 from .flops import wan_dit_flops
 from .matmul_peak import matmul_peak
+from .report import save
 
 # Scenarios as data. hidden 384 = 6 heads x 64; ffn in Wan2.1's ratio (8960 / 1536); 17 frames of 256x256 ->
 # 5 x 32 x 32 latents -> 1280 tokens after the 1x2x2 patch; CFG batch of 2; 512 text tokens of width 4096.
@@ -181,11 +181,7 @@ def to_markdown(r: dict) -> str:
 @click.option("--results", type=click.Path(path_type=Path), default=Path(__file__).parent / "results")
 def main(scenario, threads, repeats, compile_peer, tag, results):
     r = run(scenario, threads, repeats, compile_peer, log=lambda m: click.echo(m, err=True))
-    results.mkdir(parents=True, exist_ok=True)
-    (results / f"dit_step_{tag}.json").write_text(json.dumps(r, indent=2) + "\n")
-    md = to_markdown(r)
-    (results / f"dit_step_{tag}.md").write_text(md)
-    click.echo(md)
+    save(results, "dit_step", tag, r, to_markdown(r))
 
 
 if __name__ == "__main__":

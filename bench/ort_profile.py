@@ -18,6 +18,7 @@ from pathlib import Path
 import click
 
 from .dit_step import SCENARIOS, build_scenario_model, export_scenario_dit, scenario_inputs
+from .report import save
 
 
 def profile(scenario: str, threads: int, runs: int, opt_level: str = "all") -> dict:
@@ -72,10 +73,7 @@ def to_markdown(r: dict) -> str:
 @click.option("--results", type=click.Path(path_type=Path), default=Path(__file__).parent / "results")
 def main(scenario, threads, runs, tag, results):
     r = profile(scenario, threads, runs)
-    results.mkdir(parents=True, exist_ok=True)
-    (results / f"ort_profile_{tag}.json").write_text(json.dumps(r, indent=2) + "\n")
-    (results / f"ort_profile_{tag}.md").write_text(to_markdown(r))
-    click.echo(to_markdown(r))
+    save(results, "ort_profile", tag, r, to_markdown(r))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ Writes bench/results/precision_<tag>.json and .md.
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import time
@@ -24,6 +23,7 @@ import numpy as np
 from ..calib.config import CalibConfig
 from .dit_step import time_calls
 from .e2e import machine, versions
+from .report import save
 
 SHAPE = {"frames": 17, "height": 256, "width": 256}
 PROMPTS = ("a red fox runs through the snow in the forest", "a small boat drifts on a calm lake at night")
@@ -91,7 +91,7 @@ def run(threads: int, repeats: int, steps: int, variants: list[str], log=print) 
                 return torch_model(*args, return_dict=False)[0].numpy()
 
         rows["pytorch-eager"], torch_out = time_calls(eager, repeats)
-        del torch_model
+        torch_model = None  # release the weights before the engines load
 
         noises = [np.random.default_rng(i).standard_normal(lat, dtype=np.float32) for i in range(len(PROMPTS))]
         ref_frames = None
@@ -104,7 +104,7 @@ def run(threads: int, repeats: int, steps: int, variants: list[str], log=print) 
             step, out = time_calls(lambda: engine(**feeds), repeats)
             row.update(step)
             row["max_rel_err_vs_pytorch"] = float(np.abs(out - torch_out).max() / np.abs(torch_out).max())
-            del engine
+            engine = None
             pipe = Pipeline.load(tmp / name, threads=threads)
             t0 = time.perf_counter()
             frames = [pipe(p, **SHAPE, steps=steps, latents=z).frames for p, z in zip(PROMPTS, noises)]
@@ -172,11 +172,7 @@ def to_markdown(r: dict) -> str:
 @click.option("--results", type=click.Path(path_type=Path), default=Path(__file__).parent / "results")
 def main(threads, repeats, steps, variants, tag, results):
     r = run(threads, repeats, steps, list(variants) or list(VARIANTS), log=lambda m: click.echo(m, err=True))
-    results.mkdir(parents=True, exist_ok=True)
-    (results / f"precision_{tag}.json").write_text(json.dumps(r, indent=2, default=str) + "\n")
-    md = to_markdown(r)
-    (results / f"precision_{tag}.md").write_text(md)
-    click.echo(md)
+    save(results, "precision", tag, r, to_markdown(r))
 
 
 if __name__ == "__main__":

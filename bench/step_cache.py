@@ -9,7 +9,6 @@ evaluations saved there. Writes bench/results/step_cache_<tag>.json and .md.
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import time
@@ -19,6 +18,7 @@ import click
 import numpy as np
 
 from .e2e import machine, versions
+from .report import save
 
 PROMPTS = ("a red fox runs through the snow in the forest", "a small boat drifts on a calm lake at night",
            "a golden eagle flies over the mountains at sunset")
@@ -90,11 +90,7 @@ def to_markdown(r: dict) -> str:
 @click.option("--results", type=click.Path(path_type=Path), default=Path(__file__).parent / "results")
 def main(steps, threads, engines, tag, results):
     r = run(steps, threads, THRESHOLDS, engines, log=lambda m: click.echo(m, err=True))
-    results.mkdir(parents=True, exist_ok=True)
-    (results / f"step_cache_{tag}.json").write_text(json.dumps(r, indent=2) + "\n")
-    md = to_markdown(r)
-    (results / f"step_cache_{tag}.md").write_text(md)
-    click.echo(md)
+    save(results, "step_cache", tag, r, to_markdown(r))
 
 
 if __name__ == "__main__":

@@ -40,7 +40,9 @@ print(json.dumps({"frames": frames, "seconds": sec, "vm_hwm_mb": hwm / 1024}))
 """
 
 
-def measure(height: int, width: int, frames: list[int], threads: int, log=print) -> dict:
+def export_real_vae(tmp: Path, height: int, width: int, log=print):
+    """Save AutoencoderKLWan() (the Wan2.1 VAE configuration, seed 0) to tmp/vae and export its chunked decoder to
+    tmp/vae_decoder_{first,step}.onnx for sizes up to max(size, 1280). Returns (specs, the diffusers VAE)."""
     import torch
     from diffusers import AutoencoderKLWan
 
@@ -48,16 +50,21 @@ def measure(height: int, width: int, frames: list[int], threads: int, log=print)
     from ..export.vae import load_vae_decoders, vae_specs
     from ..runtime.spec import Dim
 
+    torch.manual_seed(0)
+    AutoencoderKLWan().save_pretrained(tmp / "vae")
+    first, step, slots, vae = load_vae_decoders(tmp)
+    lh, lw = height // 8, width // 8
+    specs = vae_specs(16, 8, 4, slots, Dim("h", 1, lh, max(lh, 160)), Dim("w", 1, lw, max(lw, 160)))
+    log("exporting the real-configuration VAE decoder ...")
+    for module, spec in zip((first, step), specs):
+        export_onnx(module, spec, tmp / f"{spec.name}.onnx", 23, {"h": 4, "w": 6})
+    return specs, vae
+
+
+def measure(height: int, width: int, frames: list[int], threads: int, log=print) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        torch.manual_seed(0)
-        AutoencoderKLWan().save_pretrained(tmp / "vae")
-        first, step, slots, _ = load_vae_decoders(tmp)
-        lh, lw = height // 8, width // 8
-        specs = vae_specs(16, 8, 4, slots, Dim("h", 1, lh, max(lh, 160)), Dim("w", 1, lw, max(lw, 160)))
-        log("exporting the real-configuration VAE decoder ...")
-        for module, spec in zip((first, step), specs):
-            export_onnx(module, spec, tmp / f"{spec.name}.onnx", 23, {"h": 4, "w": 6})
+        specs, _ = export_real_vae(tmp, height, width, log)
         (tmp / "specs.json").write_text(json.dumps([s.to_dict() for s in specs]))
         rows = []
         for f in frames:

@@ -11,7 +11,6 @@ bench/results/vae_speed_<tag>.json and .md.
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import time
@@ -21,6 +20,7 @@ import click
 import numpy as np
 
 from .e2e import machine, versions
+from .report import save
 
 
 def _conv_flops(vae, z) -> float:
@@ -43,16 +43,13 @@ def _conv_flops(vae, z) -> float:
 
 def run(height: int, width: int, frames: int, threads: int, log=print) -> dict:
     import torch
-    from diffusers import AutoencoderKLWan
 
-    from ..export.onnx_export import export_onnx
     from ..export.quality_gate import psnr
-    from ..export.vae import load_vae_decoders, vae_specs
     from ..runtime.backends import open_engine
     from ..runtime.backends import openvino as ov
-    from ..runtime.spec import Dim
     from ..runtime.vae_decode import ChunkedVaeDecoder
     from .matmul_peak import matmul_peak
+    from .vae_memory import export_real_vae
 
     torch.set_num_threads(threads)
     z = np.random.default_rng(0).standard_normal((1, 16, (frames - 1) // 4 + 1, height // 8, width // 8),
@@ -60,14 +57,7 @@ def run(height: int, width: int, frames: int, threads: int, log=print) -> dict:
     rows = {}
     with tempfile.TemporaryDirectory(prefix="bench-vae-") as tmp:
         tmp = Path(tmp)
-        torch.manual_seed(0)
-        AutoencoderKLWan().save_pretrained(tmp / "vae")
-        first, step, slots, vae = load_vae_decoders(tmp)
-        lh, lw = height // 8, width // 8
-        specs = vae_specs(16, 8, 4, slots, Dim("h", 1, lh, max(lh, 160)), Dim("w", 1, lw, max(lw, 160)))
-        log("exporting the chunked decoder ...")
-        for module, spec in zip((first, step), specs):
-            export_onnx(module, spec, tmp / f"{spec.name}.onnx", 23, {"h": 4, "w": 6})
+        specs, vae = export_real_vae(tmp, height, width, log)
         flops = _conv_flops(vae, z)
 
         def frames01(video):  # [1, 3, F, H, W] in [-1, 1] -> [0, 1]
@@ -122,11 +112,7 @@ def to_markdown(r: dict) -> str:
 @click.option("--results", type=click.Path(path_type=Path), default=Path(__file__).parent / "results")
 def main(height, width, frames, threads, tag, results):
     r = run(height, width, frames, threads, log=lambda m: click.echo(m, err=True))
-    results.mkdir(parents=True, exist_ok=True)
-    (results / f"vae_speed_{tag}.json").write_text(json.dumps(r, indent=2) + "\n")
-    md = to_markdown(r)
-    (results / f"vae_speed_{tag}.md").write_text(md)
-    click.echo(md)
+    save(results, "vae_speed", tag, r, to_markdown(r))
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ class TinyWanConfig:
     latent_channels: int = 16
     vae_dim: int = 8
     vae_dim_mult: tuple[int, ...] = (1, 1, 1, 1)
+    vae_res_blocks: int = 1
     scheduler: str = "unipc"  # "unipc" | "euler"
     flow_shift: float = 3.0
     seed: int = 0
@@ -48,6 +49,12 @@ TINY_CONFIGS = {
     # The benchmark configuration of the bench issue: hidden size 384 (6 heads x 64), 6 layers, Wan's FFN ratio.
     "bench-384": TinyWanConfig(layers=6, heads=6, head_dim=64, ffn_dim=2240, text_dim=64, text_layers=2,
                                text_heads=4, vae_dim=16, seed=384),
+    # Wan2.1-T2V-1.3B's transformer (30 x 12 heads x 128, ffn 8960) and VAE (base 96, [1, 2, 4, 4], 2 res blocks)
+    # shapes with random weights, and a 1-layer UMT5 text encoder of the width the DiT expects (4096): memory
+    # measurements at real scale without umT5-XXL's 23 GB (bench/low_memory.py).
+    "wan21-1.3b-shapes": TinyWanConfig(layers=30, heads=12, head_dim=128, ffn_dim=8960, text_dim=4096, text_layers=1,
+                                       text_heads=8, vae_dim=96, vae_dim_mult=(1, 2, 4, 4), vae_res_blocks=2,
+                                       seed=13),
     "demo": TinyWanConfig(layers=2, heads=4, head_dim=24, ffn_dim=192, text_dim=64, text_layers=2, text_heads=4,
                           vae_dim=16, seed=2026),
 }
@@ -103,7 +110,8 @@ def build_tiny_wan(out_dir: str | Path, cfg: TinyWanConfig | str = "tiny-a") -> 
     # de-normalisation is exercised.
     g = torch.Generator().manual_seed(cfg.seed)
     vae = AutoencoderKLWan(
-        base_dim=cfg.vae_dim, z_dim=cfg.latent_channels, dim_mult=list(cfg.vae_dim_mult), num_res_blocks=1,
+        base_dim=cfg.vae_dim, z_dim=cfg.latent_channels, dim_mult=list(cfg.vae_dim_mult),
+        num_res_blocks=cfg.vae_res_blocks,
         temperal_downsample=[False, True, True],
         latents_mean=(torch.randn(cfg.latent_channels, generator=g) * 0.5).tolist(),
         latents_std=(torch.rand(cfg.latent_channels, generator=g) * 2 + 0.5).tolist(),

@@ -50,7 +50,8 @@ def _export(model: Path, out: Path, variant: dict, threads: int, log) -> dict:
     t0 = time.perf_counter()
     try:
         run_export(ExportConfig(model=str(model), out=out, **SHAPE, backend="ort", check_parity=False,
-                                threads=threads, **fields), log=lambda s: log("    " + s.strip()) if "PSNR" in s else None)
+                                threads=threads, **fields),
+                   log=lambda s: log("    " + s.strip()) if "PSNR" in s else None)
     except SoraError as e:
         return {"refused": str(e), "export_s": time.perf_counter() - t0}
     return {"export_s": time.perf_counter() - t0}

@@ -8,6 +8,8 @@ import click
 
 from .common import cli_errors
 
+FIRST_LAST = {"auto": None, "keep": True, "quantize": False}  # --int8-first-last-blocks -> CalibConfig
+
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("model")
@@ -38,7 +40,8 @@ from .common import cli_errors
                    "with fp16].")
 @click.option("--calib-method", type=click.Choice(["minmax", "percentile", "entropy"]), default="minmax",
               show_default=True, help="INT8 activation ranges.")
-@click.option("--calib-percentile", type=float, default=99.999, show_default=True, help="For --calib-method percentile.")
+@click.option("--calib-percentile", type=float, default=99.999, show_default=True,
+              help="For --calib-method percentile.")
 @click.option("--calib-prompts", type=click.Path(path_type=Path), help="Calibration prompts, one per line "
               "[default: the shipped calib/prompts.txt].")
 @click.option("--calib-prompt-count", type=int, default=4, show_default=True, help="Prompts of the file to run.")
@@ -53,7 +56,8 @@ from .common import cli_errors
 @cli_errors
 def main(model, out, frames, max_frames, height, width, attention, max_sequence_length, overwrite, skip_parity, backend,
          precision, dit_precision, text_encoder_precision, vae_precision, min_psnr, calib_method, calib_percentile,
-         calib_prompts, calib_prompt_count, calib_steps, smooth_alpha, int8_first_last_blocks, int8_activations, threads):
+         calib_prompts, calib_prompt_count, calib_steps, smooth_alpha, int8_first_last_blocks, int8_activations,
+         threads):
     """Export MODEL (a diffusers-format Wan2.1-T2V directory, or the built-in `demo`) to OUT."""
     try:
         from ..calib.config import CalibConfig
@@ -73,7 +77,8 @@ def main(model, out, frames, max_frames, height, width, attention, max_sequence_
                        calib=CalibConfig(method=calib_method, percentile=calib_percentile,
                                          smooth_alpha=smooth_alpha or None, prompts_file=calib_prompts,
                                          prompts=calib_prompt_count, steps=calib_steps,
-                                         keep_first_last_blocks={"auto": None, "keep": True, "quantize": False}[int8_first_last_blocks], activations=int8_activations))
+                                         keep_first_last_blocks=FIRST_LAST[int8_first_last_blocks],
+                                         activations=int8_activations))
     report = run_export(cfg, log=click.echo)
     if not report.reused:
         stages = ", ".join(f"{k} {v:.1f}s" for k, v in report.seconds.items())

@@ -217,7 +217,8 @@ class Pipeline:
             denoiser = EngineDenoiser(self.engine("transformer"), observe)
             cache = StepCache(denoiser, self.engine("dit_probe"), step_cache) if step_cache is not None else None
             latents = sample(cache or denoiser, self.scheduler, latents, cond, uncond, guidance, steps, _on_step)
-        evaluations = cache.evaluations if cache else len(step_times) * (1 + (cfg and denoiser.max_batch < 2))
+            evaluations = cache.evaluations if cache else len(step_times) * (1 + (cfg and denoiser.max_batch < 2))
+            del denoiser, cache  # with low_memory these held the only references: the DiT is released here
         memory["denoise"] = mem.peak_mb
         timings["denoise"] = time.perf_counter() - t0
         if output_type == "latent":

@@ -22,6 +22,26 @@ def test_low_memory_same_frames_and_nothing_kept(tiny_engines):
     assert set(b.memory_mb) == {"encode", "denoise", "decode"} and all(v > 0 for v in b.memory_mb.values())
 
 
+def _live_engines() -> set[str]:
+    import gc
+
+    from soraedge.runtime.backends.ort import OrtEngine
+
+    gc.collect()
+    return {o.spec.name for o in gc.get_objects() if isinstance(o, OrtEngine)}
+
+
+def test_low_memory_releases_each_stage_before_the_next(tiny_engines):
+    """While the VAE decodes, no text encoder or DiT session is alive anywhere in the process."""
+    alive_during_decode = []
+    for step_cache in (None, 0.1):
+        lean = Pipeline.load(tiny_engines("tiny-a"), backend="ort", low_memory=True)
+        lean("a cat", steps=3, latents=_noise(lean), step_cache=step_cache,
+             sink=lambda chunk: alive_during_decode.append(_live_engines()))
+        assert alive_during_decode and all(not ({"text_encoder", "transformer", "dit_probe"} & names)
+                                           for names in alive_during_decode), alive_during_decode
+
+
 def test_prompt_cache_skips_the_text_encoder(tiny_engines, tmp_path):
     first = Pipeline.load(tiny_engines("tiny-a"), backend="ort", prompt_cache=tmp_path)
     a = first("a dog on a bridge", negative_prompt="blurry", steps=2, latents=_noise(first))

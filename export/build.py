@@ -20,17 +20,17 @@ from pathlib import Path
 from typing import Callable
 
 from .. import __version__
+from ..calib.config import CalibConfig
 from ..runtime.errors import SoraError
 from ..runtime.manifest import CACHE_DIR, MANIFEST, load_manifest, sha256_file, write_manifest
 from ..runtime.spec import Dim
 from ..runtime.validate import check_frames, check_size
 from .checkpoint import WanCheckpoint, read_checkpoint
-from ..calib.config import CalibConfig
-from .choose_backend import choose_runtime
-from .precision import convert_engines, default_min_psnr, plan_precision
-from .quality_gate import quality_gate
+from .choose_backend import check_request, choose_runtime
 from .dit import AttentionForm, DiTReference, dit_spec, load_dit
 from .dit_probe import FirstBlockProbe, ProbeReference, probe_spec
+from .precision import convert_engines, default_min_psnr, plan_precision
+from .quality_gate import quality_gate
 from .text_encoder import load_text_encoder, text_encoder_spec
 from .vae import load_vae_decoders, vae_specs
 
@@ -239,6 +239,9 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = lambda s: None) -
 
         plan, notes = plan_precision(cfg.precision, dict(cfg.component_precision))
         execution = "bf16" if cfg.precision == "bf16" else "fp32"
+        weight_only = plan["text_encoder"] in ("int8", "int4")
+        no_openvino = "the text encoder uses ONNX Runtime's MatMulNBits" if weight_only else None
+        check_request(cfg.backend, execution, no_openvino)  # fail before minutes of export, not after
         min_psnr = cfg.min_psnr if cfg.min_psnr is not None else default_min_psnr(plan, execution)
         options = {k: v for k, v in asdict(cfg).items() if k not in ("model", "out", "overwrite", "check_parity",
                                                                      "threads", "calib", "component_precision",
@@ -313,9 +316,7 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = lambda s: None) -
             report.seconds["convert_precision"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         log("choosing the CPU backend ...")
-        weight_only = plan["text_encoder"] in ("int8", "int4")
-        body["runtime"] = choose_runtime(stage, cfg.backend, execution, cfg.threads, log,
-                                         "the text encoder uses ONNX Runtime's MatMulNBits" if weight_only else None)
+        body["runtime"] = choose_runtime(stage, cfg.backend, execution, cfg.threads, log, no_openvino)
         report.seconds["choose_backend"] = time.perf_counter() - t0
         if reduced or execution != "fp32":
             t0 = time.perf_counter()

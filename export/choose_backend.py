@@ -51,10 +51,9 @@ def time_dit_step(engine_dir: Path, backend: str, precision: str, threads: int |
     return {"step_s": float(np.median(times)), "load_s": load_s, "sizes": sizes, "tokens": tokens}
 
 
-def choose_runtime(engine_dir: Path, backend: str, precision: str, threads: int | None,
-                   log: Callable[[str], None], openvino_unsupported: str | None = None) -> dict:
-    """Measure and decide; returns the manifest's `runtime` section. `openvino_unsupported` says why the engines
-    cannot run on OpenVINO (e.g. ONNX Runtime contrib ops), which takes it out of the running."""
+def check_request(backend: str, precision: str, openvino_unsupported: str | None = None) -> list[tuple[str, str]]:
+    """Refuse an impossible backend/precision request (before any export work); returns the (backend, precision)
+    pairs worth timing."""
     if precision == "bf16" and backend == "ort":
         raise SoraError("bf16 runs on OpenVINO here; ONNX Runtime engines are fp32: drop --backend ort or use fp32")
     if openvino_unsupported and (backend == "openvino" or precision == "bf16"):
@@ -66,6 +65,14 @@ def choose_runtime(engine_dir: Path, backend: str, precision: str, threads: int 
             candidates.append(("openvino", "bf16"))
     elif backend == "openvino" or precision == "bf16":
         raise SoraError("--backend openvino / --precision bf16 need OpenVINO: pip install 'soraedge[openvino]'")
+    return candidates
+
+
+def choose_runtime(engine_dir: Path, backend: str, precision: str, threads: int | None,
+                   log: Callable[[str], None], openvino_unsupported: str | None = None) -> dict:
+    """Measure and decide; returns the manifest's `runtime` section. `openvino_unsupported` says why the engines
+    cannot run on OpenVINO (e.g. ONNX Runtime contrib ops), which takes it out of the running."""
+    candidates = check_request(backend, precision, openvino_unsupported)
     timings = {}
     for b, p in candidates:
         timings[f"{b}-{p}"] = time_dit_step(engine_dir, b, p, threads)

@@ -199,3 +199,12 @@ def test_bad_calibration_prompts_file_is_one_line_error(tmp_path):
     assert r.exit_code == 2 and "Traceback" not in r.output, r.output
     assert r.output.strip().startswith("error: cannot read calibration prompts"), r.output
     assert not out.exists()
+
+
+def test_impossible_runtime_requests_fail_before_export(tiny_model, tmp_path):
+    """Weight-only INT8 uses an ONNX Runtime contrib op: asking OpenVINO to run it fails at once, not after export."""
+    lines = []
+    with pytest.raises(SoraError, match="cannot run on OpenVINO"):
+        run_export(ExportConfig(model=str(tiny_model("tiny-a")), out=tmp_path / "e", **SIZE, precision="int8",
+                                backend="openvino"), log=lines.append)
+    assert not any("exporting" in line for line in lines) and not (tmp_path / "e").exists()

@@ -36,10 +36,12 @@ from .common import cli_errors
 @click.option("--step-cache", type=float, is_flag=False, flag_value=DEFAULT_THRESHOLD, default=None,
               help=f"Skip DiT steps whose input barely changed (TeaCache-style); optional threshold, "
                    f"{DEFAULT_THRESHOLD} if given alone (kept >= 30 dB on the demo at 30 steps). Off by default.")
+@click.option("--vae-tile", type=int, help="Decode in overlapping spatial tiles of this many pixels (multiple of 32, "
+              "e.g. 256) to bound the VAE's memory at large sizes. Off by default.")
 @click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path), help="Output .mp4, .gif or .npy")
 @cli_errors
 def main(engines, prompt, negative_prompt, steps, guidance, seed, height, width, frames, latents_file, threads,
-         backend, precision, low_memory, prompt_cache, no_prompt_cache, step_cache, out):
+         backend, precision, low_memory, prompt_cache, no_prompt_cache, step_cache, vae_tile, out):
     """Generate a video for PROMPT with the engines in ENGINES."""
     import time
 
@@ -68,7 +70,8 @@ def main(engines, prompt, negative_prompt, steps, guidance, seed, height, width,
     with VideoWriter(out, pipe.defaults["fps"]) as writer:  # mp4: frames stream to ffmpeg as they are decoded
         with tqdm(total=n_steps, desc="denoise", unit="step", leave=False) as bar:
             result = pipe(prompt, negative_prompt, h, w, f, n_steps, g, seed, latents,
-                          on_step=lambda i, dt: bar.update(), sink=writer.write, step_cache=step_cache)
+                          on_step=lambda i, dt: bar.update(), sink=writer.write, step_cache=step_cache,
+                          vae_tile=vae_tile)
         t0 = time.perf_counter()
     write_s = time.perf_counter() - t0  # finishing the file; encoding overlapped the decode
     tm = result.timings

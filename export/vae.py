@@ -10,7 +10,7 @@ Each slot holds the last 2 frames of a causal convolution's input. diffusers' fi
 1 frame (the conv had no history) or the marker "Rep" (the temporal upsampler's first call); both are exactly
 equivalent to 2 frames with zeros in front (the causal conv zero-pads the missing history), which is what the
 first graph returns, so one steady-state graph serves every later frame. Input is the de-normalised latent (the
-runtime applies latents_mean/std); output is video in [-1, 1].
+runtime applies latents_mean/std); output is the decoder's video, unclamped (nominally [-1, 1]).
 """
 
 from __future__ import annotations
@@ -49,10 +49,10 @@ def vae_specs(z_dim: int, scale_s: int, scale_t: int, slots: list[tuple[int, int
 
 
 def _run_decoder(vae, z, feat_cache):
-    """diffusers' per-chunk call: post_quant_conv (1x1x1, no history) then the decoder with the cache list."""
+    """diffusers' per-chunk call: post_quant_conv (1x1x1, no history) then the decoder with the cache list. Not
+    clamped: the runtime clamps after tiles are blended (runtime/vae_decode.py), as diffusers' tiled decode does."""
     x = vae.post_quant_conv(z)
-    out = vae.decoder(x, feat_cache=feat_cache, feat_idx=[0], first_chunk=feat_cache[0] is None)
-    return torch.clamp(out, min=-1.0, max=1.0)
+    return vae.decoder(x, feat_cache=feat_cache, feat_idx=[0], first_chunk=feat_cache[0] is None)
 
 
 def _pad_slot(value, like_step):

@@ -123,9 +123,9 @@ class Pipeline:
     def denoiser(self) -> EngineDenoiser:
         return EngineDenoiser(self.engine("transformer"))
 
-    @property
-    def decoder(self) -> ChunkedVaeDecoder:
-        return ChunkedVaeDecoder(self.engine(self.config["vae"]["first"]), self.engine(self.config["vae"]["step"]))
+    def decoder(self, tile: int | None = None) -> ChunkedVaeDecoder:
+        return ChunkedVaeDecoder(self.engine(self.config["vae"]["first"]), self.engine(self.config["vae"]["step"]),
+                                 tile, self.config["vae_scale_spatial"])
 
     def encode(self, texts: list[str]) -> np.ndarray:
         """[B, L, D] embeddings; cached ones are read from disk, the rest encoded in one batch and stored."""
@@ -180,16 +180,21 @@ class Pipeline:
                  width: int | None = None, frames: int | None = None, steps: int | None = None,
                  guidance: float | None = None, seed: int = 0, latents: np.ndarray | None = None,
                  output_type: str = "np", on_step=None, sink=None, observe=None,
-                 step_cache: float | None = None) -> Generation:
+                 step_cache: float | None = None, vae_tile: int | None = None) -> Generation:
         """Generate. With `sink` (a callable taking [T, H, W, 3] float32 chunks, e.g. VideoWriter.write), frames
         are handed over as each latent frame is decoded and not kept: Generation.frames is then None.
         `observe(feeds, noise_pred)` sees every DiT call (see EngineDenoiser). `step_cache` (a threshold, e.g.
-        runtime.step_cache.DEFAULT_THRESHOLD) skips DiT calls whose input barely changed (runtime/step_cache.py)."""
+        runtime.step_cache.DEFAULT_THRESHOLD) skips DiT calls whose input barely changed (runtime/step_cache.py).
+        `vae_tile` (pixels, a multiple of 4 x the VAE's scale) decodes in overlapping spatial tiles of that size to
+        bound the decoder's memory at large sizes (runtime/vae_decode.py)."""
         h, w, f, steps, guidance, negative_prompt = self.resolve(height, width, frames, steps, guidance,
                                                                  negative_prompt)
         if step_cache is not None and (step_cache < 0 or "dit_probe" not in self.manifest.engine_names):
             raise SoraError(f"step cache threshold {step_cache} must be >= 0" if step_cache < 0 else
                             f"{self.manifest.root} has no step-cache probe engine: re-export it with this version")
+        unit = 4 * self.config["vae_scale_spatial"]
+        if vae_tile is not None and (vae_tile < 2 * unit or vae_tile % unit):
+            raise SoraError(f"vae tile {vae_tile}: use a multiple of {unit} pixels, at least {2 * unit} (e.g. 256)")
         shape = self.latent_shape(h, w, f)
         if latents is None:
             latents = np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
@@ -232,7 +237,7 @@ class Pipeline:
         z = (latents / (np.float32(1.0) / std) + mean).astype(np.float32)
         kept = []
         with PeakRss() as mem:
-            for video in self.decoder.chunks(z):  # [1, 3, T, H, W] in [-1, 1]
+            for video in self.decoder(vae_tile).chunks(z):  # [1, 3, T, H, W] in [-1, 1]
                 chunk = np.ascontiguousarray(np.clip(video[0] / 2 + 0.5, 0, 1).transpose(1, 2, 3, 0))  # [T, H, W, 3]
                 if sink:
                     sink(chunk)

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import click
 
+from .report import save
+
 CHILD = """
 import sys, time, json, numpy as np
 from soraedge.runtime.backends.ort import OrtEngine
@@ -26,9 +28,10 @@ from soraedge.runtime.spec import EngineSpec
 from soraedge.runtime.vae_decode import ChunkedVaeDecoder
 from soraedge.runtime.video import VideoWriter
 d, frames, h, w, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+tile = int(sys.argv[6]) or None
 specs = json.load(open(d + "/specs.json"))
 dec = ChunkedVaeDecoder(*(OrtEngine(__import__("pathlib").Path(d) / (s["name"] + ".onnx"), EngineSpec.from_dict(s),
-                                    threads) for s in specs))
+                                    threads) for s in specs), tile=tile)
 z = np.random.default_rng(0).standard_normal((1, 16, (frames - 1) // 4 + 1, h // 8, w // 8), dtype=np.float32)
 t0 = time.perf_counter()
 with VideoWriter(d + f"/out{frames}.mp4", 16) as out:
@@ -61,7 +64,7 @@ def export_real_vae(tmp: Path, height: int, width: int, log=print):
     return specs, vae
 
 
-def measure(height: int, width: int, frames: list[int], threads: int, log=print) -> dict:
+def measure(height: int, width: int, frames: list[int], threads: int, tile: int | None = None, log=print) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         specs, _ = export_real_vae(tmp, height, width, log)
@@ -70,7 +73,7 @@ def measure(height: int, width: int, frames: list[int], threads: int, log=print)
         for f in frames:
             log(f"decoding {f} frames at {width}x{height} in a fresh process ...")
             out = subprocess.run([sys.executable, "-c", CHILD, str(tmp), str(f), str(height), str(width),
-                                  str(threads)], capture_output=True, text=True, check=True)
+                                  str(threads), str(tile or 0)], capture_output=True, text=True, check=True)
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     base = rows[0]["vm_hwm_mb"]
     for r in rows:
@@ -80,6 +83,7 @@ def measure(height: int, width: int, frames: list[int], threads: int, log=print)
     return {"machine": machine(), "threads": threads, "height": height, "width": width,
             "vae": "AutoencoderKLWan defaults (Wan2.1 VAE configuration), random weights, fp32, ONNX Runtime CPU",
             "method": "VmHWM of one fresh process per decode (engine load included), frames streamed to mp4",
+            "tile": tile,
             "rows": rows}
 
 
@@ -88,17 +92,22 @@ def measure(height: int, width: int, frames: list[int], threads: int, log=print)
 @click.option("--width", default=832, show_default=True)
 @click.option("--frames", multiple=True, type=int, default=(9, 81), show_default=True)
 @click.option("--threads", type=int, default=os.cpu_count(), show_default=True)
+@click.option("--tile", type=int, help="Spatial tile in pixels (runtime/vae_decode.py); default: untiled.")
 @click.option("--tag", default="cpu", show_default=True)
 @click.option("--results", type=click.Path(path_type=Path), default=Path(__file__).parent / "results")
-def main(height, width, frames, threads, tag, results):
-    r = measure(height, width, list(frames), threads, log=lambda m: click.echo(m, err=True))
-    results.mkdir(parents=True, exist_ok=True)
-    (results / f"vae_memory_{tag}.json").write_text(json.dumps(r, indent=2) + "\n")
-    lines = [f"### Chunked VAE decode memory: {r['vae']}", "", f"{r['machine']['cpu']}, {threads} threads, "
-             f"{width}x{height}; {r['method']}", "", "| frames | seconds | peak RSS MB | vs first |", "|---|---|---|---|"]
-    lines += [f"| {x['frames']} | {x['seconds']:.1f} | {x['vm_hwm_mb']:.0f} | {x['vs_first']:.2f}x |" for x in r["rows"]]
-    (results / f"vae_memory_{tag}.md").write_text("\n".join(lines) + "\n")
-    click.echo("\n".join(lines))
+def main(height, width, frames, threads, tile, tag, results):
+    r = measure(height, width, list(frames), threads, tile, log=lambda m: click.echo(m, err=True))
+    save(results, "vae_memory", tag, r, to_markdown(r))
+
+
+def to_markdown(r: dict) -> str:
+    tiles = f"tiles of {r['tile']} px" if r.get("tile") else "untiled"
+    lines = [f"### Chunked VAE decode memory: {r['vae']}", "",
+             f"{r['machine']['cpu']}, {r['threads']} threads, {r['width']}x{r['height']}, {tiles}; {r['method']}", "",
+             "| frames | seconds | peak RSS MB | vs first |", "|---|---|---|---|"]
+    lines += [f"| {x['frames']} | {x['seconds']:.1f} | {x['vm_hwm_mb']:.0f} | {x['vs_first']:.2f}x |"
+              for x in r["rows"]]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ What is quantized: MatMuls with a constant weight (the linear layers) and, in th
 the attention products Q·Kᵀ and P·V. Weights: int8, symmetric, per output channel. Activations: per tensor.
 Outputs of MatMuls are left in float (`OpTypesToExcludeOutputQuantization`), so ONNX Runtime's CPU provider
 fuses DQ→MatMul into `MatMulIntegerToFloat` (integer GEMM, float output) instead of a QLinearMatMul followed by
-a DequantizeLinear. Measured on this machine (hidden 384, 6 layers, 1280 tokens, CFG batch 2, 2 threads):
+a DequantizeLinear. Measured while choosing these settings (hidden 384, 6 layers, 1280 tokens, CFG batch 2, 2
+threads, random calibration inputs, one run each; the committed comparison is bench/results/precision_cpu.md):
 
     u8 activations, float MatMul outputs:  all 63 linears -> MatMulIntegerToFloat, 1.70x the fp32 step
     u8 activations, quantized outputs:     QLinearMatMul + DequantizeLinear,       1.36x
@@ -12,8 +13,9 @@ a DequantizeLinear. Measured on this machine (hidden 384, 6 layers, 1280 tokens,
                                            stay float MatMul behind DequantizeLinear, 1.37x
 
 so u8 (asymmetric) is the CPU default and s8 (symmetric, zero point 0: what TensorRT requires) is an option.
-Only "MatMul" is in the op types: with default op types onnxruntime 1.32 also touches the opset-23 `Attention`
-node (it takes it for the contrib op of that name) and writes an invalid model.
+Only "MatMul" is in the op types: with default op types, onnxruntime 1.32's quantize_dynamic was reported (in the
+precision issue) to take the opset-23 `Attention` node for the contrib op of that name and write an invalid model;
+restricting the op types keeps the quantizer away from it (not re-checked for quantize_static with defaults).
 """
 
 from __future__ import annotations

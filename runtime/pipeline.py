@@ -99,8 +99,9 @@ class Pipeline:
         # The probe runs between DiT steps: a thread pool of its own would spin-wait after each call and take the
         # cores from the DiT (measured on the demo: +70% denoise time with 2 threads); it is tiny, so 1 thread.
         threads = 1 if name == "dit_probe" else self.threads
+        vae = name in (self.config["vae"]["first"], self.config["vae"]["step"])
         return open_engine(self.backend, self.manifest.engine_path(name), self.manifest.spec(name), threads,
-                           self.precision, cache)
+                           self.precision, cache, arena=not vae)
 
     def engine(self, name: str):
         """The engine `name`, opened on first use; kept open unless low_memory."""

@@ -20,13 +20,14 @@ PRECISIONS = ("fp32", "bf16")
 
 
 def open_engine(backend: str, path: Path, spec: EngineSpec, threads: int | None = None, precision: str = "fp32",
-                cache_dir: Path | None = None):
+                cache_dir: Path | None = None, arena: bool = True):
+    """`arena=False` lets ONNX Runtime return large buffers instead of keeping its CPU arena (the VAE decoder)."""
     if backend == "ort":
         if precision != "fp32":
             raise SoraError(f"the ort backend runs these engines in fp32 only (asked for {precision})")
         from .ort import OrtEngine
 
-        return OrtEngine(path, spec, threads)
+        return OrtEngine(path, spec, threads, arena=arena)
     if backend == "openvino":
         from .openvino import OvEngine
 

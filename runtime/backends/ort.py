@@ -15,9 +15,13 @@ class OrtEngine:
     """A session over one ONNX model. Call with keyword inputs: `engine(...)` the first output, `.run` all."""
 
     def __init__(self, path: Path, spec: EngineSpec, threads: int | None = None,
-                 providers: list[str] | None = None):
+                 providers: list[str] | None = None, arena: bool = True):
         so = ort.SessionOptions()
         so.log_severity_level = 3
+        # The CPU arena keeps every block it ever grew to; without it large buffers go back to the allocator.
+        # For the VAE decoder that is 29% less peak RSS at the same speed (real Wan VAE, 416x240, 9 frames:
+        # 4951 MB against 6964 MB, 59.7 s against 62.7 s).
+        so.enable_cpu_mem_arena = arena
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             so.intra_op_num_threads = threads

@@ -10,6 +10,7 @@ samples as the activation ranges (calib/trajectories.py).
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 
@@ -37,27 +38,34 @@ def _linear_groups(model: onnx.ModelProto, exclude: set[str]) -> dict[str, list[
 
 def activation_absmax(model_path: Path, tensors: list[str], samples: list[dict[str, np.ndarray]],
                       threads: int | None) -> dict[str, np.ndarray]:
-    """Per-channel (last axis) max |value| of `tensors` over all samples: run the model with them as outputs."""
+    """Per-channel (last axis) max |value| of `tensors` over all samples: run the model with them as outputs.
+
+    Only the graph is loaded and rewritten: the augmented copy is written beside `model_path` for the few seconds
+    it runs, so its external-data references resolve to the same weights file (no second copy of the weights in
+    memory or on disk: 5.7 GB for Wan2.1-1.3B's DiT)."""
     import onnxruntime as ort
 
-    model = onnx.load(str(model_path))
+    model = onnx.load(str(model_path), load_external_data=False)
     present = {o.name for o in model.graph.output}
     for t in tensors:
         if t not in present:
             model.graph.output.append(helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None))
-    with tempfile.TemporaryDirectory(prefix="smoothquant-") as tmp:
-        path = Path(tmp) / "augmented.onnx"
-        save_with_external_data(model, path)
+    fd, path = tempfile.mkstemp(prefix=f".{model_path.stem}.smoothquant-", suffix=".onnx", dir=model_path.parent)
+    os.close(fd)
+    try:
+        onnx.save_model(model, path)
         del model
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
-        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        amax: dict[str, np.ndarray] = {}
-        for feeds in samples:
-            for name, value in zip(tensors, sess.run(tensors, feeds)):
-                m = np.abs(value.reshape(-1, value.shape[-1])).max(axis=0)  # [K]
-                amax[name] = m if name not in amax else np.maximum(amax[name], m)
+        sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    finally:
+        os.unlink(path)  # the session has read the graph; the weights file stays
+    amax: dict[str, np.ndarray] = {}
+    for feeds in samples:
+        for name, value in zip(tensors, sess.run(tensors, feeds)):
+            m = np.abs(value.reshape(-1, value.shape[-1])).max(axis=0)  # [K]
+            amax[name] = m if name not in amax else np.maximum(amax[name], m)
     return amax
 
 

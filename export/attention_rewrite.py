@@ -1,0 +1,105 @@
+"""Graph pass: ONNX `Attention` (opset 23, [B, H, L, D] inputs) -> ONNX Runtime's contrib `MultiHeadAttention`.
+
+The DiT export writes each attention as Transpose([B, L, H, D] -> [B, H, L, D]) x3 -> Attention -> Transpose back.
+`MultiHeadAttention` (domain com.microsoft) takes [B, L, H*D] query/key/value and returns [B, L, H*D]; on CUDA it
+dispatches to ONNX Runtime's flash / memory-efficient kernels. The pass replaces the whole pattern:
+
+    Reshape(x, [0, 0, -1]) for q, k, v -> MultiHeadAttention(num_heads) -> Reshape(out, [0, 0, H, -1])
+
+so the tensor after the output Transpose keeps its name and shape, and the Transposes go. Only ONNX Runtime runs
+the result (OpenVINO and TensorRT do not know the contrib op), so it is a separate graph beside the portable one,
+never a replacement of it. Attention nodes that do not match the pattern (a mask, a scale other than 1/sqrt(D),
+other layouts) are left as they are and counted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+MS_DOMAIN = "com.microsoft"
+
+
+@dataclass(frozen=True)
+class RewriteReport:
+    attention_nodes: int
+    replaced: int
+
+
+def _transpose_0213(node) -> bool:
+    return node is not None and node.op_type == "Transpose" and \
+        list(helper.get_attribute_value(node.attribute[0])) == [0, 2, 1, 3]
+
+
+def _default_attention(node) -> bool:
+    """No mask, no past, non-causal, default scale, no softcap: what MultiHeadAttention computes."""
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    return len([i for i in node.input if i]) == 3 and not attrs.get("is_causal", 0) and \
+        "scale" not in attrs and not attrs.get("softcap", 0.0) and len(node.output) == 1
+
+
+def to_multihead_attention(model: onnx.ModelProto, num_heads: int) -> RewriteReport:
+    """Rewrite `model`'s graph in place; weights are not touched (it may be loaded without external data)."""
+    graph = model.graph
+    producer = {out: n for n in graph.node for out in n.output}
+    consumers: dict[str, list] = {}
+    for n in graph.node:
+        for name in n.input:
+            consumers.setdefault(name, []).append(n)
+    graph_outputs = {o.name for o in graph.output}
+
+    flat = numpy_helper.from_array(np.array([0, 0, -1], np.int64), "mha_flatten_heads")
+    split = numpy_helper.from_array(np.array([0, 0, num_heads, -1], np.int64), "mha_split_heads")
+    attention = [n for n in graph.node if n.op_type == "Attention" and n.domain in ("", "ai.onnx")]
+    removed, replacements = set(), {}
+    for node in attention:
+        ins = [producer.get(name) for name in node.input]
+        outs = consumers.get(node.output[0], [])
+        if not (_default_attention(node) and all(_transpose_0213(p) for p in ins) and len(outs) == 1
+                and _transpose_0213(outs[0]) and node.output[0] not in graph_outputs):
+            continue
+        tag = node.name or node.output[0]
+        new = []
+        flat_names = []
+        for role, transpose in zip("qkv", ins):
+            flat_names.append(f"{tag}/mha_{role}")
+            new.append(helper.make_node("Reshape", [transpose.input[0], flat.name], [flat_names[-1]],
+                                        name=f"{tag}/mha_flatten_{role}"))
+        new.append(helper.make_node("MultiHeadAttention", flat_names, [f"{tag}/mha_out"], name=f"{tag}/mha",
+                                    domain=MS_DOMAIN, num_heads=num_heads))
+        new.append(helper.make_node("Reshape", [f"{tag}/mha_out", split.name], [outs[0].output[0]],
+                                    name=f"{tag}/mha_split"))
+        replacements[id(node)] = new
+        removed.add(id(outs[0]))
+        for transpose in ins:  # the input Transposes go once nothing else reads them
+            if all(c is node for c in consumers[transpose.output[0]]):
+                removed.add(id(transpose))
+
+    if replacements:
+        nodes = []
+        for n in graph.node:
+            if id(n) in replacements:
+                nodes.extend(replacements[id(n)])
+            elif id(n) not in removed:
+                nodes.append(n)
+        del graph.node[:]
+        graph.node.extend(nodes)
+        graph.initializer.extend([flat, split])
+        if not any(op.domain == MS_DOMAIN for op in model.opset_import):
+            model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    return RewriteReport(attention_nodes=len(attention), replaced=len(replacements))
+
+
+def rewrite_file(src: Path, dst: Path, num_heads: int) -> RewriteReport:
+    """src.onnx (+ its external data) -> dst.onnx in the same folder, sharing src's weights file."""
+    src, dst = Path(src), Path(dst)
+    if src.parent.resolve() != dst.parent.resolve():
+        raise ValueError("the rewritten graph shares the weights file, so it must sit in the same folder")
+    model = onnx.load(str(src), load_external_data=False)
+    report = to_multihead_attention(model, num_heads)
+    onnx.save_model(model, str(dst))
+    return report

@@ -1,0 +1,116 @@
+"""The demo model judged by the probe: colour and motion accuracy of generated videos, per precision.
+
+Exports the built-in demo to fp32 engines (and, with --precision, reduced-precision ones through the quality
+gate), generates every prompt of the prompt set from the engines (sora-run's path, fixed seeds), reads each video
+back with demo/probe.py, and reports colour and motion accuracy separately for the held-out colour x shape x
+motion combinations (never seen in training) and for training combinations; reduced precisions also get the PSNR
+of their videos against the fp32 engines' on the same seeds. Writes bench/results/demo_probe_<tag>.json and .md
+with the prompt set.
+
+    python -m soraedge.bench.demo_probe [--seeds 3] [--precision int8 --precision fp16] [--tag cpu]
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+
+from .e2e import machine, versions
+from .report import save
+
+
+def prompt_set(seeds: int) -> list[dict]:
+    """Every held-out scene and every 8th training scene, each with `seeds` seeds."""
+    from ..demo.toy_world import HELD_OUT, TRAIN_SCENES
+
+    scenes = [("held_out", s) for s in HELD_OUT] + [("train", s) for s in TRAIN_SCENES[::8]]
+    return [{"split": split, "scene": s, "seed": 1000 + k} for split, s in scenes for k in range(seeds)]
+
+
+def generate_all(engines: Path, prompts: list[dict], threads: int, steps: int | None) -> tuple[list, float]:
+    from ..runtime.pipeline import Pipeline
+
+    pipe = Pipeline.load(engines, threads=threads).open_all()
+    t0 = time.perf_counter()
+    videos = [pipe(p["scene"].caption, seed=p["seed"], steps=steps).frames for p in prompts]  # [F, H, W, 3] in [0, 1]
+    return videos, (time.perf_counter() - t0) / len(prompts)
+
+
+def accuracy_by_split(videos, prompts) -> dict:
+    from ..demo.probe import read_video, score
+
+    verdicts = [read_video(np.round(v * 255)) for v in videos]
+    out = {}
+    for split in ("held_out", "train"):
+        idx = [i for i, p in enumerate(prompts) if p["split"] == split]
+        out[split] = score([verdicts[i] for i in idx], [prompts[i]["scene"] for i in idx])
+    out["verdicts"] = [{"prompt": p["scene"].caption, "seed": p["seed"], "split": p["split"],
+                        "colour": v.colour, "motion": v.motion} for p, v in zip(prompts, verdicts)]
+    return out
+
+
+def run(seeds: int, precisions, threads: int, steps: int | None, log=print) -> dict:
+    from ..export.build import ExportConfig, run_export
+    from ..export.quality_gate import psnr
+
+    prompts = prompt_set(seeds)
+    rows = {}
+    with tempfile.TemporaryDirectory(prefix="bench-demo-probe-") as tmp:
+        reference = None
+        for precision in ("fp32", *precisions):
+            log(f"exporting demo ({precision}) ...")
+            out = Path(tmp) / precision
+            run_export(ExportConfig(model="demo", out=out, backend="ort", precision=precision, check_parity=False,
+                                    threads=threads))
+            log(f"generating {len(prompts)} videos ...")
+            videos, s_per_video = generate_all(out, prompts, threads, steps)
+            row = {"precision": precision, "s_per_video": s_per_video, **accuracy_by_split(videos, prompts)}
+            if reference is None:
+                reference = videos
+            else:
+                row["psnr_vs_fp32_db"] = float(np.median([psnr(v, r) for v, r in zip(videos, reference)]))
+            rows[precision] = row
+            log(f"  {precision}: held-out {row['held_out']}, train {row['train']}")
+    return {"machine": machine(), "versions": versions(), "threads": threads, "steps": steps or "model default",
+            "seeds_per_prompt": seeds, "rows": rows}
+
+
+def to_markdown(r: dict) -> str:
+    lines = ["# The demo model, read back by the probe", "",
+             f"{r['machine']['cpu']}, {r['threads']} threads, ONNX Runtime engines, steps {r['steps']}, "
+             f"{r['seeds_per_prompt']} seeds per prompt; held-out = colour x shape x motion combinations never seen "
+             "in training.", "",
+             "| engines | held-out colour | held-out motion | train colour | train motion | PSNR vs fp32 | s/video |",
+             "|---|---|---|---|---|---|---|"]
+    for row in r["rows"].values():
+        h, t = row["held_out"], row["train"]
+        p = f"{row['psnr_vs_fp32_db']:.1f} dB" if "psnr_vs_fp32_db" in row else "reference"
+        lines.append(f"| {row['precision']} | {h['colour_accuracy']:.0%} ({h['n']}) | {h['motion_accuracy']:.0%} | "
+                     f"{t['colour_accuracy']:.0%} ({t['n']}) | {t['motion_accuracy']:.0%} | {p} | "
+                     f"{row['s_per_video']:.2f} |")
+    lines += ["", "Prompt set (seeds 1000..):", ""]
+    first = next(iter(r["rows"].values()))["verdicts"]
+    lines += sorted({f"- {v['split']}: {v['prompt']}" for v in first})
+    return "\n".join(lines) + "\n"
+
+
+@click.command()
+@click.option("--seeds", default=3, show_default=True, help="Seeds per prompt.")
+@click.option("--precision", "precisions", multiple=True, type=click.Choice(["fp16", "int8"]),
+              help="Also judge these engines (through the export's quality gate).")
+@click.option("--steps", type=int, help="Sampling steps (default: the model's).")
+@click.option("--threads", type=int, default=os.cpu_count(), show_default=True)
+@click.option("--tag", default="cpu", show_default=True)
+@click.option("--results", type=click.Path(path_type=Path), default=Path(__file__).parent / "results")
+def main(seeds, precisions, steps, threads, tag, results):
+    r = run(seeds, precisions, threads, steps)
+    save(results, "demo_probe", tag, r, to_markdown(r))
+
+
+if __name__ == "__main__":
+    main()

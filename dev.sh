@@ -27,7 +27,7 @@ case "${1:-}" in
     setup
     mkdir -p out
     .venv/bin/sora-export demo -o engines/demo
-    .venv/bin/sora-run --engines engines/demo --prompt "a red fox runs along the beach at sunset, waves, cinematic" \
+    .venv/bin/sora-run --engines engines/demo --prompt "a yellow circle moving left on a black background" \
       -o out/demo.mp4
     ;;
   test)

@@ -113,7 +113,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda s: None, tic
 
     from ..export.build import ExportConfig, run_export
     from ..export.checkpoint import read_checkpoint
-    from ..export.tiny_wan import build_tiny_wan
+    from ..demo.pipeline_dir import build_demo_pipeline
     from ..runtime.manifest import load_manifest
     from ..runtime.pipeline import Pipeline
     from .reference import run_reference
@@ -128,7 +128,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda s: None, tic
     torch.set_num_threads(cfg.threads)
     with tempfile.TemporaryDirectory(prefix="sora-bench-") as tmp:
         tmp = Path(tmp)
-        model_dir = build_tiny_wan(tmp / "demo", "demo") if cfg.model == "demo" else read_checkpoint(cfg.model).root
+        model_dir = build_demo_pipeline(tmp / "demo") if cfg.model == "demo" else read_checkpoint(cfg.model).root
         engines = list(cfg.engines)
         export_s = None
         if not engines:

@@ -23,7 +23,8 @@ FIRST_LAST = {"auto": None, "keep": True, "quantize": False}  # --int8-first-las
               show_default=True,
               help="onnx-attention: one ONNX Attention node (opset 23). decomposed: MatMul-Softmax-MatMul (opset 20),"
                    " for TensorRT < 10.14.")
-@click.option("--max-sequence-length", default=512, show_default=True, type=click.IntRange(2, 4096))
+@click.option("--max-sequence-length", type=click.IntRange(2, 4096),
+              help="Text tokens per prompt. Default: the model's (512 for Wan2.1, 32 for the demo).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing, different engine directory.")
 @click.option("--skip-parity", is_flag=True, help="Do not run the ONNX-vs-PyTorch check after export.")
 @click.option("--backend", type=click.Choice(["auto", "ort", "openvino"]), default="auto", show_default=True,

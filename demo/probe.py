@@ -1,7 +1,8 @@
 """Read a generated toy-world video back: which colour the object is and which way it moved.
 
 The background is the median of the border pixels; the object is every pixel far enough from it. Colour: the
-object's mean colour, nearest palette entry. Motion: the object's centroid path and its size over the clip;
+mean colour of the object's inner half (its brightest pixels against the background), nearest palette entry by
+hue. Motion: the object's centroid path and its size over the clip;
 a size change larger than the centroid's travel means growing/shrinking, otherwise the dominant direction.
 Frames are uint8 [F, H, W, 3]. `score` turns verdicts over a prompt set into colour and motion accuracy.
 """
@@ -19,6 +20,18 @@ MIN_PIXELS = 6  # frames with fewer object pixels do not count for motion
 STILL_PX = 4.0  # less travel and radius change than this over the clip reads as "static"
 
 
+def _hue(rgb) -> float:
+    """Hue angle in degrees of an RGB colour."""
+    r, g, b = (float(c) for c in rgb)
+    return float(np.degrees(np.arctan2(np.sqrt(3) * (g - b), 2 * r - g - b)) % 360)
+
+
+def nearest_hue(rgb) -> str:
+    """The palette colour whose hue is nearest: robust to the darkening and desaturation a small VAE adds."""
+    gaps = {name: abs((_hue(rgb) - _hue(c) + 180) % 360 - 180) for name, c in COLOURS.items()}
+    return min(gaps, key=gaps.get)
+
+
 @dataclass(frozen=True)
 class Verdict:
     colour: str | None  # None: no object found
@@ -34,10 +47,9 @@ def read_video(frames: np.ndarray) -> Verdict:
     masks = np.abs(frames - background).sum(-1) > OBJECT_DISTANCE  # [F, H, W]
     if masks.sum() < MIN_PIXELS:
         return Verdict(None, None)
-    mean_colour = frames[masks].mean(axis=0)
-    names = list(COLOURS)
-    palette = np.array([COLOURS[n] for n in names], np.float32)
-    colour = names[int(np.argmin(np.linalg.norm(palette - mean_colour, axis=1)))]
+    distance = np.abs(frames - background).sum(-1)  # [F, H, W]
+    core = masks & (distance >= np.median(distance[masks]))  # the object's inner half, not its blurred rim
+    colour = nearest_hue(frames[core].mean(axis=0))
 
     ys, xs = np.mgrid[: frames.shape[1], : frames.shape[2]]
     t, cx, cy, radius = [], [], [], []

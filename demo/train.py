@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import platform
 import time
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import click
 import numpy as np
 import torch
 
+from ..bench.e2e import machine
 from .text_encoder import TEXT_LEN, encode_prompts
 from .toy_world import FRAMES, TRAIN_SCENES, render, sample
 
@@ -43,22 +43,24 @@ def to_video_tensor(clips: list[np.ndarray]) -> torch.Tensor:
     return x.permute(0, 4, 1, 2, 3).contiguous()
 
 
-def train_vae(steps: int, batch: int, seed: int, log) -> tuple[object, list]:
+def train_vae(steps: int, window: int, batch: int, lr: float, seed: int, log, vae=None) -> tuple[object, list]:
+    """`window`-frame crops: 5 (one cached chunk) teaches the pictures fast; 9 (two) teaches the decoder to run on
+    its own causal cache, which every frame past the fifth of a 17-frame clip needs."""
     from diffusers import AutoencoderKLWan
 
     torch.manual_seed(seed)
-    vae = AutoencoderKLWan(**VAE_CONFIG)
-    opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.05)
+    vae = AutoencoderKLWan(**VAE_CONFIG) if vae is None else vae.train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
     rng = np.random.default_rng(seed)
     losses = []
     for step in range(steps):
         clips = []
         for _ in range(batch):
             _, clip = sample(TRAIN_SCENES, int(rng.integers(1 << 31)))
-            start = int(rng.integers(0, FRAMES - 4))
-            clips.append(clip[start:start + 5])  # [5, H, W, 3]: 1 + 4 frames, two latent frames
-        x = to_video_tensor(clips)  # [B, 3, 5, 64, 64]
+            start = int(rng.integers(0, FRAMES - window + 1))
+            clips.append(clip[start:start + window])  # [window, H, W, 3]
+        x = to_video_tensor(clips)  # [B, 3, window, 64, 64]
         z = vae.encode(x).latent_dist.mode()  # a plain autoencoder: sampling noise drowned the small objects
         recon = vae.decode(z).sample
         # The object covers a few percent of the frame: weight its pixels (and its edges) up, or the decoder
@@ -74,7 +76,7 @@ def train_vae(steps: int, batch: int, seed: int, log) -> tuple[object, list]:
         losses.append(loss.item())
         if step % 50 == 0 or step == steps - 1:
             log(f"vae step {step}/{steps} loss {np.mean(losses[-50:]):.4f}")
-    return vae.eval(), losses
+    return vae, losses
 
 
 @torch.no_grad()
@@ -86,6 +88,20 @@ def encode_clips(vae, n: int, seed: int) -> tuple[torch.Tensor, list]:
         scenes += [s for s, _ in batch]
         latents.append(vae.encode(to_video_tensor([c for _, c in batch])).latent_dist.mode())
     return torch.cat(latents), scenes
+
+
+@torch.no_grad()
+def check_vae(vae, n: int, seed: int) -> dict:
+    """PSNR and probe accuracy of n reconstructed 17-frame clips of every scene (held-out ones included)."""
+    from .probe import read_video, score
+    from .toy_world import ALL_SCENES
+
+    scenes = [ALL_SCENES[(seed + i) % len(ALL_SCENES)] for i in range(n)]
+    clips = [render(s, seed + i) for i, s in enumerate(scenes)]
+    recon = vae.decode(vae.encode(to_video_tensor(clips)).latent_dist.mode()).sample.clamp(-1, 1)
+    recon = ((recon + 1) * 127.5).round().permute(0, 2, 3, 4, 1).numpy()  # [n, F, H, W, 3]
+    mse = float(np.mean((recon - np.stack(clips).astype(np.float32)) ** 2))
+    return {"psnr_db": 10 * math.log10(255**2 / mse), **score([read_video(r) for r in recon], scenes)}
 
 
 def shifted_sigmas(u: torch.Tensor) -> torch.Tensor:
@@ -135,34 +151,47 @@ def save_fp16(model, folder: Path) -> None:
 
 @click.command()
 @click.option("--out", type=click.Path(path_type=Path), default=Path(__file__).parent / "weights", show_default=True)
-@click.option("--stage", type=click.Choice(["all", "vae", "dit"]), default="all", show_default=True)
-@click.option("--vae-steps", default=800, show_default=True)
+@click.option("--stage", type=click.Choice(["all", "vae", "vae-long", "dit"]), default="all", show_default=True,
+              help="vae-long: only the VAE's second (9-frame) phase, from the saved VAE.")
+@click.option("--vae-steps", default=800, show_default=True, help="Phase 1: 5-frame crops, batch 4.")
+@click.option("--vae-long-steps", default=300, show_default=True, help="Phase 2: 9-frame crops, batch 3.")
 @click.option("--dit-steps", default=3000, show_default=True)
 @click.option("--clips", default=1536, show_default=True, help="Encoded training clips for the DiT.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--threads", default=2, show_default=True)
-def main(out: Path, stage: str, vae_steps: int, dit_steps: int, clips: int, seed: int, threads: int) -> None:
+def main(out: Path, stage: str, vae_steps: int, vae_long_steps: int, dit_steps: int, clips: int, seed: int,
+         threads: int) -> None:
     from diffusers import AutoencoderKLWan
 
     torch.set_num_threads(threads)
     out.mkdir(parents=True, exist_ok=True)
     log_file = out / "train_log.json"
-    record = json.loads(log_file.read_text()) if log_file.exists() and stage == "dit" else {}
-    record["machine"] = {"cpu": platform.processor() or platform.machine(), "threads": threads,
-                         "torch": torch.__version__}
+    record = json.loads(log_file.read_text()) if log_file.exists() and stage in ("dit", "vae-long") else {}
+    record["machine"] = {**machine(), "threads": threads, "torch": torch.__version__}
 
     def log(msg):
         print(msg, flush=True)
 
-    if stage in ("all", "vae"):
+    if stage in ("all", "vae", "vae-long"):
         t0 = time.time()
-        vae, losses = train_vae(vae_steps, 4, seed, log)
+        if stage == "vae-long":
+            vae = AutoencoderKLWan.from_pretrained(out / "vae", torch_dtype=torch.float32)
+        else:
+            vae, losses = train_vae(vae_steps, 5, 4, 2e-3, seed, log)
+            record["vae"] = {"steps": vae_steps, "window": 5, "batch": 4, "seconds": time.time() - t0,
+                             "final_loss": float(np.mean(losses[-50:])), "config": VAE_CONFIG}
+        t1 = time.time()
+        vae, losses = train_vae(vae_long_steps, 9, 3, 1e-3, seed + 1, log, vae)
+        record.setdefault("vae_long_runs", []).append({"steps": vae_long_steps, "window": 9, "batch": 3,
+                                                       "seconds": time.time() - t1,
+                                                       "final_loss": float(np.mean(losses[-50:]))})
+        vae.eval()
         lat, _ = encode_clips(vae, 256, seed + 10_000_000)
         vae.register_to_config(latents_mean=lat.mean(dim=(0, 2, 3, 4)).tolist(),
                                latents_std=lat.std(dim=(0, 2, 3, 4)).tolist())
         save_fp16(vae, out / "vae")
-        record["vae"] = {"steps": vae_steps, "batch": 4, "seconds": time.time() - t0,
-                         "final_loss": float(np.mean(losses[-50:])), "config": VAE_CONFIG}
+        record["vae_check"] = check_vae(vae, 36, seed + 30_000_000)
+        log(f"vae reconstructions: {record['vae_check']}")
     if stage in ("all", "dit"):
         t0 = time.time()
         vae = AutoencoderKLWan.from_pretrained(out / "vae", torch_dtype=torch.float32).eval()

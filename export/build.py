@@ -15,7 +15,7 @@ import json
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -36,9 +36,7 @@ from .vae import load_vae_decoders, vae_specs
 
 # WanPipeline.__call__ defaults; the demo model records its own.
 WAN_DEFAULTS = {"height": 480, "width": 832, "frames": 81, "steps": 50, "guidance": 5.0, "negative_prompt": "",
-                "fps": 16}
-DEMO_DEFAULTS = {"height": 192, "width": 320, "frames": 9, "steps": 20, "guidance": 5.0,
-                 "negative_prompt": "low quality, blurry, static", "fps": 8}
+                "fps": 16, "max_sequence_length": 512}
 MAX_SIDE = 1280  # largest height/width the engines accept (TensorRT profile max); ORT CPU itself has no limit
 
 
@@ -51,7 +49,7 @@ class ExportConfig:
     height: int | None = None
     width: int | None = None
     attention: AttentionForm = AttentionForm.ONNX
-    max_sequence_length: int = 512
+    max_sequence_length: int | None = None  # text tokens; default: the model's (512 for Wan2.1, as WanPipeline)
     overwrite: bool = False
     check_parity: bool = True
     backend: str = "auto"  # "auto" (fastest measured on this machine) | "ort" | "openvino"
@@ -138,7 +136,7 @@ def _export_into(ck: WanCheckpoint, cfg: ExportConfig, defaults: dict, tmp: Path
 
     # Text encoder
     te = load_text_encoder(ck.root, ck.text_encoder_class)
-    d_model = te.encoder.config.d_model
+    d_model = te.encoder.config.hidden_size  # T5: d_model, BERT: hidden_size (transformers maps both)
     spec = text_encoder_spec(d_model, cfg.max_sequence_length)
     engines["text_encoder"] = _export_component(
         "text_encoder", te, te, spec, tmp, cfg.attention.opset, {"b": 2, "s": min(8, cfg.max_sequence_length)},
@@ -202,9 +200,9 @@ def _prepare_source(cfg: ExportConfig, workdir: Path) -> tuple[WanCheckpoint, di
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
     if cfg.model == "demo":
-        from .tiny_wan import build_tiny_wan
+        from ..demo.pipeline_dir import DEMO_DEFAULTS, build_demo_pipeline
 
-        return read_checkpoint(build_tiny_wan(workdir / "demo-src", "demo")), dict(DEMO_DEFAULTS), "demo"
+        return read_checkpoint(build_demo_pipeline(workdir / "demo-src")), dict(DEMO_DEFAULTS), "demo"
     ck = read_checkpoint(cfg.model)
     return ck, dict(WAN_DEFAULTS), str(Path(cfg.model).resolve())
 
@@ -229,6 +227,8 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = lambda s: None) -
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.build-", dir=out.parent) as work:
         work = Path(work)
         ck, defaults, source = _prepare_source(cfg, work)
+        model_text_len = defaults.pop("max_sequence_length")
+        cfg = replace(cfg, max_sequence_length=cfg.max_sequence_length or model_text_len)
         if cfg.height or cfg.width:
             defaults["height"] = cfg.height or defaults["height"]
             defaults["width"] = cfg.width or defaults["width"]

@@ -13,7 +13,7 @@ from pathlib import Path
 from ..runtime.errors import SoraError
 
 COMPONENTS = ("transformer", "text_encoder", "tokenizer", "vae", "scheduler")
-TEXT_ENCODERS = ("UMT5EncoderModel", "T5EncoderModel")
+TEXT_ENCODERS = ("UMT5EncoderModel", "T5EncoderModel", "BertModel")  # BERT: the demo's MiniLM
 SCHEDULERS = ("UniPCMultistepScheduler", "FlowMatchEulerDiscreteScheduler")
 
 

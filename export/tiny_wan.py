@@ -1,6 +1,7 @@
 """Build a small, deterministic Wan2.1-architecture pipeline directory offline (no download).
 
-Used for the built-in `demo` model and for every test: `WanPipeline.save_pretrained` of randomly initialised
+Used by the tests and the benchmarks (the built-in `demo` is a trained model, see demo/):
+`WanPipeline.save_pretrained` of randomly initialised
 (fixed seed) components plus a word-level tokenizer built from a fixed word list. The result is a faithful small
 instance of the architecture: the same classes, configs and files as Wan2.1-T2V-1.3B-Diffusers.
 """
@@ -18,7 +19,7 @@ SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")
 
 @dataclass(frozen=True)
 class TinyWanConfig:
-    """Sizes of every component. `TINY_CONFIGS` names the ones tests and the demo use."""
+    """Sizes of every component. `TINY_CONFIGS` names the ones tests and benches use."""
 
     layers: int = 2
     heads: int = 2
@@ -35,7 +36,7 @@ class TinyWanConfig:
     scheduler: str = "unipc"  # "unipc" | "euler"
     flow_shift: float = 3.0
     seed: int = 0
-    init_scale: float = 1.0  # multiplies the DiT's random weights: bigger gives more visible motion in the demo
+    init_scale: float = 1.0  # multiplies the DiT's random weights
 
 
 TINY_CONFIGS = {
@@ -45,7 +46,6 @@ TINY_CONFIGS = {
     "tiny-b": TinyWanConfig(layers=3, heads=3, head_dim=8, ffn_dim=48, patch=(1, 1, 1), text_dim=24,
                             text_layers=1, text_heads=2, latent_channels=4, vae_dim=4, scheduler="euler",
                             flow_shift=5.0, seed=1),
-    # The built-in demo: big enough to make a moving picture, export + 20 steps in well under a minute on 2 cores.
     # The benchmark configuration of the bench issue: hidden size 384 (6 heads x 64), 6 layers, Wan's FFN ratio.
     "bench-384": TinyWanConfig(layers=6, heads=6, head_dim=64, ffn_dim=2240, text_dim=64, text_layers=2,
                                text_heads=4, vae_dim=16, seed=384),
@@ -55,8 +55,6 @@ TINY_CONFIGS = {
     "wan21-1.3b-shapes": TinyWanConfig(layers=30, heads=12, head_dim=128, ffn_dim=8960, text_dim=4096, text_layers=1,
                                        text_heads=8, vae_dim=96, vae_dim_mult=(1, 2, 4, 4), vae_res_blocks=2,
                                        seed=13),
-    "demo": TinyWanConfig(layers=2, heads=4, head_dim=24, ffn_dim=192, text_dim=64, text_layers=2, text_heads=4,
-                          vae_dim=16, seed=2026),
 }
 
 

@@ -25,6 +25,19 @@ from .tiles import attention_configs
 LOG2_E = 1.4426950408889634
 
 
+@triton.jit
+def online_softmax_block(logits, col_ok, v, m_i, l_i, acc):
+    """Fold one K/V block into the running (max, sum, output): logits [BLOCK_M, BLOCK_N] fp32 in the exp2 domain,
+    col_ok [BLOCK_N] (False past the sequence end), v [BLOCK_N, D]. Shared by the fp16 and INT8 kernels."""
+    logits = tl.where(col_ok[None, :], logits, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(logits, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(logits - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+    return m_new, l_i, acc
+
+
 @triton.autotune(configs=attention_configs(), key=["L", "S", "HEAD_DIM"])
 @triton.jit
 def _flash_attention_fwd(
@@ -58,14 +71,8 @@ def _flash_attention_fwd(
         col_ok = cols < S
         k = tl.load(k_base + cols[None, :] * stride_kn, mask=col_ok[None, :], other=0.0)
         logits = tl.dot(q, k) * qk_scale  # [BLOCK_M, BLOCK_N] fp32, log2 domain
-        logits = tl.where(col_ok[None, :], logits, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(logits, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(logits - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + cols[:, None] * stride_vn, mask=col_ok[:, None], other=0.0)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
-        m_i = m_new
+        m_i, l_i, acc = online_softmax_block(logits, col_ok, v, m_i, l_i, acc)
 
     out = acc / l_i[:, None]
     tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,

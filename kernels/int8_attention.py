@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .flash_attention import LOG2_E, check_inputs, new_output
+from .flash_attention import LOG2_E, check_inputs, new_output, online_softmax_block
 from .tiles import attention_configs
 
 Q_BLOCK = 64  # query rows per quantization scale
@@ -90,14 +90,8 @@ def _int8_attention_fwd(
         k8 = tl.load(k_base + cols[None, :] * HEAD_DIM, mask=col_ok[None, :], other=0)  # K^T tile [D, BLOCK_N]
         k_scale = tl.load(KS + pid_bh * n_k_blocks + cols // K_BLK, mask=col_ok, other=0.0)  # [BLOCK_N]
         logits = tl.dot(q8, k8).to(tl.float32) * q_scale[:, None] * k_scale[None, :]  # log2 domain
-        logits = tl.where(col_ok[None, :], logits, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(logits, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(logits - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + cols[:, None] * stride_vn, mask=col_ok[:, None], other=0.0)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
-        m_i = m_new
+        m_i, l_i, acc = online_softmax_block(logits, col_ok, v, m_i, l_i, acc)
 
     out = acc / l_i[:, None]
     tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,

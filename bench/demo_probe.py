@@ -1,7 +1,7 @@
 """The demo model judged by the probe: colour and motion accuracy of generated videos, per precision.
 
 Exports the built-in demo to fp32 engines (and, with --precision, reduced-precision ones through the quality
-gate), generates every prompt of the prompt set from the engines (sora-run's path, fixed seeds), reads each video
+gate; INT8 calibrated on 8 training captions), generates every prompt of the prompt set from the engines (sora-run's path, fixed seeds), reads each video
 back with demo/probe.py, and reports colour and motion accuracy separately for the held-out colour x shape x
 motion combinations (never seen in training) and for training combinations; reduced precisions also get the PSNR
 of their videos against the fp32 engines' on the same seeds. Writes bench/results/demo_probe_<tag>.json and .md
@@ -55,18 +55,24 @@ def accuracy_by_split(videos, prompts) -> dict:
 
 
 def run(seeds: int, precisions, threads: int, steps: int | None, log=print) -> dict:
+    from ..calib.config import CalibConfig
+    from ..demo.toy_world import TRAIN_SCENES
     from ..export.build import ExportConfig, run_export
     from ..export.quality_gate import psnr
 
     prompts = prompt_set(seeds)
     rows = {}
     with tempfile.TemporaryDirectory(prefix="bench-demo-probe-") as tmp:
+        # INT8 calibrates on the demo's own world (training captions), not on the shipped general prompts.
+        calib_file = Path(tmp) / "calib_prompts.txt"
+        calib_file.write_text("\n".join(s.caption for s in TRAIN_SCENES[5::12]) + "\n")
+        calib = CalibConfig(prompts_file=calib_file, prompts=8)
         reference = None
         for precision in ("fp32", *precisions):
             log(f"exporting demo ({precision}) ...")
             out = Path(tmp) / precision
             run_export(ExportConfig(model="demo", out=out, backend="ort", precision=precision, check_parity=False,
-                                    threads=threads))
+                                    threads=threads, calib=calib))
             log(f"generating {len(prompts)} videos ...")
             videos, s_per_video = generate_all(out, prompts, threads, steps)
             row = {"precision": precision, "s_per_video": s_per_video, **accuracy_by_split(videos, prompts)}

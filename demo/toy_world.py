@@ -38,8 +38,10 @@ class Scene:
 
 
 ALL_SCENES = tuple(Scene(c, s, m) for c, s, m in itertools.product(COLOURS, SHAPES, MOTIONS))
-# 12 of 108 held out; every colour, shape and motion still appears in training in other combinations.
-HELD_OUT = tuple(sc for i, sc in enumerate(ALL_SCENES) if i % 9 == 4)
+# 12 of 108 held out, two per colour, so that every pair of attributes (colour-shape, colour-motion, shape-motion)
+# still appears in training: the model is asked to compose pairs it has seen into triples it has not.
+_COLOURS, _MOTIONS = list(COLOURS), list(MOTIONS)
+HELD_OUT = tuple(Scene(c, SHAPES[(i + k) % 3], _MOTIONS[(i + 3 * k) % 6]) for i, c in enumerate(_COLOURS) for k in (0, 1))
 TRAIN_SCENES = tuple(sc for sc in ALL_SCENES if sc not in HELD_OUT)
 
 

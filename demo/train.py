@@ -1,7 +1,9 @@
 """Train the built-in demo model from scratch: a small Wan VAE on toy clips, then a small Wan DiT with flow matching.
 
-    python -m soraedge.demo.train --out demo/weights            # both stages, ~35 min on 2 CPU cores
-    python -m soraedge.demo.train --out demo/weights --stage dit # the DiT again, on the saved VAE
+    python -m soraedge.demo.train --out demo/weights             # both stages: ~32 min on 2 CPU cores
+    python -m soraedge.demo.train --out demo/weights --stage dit  # the DiT again, on the saved VAE
+
+(~32 min: the parts of the committed run added up; demo/weights/train_log.json says how that run went.)
 
 Stage `vae`: AutoencoderKLWan (base 16, z 8, 8x spatial / 4x temporal) on 5-frame windows of training clips,
 L2 + L1 reconstruction weighted towards the object's pixels, on the posterior mean (a plain autoencoder) with a small latent L2 term; then per-channel latent mean/std measured on encoded clips and
@@ -154,8 +156,8 @@ def save_fp16(model, folder: Path) -> None:
 @click.option("--stage", type=click.Choice(["all", "vae", "vae-long", "dit"]), default="all", show_default=True,
               help="vae-long: only the VAE's second (9-frame) phase, from the saved VAE.")
 @click.option("--vae-steps", default=800, show_default=True, help="Phase 1: 5-frame crops, batch 4.")
-@click.option("--vae-long-steps", default=300, show_default=True, help="Phase 2: 9-frame crops, batch 3.")
-@click.option("--dit-steps", default=3000, show_default=True)
+@click.option("--vae-long-steps", default=700, show_default=True, help="Phase 2: 9-frame crops, batch 3.")
+@click.option("--dit-steps", default=2500, show_default=True)
 @click.option("--clips", default=1536, show_default=True, help="Encoded training clips for the DiT.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--threads", default=2, show_default=True)

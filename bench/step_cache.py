@@ -22,7 +22,7 @@ from .report import save
 
 PROMPTS = ("a yellow circle moving left on a black background", "a blue triangle shrinking on a black background",
            "a green square moving up on a black background")  # the trained demo's world
-THRESHOLDS = (0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0)
+THRESHOLDS = (0.02, 0.05, 0.06, 0.07, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5)
 MIN_PSNR = 30.0
 
 

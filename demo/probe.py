@@ -44,10 +44,10 @@ def read_video(frames: np.ndarray) -> Verdict:
     frames = np.asarray(frames, np.float32)  # [F, H, W, 3]
     border = np.concatenate([frames[:, 0], frames[:, -1], frames[:, :, 0], frames[:, :, -1]], axis=1)
     background = np.median(border.reshape(-1, 3), axis=0)
-    masks = np.abs(frames - background).sum(-1) > OBJECT_DISTANCE  # [F, H, W]
+    distance = np.abs(frames - background).sum(-1)  # [F, H, W]
+    masks = distance > OBJECT_DISTANCE
     if masks.sum() < MIN_PIXELS:
         return Verdict(None, None)
-    distance = np.abs(frames - background).sum(-1)  # [F, H, W]
     core = masks & (distance >= np.median(distance[masks]))  # the object's inner half, not its blurred rim
     colour = nearest_hue(frames[core].mean(axis=0))
 

@@ -5,9 +5,11 @@
 
 (~32 min: the parts of the committed run added up; demo/weights/train_log.json says how that run went.)
 
-Stage `vae`: AutoencoderKLWan (base 16, z 8, 8x spatial / 4x temporal) on 5-frame windows of training clips,
-L2 + L1 reconstruction weighted towards the object's pixels, on the posterior mean (a plain autoencoder) with a small latent L2 term; then per-channel latent mean/std measured on encoded clips and
-written into the VAE config (`latents_mean`/`latents_std`, as Wan2.1 ships them).
+Stage `vae`: AutoencoderKLWan (base 16, z 8, 8x spatial / 4x temporal) on crops of training clips, 5 frames
+first and then 9 (the decoder's own causal cache), L2 + L1 reconstruction weighted towards the object's pixels,
+on the posterior mean (a plain autoencoder) with a small latent L2 term. Then per-channel latent mean/std are
+measured on encoded clips and written into the VAE config (`latents_mean`/`latents_std`, as Wan2.1 ships them),
+and 36 reconstructed clips are scored by the probe (`vae_check` in the log).
 Stage `dit`: WanTransformer3DModel (4 layers, 4 heads x 32) on normalised latents of 17-frame training clips,
 rectified flow (x_t = (1 - s) x0 + s e, target e - x0, s shifted as the scheduler's flow_shift), conditioned on
 the frozen all-MiniLM-L6-v2 embeddings of the captions exactly as WanPipeline computes them (trimmed, zero-padded
@@ -31,7 +33,8 @@ from ..bench.e2e import machine
 from .text_encoder import TEXT_LEN, encode_prompts
 from .toy_world import FRAMES, TRAIN_SCENES, render, sample
 
-VAE_CONFIG = dict(base_dim=16, z_dim=8, dim_mult=[1, 2, 2, 2], num_res_blocks=1, temperal_downsample=[False, True, True])
+VAE_CONFIG = dict(base_dim=16, z_dim=8, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                  temperal_downsample=[False, True, True])
 DIT_CONFIG = dict(patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=32, in_channels=8, out_channels=8,
                   text_dim=384, freq_dim=256, ffn_dim=512, num_layers=4, cross_attn_norm=True,
                   qk_norm="rms_norm_across_heads", rope_max_seq_len=1024)

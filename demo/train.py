@@ -48,6 +48,22 @@ def to_video_tensor(clips: list[np.ndarray]) -> torch.Tensor:
     return x.permute(0, 4, 1, 2, 3).contiguous()
 
 
+def one_cycle_adamw(model, lr: float, weight_decay: float, steps: int):
+    """AdamW with a one-cycle schedule (5% warm-up), as both stages train."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    return opt, torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
+
+
+def apply_gradients(model, opt, sched, loss) -> float:
+    """Backward, clip the gradient norm to 1, step the optimizer and the schedule; returns the loss value."""
+    opt.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    sched.step()
+    return loss.item()
+
+
 def train_vae(steps: int, window: int, batch: int, lr: float, seed: int, log, vae=None) -> tuple[object, list]:
     """`window`-frame crops: 5 (one cached chunk) teaches the pictures fast; 9 (two) teaches the decoder to run on
     its own causal cache, which every frame past the fifth of a 17-frame clip needs."""
@@ -55,8 +71,7 @@ def train_vae(steps: int, window: int, batch: int, lr: float, seed: int, log, va
 
     torch.manual_seed(seed)
     vae = AutoencoderKLWan(**VAE_CONFIG) if vae is None else vae.train()
-    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
+    opt, sched = one_cycle_adamw(vae, lr, 0.0, steps)
     rng = np.random.default_rng(seed)
     losses = []
     for step in range(steps):
@@ -73,12 +88,7 @@ def train_vae(steps: int, window: int, batch: int, lr: float, seed: int, log, va
         weight = 1.0 + 20.0 * ((x + 1).abs().sum(dim=1, keepdim=True) > 0.05).float()
         err = recon - x
         loss = (weight * (err.pow(2) + 0.5 * err.abs())).mean() / weight.mean() + 1e-4 * z.pow(2).mean()
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
+        losses.append(apply_gradients(vae, opt, sched, loss))
         if step % 50 == 0 or step == steps - 1:
             log(f"vae step {step}/{steps} loss {np.mean(losses[-50:]):.4f}")
     return vae, losses
@@ -117,14 +127,14 @@ def train_dit(latents, scenes, steps: int, batch: int, seed: int, log) -> tuple[
     from diffusers import WanTransformer3DModel
 
     captions = sorted({s.caption for s in scenes})
-    table = dict(zip(captions, encode_prompts(captions + [""])))  # caption -> [TEXT_LEN, 384]
-    empty = torch.from_numpy(encode_prompts([""])[0])
+    embeddings = encode_prompts(captions + [""])  # [len + 1, TEXT_LEN, 384]: one encoder load, "" last
+    table = dict(zip(captions, embeddings[:-1]))
+    empty = torch.from_numpy(embeddings[-1])
     text = torch.stack([torch.from_numpy(table[s.caption]) for s in scenes])  # [N, TEXT_LEN, 384]
 
     torch.manual_seed(seed)
     dit = WanTransformer3DModel(**DIT_CONFIG)
-    opt = torch.optim.AdamW(dit.parameters(), lr=1e-3, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=steps, pct_start=0.05)
+    opt, sched = one_cycle_adamw(dit, 1e-3, 0.01, steps)
     gen = torch.Generator().manual_seed(seed)
     losses = []
     for step in range(steps):
@@ -138,12 +148,7 @@ def train_dit(latents, scenes, steps: int, batch: int, seed: int, log) -> tuple[
         xt = (1 - s) * x0 + s * noise
         pred = dit(xt, sigma * 1000, ctx, return_dict=False)[0]
         loss = (pred - (noise - x0)).pow(2).mean()
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(dit.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
+        losses.append(apply_gradients(dit, opt, sched, loss))
         if step % 100 == 0 or step == steps - 1:
             log(f"dit step {step}/{steps} loss {np.mean(losses[-100:]):.4f}")
     return dit.eval(), losses

@@ -31,8 +31,10 @@ class RewriteReport:
 
 
 def _transpose_0213(node) -> bool:
-    return node is not None and node.op_type == "Transpose" and \
-        list(helper.get_attribute_value(node.attribute[0])) == [0, 2, 1, 3]
+    if node is None or node.op_type != "Transpose":
+        return False
+    perm = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "perm"), None)
+    return perm is not None and list(perm) == [0, 2, 1, 3]
 
 
 def _default_attention(node) -> bool:

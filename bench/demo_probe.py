@@ -8,6 +8,7 @@ of their videos against the fp32 engines' on the same seeds. Writes bench/result
 with the prompt set.
 
     python -m soraedge.bench.demo_probe [--seeds 3] [--precision int8 --precision fp16] [--tag cpu]
+                                        [--weights DIR]   # weights from demo/train.py other than the shipped ones
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def accuracy_by_split(videos, prompts) -> dict:
     return out
 
 
-def run(seeds: int, precisions, threads: int, steps: int | None, log=print) -> dict:
+def run(seeds: int, precisions, threads: int, steps: int | None, weights: Path | None = None, log=print) -> dict:
     from ..calib.config import CalibConfig
     from ..demo.toy_world import TRAIN_SCENES
     from ..export.build import ExportConfig, run_export
@@ -72,7 +73,7 @@ def run(seeds: int, precisions, threads: int, steps: int | None, log=print) -> d
             log(f"exporting demo ({precision}) ...")
             out = Path(tmp) / precision
             run_export(ExportConfig(model="demo", out=out, backend="ort", precision=precision, check_parity=False,
-                                    threads=threads, calib=calib))
+                                    threads=threads, calib=calib, demo_weights=weights))
             log(f"generating {len(prompts)} videos ...")
             videos, s_per_video = generate_all(out, prompts, threads, steps)
             row = {"precision": precision, "s_per_video": s_per_video, **accuracy_by_split(videos, prompts)}
@@ -82,7 +83,8 @@ def run(seeds: int, precisions, threads: int, steps: int | None, log=print) -> d
                 row["psnr_vs_fp32_db"] = float(np.median([psnr(v, r) for v, r in zip(videos, reference)]))
             rows[precision] = row
             log(f"  {precision}: held-out {row['held_out']}, train {row['train']}")
-    return {"machine": machine(), "versions": versions(), "threads": threads, "steps": steps or "model default",
+    return {"machine": machine(), "versions": versions(), "weights": str(weights or "demo/weights (shipped)"),
+            "threads": threads, "steps": steps or "model default",
             "seeds_per_prompt": seeds, "rows": rows}
 
 
@@ -90,7 +92,7 @@ def to_markdown(r: dict) -> str:
     lines = ["# The demo model, read back by the probe", "",
              f"{r['machine']['cpu']}, {r['threads']} threads, ONNX Runtime engines, steps {r['steps']}, "
              f"{r['seeds_per_prompt']} seeds per prompt; held-out = colour x shape x motion combinations never seen "
-             "in training.", "",
+             f"in training. Weights: {r.get('weights', 'demo/weights (shipped)')}.", "",
              "| engines | held-out colour | held-out motion | train colour | train motion | PSNR vs fp32 | s/video |",
              "|---|---|---|---|---|---|---|"]
     for row in r["rows"].values():
@@ -112,9 +114,11 @@ def to_markdown(r: dict) -> str:
 @click.option("--steps", type=int, help="Sampling steps (default: the model's).")
 @click.option("--threads", type=int, default=os.cpu_count(), show_default=True)
 @click.option("--tag", default="cpu", show_default=True)
+@click.option("--weights", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="A demo/train.py output folder to judge instead of the shipped weights.")
 @click.option("--results", type=click.Path(path_type=Path), default=Path(__file__).parent / "results")
-def main(seeds, precisions, steps, threads, tag, results):
-    r = run(seeds, precisions, threads, steps)
+def main(seeds, precisions, steps, threads, tag, weights, results):
+    r = run(seeds, precisions, threads, steps, weights)
     save(results, "demo_probe", tag, r, to_markdown(r))
 
 

@@ -60,6 +60,7 @@ class ExportConfig:
     min_psnr: float | None = None  # the gate's threshold; default by precision (30 dB 8-bit/bf16, 40 dB fp16)
     calib: CalibConfig = field(default_factory=CalibConfig)  # INT8 DiT calibration
     threads: int | None = None
+    demo_weights: Path | None = None  # model "demo" only: trained weights other than the shipped ones
 
 
 @dataclass
@@ -202,7 +203,10 @@ def _prepare_source(cfg: ExportConfig, workdir: Path) -> tuple[WanCheckpoint, di
     if cfg.model == "demo":
         from ..demo.pipeline_dir import DEMO_DEFAULTS, build_demo_pipeline
 
-        return read_checkpoint(build_demo_pipeline(workdir / "demo-src")), dict(DEMO_DEFAULTS), "demo"
+        if cfg.demo_weights is None:
+            return read_checkpoint(build_demo_pipeline(workdir / "demo-src")), dict(DEMO_DEFAULTS), "demo"
+        source = build_demo_pipeline(workdir / "demo-src", Path(cfg.demo_weights))
+        return read_checkpoint(source), dict(DEMO_DEFAULTS), f"demo (weights {Path(cfg.demo_weights).resolve()})"
     ck = read_checkpoint(cfg.model)
     return ck, dict(WAN_DEFAULTS), str(Path(cfg.model).resolve())
 

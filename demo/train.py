@@ -1,9 +1,9 @@
 """Train the built-in demo model from scratch: a small Wan VAE on toy clips, then a small Wan DiT with flow matching.
 
-    python -m soraedge.demo.train --out demo/weights             # both stages: ~32 min on 2 CPU cores
+    python -m soraedge.demo.train --out demo/weights             # both stages: 33 min on 2 CPU cores
     python -m soraedge.demo.train --out demo/weights --stage dit  # the DiT again, on the saved VAE
 
-(~32 min: the parts of the committed run added up; demo/weights/train_log.json says how that run went.)
+(33 min: the committed weights' from-scratch run; demo/weights/train_log.json says how it went.)
 
 Stage `vae`: AutoencoderKLWan (base 16, z 8, 8x spatial / 4x temporal) on training clips, 5-frame crops first and
 then whole 17-frame clips (the decoder's own causal cache, as the pipeline decodes), L2 + L1 reconstruction weighted

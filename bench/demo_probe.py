@@ -73,7 +73,8 @@ def run(seeds: int, precisions, threads: int, steps: int | None, weights: Path |
             log(f"exporting demo ({precision}) ...")
             out = Path(tmp) / precision
             run_export(ExportConfig(model="demo", out=out, backend="ort", precision=precision, check_parity=False,
-                                    threads=threads, calib=calib, demo_weights=weights))
+                                    threads=threads, calib=calib,
+                                    demo_weights=str(weights.resolve()) if weights else None))
             log(f"generating {len(prompts)} videos ...")
             videos, s_per_video = generate_all(out, prompts, threads, steps)
             row = {"precision": precision, "s_per_video": s_per_video, **accuracy_by_split(videos, prompts)}

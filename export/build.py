@@ -60,7 +60,7 @@ class ExportConfig:
     min_psnr: float | None = None  # the gate's threshold; default by precision (30 dB 8-bit/bf16, 40 dB fp16)
     calib: CalibConfig = field(default_factory=CalibConfig)  # INT8 DiT calibration
     threads: int | None = None
-    demo_weights: Path | None = None  # model "demo" only: trained weights other than the shipped ones
+    demo_weights: str | None = None  # model "demo" only: trained weights other than the shipped ones
 
 
 @dataclass

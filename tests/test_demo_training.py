@@ -23,6 +23,6 @@ def test_training_from_scratch_writes_weights_the_exporter_reads(tmp_path):
     vae_config = json.loads((tmp_path / "w" / "vae" / "config.json").read_text())
     assert len(vae_config["latents_mean"]) == len(vae_config["latents_std"]) == vae_config["z_dim"]
     assert all(s > 0 for s in vae_config["latents_std"])
-    run_export(ExportConfig(model="demo", out=tmp_path / "engines", backend="ort", demo_weights=tmp_path / "w"))
+    run_export(ExportConfig(model="demo", out=tmp_path / "engines", backend="ort", demo_weights=str(tmp_path / "w")))
     manifest = json.loads((tmp_path / "engines" / "manifest.json").read_text())
     assert manifest["source"] == f"demo (weights {(tmp_path / 'w').resolve()})"

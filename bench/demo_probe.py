@@ -1,8 +1,8 @@
 """The demo model judged by the probe: colour and motion accuracy of generated videos, per precision.
 
 Exports the built-in demo to fp32 engines (and, with --precision, reduced-precision ones through the quality
-gate; INT8 calibrated on 8 training captions), generates every prompt of the prompt set from the engines (sora-run's path, fixed seeds), reads each video
-back with demo/probe.py, and reports colour and motion accuracy separately for the held-out colour x shape x
+gate; INT8 calibrated on 8 training captions), generates every prompt of the prompt set from the engines
+(sora-run's path, fixed seeds), reads each video back with demo/probe.py, and reports colour and motion accuracy separately for the held-out colour x shape x
 motion combinations (never seen in training) and for training combinations; reduced precisions also get the PSNR
 of their videos against the fp32 engines' on the same seeds. Writes bench/results/demo_probe_<tag>.json and .md
 with the prompt set.
@@ -74,7 +74,7 @@ def run(seeds: int, precisions, threads: int, steps: int | None, weights: Path |
             out = Path(tmp) / precision
             run_export(ExportConfig(model="demo", out=out, backend="ort", precision=precision, check_parity=False,
                                     threads=threads, calib=calib,
-                                    demo_weights=str(weights.resolve()) if weights else None))
+                                    demo_weights=str(weights) if weights else None))
             log(f"generating {len(prompts)} videos ...")
             videos, s_per_video = generate_all(out, prompts, threads, steps)
             row = {"precision": precision, "s_per_video": s_per_video, **accuracy_by_split(videos, prompts)}
@@ -93,7 +93,7 @@ def to_markdown(r: dict) -> str:
     lines = ["# The demo model, read back by the probe", "",
              f"{r['machine']['cpu']}, {r['threads']} threads, ONNX Runtime engines, steps {r['steps']}, "
              f"{r['seeds_per_prompt']} seeds per prompt; held-out = colour x shape x motion combinations never seen "
-             f"in training. Weights: {r.get('weights', 'demo/weights (shipped)')}.", "",
+             f"in training. Weights: {r['weights']}.", "",
              "| engines | held-out colour | held-out motion | train colour | train motion | PSNR vs fp32 | s/video |",
              "|---|---|---|---|---|---|---|"]
     for row in r["rows"].values():

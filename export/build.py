@@ -201,12 +201,11 @@ def _prepare_source(cfg: ExportConfig, workdir: Path) -> tuple[WanCheckpoint, di
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
     if cfg.model == "demo":
-        from ..demo.pipeline_dir import DEMO_DEFAULTS, build_demo_pipeline
+        from ..demo.pipeline_dir import DEMO_DEFAULTS, WEIGHTS, build_demo_pipeline
 
-        if cfg.demo_weights is None:
-            return read_checkpoint(build_demo_pipeline(workdir / "demo-src")), dict(DEMO_DEFAULTS), "demo"
-        source = build_demo_pipeline(workdir / "demo-src", Path(cfg.demo_weights))
-        return read_checkpoint(source), dict(DEMO_DEFAULTS), f"demo (weights {Path(cfg.demo_weights).resolve()})"
+        weights = Path(cfg.demo_weights) if cfg.demo_weights else WEIGHTS
+        source = f"demo (weights {weights.resolve()})" if cfg.demo_weights else "demo"
+        return read_checkpoint(build_demo_pipeline(workdir / "demo-src", weights)), dict(DEMO_DEFAULTS), source
     ck = read_checkpoint(cfg.model)
     return ck, dict(WAN_DEFAULTS), str(Path(cfg.model).resolve())
 

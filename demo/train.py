@@ -54,7 +54,8 @@ def to_video_tensor(clips: list[np.ndarray]) -> torch.Tensor:
 
 def one_cycle_adamw(model, lr: float, weight_decay: float, steps: int):
     """AdamW with a one-cycle schedule (5% warm-up), as both stages train."""
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     return opt, torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
 
 
@@ -62,21 +63,24 @@ def apply_gradients(model, opt, sched, loss) -> float:
     """Backward, clip the gradient norm to 1, step the optimizer and the schedule; returns the loss value."""
     opt.zero_grad()
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
     opt.step()
     sched.step()
     return loss.item()
 
 
 def train_vae(steps: int, window: int, batch: int, lr: float, colour_weight: float, seed: int, log,
-              vae=None) -> tuple[object, list]:
+              vae=None, decoder_only: bool = False) -> tuple[object, list]:
     """`window`-frame crops: 5 (one cached chunk) teaches the pictures fast; whole 17-frame clips teach the decoder
     to run on its own causal cache for as long as the pipeline decodes. Shorter windows are not enough: a decoder
-    trained on 9-frame crops drew the last four frames of a 17-frame clip in the wrong colour (green as yellow)."""
+    trained on 9-frame crops drew the last four frames of a 17-frame clip in the wrong colour (green as yellow).
+    `decoder_only` freezes the encoder, so the latent space (and a DiT trained on it) stays as it is."""
     from diffusers import AutoencoderKLWan
 
     torch.manual_seed(seed)
     vae = AutoencoderKLWan(**VAE_CONFIG) if vae is None else vae.train()
+    for module in (vae.encoder, vae.quant_conv):
+        module.requires_grad_(not decoder_only)
     opt, sched = one_cycle_adamw(vae, lr, 0.0, steps)
     rng = np.random.default_rng(seed)
     losses = []
@@ -87,7 +91,8 @@ def train_vae(steps: int, window: int, batch: int, lr: float, colour_weight: flo
             start = int(rng.integers(0, FRAMES - window + 1))
             clips.append(clip[start:start + window])  # [window, H, W, 3]
         x = to_video_tensor(clips)  # [B, 3, window, 64, 64]
-        z = vae.encode(x).latent_dist.mode()  # a plain autoencoder: sampling noise drowned the small objects
+        with torch.set_grad_enabled(not decoder_only):
+            z = vae.encode(x).latent_dist.mode()  # a plain autoencoder: sampling noise drowned the small objects
         recon = vae.decode(z).sample
         # The object covers a few percent of the frame: weight its pixels (and its edges) up, or the decoder
         # settles on drawing the background alone.
@@ -180,43 +185,57 @@ def save_fp16(model, folder: Path) -> None:
 
 @click.command()
 @click.option("--out", type=click.Path(path_type=Path), default=Path(__file__).parent / "weights", show_default=True)
-@click.option("--stage", type=click.Choice(["all", "vae", "dit"]), default="all", show_default=True)
+@click.option("--stage", type=click.Choice(["all", "vae", "decoder", "dit"]), default="all", show_default=True,
+              help="decoder: only the VAE's decoder-only phase, on the saved VAE (its DiT stays valid).")
 @click.option("--vae-steps", default=800, show_default=True, help="Phase 1: 5-frame crops, batch 4.")
 @click.option("--vae-clip-steps", default=500, show_default=True, help="Phase 2: whole 17-frame clips, batch 2.")
+@click.option("--decoder-steps", default=300, show_default=True,
+              help="Phase 3: whole clips, encoder frozen, the decoder alone.")
 @click.option("--dit-steps", default=2500, show_default=True)
 @click.option("--clips", default=1536, show_default=True, help="Encoded training clips for the DiT.")
 @click.option("--check-clips", default=108, show_default=True, help="Reconstructed clips the probe scores.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--threads", default=2, show_default=True)
-def main(out: Path, stage: str, vae_steps: int, vae_clip_steps: int, dit_steps: int, clips: int, check_clips: int,
-         seed: int, threads: int) -> None:
+def main(out: Path, stage: str, vae_steps: int, vae_clip_steps: int, decoder_steps: int, dit_steps: int, clips: int,
+         check_clips: int, seed: int, threads: int) -> None:
     from diffusers import AutoencoderKLWan
 
     torch.set_num_threads(threads)
     out.mkdir(parents=True, exist_ok=True)
     log_file = out / "train_log.json"
-    record = json.loads(log_file.read_text()) if log_file.exists() and stage == "dit" else {}
+    keep = log_file.exists() and stage in ("dit", "decoder")
+    record = json.loads(log_file.read_text()) if keep else {}
     record["machine"] = {**machine(), "threads": threads, "torch": torch.__version__}
 
     def log(msg):
         print(msg, flush=True)
 
-    if stage in ("all", "vae"):
-        record["vae"] = {"config": VAE_CONFIG, "phases": []}
-        vae = None
-        for phase_seed, (steps, window, batch, lr, colour) in enumerate([(vae_steps, 5, 4, 2e-3, 0.0),
-                                                                          (vae_clip_steps, FRAMES, 2, 1e-3,
-                                                                           COLOUR_WEIGHT)]):
+    if stage in ("all", "vae", "decoder"):
+        phases = [  # (steps, window, batch, lr, colour weight, decoder only)
+            (vae_steps, 5, 4, 2e-3, 0.0, False),
+            (vae_clip_steps, FRAMES, 2, 1e-3, COLOUR_WEIGHT, False),
+            (decoder_steps, FRAMES, 2, 5e-4, COLOUR_WEIGHT, True),
+        ]
+        if stage == "decoder":
+            vae = AutoencoderKLWan.from_pretrained(out / "vae", torch_dtype=torch.float32)
+            record.setdefault("vae", {"config": VAE_CONFIG, "phases": []})
+        else:
+            vae = None
+            record["vae"] = {"config": VAE_CONFIG, "phases": []}
+        for phase_seed, (steps, window, batch, lr, colour, decoder_only) in enumerate(phases):
+            if stage == "decoder" and not decoder_only:
+                continue
             t0 = time.time()
-            vae, losses = train_vae(steps, window, batch, lr, colour, seed + phase_seed, log, vae)
+            vae, losses = train_vae(steps, window, batch, lr, colour, seed + phase_seed, log, vae, decoder_only)
             record["vae"]["phases"].append({"steps": steps, "window": window, "batch": batch, "lr": lr,
-                                            "colour_weight": colour,
+                                            "colour_weight": colour, "decoder_only": decoder_only,
                                             "seconds": time.time() - t0,
                                             "final_loss": float(np.mean(losses[-50:]))})
         vae.eval()
-        lat, _ = encode_clips(vae, 256, seed + 10_000_000)
-        vae.register_to_config(latents_mean=lat.mean(dim=(0, 2, 3, 4)).tolist(),
-                               latents_std=lat.std(dim=(0, 2, 3, 4)).tolist())
+        if stage != "decoder":  # a frozen encoder keeps the latent statistics (and the DiT's latent space)
+            lat, _ = encode_clips(vae, 256, seed + 10_000_000)
+            vae.register_to_config(latents_mean=lat.mean(dim=(0, 2, 3, 4)).tolist(),
+                                   latents_std=lat.std(dim=(0, 2, 3, 4)).tolist())
         save_fp16(vae, out / "vae")
         record["vae_check"] = check_vae(vae, check_clips, seed + 30_000_000)
         log(f"vae reconstructions: {record['vae_check']}")

@@ -1,11 +1,13 @@
 """demo/train.py runs end to end from scratch (a few steps of each phase) and writes a pipeline that sora-export
-reads: fp16 safetensors with diffusers configs, latent statistics in the VAE config, and a training log."""
+reads: fp16 safetensors with diffusers configs, latent statistics in the VAE config, and a training log. Its
+decoder-only stage leaves the encoder, and so the DiT's latent space, exactly as it was."""
 
 from __future__ import annotations
 
 import json
 
 from click.testing import CliRunner
+from safetensors.numpy import load_file
 
 from soraedge.demo.train import main as train_main
 
@@ -13,12 +15,13 @@ from soraedge.demo.train import main as train_main
 def test_training_from_scratch_writes_weights_the_exporter_reads(tmp_path):
     from soraedge.export.build import ExportConfig, run_export
 
-    args = ["--out", str(tmp_path / "w"), "--vae-steps", "2", "--vae-clip-steps", "1", "--dit-steps", "2",
-            "--clips", "8", "--check-clips", "2"]
+    args = ["--out", str(tmp_path / "w"), "--vae-steps", "2", "--vae-clip-steps", "1", "--decoder-steps", "1",
+            "--dit-steps", "2", "--clips", "8", "--check-clips", "2"]
     result = CliRunner().invoke(train_main, args)
     assert result.exit_code == 0, result.output
     log = json.loads((tmp_path / "w" / "train_log.json").read_text())
-    assert [p["window"] for p in log["vae"]["phases"]] == [5, 17]
+    assert [p["window"] for p in log["vae"]["phases"]] == [5, 17, 17]
+    assert [p["decoder_only"] for p in log["vae"]["phases"]] == [False, False, True]
     assert log["dit"]["steps"] == 2 and log["vae_check"]["n"] == 2
     vae_config = json.loads((tmp_path / "w" / "vae" / "config.json").read_text())
     assert len(vae_config["latents_mean"]) == len(vae_config["latents_std"]) == vae_config["z_dim"]
@@ -26,3 +29,22 @@ def test_training_from_scratch_writes_weights_the_exporter_reads(tmp_path):
     run_export(ExportConfig(model="demo", out=tmp_path / "engines", backend="ort", demo_weights=str(tmp_path / "w")))
     manifest = json.loads((tmp_path / "engines" / "manifest.json").read_text())
     assert manifest["source"] == f"demo (weights {(tmp_path / 'w').resolve()})"
+
+
+def test_decoder_stage_trains_the_decoder_alone(tmp_path):
+    out = tmp_path / "w"
+    base = ["--out", str(out), "--check-clips", "2", "--decoder-steps", "2"]
+    first = CliRunner().invoke(train_main, base + ["--stage", "vae", "--vae-steps", "1", "--vae-clip-steps", "1"])
+    assert first.exit_code == 0, first.output
+    before = load_file(out / "vae" / "diffusion_pytorch_model.safetensors")
+    config_before = json.loads((out / "vae" / "config.json").read_text())
+    result = CliRunner().invoke(train_main, base + ["--stage", "decoder"])
+    assert result.exit_code == 0, result.output
+    after = load_file(out / "vae" / "diffusion_pytorch_model.safetensors")
+    frozen = [k for k in before if k.startswith(("encoder.", "quant_conv."))]
+    assert frozen and all((before[k] == after[k]).all() for k in frozen)
+    assert any((before[k] != after[k]).any() for k in before if k.startswith("decoder."))
+    config_after = json.loads((out / "vae" / "config.json").read_text())
+    assert config_after["latents_mean"] == config_before["latents_mean"]
+    log = json.loads((out / "train_log.json").read_text())
+    assert [p["decoder_only"] for p in log["vae"]["phases"]] == [False, False, True, True]

@@ -72,7 +72,7 @@ def default_min_psnr(plan: dict[str, str], execution: str) -> float:
     return min((DEFAULT_MIN_PSNR[p] for p in used if p in DEFAULT_MIN_PSNR), default=DEFAULT_MIN_PSNR["fp16"])
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
+def link_or_copy(src: Path, dst: Path) -> None:
     try:
         os.link(src, dst)
     except OSError:
@@ -97,7 +97,7 @@ def convert_engines(ref: Path, stage: Path, engines: dict, plan: dict[str, str],
         if p == "fp32":
             for f in (src, src.with_name(src.name + ".data")):
                 if f.exists():
-                    _link_or_copy(f, stage / f.name)
+                    link_or_copy(f, stage / f.name)
             out[name] = {"precision": p}
             continue
         log(f"  {name}: {p} ...")

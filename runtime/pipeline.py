@@ -13,6 +13,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -22,6 +23,7 @@ from .manifest import CACHE_DIR, Manifest, load_manifest
 from .memory import PeakRss
 from .prompt_cache import PromptCache
 from .sampler import sample
+from .spec import EngineSpec
 from .schedulers import load_scheduler
 from .step_cache import StepCache
 from .text import PromptEncoder
@@ -53,12 +55,15 @@ class Pipeline:
 
     Engines open on first use. With `low_memory`, each stage opens its engines and releases them when it ends, so
     only one stage is resident at a time. With a `prompt_cache` folder, embeddings of prompts seen before are read
-    from disk and the text encoder is not even loaded.
+    from disk and the text encoder is not even loaded. `open_with(name, spec)`, when given, supplies the engines
+    instead of a local backend (the Triton model runs them as BLS calls to the server's models: runtime/triton_bls.py).
     """
 
     def __init__(self, manifest: Manifest, threads: int | None = None, backend: str | None = None,
-                 precision: str | None = None, low_memory: bool = False, prompt_cache: Path | None = None):
+                 precision: str | None = None, low_memory: bool = False, prompt_cache: Path | None = None,
+                 open_with: Callable[[str, EngineSpec], object] | None = None):
         self.manifest = manifest
+        self.open_with = open_with
         self.config = manifest.config
         self.defaults = self.config["defaults"]
         self.threads = threads
@@ -92,6 +97,8 @@ class Pipeline:
         return cls(load_manifest(engine_dir, verify=verify), threads, backend, precision, low_memory, prompt_cache)
 
     def _open(self, name: str):
+        if self.open_with is not None:
+            return self.open_with(name, self.manifest.spec(name))
         cache = None
         if self.backend != "ort" and os.access(self.manifest.root, os.W_OK):
             key = self.manifest.content_key(name)

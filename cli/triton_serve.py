@@ -37,14 +37,30 @@ def _pytriton_dir() -> Path:
     return Path(pytriton.__file__).parent
 
 
+def _stub(dist: Path) -> Path:
+    return dist / "python_backend_stubs" / f"{sys.version_info[0]}.{sys.version_info[1]}" / "triton_python_backend_stub"
+
+
+def missing_libraries() -> list[str]:
+    """Shared libraries the Python-backend stub for this Python needs and cannot find (libpython3.X.so comes
+    from the system: `apt install libpython3.11` on Debian), by `ldd`; [] when it would load."""
+    stub = _stub(_pytriton_dir() / "tritonserver")
+    env = dict(os.environ, LD_LIBRARY_PATH=str(_pytriton_dir().parent / "nvidia_pytriton.libs"))
+    out = subprocess.run(["ldd", str(stub)], capture_output=True, text=True, env=env).stdout
+    return [line.split()[0] for line in out.splitlines() if "not found" in line]
+
+
 def server_command(repo: Path, work: Path, http_port: int, grpc_port: int, metrics_port: int) -> tuple[list, dict]:
     """(argv, environment) that run pytriton's tritonserver on `repo`; `work` receives the backend folder."""
     root = _pytriton_dir()
     dist = root / "tritonserver"
-    stub = dist / "python_backend_stubs" / f"{sys.version_info[0]}.{sys.version_info[1]}" / "triton_python_backend_stub"
+    stub = _stub(dist)
     if not stub.is_file():
         raise SoraError(f"nvidia-pytriton has no Python-backend stub for Python {sys.version_info[0]}."
                         f"{sys.version_info[1]}")
+    if missing := missing_libraries():
+        raise SoraError(f"the Python-backend stub cannot load {', '.join(missing)} (install the system's "
+                        f"libpython{sys.version_info[0]}.{sys.version_info[1]})")
     backends = work / "backends"
     shutil.copytree(dist / "backends", backends, dirs_exist_ok=True)
     shutil.copy2(stub, backends / "python" / "triton_python_backend_stub")

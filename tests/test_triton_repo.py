@@ -130,7 +130,10 @@ def test_real_tritonserver_answers_two_concurrent_requests_like_sora_run(tiny_en
     pytest.importorskip("pytriton", reason="no tritonserver: the `triton` extra installs nvidia-pytriton")
     pytest.importorskip("tritonclient.grpc", reason="the client needs tritonclient[grpc] (the `triton` extra)")
     from soraedge.cli.triton_client import generate
-    from soraedge.cli.triton_serve import start_server, stop_server
+    from soraedge.cli.triton_serve import missing_libraries, start_server, stop_server
+
+    if missing := missing_libraries():
+        pytest.skip(f"tritonserver's Python-backend stub cannot load {missing} on this machine")
     from soraedge.runtime.pipeline import Pipeline
     from soraedge.runtime.video import to_uint8
 

@@ -23,8 +23,8 @@ from .manifest import CACHE_DIR, Manifest, load_manifest
 from .memory import PeakRss
 from .prompt_cache import PromptCache
 from .sampler import sample
-from .spec import EngineSpec
 from .schedulers import load_scheduler
+from .spec import EngineSpec
 from .step_cache import StepCache
 from .text import PromptEncoder
 from .vae_decode import ChunkedVaeDecoder

@@ -126,7 +126,9 @@ class SamplerModel:
         models = json.loads(config["parameters"]["engine_models"]["string_value"])  # {engine: server model}
         root = Path(args["model_repository"]) / args["model_version"] / PIPELINE_FOLDER
         manifest = load_manifest(root, verify=False)  # the ONNX files live in the engine models' folders
-        self.pipe = Pipeline(manifest, open_with=lambda name, spec: BlsEngine(models[name], spec, pb_utils))
+        # backend="ort" only keeps the Pipeline from looking for the backend chosen at export: BLS runs the engines
+        self.pipe = Pipeline(manifest, backend="ort", open_with=lambda name, spec: BlsEngine(models[name], spec,
+                                                                                             pb_utils))
 
     def execute(self, requests) -> list:
         from .video import to_uint8

@@ -50,8 +50,10 @@ def missing_libraries() -> list[str]:
     return [line.split()[0] for line in out.splitlines() if "not found" in line]
 
 
-def server_command(repo: Path, work: Path, http_port: int, grpc_port: int, metrics_port: int) -> tuple[list, dict]:
-    """(argv, environment) that run pytriton's tritonserver on `repo`; `work` receives the backend folder."""
+def server_command(repo: Path, work: Path, http_port: int, grpc_port: int, metrics_port: int,
+                   address: str = "0.0.0.0") -> tuple[list, dict]:
+    """(argv, environment) that run pytriton's tritonserver on `repo`, listening on `address`; `work` receives
+    the backend folder."""
     root = _pytriton_dir()
     dist = root / "tritonserver"
     stub = _stub(dist)
@@ -71,7 +73,8 @@ def server_command(repo: Path, work: Path, http_port: int, grpc_port: int, metri
     env["PYTHONPATH"] = os.pathsep.join(p for p in (site, env.get("PYTHONPATH")) if p)
     argv = [str(dist / "bin" / "tritonserver"), "--model-repository", str(repo), "--backend-directory",
             str(backends), "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--metrics-port",
-            str(metrics_port), "--allow-metrics", "false", "--exit-timeout-secs", "10"]
+            str(metrics_port), "--http-address", address, "--grpc-address", address, "--allow-metrics", "false",
+            "--exit-timeout-secs", "10"]
     return argv, env
 
 
@@ -93,10 +96,10 @@ def wait_ready(http_port: int, process: subprocess.Popen, timeout_s: float) -> N
 
 def start_server(repo: Path, http_port: int, grpc_port: int, metrics_port: int, log: Path,
                  timeout_s: float = 120.0) -> subprocess.Popen:
-    """Start the server on loopback ports, wait until it is ready, and return the process (stop it with
+    """Start the server listening on loopback only, wait until it is ready, and return the process (stop it with
     `stop_server`). Its output goes to `log`."""
     work = Path(tempfile.mkdtemp(prefix="soraedge-triton-"))
-    argv, env = server_command(repo, work, http_port, grpc_port, metrics_port)
+    argv, env = server_command(repo, work, http_port, grpc_port, metrics_port, address="127.0.0.1")
     with open(log, "wb") as out:
         process = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
     process.work = work  # removed by stop_server

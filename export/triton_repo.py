@@ -136,6 +136,7 @@ def write_triton_repo(engine_dir: Path, repo: Path, prefix: str = "soraedge", in
     """Write the model repository; returns {engine: model name} (the sampler model is named `prefix`).
     `python_engines` serves the engines through the Python backend (EngineModel) instead of Triton's
     onnxruntime backend."""
+    engine_dir, repo = Path(engine_dir), Path(repo)
     if kind not in KINDS:
         raise SoraError(f"unknown instance kind {kind!r} (known: {', '.join(KINDS)})")
     if instances < 1:

@@ -59,8 +59,6 @@ def request_arguments(values: dict[str, np.ndarray | None]) -> dict:
         else:
             item = int(item)
         args[name.lower()] = item
-    if "seed" not in args:
-        args["seed"] = 0
     return args
 
 

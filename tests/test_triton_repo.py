@@ -108,7 +108,7 @@ def test_bad_input_is_one_line_and_keeps_what_exists(tiny_engines, tmp_path):
 def test_request_arguments_take_one_element_each_and_need_a_prompt():
     args = request_arguments({"PROMPT": np.array([b"a fox"], dtype=object), "STEPS": np.array([3], np.int32),
                               "GUIDANCE": np.array([2.5], np.float32)})
-    assert args == {"prompt": "a fox", "steps": 3, "guidance": 2.5, "seed": 0}
+    assert args == {"prompt": "a fox", "steps": 3, "guidance": 2.5}
     with pytest.raises(SoraError, match="PROMPT is required"):
         request_arguments({"STEPS": np.array([3], np.int32)})
     with pytest.raises(SoraError, match="one element"):

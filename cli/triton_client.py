@@ -36,11 +36,13 @@ def generate(url: str, model: str, timeout_s: float = 600.0, **arguments) -> tup
         tensor = grpc.InferInput(name, [1], triton_type.removeprefix("TYPE_").replace("STRING", "BYTES"))
         tensor.set_data_from_numpy(array)
         inputs.append(tensor)
+    client = grpc.InferenceServerClient(url)
     try:
-        client = grpc.InferenceServerClient(url)
         result = client.infer(model, inputs, client_timeout=timeout_s)
     except InferenceServerException as e:
         raise SoraError(f"{model} at {url}: {e.message()}") from None
+    finally:
+        client.close()
     return result.as_numpy("VIDEO"), json.loads(result.as_numpy("TIMINGS")[0])
 
 

@@ -1,16 +1,19 @@
 """Train the built-in demo model from scratch: a small Wan VAE on toy clips, then a small Wan DiT with flow matching.
 
-    python -m soraedge.demo.train --out demo/weights             # both stages: 33 min on 2 CPU cores
-    python -m soraedge.demo.train --out demo/weights --stage dit  # the DiT again, on the saved VAE
+    python -m soraedge.demo.train --out demo/weights                  # both stages: 27-35 min on 2 CPU cores
+    python -m soraedge.demo.train --out demo/weights --stage dit      # the DiT again, on the saved VAE
+    python -m soraedge.demo.train --out demo/weights --stage decoder  # more decoder-only steps; the DiT stays valid
 
-(33 min: the committed weights' from-scratch run; demo/weights/train_log.json says how it went.)
+(demo/weights/train_log.json says how the committed weights' from-scratch run went: seed 0, the defaults.)
 
-Stage `vae`: AutoencoderKLWan (base 16, z 8, 8x spatial / 4x temporal) on training clips, 5-frame crops first and
-then whole 17-frame clips (the decoder's own causal cache, as the pipeline decodes), L2 + L1 reconstruction weighted
-towards the object's pixels (plus, on whole clips, the error of the object's mean colour per frame), on the
-posterior mean (a plain autoencoder) with a small latent L2 term. Then per-channel latent mean/std are measured on
-encoded clips and written into the VAE config (`latents_mean`/`latents_std`, as Wan2.1 ships them), and 108
-reconstructed clips, one of every scene, are scored by the probe (`vae_check` in the log).
+Stage `vae`: AutoencoderKLWan (base 16, z 8, 8x spatial / 4x temporal) on training clips in three phases: 5-frame
+crops; whole 17-frame clips (the decoder's own causal cache, as the pipeline decodes); whole clips again with the
+encoder frozen (the decoder alone: the latent space does not move). L2 + L1 reconstruction weighted towards the
+object's pixels (plus, on whole clips, the error of the object's mean colour per frame), on the posterior mean (a
+plain autoencoder) with a small latent L2 term. Then per-channel latent mean/std are measured on encoded clips and
+written into the VAE config (`latents_mean`/`latents_std`, as Wan2.1 ships them), and 108 reconstructed clips, one
+of every scene, are scored by the probe (`vae_check` in the log). The recipe is deterministic for a seed but not
+robust across seeds: with --seed 1 the decoder draws moving objects with a growing halo (README, "The demo model").
 Stage `dit`: WanTransformer3DModel (4 layers, 4 heads x 32) on normalised latents of 17-frame training clips,
 rectified flow (x_t = (1 - s) x0 + s e, target e - x0, s shifted as the scheduler's flow_shift), conditioned on
 the frozen all-MiniLM-L6-v2 embeddings of the captions exactly as WanPipeline computes them (trimmed, zero-padded

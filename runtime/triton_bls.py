@@ -24,7 +24,7 @@ from .errors import SoraError
 from .spec import EngineSpec
 
 PIPELINE_FOLDER = "pipeline"  # in the sampler model's version folder: manifest.json, tokenizer/, scheduler/
-# (name, Triton data type, numpy dtype, required): one element each; None/absent = the engine directory's default.
+# (name, Triton data type, numpy dtype, required): one element each; absent = the engine directory's default (seed 0).
 REQUEST_INPUTS = (
     ("PROMPT", "TYPE_STRING", np.object_, True),
     ("NEGATIVE_PROMPT", "TYPE_STRING", np.object_, False),

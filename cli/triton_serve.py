@@ -37,6 +37,11 @@ def _pytriton_dir() -> Path:
     return Path(pytriton.__file__).parent
 
 
+def _libs_dir() -> Path:
+    """The shared libraries the wheel bundles for the server and the stub."""
+    return _pytriton_dir().parent / "nvidia_pytriton.libs"
+
+
 def _stub(dist: Path) -> Path:
     return dist / "python_backend_stubs" / f"{sys.version_info[0]}.{sys.version_info[1]}" / "triton_python_backend_stub"
 
@@ -45,7 +50,7 @@ def missing_libraries() -> list[str]:
     """Shared libraries the Python-backend stub for this Python needs and cannot find (libpython3.X.so comes
     from the system: `apt install libpython3.11` on Debian), by `ldd`; [] when it would load."""
     stub = _stub(_pytriton_dir() / "tritonserver")
-    env = dict(os.environ, LD_LIBRARY_PATH=str(_pytriton_dir().parent / "nvidia_pytriton.libs"))
+    env = dict(os.environ, LD_LIBRARY_PATH=str(_libs_dir()))
     out = subprocess.run(["ldd", str(stub)], capture_output=True, text=True, env=env).stdout
     return [line.split()[0] for line in out.splitlines() if "not found" in line]
 
@@ -54,8 +59,7 @@ def server_command(repo: Path, work: Path, http_port: int, grpc_port: int, metri
                    address: str = "0.0.0.0") -> tuple[list, dict]:
     """(argv, environment) that run pytriton's tritonserver on `repo`, listening on `address`; `work` receives
     the backend folder."""
-    root = _pytriton_dir()
-    dist = root / "tritonserver"
+    dist = _pytriton_dir() / "tritonserver"
     stub = _stub(dist)
     if not stub.is_file():
         raise SoraError(f"nvidia-pytriton has no Python-backend stub for Python {sys.version_info[0]}."
@@ -67,8 +71,7 @@ def server_command(repo: Path, work: Path, http_port: int, grpc_port: int, metri
     shutil.copytree(dist / "backends", backends, dirs_exist_ok=True)
     shutil.copy2(stub, backends / "python" / "triton_python_backend_stub")
     env = dict(os.environ)
-    env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(root.parent / "nvidia_pytriton.libs"),
-                                                          env.get("LD_LIBRARY_PATH")) if p)
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(_libs_dir()), env.get("LD_LIBRARY_PATH")) if p)
     site = sysconfig.get_paths()["purelib"]
     env["PYTHONPATH"] = os.pathsep.join(p for p in (site, env.get("PYTHONPATH")) if p)
     argv = [str(dist / "bin" / "tritonserver"), "--model-repository", str(repo), "--backend-directory",

@@ -66,7 +66,7 @@ def apply_gradients(model, opt, sched, loss) -> float:
     """Backward, clip the gradient norm to 1, step the optimizer and the schedule; returns the loss value."""
     opt.zero_grad()
     loss.backward()
-    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+    torch.nn.utils.clip_grad_norm_(opt.param_groups[0]["params"], 1.0)  # the trainable ones, as the optimizer has them
     opt.step()
     sched.step()
     return loss.item()

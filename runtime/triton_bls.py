@@ -161,9 +161,8 @@ class EngineModel:
         self._pb = pb_utils
         params = json.loads(args["model_config"])["parameters"]
         spec = EngineSpec.from_dict(json.loads(params["engine_spec"]["string_value"]))
-        threads = int(params["threads"]["string_value"]) if "threads" in params else None
         path = Path(args["model_repository"]) / args["model_version"] / "model.onnx"
-        self.engine = open_engine("ort", path, spec, threads)
+        self.engine = open_engine("ort", path, spec)
 
     def execute(self, requests) -> list:
         pb = self._pb

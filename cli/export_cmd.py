@@ -1,4 +1,8 @@
-"""sora-export MODEL -o DIR: a diffusers Wan2.1 directory (or `demo`) -> an engine directory (fp32/fp16/int8)."""
+"""sora-export MODEL -o DIR: a diffusers Wan2.1 directory (or `demo`) -> an engine directory (fp32/fp16/int8).
+
+MODEL may also be an engine directory: then only its runtime target is built (the second step of the two-step
+path, export/build_target.py; no torch needed).
+"""
 
 from __future__ import annotations
 
@@ -27,8 +31,13 @@ FIRST_LAST = {"auto": None, "keep": True, "quantize": False}  # --int8-first-las
               help="Text tokens per prompt. Default: the model's (512 for Wan2.1, 32 for the demo).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing, different engine directory.")
 @click.option("--skip-parity", is_flag=True, help="Do not run the ONNX-vs-PyTorch check after export.")
-@click.option("--backend", type=click.Choice(["auto", "ort", "openvino"]), default="auto", show_default=True,
-              help="CPU backend sora-run uses by default; auto times one DiT step on each and keeps the fastest.")
+@click.option("--backend", type=click.Choice(["auto", "ort", "openvino", "ort-cuda"]), default="auto",
+              show_default=True,
+              help="Runtime target. CPU: auto times one DiT step on ort and openvino and keeps the fastest. ort-cuda: "
+                   "ONNX Runtime CUDA on this machine's GPU, recorded in the manifest (sora-run refuses another GPU).")
+@click.option("--onnx-only", is_flag=True,
+              help="Stop after the portable ONNX (precision conversion and quality gate included); build the target "
+                   "later, e.g. on the device: sora-export ONNX_DIR -o ENGINE_DIR --backend ort-cuda.")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8", "bf16"]), default="fp32", show_default=True,
               help="Default precision of every component (fp16/int8 live in the ONNX graphs; bf16 = fp32 graphs "
                    "run in bf16 by OpenVINO). Reduced precision must pass the quality gate.")
@@ -56,10 +65,14 @@ FIRST_LAST = {"auto": None, "keep": True, "quantize": False}  # --int8-first-las
 @click.option("--threads", type=int, help="Threads for calibration, backend timing and gate (default: all cores).")
 @cli_errors
 def main(model, out, frames, max_frames, height, width, attention, max_sequence_length, overwrite, skip_parity, backend,
-         precision, dit_precision, text_encoder_precision, vae_precision, min_psnr, calib_method, calib_percentile,
+         onnx_only, precision, dit_precision, text_encoder_precision, vae_precision, min_psnr, calib_method, calib_percentile,
          calib_prompts, calib_prompt_count, calib_steps, smooth_alpha, int8_first_last_blocks, int8_activations,
          threads):
-    """Export MODEL (a diffusers-format Wan2.1-T2V directory, or the built-in `demo`) to OUT."""
+    """Export MODEL (a diffusers-format Wan2.1-T2V directory, or the built-in `demo`) to OUT, or build OUT for a
+    target from MODEL when MODEL is an engine directory."""
+    if (Path(model) / "manifest.json").is_file():
+        _build_target(Path(model), out, backend, threads, overwrite)
+        return
     try:
         from ..calib.config import CalibConfig
         from ..export.build import ExportConfig, run_export
@@ -70,7 +83,8 @@ def main(model, out, frames, max_frames, height, width, attention, max_sequence_
         raise SoraError(f"the export toolchain is not installed ({e.name}): pip install 'soraedge[export]'") from None
     cfg = ExportConfig(model=model, out=out, frames=frames, max_frames=max_frames, height=height, width=width,
                        attention=AttentionForm(attention), max_sequence_length=max_sequence_length,
-                       overwrite=overwrite, check_parity=not skip_parity, backend=backend, precision=precision,
+                       overwrite=overwrite, check_parity=not skip_parity, backend=backend, onnx_only=onnx_only,
+                       precision=precision,
                        component_precision=tuple((c, p) for c, p in (("transformer", dit_precision),
                                                                       ("text_encoder", text_encoder_precision),
                                                                       ("vae", vae_precision)) if p),
@@ -84,6 +98,24 @@ def main(model, out, frames, max_frames, height, width, attention, max_sequence_
     if not report.reused:
         stages = ", ".join(f"{k} {v:.1f}s" for k, v in report.seconds.items())
         click.echo(f"engines written to {report.out} ({stages})")
+
+
+TARGET_OPTIONS = {"model", "out", "backend", "threads", "overwrite"}
+
+
+def _build_target(source: Path, out: Path, backend: str, threads: int | None, overwrite: bool) -> None:
+    from ..export.build_target import TargetConfig, build_from_engines
+    from ..runtime.errors import SoraError
+
+    ctx = click.get_current_context()
+    fixed = sorted(f"--{n.replace('_', '-')}" for n in ctx.params if n not in TARGET_OPTIONS
+                   and ctx.get_parameter_source(n) != click.core.ParameterSource.DEFAULT)
+    if fixed:
+        raise SoraError(f"{source} is an engine directory: only its target is built from it, so {', '.join(fixed)} "
+                        f"cannot change (they are fixed when the ONNX is exported; export from the model to change them)")
+    report = build_from_engines(TargetConfig(source, out, backend, threads, overwrite), log=click.echo)
+    if not report.reused:
+        click.echo(f"engines written to {report.out} ({', '.join(f'{k} {v:.1f}s' for k, v in report.seconds.items())})")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,12 @@ from .common import cli_errors
 @click.option("--latents", "latents_file", type=click.Path(path_type=Path),
               help="Initial noise as .npy: float32 [1, C, (F-1)//4+1, H//8, W//8], as WanPipeline's latents.")
 @click.option("--threads", type=int, help="Backend threads (default: all cores).")
-@click.option("--backend", type=click.Choice(["ort", "openvino"]), help="Default: the one chosen at export.")
+@click.option("--backend", type=click.Choice(["ort", "openvino", "ort-cuda"]),
+              help="Default: the one chosen at export. ort-cuda runs only engines built for this GPU.")
+@click.option("--cfg", "cfg_mode", type=click.Choice(["batch", "split"]), default="batch", show_default=True,
+              help="Guidance branches as one DiT batch of 2, or as two calls (less activation memory).")
+@click.option("--no-cuda-graph", is_flag=True, help="ort-cuda: launch the DiT's kernels one by one instead of "
+              "replaying a captured CUDA graph.")
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]), help="Default: the one chosen at export.")
 @click.option("--low-memory", is_flag=True,
               help="Keep one stage resident at a time: load each engine for its stage and release it after.")
@@ -41,7 +46,7 @@ from .common import cli_errors
 @click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path), help="Output .mp4, .gif or .npy")
 @cli_errors
 def main(engines, prompt, negative_prompt, steps, guidance, seed, height, width, frames, latents_file, threads,
-         backend, precision, low_memory, prompt_cache, no_prompt_cache, step_cache, vae_tile, out):
+         backend, cfg_mode, no_cuda_graph, precision, low_memory, prompt_cache, no_prompt_cache, step_cache, vae_tile, out):
     """Generate a video for PROMPT with the engines in ENGINES."""
     import time
 
@@ -62,7 +67,7 @@ def main(engines, prompt, negative_prompt, steps, guidance, seed, height, width,
     t0 = time.perf_counter()
     cache_dir = None if no_prompt_cache else (prompt_cache or default_cache_dir())
     pipe = Pipeline.load(engines, threads=threads, backend=backend, precision=precision, low_memory=low_memory,
-                         prompt_cache=cache_dir)
+                         prompt_cache=cache_dir, cuda_graph=not no_cuda_graph, cfg_batch=cfg_mode == "batch")
     load_s = time.perf_counter() - t0
     h, w, f, n_steps, g, _ = pipe.resolve(height, width, frames, steps, guidance, negative_prompt)
     if latents is not None:
@@ -87,6 +92,9 @@ def main(engines, prompt, negative_prompt, steps, guidance, seed, height, width,
     if all(v is not None for v in mem.values()):
         click.echo("peak RSS: " + " | ".join(f"{k} {v:.0f} MB" for k, v in mem.items())
                    + (" (one stage resident at a time)" if low_memory else ""))
+    dev = result.device_memory_mb
+    if dev and all(v is not None for v in dev.values()):
+        click.echo("peak GPU memory (whole device, NVML): " + " | ".join(f"{k} {v:.0f} MB" for k, v in dev.items()))
 
 
 if __name__ == "__main__":

@@ -22,15 +22,17 @@ from typing import Callable
 from .. import __version__
 from ..calib.config import CalibConfig
 from ..runtime.errors import SoraError
+from ..runtime.gpu_target import GPU_BACKENDS, target
 from ..runtime.manifest import CACHE_DIR, MANIFEST, load_manifest, sha256_file, write_manifest
 from ..runtime.spec import Dim
 from ..runtime.validate import check_frames, check_size
 from .checkpoint import WanCheckpoint, read_checkpoint
-from .choose_backend import check_request, choose_runtime
+from .choose_backend import build_runtime, check_request, openvino_unsupported
 from .dit import AttentionForm, DiTReference, dit_spec, load_dit
 from .dit_probe import FirstBlockProbe, ProbeReference, probe_spec
 from .precision import convert_engines, default_min_psnr, plan_precision
 from .quality_gate import quality_gate
+from .staging import ExportReport, check_destination, swap_into_place
 from .text_encoder import load_text_encoder, text_encoder_spec
 from .vae import load_vae_decoders, vae_specs
 
@@ -52,7 +54,8 @@ class ExportConfig:
     max_sequence_length: int | None = None  # text tokens; default: the model's (512 for Wan2.1, as WanPipeline)
     overwrite: bool = False
     check_parity: bool = True
-    backend: str = "auto"  # "auto" (fastest measured on this machine) | "ort" | "openvino"
+    backend: str = "auto"  # "auto" (fastest CPU backend measured here) | "ort" | "openvino" | "ort-cuda" (this GPU)
+    onnx_only: bool = False  # stop after the portable ONNX (and the quality gate on the CPU): build no target
     # Default precision of every component: fp32 | fp16 | int8 (graphs) | bf16 (fp32 graphs run in bf16 by
     # OpenVINO). export/precision.py says what each component offers.
     precision: str = "fp32"
@@ -61,13 +64,6 @@ class ExportConfig:
     calib: CalibConfig = field(default_factory=CalibConfig)  # INT8 DiT calibration
     threads: int | None = None
     demo_weights: str | None = None  # model "demo" only: trained weights other than the shipped ones
-
-
-@dataclass
-class ExportReport:
-    out: Path
-    reused: bool
-    seconds: dict[str, float] = field(default_factory=dict)
 
 
 def _checkpoint_digest(ck: WanCheckpoint) -> str:
@@ -210,21 +206,10 @@ def _prepare_source(cfg: ExportConfig, workdir: Path) -> tuple[WanCheckpoint, di
     return ck, dict(WAN_DEFAULTS), str(Path(cfg.model).resolve())
 
 
-def _check_destination(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise SoraError(f"output {out} exists and is not a directory")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise SoraError(f"cannot create the folder {out.parent} for the output ({e.strerror})") from None
-    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
-        raise SoraError(f"{out} exists, is not empty and is not an engine directory: refusing to touch it")
-
-
 def run_export(cfg: ExportConfig, log: Callable[[str], None] = lambda s: None) -> ExportReport:
     """Export `cfg.model` to an engine directory at `cfg.out`. Raises SoraError on bad input."""
     out = Path(cfg.out)
-    _check_destination(out)
+    check_destination(out)
     report = ExportReport(out=out, reused=False)
     t_all = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.build-", dir=out.parent) as work:
@@ -242,14 +227,19 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = lambda s: None) -
 
         plan, notes = plan_precision(cfg.precision, dict(cfg.component_precision))
         execution = "bf16" if cfg.precision == "bf16" else "fp32"
-        weight_only = plan["text_encoder"] in ("int8", "int4")
-        no_openvino = "the text encoder uses ONNX Runtime's MatMulNBits" if weight_only else None
-        check_request(cfg.backend, execution, no_openvino)  # fail before minutes of export, not after
+        no_openvino = openvino_unsupported(plan)
+        if cfg.onnx_only and (cfg.backend != "auto" or execution != "fp32"):
+            raise SoraError("--onnx-only builds no runtime target: drop --backend and bf16 (build the target later with "
+                            "sora-export ONNX_DIR -o ENGINE_DIR --backend ...)")
+        if not cfg.onnx_only:
+            check_request(cfg.backend, execution, no_openvino)  # fail before minutes of export, not after
         min_psnr = cfg.min_psnr if cfg.min_psnr is not None else default_min_psnr(plan, execution)
         options = {k: v for k, v in asdict(cfg).items() if k not in ("model", "out", "overwrite", "check_parity",
                                                                      "threads", "calib", "component_precision",
                                                                      "min_psnr")}
         options.update(attention=cfg.attention.value, defaults=defaults, plan=plan, min_psnr=min_psnr)
+        if cfg.backend in GPU_BACKENDS:
+            options["gpu"] = target()  # a build for one GPU is not a build for another
         if plan["transformer"] == "int8":
             options["calib"] = {**cfg.calib.to_dict(), "prompts": cfg.calib.read_prompts()}
         versions = _versions()
@@ -318,9 +308,13 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = lambda s: None) -
             files = write_manifest(stage, body)["files"]
             report.seconds["convert_precision"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        log("choosing the CPU backend ...")
-        body["runtime"] = choose_runtime(stage, cfg.backend, execution, cfg.threads, log, no_openvino)
-        report.seconds["choose_backend"] = time.perf_counter() - t0
+        if cfg.onnx_only:
+            body["runtime"] = {"backend": "ort", "precision": "fp32", "onnx_only": True}
+        else:
+            log("building the runtime target (timing the DiT step) ...")
+            body["runtime"], body["gpu"] = build_runtime(stage, cfg.backend, execution, cfg.threads, log, no_openvino)
+            write_manifest(stage, body, files)  # the gate's pipeline reads the target it runs on
+            report.seconds["build_target"] = time.perf_counter() - t0
         if reduced or execution != "fp32":
             t0 = time.perf_counter()
             log(f"quality gate against fp32 (threshold {min_psnr} dB) ...")
@@ -335,7 +329,7 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = lambda s: None) -
             report.seconds["quality_gate"] = time.perf_counter() - t0
         write_manifest(stage, body, files)  # same files (backend caches are outside the content): no re-hash
         shutil.rmtree(stage / CACHE_DIR, ignore_errors=True)  # compile caches belong to the machine that runs
-        _swap_into_place(stage, out, work)
+        swap_into_place(stage, out, work)
     report.seconds["total"] = time.perf_counter() - t_all
     return report
 
@@ -357,11 +351,3 @@ def _pad_token_id(ck: WanCheckpoint) -> int:
     pad = pad["content"] if isinstance(pad, dict) else pad
     tid = Tokenizer.from_file(str(ck.tokenizer_file)).token_to_id(pad)
     return 0 if tid is None else int(tid)
-
-
-def _swap_into_place(stage: Path, out: Path, work: Path) -> None:
-    """Rename the finished build into place; an old directory is moved aside first and deleted only after."""
-    if out.exists():
-        old = work / "previous"
-        out.rename(old)  # the work dir is removed with everything in it once we return
-    stage.rename(out)

@@ -1,8 +1,11 @@
-"""Pick the CPU backend by measurement at export.
+"""Build the runtime target of an engine directory: pick the CPU backend by measurement, or record the GPU.
 
-`choose_runtime` times one DiT step (CFG batch of 2 at the engine's tuning shape, capped near 2K tokens) on each
-available backend and records the timings, the CPU and the winner in the manifest's `runtime` section. Reduced
-precision (bf16 execution, fp16/int8 graphs) is then checked by export/quality_gate.py on the chosen backend.
+`build_runtime` returns the manifest's `runtime` and `gpu` sections. On a CPU target, `choose_runtime` times one
+DiT step (CFG batch of 2 at the engine's tuning shape, capped near 2K tokens) on each available backend and records
+the timings, the CPU and the winner. On `ort-cuda`, `gpu_runtime` records this machine's GPU and library versions
+(runtime/gpu_target.py) and times the DiT step with and without CUDA graphs. Reduced precision (bf16 execution,
+fp16/int8 graphs) is then checked by export/quality_gate.py on the chosen backend. Torch-free: it also runs in the
+second step of the two-step path (export/build_target.py), on the device.
 """
 
 from __future__ import annotations
@@ -14,9 +17,14 @@ from typing import Callable
 
 import numpy as np
 
+from ..runtime import gpu_target
 from ..runtime.backends import openvino as ov_backend
 from ..runtime.errors import SoraError
+from ..runtime.manifest import Manifest, load_manifest
+from ..runtime.memory import PeakDevice
 from ..runtime.pipeline import Pipeline
+
+CPU_BACKENDS = ("auto", "ort", "openvino")
 
 MAX_TIMING_TOKENS = 2048
 
@@ -32,28 +40,81 @@ def _timing_sizes(spec, patch) -> dict[str, int]:
     return sizes
 
 
-def time_dit_step(engine_dir: Path, backend: str, precision: str, threads: int | None, repeats: int = 3) -> dict:
-    """Median seconds of one DiT call (CFG batch of 2) after one warm-up, plus the load time."""
+def time_dit_step(engine_dir: Path | Manifest, backend: str, precision: str, threads: int | None, repeats: int = 3,
+                  cuda_graph: bool = False) -> dict:
+    """Median seconds of one DiT call (CFG batch of 2) after two warm-ups (a CUDA graph is captured in them), the
+    load time, and the peak GPU memory where a GPU backend runs."""
     t0 = time.perf_counter()
-    pipe = Pipeline.load(engine_dir, threads=threads, verify=False, backend=backend, precision=precision)
-    denoiser = pipe.denoiser  # opens (and on OpenVINO compiles) the DiT engine
-    load_s = time.perf_counter() - t0
-    spec = denoiser.engine.spec
-    sizes = _timing_sizes(spec, pipe.config["patch_size"])
-    feeds = spec.sample_inputs(seed=0, **sizes)
-    times = []
-    for i in range(repeats + 1):
-        t0 = time.perf_counter()
-        denoiser(feeds["hidden_states"], feeds["timestep"], feeds["encoder_hidden_states"])
-        if i:
-            times.append(time.perf_counter() - t0)
+    manifest = engine_dir if isinstance(engine_dir, Manifest) else load_manifest(engine_dir, verify=False)
+    with PeakDevice() as dev:
+        pipe = Pipeline(manifest, threads=threads, backend=backend, precision=precision, cuda_graph=cuda_graph)
+        denoiser = pipe.denoiser  # opens (and on OpenVINO compiles) the DiT engine
+        load_s = time.perf_counter() - t0
+        spec = denoiser.engine.spec
+        sizes = _timing_sizes(spec, pipe.config["patch_size"])
+        feeds = spec.sample_inputs(seed=0, **sizes)
+        times = []
+        for i in range(repeats + 2):
+            t0 = time.perf_counter()
+            denoiser(feeds["hidden_states"], feeds["timestep"], feeds["encoder_hidden_states"])
+            if i >= 2:
+                times.append(time.perf_counter() - t0)
     tokens = sizes["f"] * sizes["h"] * sizes["w"] // (pipe.config["patch_size"][1] * pipe.config["patch_size"][2])
-    return {"step_s": float(np.median(times)), "load_s": load_s, "sizes": sizes, "tokens": tokens}
+    return {"step_s": float(np.median(times)), "load_s": load_s, "sizes": sizes, "tokens": tokens,
+            "device_peak_mb": dev.peak_mb}
+
+
+def openvino_unsupported(precision: dict[str, str]) -> str | None:
+    """Why engines at this per-component precision cannot run on OpenVINO, or None."""
+    if precision.get("text_encoder") in ("int8", "int4"):
+        return "the text encoder uses ONNX Runtime's MatMulNBits"
+    return None
+
+
+def require_gpu(backend: str) -> None:
+    """Refuse a GPU target on a machine that cannot build it, before any export work."""
+    why = gpu_target.missing(gpu_target.target())
+    if why:
+        raise SoraError(f"--backend {backend} builds engines for this machine's GPU, but {why}; export portable ONNX "
+                        f"here with --onnx-only, then on the GPU machine: sora-export ONNX_DIR -o ENGINE_DIR "
+                        f"--backend {backend}")
+
+
+def gpu_runtime(engine_dir: Path, backend: str, threads: int | None, log: Callable[[str], None]) -> tuple[dict, dict]:
+    """(runtime, gpu) sections for a GPU target: the GPU record, and the DiT step with and without CUDA graphs."""
+    require_gpu(backend)
+    gpu = {"backend": backend, **gpu_target.target()}
+    manifest = load_manifest(engine_dir, verify=False)
+    manifest.data["gpu"] = gpu  # in memory: the timing pipeline checks the record like sora-run will
+    timings = {}
+    for graph in (False, True):
+        key = f"{backend}{'-cuda-graph' if graph else ''}"
+        timings[key] = time_dit_step(manifest, backend, "fp32", threads, cuda_graph=graph)
+        log(f"  DiT step on {gpu['name']}{' with a CUDA graph' if graph else ''}: "
+            f"{timings[key]['step_s'] * 1000:.1f} ms ({timings[key]['tokens']} tokens, CFG batch 2, peak device "
+            f"memory {timings[key]['device_peak_mb'] or 0:.0f} MB)")
+    log(f"  runtime: {backend} on {gpu['name']} (compute capability {gpu['compute_capability']}, onnxruntime "
+        f"{gpu['onnxruntime']}, CUDA {gpu['cuda']}, cuDNN {gpu['cudnn']}, driver {gpu['driver']})")
+    return {"backend": backend, "precision": "fp32", "timings": timings, "threads": threads}, gpu
+
+
+def build_runtime(engine_dir: Path, backend: str, precision: str, threads: int | None, log: Callable[[str], None],
+                  openvino_unsupported: str | None = None) -> tuple[dict, dict | None]:
+    """The manifest's (runtime, gpu) sections for `backend`: a GPU target, or the CPU backend chosen here."""
+    if backend in gpu_target.GPU_BACKENDS:
+        return gpu_runtime(engine_dir, backend, threads, log)
+    return choose_runtime(engine_dir, backend, precision, threads, log, openvino_unsupported), None
 
 
 def check_request(backend: str, precision: str, openvino_unsupported: str | None = None) -> list[tuple[str, str]]:
     """Refuse an impossible backend/precision request (before any export work); returns the (backend, precision)
     pairs worth timing."""
+    if backend in gpu_target.GPU_BACKENDS:
+        if precision != "fp32":
+            raise SoraError(f"{precision} execution is OpenVINO's on the CPU; --backend {backend} runs the precision "
+                            f"the graphs carry (--precision fp16 or int8)")
+        require_gpu(backend)
+        return [(backend, "fp32")]
     if precision == "bf16" and backend == "ort":
         raise SoraError("bf16 runs on OpenVINO here; ONNX Runtime engines are fp32: drop --backend ort or use fp32")
     if openvino_unsupported and (backend == "openvino" or precision == "bf16"):

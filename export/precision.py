@@ -8,12 +8,11 @@ cannot honour is refused). `bf16` is different: the graphs stay fp32 and OpenVIN
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 from typing import Callable
 
 from ..runtime.errors import SoraError
+from .staging import link_or_copy
 
 COMPONENTS = ("transformer", "text_encoder", "vae")
 PRECISIONS = ("fp32", "bf16", "fp16", "int8")  # what --precision takes
@@ -70,13 +69,6 @@ def default_min_psnr(plan: dict[str, str], execution: str) -> float:
     """The gate's threshold: the loosest precision in use decides (30 dB with any 8-bit or bf16, else 40 dB)."""
     used = set(plan.values()) | {execution}
     return min((DEFAULT_MIN_PSNR[p] for p in used if p in DEFAULT_MIN_PSNR), default=DEFAULT_MIN_PSNR["fp16"])
-
-
-def link_or_copy(src: Path, dst: Path) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
 
 
 def convert_engines(ref: Path, stage: Path, engines: dict, plan: dict[str, str], dit_int8: Callable[[Path, Path], dict],

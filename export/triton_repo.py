@@ -25,7 +25,7 @@ from ..runtime.errors import SoraError
 from ..runtime.manifest import MANIFEST, Manifest, load_manifest
 from ..runtime.spec import EngineSpec
 from ..runtime.triton_bls import MODEL_PY, PIPELINE_FOLDER, REQUEST_INPUTS, RESPONSE_OUTPUTS, batch_dim
-from .precision import link_or_copy
+from .staging import link_or_copy
 
 TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64", "int32": "TYPE_INT32"}
 KINDS = {"cpu": "KIND_CPU", "gpu": "KIND_GPU"}

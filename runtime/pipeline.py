@@ -7,20 +7,23 @@ over the DiT engine (runtime/sampler.py) -> latent de-normalisation -> chunked V
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable
 
 import numpy as np
 
 from .backends import BACKENDS, PRECISIONS, EngineDenoiser, open_engine
 from .errors import SoraError
+from .gpu_target import GPU_BACKENDS, check_target
 from .manifest import CACHE_DIR, Manifest, load_manifest
-from .memory import PeakRss
+from .memory import PeakDevice, PeakRss
 from .prompt_cache import PromptCache
 from .sampler import sample
 from .schedulers import load_scheduler
@@ -32,6 +35,7 @@ from .validate import check_frames, check_size
 
 
 log = logging.getLogger("soraedge")
+_NO_DEVICE = SimpleNamespace(peak_mb=None)  # what _peak_device yields where no GPU backend runs
 
 
 def _openvino_available() -> bool:
@@ -47,6 +51,7 @@ class Generation:
     timings: dict[str, float] = field(default_factory=dict)
     step_times: list[float] = field(default_factory=list)
     memory_mb: dict[str, float | None] = field(default_factory=dict)  # peak RSS per stage (sampled)
+    device_memory_mb: dict[str, float | None] = field(default_factory=dict)  # peak GPU memory per stage (NVML)
     dit_evaluations: int = 0  # DiT calls made (fewer than steps x branches with step caching)
 
 
@@ -57,13 +62,19 @@ class Pipeline:
     only one stage is resident at a time. With a `prompt_cache` folder, embeddings of prompts seen before are read
     from disk and the text encoder is not even loaded. `open_with(name, spec)`, when given, supplies the engines
     instead of a local backend (the Triton model runs them as BLS calls to the server's models: runtime/triton_bls.py).
+    A GPU backend runs only a directory built for this GPU (runtime/gpu_target.py). `cuda_graph` replays the DiT
+    step as a CUDA graph there; `cfg_batch=False` runs the two guidance branches as two DiT calls instead of one
+    batch of 2 (less activation memory, usually slower).
     """
 
     def __init__(self, manifest: Manifest, threads: int | None = None, backend: str | None = None,
                  precision: str | None = None, low_memory: bool = False, prompt_cache: Path | None = None,
-                 open_with: Callable[[str, EngineSpec], object] | None = None):
+                 open_with: Callable[[str, EngineSpec], object] | None = None, cuda_graph: bool = True,
+                 cfg_batch: bool = True):
         self.manifest = manifest
         self.open_with = open_with
+        self.cuda_graph = cuda_graph
+        self.cfg_batch = cfg_batch
         self.config = manifest.config
         self.defaults = self.config["defaults"]
         self.threads = threads
@@ -78,6 +89,8 @@ class Pipeline:
             raise SoraError(f"unknown backend {self.backend!r} (known: {', '.join(BACKENDS)})")
         if self.precision not in PRECISIONS:
             raise SoraError(f"unknown precision {self.precision!r} (known: {', '.join(PRECISIONS)})")
+        if self.backend in GPU_BACKENDS and open_with is None:
+            check_target(manifest.data.get("gpu"), self.backend, manifest.root)
         root = manifest.root
         self._engines: dict[str, object] = {}
         self.text = PromptEncoder(str(root / self.config["tokenizer"]),
@@ -93,8 +106,10 @@ class Pipeline:
 
     @classmethod
     def load(cls, engine_dir, threads: int | None = None, verify: bool = True, backend: str | None = None,
-             precision: str | None = None, low_memory: bool = False, prompt_cache: Path | None = None) -> Pipeline:
-        return cls(load_manifest(engine_dir, verify=verify), threads, backend, precision, low_memory, prompt_cache)
+             precision: str | None = None, low_memory: bool = False, prompt_cache: Path | None = None,
+             cuda_graph: bool = True, cfg_batch: bool = True) -> Pipeline:
+        return cls(load_manifest(engine_dir, verify=verify), threads, backend, precision, low_memory, prompt_cache,
+                   cuda_graph=cuda_graph, cfg_batch=cfg_batch)
 
     def _open(self, name: str):
         if self.open_with is not None:
@@ -108,7 +123,7 @@ class Pipeline:
         threads = 1 if name == "dit_probe" else self.threads
         vae = name in (self.config["vae"]["first"], self.config["vae"]["step"])
         return open_engine(self.backend, self.manifest.engine_path(name), self.manifest.spec(name), threads,
-                           self.precision, cache, arena=not vae)
+                           self.precision, cache, arena=not vae, cuda_graph=self.cuda_graph and name == "transformer")
 
     def engine(self, name: str):
         """The engine `name`, opened on first use; kept open unless low_memory."""
@@ -118,6 +133,12 @@ class Pipeline:
         if not self.low_memory:
             self._engines[name] = engine
         return engine
+
+    def release(self, *names: str) -> None:
+        """Close the named engines (all, without names); they reopen on next use. Memory comes back once the last
+        reference goes: sessions, device buffers and captured CUDA graphs with them."""
+        for name in names or list(self._engines):
+            self._engines.pop(name, None)
 
     def open_all(self) -> Pipeline:
         """Open every engine now (session creation / compilation), e.g. to time loading apart from running."""
@@ -129,7 +150,7 @@ class Pipeline:
 
     @property
     def denoiser(self) -> EngineDenoiser:
-        return EngineDenoiser(self.engine("transformer"))
+        return EngineDenoiser(self.engine("transformer"), cfg_batch=self.cfg_batch)
 
     def decoder(self, tile: int | None = None) -> ChunkedVaeDecoder:
         return ChunkedVaeDecoder(self.engine(self.config["vae"]["first"]), self.engine(self.config["vae"]["step"]),
@@ -210,11 +231,12 @@ class Pipeline:
         timings: dict[str, float] = {}
 
         memory: dict[str, float | None] = {}
+        device_memory: dict[str, float | None] = {}
         t0 = time.perf_counter()
         cfg = guidance > 1.0
-        with PeakRss() as mem:
+        with PeakRss() as mem, self._peak_device() as dev:
             emb = self.encode([prompt, negative_prompt] if cfg else [prompt])  # [1 or 2, L, D]
-        memory["encode"] = mem.peak_mb
+        memory["encode"], device_memory["encode"] = mem.peak_mb, dev.peak_mb
         cond, uncond = emb[:1], (emb[1:] if cfg else None)
         timings["encode"] = time.perf_counter() - t0
 
@@ -226,16 +248,16 @@ class Pipeline:
                 on_step(i, dt)
 
         t0 = time.perf_counter()
-        with PeakRss() as mem:
-            denoiser = EngineDenoiser(self.engine("transformer"), observe)
+        with PeakRss() as mem, self._peak_device() as dev:
+            denoiser = EngineDenoiser(self.engine("transformer"), observe, self.cfg_batch)
             cache = StepCache(denoiser, self.engine("dit_probe"), step_cache) if step_cache is not None else None
             latents = sample(cache or denoiser, self.scheduler, latents, cond, uncond, guidance, steps, _on_step)
             evaluations = cache.evaluations if cache else len(step_times) * (1 + (cfg and denoiser.max_batch < 2))
             del denoiser, cache  # with low_memory these held the only references: the DiT is released here
-        memory["denoise"] = mem.peak_mb
+        memory["denoise"], device_memory["denoise"] = mem.peak_mb, dev.peak_mb
         timings["denoise"] = time.perf_counter() - t0
         if output_type == "latent":
-            return Generation(None, latents, timings, step_times, memory, evaluations)
+            return Generation(None, latents, timings, step_times, memory, device_memory, evaluations)
 
         t0 = time.perf_counter()
         c = self.config["latent_channels"]
@@ -244,14 +266,18 @@ class Pipeline:
         # WanPipeline: latents / (1 / std) + mean
         z = (latents / (np.float32(1.0) / std) + mean).astype(np.float32)
         kept = []
-        with PeakRss() as mem:
+        with PeakRss() as mem, self._peak_device() as dev:
             for video in self.decoder(vae_tile).chunks(z):  # [1, 3, T, H, W] in [-1, 1]
                 chunk = np.ascontiguousarray(np.clip(video[0] / 2 + 0.5, 0, 1).transpose(1, 2, 3, 0))  # [T, H, W, 3]
                 if sink:
                     sink(chunk)
                 else:
                     kept.append(chunk)
-        memory["decode"] = mem.peak_mb
+        memory["decode"], device_memory["decode"] = mem.peak_mb, dev.peak_mb
         timings["decode"] = time.perf_counter() - t0
         frames_out = np.concatenate(kept).astype(np.float32, copy=False) if kept else None
-        return Generation(frames_out, latents, timings, step_times, memory, evaluations)
+        return Generation(frames_out, latents, timings, step_times, memory, device_memory, evaluations)
+
+    def _peak_device(self):
+        """GPU memory is sampled only when a GPU backend runs (None otherwise)."""
+        return PeakDevice() if self.backend in GPU_BACKENDS else contextlib.nullcontext(_NO_DEVICE)

@@ -20,18 +20,30 @@ class Denoiser(Protocol):
     def __call__(self, latents: np.ndarray, timestep: np.ndarray, context: np.ndarray) -> np.ndarray: ...
 
 
+def _read_only(a: np.ndarray | None) -> np.ndarray | None:
+    if a is None:
+        return None
+    view = a.view()
+    view.flags.writeable = False
+    return view
+
+
 def sample(denoiser: Denoiser, scheduler, latents: np.ndarray, cond: np.ndarray, uncond: np.ndarray | None,
            guidance: float, steps: int, on_step: Callable[[int, float], None] | None = None) -> np.ndarray:
     """Run `steps` denoising steps from `latents` [1, C, F, H, W]; returns the final latents."""
     scheduler.set_timesteps(steps)
     x = latents.astype(np.float32)
+    both_ctx = np.concatenate([cond, uncond]) if uncond is not None and denoiser.max_batch >= 2 else None  # [2, S, D]
+    # Read-only views, the same objects every step: a backend that keeps inputs on a device (backends/ort_io.py)
+    # uploads them once per generation, not once per step.
+    cond, uncond, both_ctx = (_read_only(c) for c in (cond, uncond, both_ctx))
     for i, t in enumerate(scheduler.timesteps):
         t0 = time.perf_counter()
         ts = np.full((1,), t, dtype=np.float32)
         if uncond is None:
             pred = denoiser(x, ts, cond)
         elif denoiser.max_batch >= 2:
-            both = denoiser(np.concatenate([x, x]), np.concatenate([ts, ts]), np.concatenate([cond, uncond]))
+            both = denoiser(np.concatenate([x, x]), np.concatenate([ts, ts]), both_ctx)
             pred = both[1:] + np.float32(guidance) * (both[:1] - both[1:])
         else:
             c, u = denoiser(x, ts, cond), denoiser(x, ts, uncond)

@@ -1,7 +1,8 @@
 """Backends: each runs one engine format beneath the sampler's small interfaces.
 
 An engine is a callable `engine(**inputs) -> first output` with a `.spec` (its EngineSpec); `open_engine` picks the
-implementation by backend name. `EngineDenoiser` adapts any DiT engine to the sampler's Denoiser interface, so
+implementation by backend name: `ort` (ONNX Runtime on the CPU), `openvino` (CPU), `ort-cuda` (ONNX Runtime's CUDA
+provider with IO binding and, for the DiT, CUDA graphs: backends/ort_io.py). `EngineDenoiser` adapts any DiT engine to the sampler's Denoiser interface, so
 there is one sampler loop whatever runs beneath it.
 """
 
@@ -15,19 +16,25 @@ import numpy as np
 from ..errors import SoraError
 from ..spec import EngineSpec
 
-BACKENDS = ("ort", "openvino")
+BACKENDS = ("ort", "openvino", "ort-cuda")
 PRECISIONS = ("fp32", "bf16")
 
 
 def open_engine(backend: str, path: Path, spec: EngineSpec, threads: int | None = None, precision: str = "fp32",
-                cache_dir: Path | None = None, arena: bool = True):
-    """`arena=False` lets ONNX Runtime return large buffers instead of keeping its CPU arena (the VAE decoder)."""
+                cache_dir: Path | None = None, arena: bool = True, cuda_graph: bool = False):
+    """`arena=False` lets ONNX Runtime return large buffers instead of keeping its CPU arena (the VAE decoder).
+    `cuda_graph` captures and replays the engine per shape on `ort-cuda` (the DiT: same shape every step)."""
+    if backend in ("ort", "ort-cuda") and precision != "fp32":
+        raise SoraError(f"the {backend} backend runs the graphs at the precision they carry; execution precision "
+                        f"{precision} is OpenVINO's (fp16/int8 are chosen at export)")
     if backend == "ort":
-        if precision != "fp32":
-            raise SoraError(f"the ort backend runs these engines in fp32 only (asked for {precision})")
         from .ort import OrtEngine
 
         return OrtEngine(path, spec, threads, arena=arena)
+    if backend == "ort-cuda":
+        from .ort_io import OrtIoEngine
+
+        return OrtIoEngine(path, spec, "cuda", threads=threads, cuda_graph=cuda_graph, arena=arena)
     if backend == "openvino":
         from .openvino import OvEngine
 
@@ -39,10 +46,11 @@ class EngineDenoiser:
     """The sampler's Denoiser over a transformer engine of any backend. `observe(feeds, output)`, when given, sees
     every call (calibration records the trajectory through it; the quality gate compares steps with it)."""
 
-    def __init__(self, engine, observe: Callable[[dict, np.ndarray], None] | None = None):
+    def __init__(self, engine, observe: Callable[[dict, np.ndarray], None] | None = None, cfg_batch: bool = True):
         self.engine = engine
         self.observe = observe
-        self.max_batch = engine.spec.dim_map["b"].max
+        # cfg_batch=False runs the two guidance branches as two calls (half the activation memory at batch 1)
+        self.max_batch = engine.spec.dim_map["b"].max if cfg_batch else 1
 
     def __call__(self, latents: np.ndarray, timestep: np.ndarray, context: np.ndarray) -> np.ndarray:
         # latents [B, C, F, H, W] float32, timestep [B] float32, context [B, S, D] float32

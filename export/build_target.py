@@ -1,0 +1,92 @@
+"""The second step of the two-step path: build an engine directory for a target from an existing one's ONNX.
+
+`sora-export ONNX_DIR -o ENGINE_DIR --backend B`, where ONNX_DIR is any engine directory: typically the portable
+output of `sora-export MODEL -o ONNX_DIR --onnx-only` on a workstation, carried to the device. ONNX_DIR's files are
+verified against its manifest and linked (or copied) into a staged directory. The target is then built and measured:
+on a CPU the backend is chosen by timing, on a GPU the GPU is recorded (runtime/gpu_target.py). Finally the stage is
+renamed into place. Precision, shapes and the quality gate's result come from ONNX_DIR unchanged. No torch and no
+checkpoint are needed, so this runs on the device itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from .. import __version__
+from ..runtime.errors import SoraError
+from ..runtime.gpu_target import GPU_BACKENDS, target
+from ..runtime.manifest import MANIFEST, load_manifest, write_manifest
+from .choose_backend import build_runtime, check_request, openvino_unsupported
+from .staging import ExportReport, check_destination, link_or_copy, swap_into_place
+
+
+@dataclass(frozen=True)
+class TargetConfig:
+    source: Path  # an engine directory whose ONNX is built for the target
+    out: Path  # may be `source` itself (rebuilt in place; the old directory is replaced only when done)
+    backend: str = "auto"
+    threads: int | None = None
+    overwrite: bool = False
+
+
+def _target_key(src, backend: str) -> str:
+    """Same source content, backend, runtime versions and machine (GPU, or CPU) -> same build."""
+    import onnxruntime
+
+    machine = target() if backend in GPU_BACKENDS else {"machine": platform.machine(), "cpu": platform.processor()}
+    return hashlib.sha256(json.dumps({
+        "source": {rel: meta["sha256"] for rel, meta in src.data["files"].items()},
+        "backend": backend, "machine": machine,
+        "versions": {"soraedge": __version__, "onnxruntime": onnxruntime.__version__},
+    }, sort_keys=True).encode()).hexdigest()
+
+
+def build_from_engines(cfg: TargetConfig, log: Callable[[str], None] = lambda s: None) -> ExportReport:
+    """Build `cfg.out` for `cfg.backend` from the ONNX of `cfg.source`. Raises SoraError on bad input."""
+    out = Path(cfg.out)
+    src = load_manifest(cfg.source)  # every file checked against its hash before anything is built from it
+    check_destination(out)
+    no_openvino = openvino_unsupported(src.precision)
+    check_request(cfg.backend, "fp32", no_openvino)  # e.g. no GPU for ort-cuda: refused before any work
+    report = ExportReport(out=out, reused=False)
+    t_all = time.perf_counter()
+    key = _target_key(src, cfg.backend)
+    if (out / MANIFEST).is_file():
+        try:
+            existing = load_manifest(out)
+        except SoraError:
+            existing = None
+        if existing is not None and existing.data.get("cache_key") == key:
+            log(f"{out} is already built from these engines for {cfg.backend} on this machine (cache key {key[:12]})")
+            report.reused = True
+            return report
+        if not cfg.overwrite:
+            raise SoraError(f"{out} holds a different engine directory; pass --overwrite to replace it")
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.build-", dir=out.parent) as work:
+        work = Path(work)
+        stage = work / "engine"
+        log(f"linking the ONNX of {src.root} ...")
+        for rel in src.data["files"]:
+            (stage / rel).parent.mkdir(parents=True, exist_ok=True)
+            link_or_copy(src.root / rel, stage / rel)
+        body = {k: v for k, v in src.data.items() if k not in ("format_version", "files", "runtime", "gpu")}
+        body.update(cache_key=key, created_unix=int(time.time()), gpu=None,
+                    built_from={"path": str(src.root.resolve()), "cache_key": src.data.get("cache_key")})
+        files = write_manifest(stage, {**body, "runtime": src.runtime}, src.data["files"])["files"]
+        t0 = time.perf_counter()
+        log(f"building the runtime target {cfg.backend} (timing the DiT step) ...")
+        body["runtime"], body["gpu"] = build_runtime(stage, cfg.backend, "fp32", cfg.threads, log, no_openvino)
+        if "quality_gate" in src.runtime:  # measured at the ONNX step, on the backend it names
+            body["runtime"]["quality_gate"] = src.runtime["quality_gate"]
+        report.seconds["build_target"] = time.perf_counter() - t0
+        write_manifest(stage, body, files)
+        swap_into_place(stage, out, work)
+    report.seconds["total"] = time.perf_counter() - t_all
+    return report

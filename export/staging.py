@@ -1,0 +1,51 @@
+"""Writing an engine directory safely: check the destination, stage beside it, rename into place. Torch-free.
+
+Every build (a full export in export/build.py, a target build from existing ONNX in export/build_target.py) writes
+into a temporary sibling directory and renames it into place at the end, so an interrupted or failed build never
+leaves a half-written engine directory, and an existing one is moved aside only once its replacement is complete.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..runtime.errors import SoraError
+from ..runtime.manifest import MANIFEST
+
+
+@dataclass
+class ExportReport:
+    out: Path
+    reused: bool
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """A hard link where the filesystem allows (same content, no copy), else a copy."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def check_destination(out: Path) -> None:
+    """Refuse an output that is a file or a non-empty folder that is not an engine directory; create its parent."""
+    if out.exists() and not out.is_dir():
+        raise SoraError(f"output {out} exists and is not a directory")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SoraError(f"cannot create the folder {out.parent} for the output ({e.strerror})") from None
+    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
+        raise SoraError(f"{out} exists, is not empty and is not an engine directory: refusing to touch it")
+
+
+def swap_into_place(stage: Path, out: Path, work: Path) -> None:
+    """Rename the finished build into place; an old directory is moved aside first and deleted only after."""
+    if out.exists():
+        old = work / "previous"
+        out.rename(old)  # the work dir is removed with everything in it once we return
+    stage.rename(out)

@@ -25,7 +25,7 @@ from .flops import wan_dit_flops
 from .matmul_peak import matmul_peak
 from ..runtime.memory import PeakRss
 
-PEERS = ("ort-fp32", "openvino-fp32", "openvino-bf16")
+PEERS = ("ort-fp32", "openvino-fp32", "openvino-bf16", "ort-cuda-fp32")
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,7 @@ class BenchConfig:
     peers: tuple[str, ...] = PEERS
     scaling: bool = True
     compile: bool = False
+    reference_device: str = "cpu"  # where the PyTorch reference runs: "cpu" or "cuda" (next to the ort-cuda peer)
 
 
 def _summary(values: list[float]) -> dict:
@@ -63,7 +64,9 @@ def machine() -> dict:
                    if ln.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "arch": platform.machine(), "gpu": None}
+    from ..runtime.cuda_info import gpu
+
+    return {"cpu": cpu, "cores": os.cpu_count(), "arch": platform.machine(), "gpu": gpu()}
 
 
 def versions() -> dict:
@@ -85,6 +88,7 @@ def versions() -> dict:
 
 
 def _available_peers(peers) -> list[tuple[str, str]]:
+    from ..runtime import gpu_target
     from ..runtime.backends import openvino as ov
 
     out = []
@@ -92,7 +96,23 @@ def _available_peers(peers) -> list[tuple[str, str]]:
         backend, precision = p.rsplit("-", 1)
         if backend == "openvino" and (not ov.available() or (precision == "bf16" and not ov.cpu_info()["bf16"])):
             continue
+        if backend in gpu_target.GPU_BACKENDS and gpu_target.missing(gpu_target.target()):
+            continue
         out.append((backend, precision))
+    return out
+
+
+def _built_for(engine_dir: Path, backend: str, tmp: Path) -> Path:
+    """`engine_dir`, or for a GPU backend a build of it for this GPU (the two-step path's second step) in tmp."""
+    from ..export.build_target import TargetConfig, build_from_engines
+    from ..runtime.gpu_target import GPU_BACKENDS
+    from ..runtime.manifest import load_manifest
+
+    gpu = load_manifest(engine_dir, verify=False).data.get("gpu")
+    if backend not in GPU_BACKENDS or (gpu or {}).get("backend") == backend:
+        return engine_dir
+    out = tmp / f"{engine_dir.name}-{backend}"
+    build_from_engines(TargetConfig(engine_dir, out, backend))  # reused when already built in this run
     return out
 
 
@@ -154,7 +174,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda s: None, tic
         rows = []
         log("PyTorch reference (diffusers WanPipeline, eager) ...")
         t0 = time.perf_counter()
-        ref_pipe = WanPipeline.from_pretrained(model_dir)
+        ref_pipe = WanPipeline.from_pretrained(model_dir).to(cfg.reference_device)
         ref_pipe.set_progress_bar_config(disable=True)
         load_s = time.perf_counter() - t0
         variants = [("pytorch-eager", ref_pipe)]
@@ -182,7 +202,8 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda s: None, tic
             for backend, precision in _available_peers(cfg.peers):
                 log(f"{engine_dir.name}: {backend} {precision} ...")
                 t0 = time.perf_counter()
-                pipe = Pipeline.load(engine_dir, threads=cfg.threads, backend=backend, precision=precision).open_all()
+                pipe = Pipeline.load(_built_for(engine_dir, backend, tmp), threads=cfg.threads, backend=backend,
+                                     precision=precision).open_all()
                 load_s = time.perf_counter() - t0
                 t0 = time.perf_counter()
                 pipe(cfg.prompt, negative, h, w, f, 1, g, latents=latents)
@@ -209,7 +230,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda s: None, tic
             row["fraction_of_fp32_peak"] = row["dit_gflops"] / best_fp32
             row["speedup_vs_pytorch"] = ref_total / row["stages"]["total"]["median"]
 
-        scaling = _scaling(cfg, ref_pipe, engines[0], batch, text_len, log, tick) if cfg.scaling else None
+        scaling = _scaling(cfg, ref_pipe, engines[0], batch, text_len, log, tick, tmp) if cfg.scaling else None
 
     return {"machine": machine(), "threads": cfg.threads, "versions": versions(), "model": cfg.model,
             "shape": {"height": h, "width": w, "frames": f, "steps": steps, "guidance": g, "batch": batch,
@@ -226,11 +247,12 @@ def _row(name, precision, engines, load_s, warm, runs, psnr) -> dict:
             "stages": stages, "peak_rss_mb": max(peaks) / 2**20 if peaks else None, "psnr_db": psnr}
 
 
-def _scaling(cfg, ref_pipe, engine_dir, batch, text_len, log, tick) -> dict:
+def _scaling(cfg, ref_pipe, engine_dir, batch, text_len, log, tick, tmp) -> dict:
     """DiT call latency against tokens for PyTorch and each backend; exponent of a log-log fit."""
     import torch
 
     from ..runtime.pipeline import Pipeline
+    from .reference import sync
 
     log("scaling ...")
     probe = Pipeline.load(engine_dir, backend="ort")
@@ -241,19 +263,21 @@ def _scaling(cfg, ref_pipe, engine_dir, batch, text_len, log, tick) -> dict:
     points = []
     runners = {"pytorch-eager-fp32": None}
     for backend, precision in _available_peers(cfg.peers):
-        runners[f"{backend}-{precision}"] = Pipeline.load(engine_dir, threads=cfg.threads, backend=backend,
-                                                          precision=precision).denoiser
+        runners[f"{backend}-{precision}"] = Pipeline.load(_built_for(engine_dir, backend, tmp), threads=cfg.threads,
+                                                          backend=backend, precision=precision).denoiser
     for s in sizes:
         feeds = spec.sample_inputs(seed=0, b=batch, **s)
         tokens = s["f"] * s["h"] * s["w"] // (patch[1] * patch[2])
         assert feeds["encoder_hidden_states"].shape == (batch, text_len, text_dim)
         for name, den in runners.items():
             if den is None:
-                args = [torch.from_numpy(feeds[k]) for k in ("hidden_states", "timestep", "encoder_hidden_states")]
+                args = [torch.from_numpy(feeds[k]).to(cfg.reference_device)
+                        for k in ("hidden_states", "timestep", "encoder_hidden_states")]
 
                 def call():
                     with torch.inference_mode():
                         ref_pipe.transformer(*args, return_dict=False)
+                    sync()
             else:
                 def call(den=den):
                     den(feeds["hidden_states"], feeds["timestep"], feeds["encoder_hidden_states"])

@@ -12,6 +12,14 @@ from contextlib import contextmanager
 import numpy as np
 
 
+def sync() -> None:
+    """Wait for queued GPU work, so a wall-clock time covers it (nothing to wait for on the CPU)."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 @contextmanager
 def stage_timers(pipe):
     """Yields a dict that fills with {'encode': [...], 'dit': [...], 'decode': [...]} call durations."""
@@ -24,6 +32,7 @@ def stage_timers(pipe):
         def timed(*a, **k):
             t0 = time.perf_counter()
             out = fn(*a, **k)
+            sync()
             times[key].append(time.perf_counter() - t0)
             return out
 

@@ -22,15 +22,18 @@ from .common import cli_errors
 @click.option("--prompt", default="a red fox runs along the beach at sunset", show_default=True)
 @click.option("--threads", type=int, default=os.cpu_count(), show_default=True)
 @click.option("--repeats", type=int, default=3, show_default=True)
-@click.option("--peers", default="ort-fp32,openvino-fp32,openvino-bf16", show_default=True,
-              help="Engine backends/precisions to time (those not available here are skipped).")
+@click.option("--peers", default="ort-fp32,openvino-fp32,openvino-bf16,ort-cuda-fp32", show_default=True,
+              help="Engine backends/precisions to time (those not available here are skipped; ort-cuda times a "
+                   "build of the engines for this GPU).")
+@click.option("--reference-device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="Where the PyTorch reference runs (cuda: beside the ort-cuda peer, on the same GPU).")
 @click.option("--no-scaling", is_flag=True, help="Skip the latency-vs-tokens curves.")
 @click.option("--compile", "compile_", is_flag=True, help="Also time torch.compile of the reference transformer.")
 @click.option("-o", "--out", type=click.Path(path_type=Path), default=Path("bench-results"), show_default=True)
 @click.option("--tag", default="cpu", show_default=True, help="Result files are bench_<tag>.json/.md/.png")
 @cli_errors
-def main(model, engines, height, width, frames, steps, guidance, prompt, threads, repeats, peers, no_scaling,
-         compile_, out, tag):
+def main(model, engines, height, width, frames, steps, guidance, prompt, threads, repeats, peers, reference_device,
+         no_scaling, compile_, out, tag):
     """Benchmark MODEL (a diffusers Wan2.1 directory or `demo`)."""
     from tqdm import tqdm
 
@@ -38,7 +41,8 @@ def main(model, engines, height, width, frames, steps, guidance, prompt, threads
 
     cfg = BenchConfig(model=model, engines=tuple(engines), height=height, width=width, frames=frames, steps=steps,
                       guidance=guidance, prompt=prompt, threads=threads, repeats=repeats,
-                      peers=tuple(p for p in peers.split(",") if p), scaling=not no_scaling, compile=compile_)
+                      peers=tuple(p for p in peers.split(",") if p), scaling=not no_scaling, compile=compile_,
+                      reference_device=reference_device)
     with tqdm(desc="bench", unit="run", leave=False) as bar:
         result = run_bench(cfg, log=lambda s: bar.write(s), tick=bar.update)
     paths = write_results(result, out, tag)

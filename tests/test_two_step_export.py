@@ -1,0 +1,84 @@
+"""The two-step path: export portable ONNX on one machine (--onnx-only), build the runtime target from it on another
+(`sora-export ONNX_DIR -o ENGINE_DIR --backend B`, export/build_target.py), without torch. The GPU target's build is
+covered in tests/test_ort_io.py (needs a GPU); here the CPU target exercises the same file handling."""
+
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+from click.testing import CliRunner
+
+from soraedge.cli.export_cmd import main as export_main
+from soraedge.runtime.manifest import load_manifest
+from soraedge.runtime.pipeline import Pipeline
+
+BUILD_WITHOUT_TORCH = textwrap.dedent("""
+    import sys
+
+    class BlockTorch:
+        def find_spec(self, name, path=None, target=None):
+            if name == "torch" or name.startswith("torch."):
+                raise ImportError("torch is blocked in this test")
+
+    sys.meta_path.insert(0, BlockTorch())
+    from soraedge.cli.export_cmd import main
+    main(sys.argv[1:])
+""")
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-c", BUILD_WITHOUT_TORCH, *map(str, args)], capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_onnx_only_then_build_the_target_elsewhere(tiny_model, tmp_path):
+    onnx = tmp_path / "onnx"
+    result = CliRunner().invoke(export_main, [str(tiny_model("tiny-a")), "-o", str(onnx), "--onnx-only",
+                                              "--height", "32", "--width", "48", "--frames", "5"])
+    assert result.exit_code == 0, result.output
+    src = load_manifest(onnx)
+    assert src.runtime == {"backend": "ort", "precision": "fp32", "onnx_only": True} and src.data["gpu"] is None
+    assert "DiT step" not in result.output  # no target was timed
+
+    engines = tmp_path / "engines"
+    proc = _cli(onnx, "-o", engines, "--backend", "ort", "--threads", "2")
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    built = load_manifest(engines)
+    assert built.data["built_from"] == {"path": str(onnx.resolve()), "cache_key": src.data["cache_key"]}
+    assert built.data["files"] == src.data["files"]  # the same ONNX, byte for byte
+    assert built.runtime["backend"] == "ort" and "ort-fp32" in built.runtime["timings"]
+    assert built.data["precision"] == src.data["precision"] and built.data["pipeline"] == src.data["pipeline"]
+    a = Pipeline.load(onnx)("a red fox", steps=2, seed=0).frames
+    b = Pipeline.load(engines)("a red fox", steps=2, seed=0).frames
+    np.testing.assert_array_equal(a, b)
+
+    again = _cli(onnx, "-o", engines, "--backend", "ort", "--threads", "2")
+    assert again.returncode == 0 and "already built from these engines" in again.stdout
+
+    in_place = _cli(engines, "-o", engines, "--backend", "ort", "--threads", "2", "--overwrite")
+    assert in_place.returncode == 0, in_place.stderr + in_place.stdout
+    assert load_manifest(engines).data["files"] == src.data["files"]
+
+    fixed = CliRunner().invoke(export_main, [str(onnx), "-o", str(tmp_path / "x"), "--precision", "fp16",
+                                             "--frames", "9"])
+    assert fixed.exit_code == 2 and "--frames, --precision cannot change" in fixed.output
+    assert not (tmp_path / "x").exists()
+
+    broken = tmp_path / "broken"
+    shutil.copytree(onnx, broken)
+    with open(broken / "transformer.onnx", "r+b") as f:
+        f.truncate(100)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    bad = _cli(broken, "-o", tmp_path / "y", "--backend", "ort")
+    assert bad.returncode == 2 and "does not match its manifest hash" in bad.stderr + bad.stdout
+    assert "Traceback" not in bad.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written, not even a temp dir
+
+
+def test_onnx_only_refuses_a_target(tiny_model, tmp_path):
+    result = CliRunner().invoke(export_main, [str(tiny_model("tiny-a")), "-o", str(tmp_path / "e"), "--onnx-only",
+                                              "--backend", "openvino"])
+    assert result.exit_code == 2 and "--onnx-only builds no runtime target" in result.output
+    assert not (tmp_path / "e").exists()

@@ -23,18 +23,31 @@ FIRST_LAST = {"auto": None, "keep": True, "quantize": False}  # --int8-first-las
               help="Most frames (4k+1) the engines accept; the chunked VAE decodes any count up to it.")
 @click.option("--height", type=int, help="Default height recorded for sora-run (multiple of 16).")
 @click.option("--width", type=int, help="Default width recorded for sora-run (multiple of 16).")
-@click.option("--attention", type=click.Choice(["onnx-attention", "decomposed"]), default="onnx-attention",
-              show_default=True,
-              help="onnx-attention: one ONNX Attention node (opset 23). decomposed: MatMul-Softmax-MatMul (opset 20),"
-                   " for TensorRT < 10.14.")
+@click.option("--attention", type=click.Choice(["onnx-attention", "decomposed"]),
+              help="The DiT's ONNX attention: one ONNX Attention node (opset 23; the default) or MatMul-Softmax-"
+                   "MatMul (opset 20). With --backend tensorrt the default is what that TensorRT parses "
+                   "(decomposed before 10.14).")
 @click.option("--max-sequence-length", type=click.IntRange(2, 4096),
               help="Text tokens per prompt. Default: the model's (512 for Wan2.1, 32 for the demo).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing, different engine directory.")
 @click.option("--skip-parity", is_flag=True, help="Do not run the ONNX-vs-PyTorch check after export.")
-@click.option("--backend", type=click.Choice(["auto", "ort", "openvino", "ort-cuda"]), default="auto",
-              show_default=True,
-              help="Runtime target. CPU: auto times one DiT step on ort and openvino and keeps the fastest. ort-cuda: "
-                   "ONNX Runtime CUDA on this machine's GPU, recorded in the manifest (sora-run refuses another GPU).")
+@click.option("--backend", type=click.Choice(["auto", "ort", "openvino", "ort-cuda", "ort-trt", "tensorrt"]),
+              default="auto", show_default=True,
+              help="Runtime target. CPU: auto times one DiT step on ort and openvino and keeps the fastest. GPU, "
+                   "built for this machine's GPU and recorded in the manifest (sora-run refuses another): ort-cuda "
+                   "(ONNX Runtime CUDA), ort-trt (ONNX Runtime's TensorRT provider), tensorrt (native plans).")
+@click.option("--trt-attention", type=click.Choice(["native", "plugin", "int8"]), default="native",
+              show_default=True, help="--backend tensorrt: native leaves attention to TensorRT's fusion; plugin "
+              "replaces every DiT attention with this project's Triton flash-attention plugin (TensorRT >= 10.9).")
+@click.option("--trt-workspace-mb", type=int, help="--backend tensorrt: builder workspace limit.")
+@click.option("--trt-tactic-memory-mb", type=int,
+              help="--backend tensorrt: tactic memory limit (Jetson builds that run out of unified memory).")
+@click.option("--trt-opt-level", type=click.IntRange(0, 5), default=3, show_default=True,
+              help="--backend tensorrt: builder optimization level.")
+@click.option("--trt-version-compatible", is_flag=True, help="--backend tensorrt: plans that later TensorRT "
+              "versions of the same major version also run.")
+@click.option("--trt-hardware-compatible", is_flag=True,
+              help="--backend tensorrt: plans that run on any Ampere or newer GPU.")
 @click.option("--onnx-only", is_flag=True,
               help="Stop after the portable ONNX (precision conversion and quality gate included); build the target "
                    "later, e.g. on the device: sora-export ONNX_DIR -o ENGINE_DIR --backend ort-cuda.")
@@ -65,13 +78,19 @@ FIRST_LAST = {"auto": None, "keep": True, "quantize": False}  # --int8-first-las
 @click.option("--threads", type=int, help="Threads for calibration, backend timing and gate (default: all cores).")
 @cli_errors
 def main(model, out, frames, max_frames, height, width, attention, max_sequence_length, overwrite, skip_parity, backend,
-         onnx_only, precision, dit_precision, text_encoder_precision, vae_precision, min_psnr, calib_method, calib_percentile,
-         calib_prompts, calib_prompt_count, calib_steps, smooth_alpha, int8_first_last_blocks, int8_activations,
-         threads):
+         trt_attention, trt_workspace_mb, trt_tactic_memory_mb, trt_opt_level, trt_version_compatible,
+         trt_hardware_compatible, onnx_only, precision, dit_precision, text_encoder_precision, vae_precision, min_psnr,
+         calib_method, calib_percentile, calib_prompts, calib_prompt_count, calib_steps, smooth_alpha,
+         int8_first_last_blocks, int8_activations, threads):
     """Export MODEL (a diffusers-format Wan2.1-T2V directory, or the built-in `demo`) to OUT, or build OUT for a
     target from MODEL when MODEL is an engine directory."""
+    from ..export.trt_build import BuildSettings
+    from ..export.trt_target import TrtOptions
+
+    trt = TrtOptions(trt_attention, BuildSettings(trt_workspace_mb, trt_tactic_memory_mb, trt_opt_level,
+                                                  trt_version_compatible, trt_hardware_compatible))
     if (Path(model) / "manifest.json").is_file():
-        _build_target(Path(model), out, backend, threads, overwrite)
+        _build_target(Path(model), out, backend, threads, overwrite, trt)
         return
     try:
         from ..calib.config import CalibConfig
@@ -82,7 +101,8 @@ def main(model, out, frames, max_frames, height, width, attention, max_sequence_
 
         raise SoraError(f"the export toolchain is not installed ({e.name}): pip install 'soraedge[export]'") from None
     cfg = ExportConfig(model=model, out=out, frames=frames, max_frames=max_frames, height=height, width=width,
-                       attention=AttentionForm(attention), max_sequence_length=max_sequence_length,
+                       attention=AttentionForm(attention) if attention else None,
+                       max_sequence_length=max_sequence_length, trt=trt,
                        overwrite=overwrite, check_parity=not skip_parity, backend=backend, onnx_only=onnx_only,
                        precision=precision,
                        component_precision=tuple((c, p) for c, p in (("transformer", dit_precision),
@@ -100,10 +120,11 @@ def main(model, out, frames, max_frames, height, width, attention, max_sequence_
         click.echo(f"engines written to {report.out} ({stages})")
 
 
-TARGET_OPTIONS = {"model", "out", "backend", "threads", "overwrite"}
+TARGET_OPTIONS = {"model", "out", "backend", "threads", "overwrite", "trt_attention", "trt_workspace_mb",
+                  "trt_tactic_memory_mb", "trt_opt_level", "trt_version_compatible", "trt_hardware_compatible"}
 
 
-def _build_target(source: Path, out: Path, backend: str, threads: int | None, overwrite: bool) -> None:
+def _build_target(source: Path, out: Path, backend: str, threads: int | None, overwrite: bool, trt) -> None:
     from ..export.build_target import TargetConfig, build_from_engines
     from ..runtime.errors import SoraError
 
@@ -112,8 +133,9 @@ def _build_target(source: Path, out: Path, backend: str, threads: int | None, ov
                    and ctx.get_parameter_source(n) != click.core.ParameterSource.DEFAULT)
     if fixed:
         raise SoraError(f"{source} is an engine directory: only its target is built from it, so {', '.join(fixed)} "
-                        f"cannot change (they are fixed when the ONNX is exported; export from the model to change them)")
-    report = build_from_engines(TargetConfig(source, out, backend, threads, overwrite), log=click.echo)
+                        f"cannot change (they are fixed when the ONNX is exported; export from the model to change "
+                        f"them)")
+    report = build_from_engines(TargetConfig(source, out, backend, threads, overwrite, trt), log=click.echo)
     if not report.reused:
         click.echo(f"engines written to {report.out} ({', '.join(f'{k} {v:.1f}s' for k, v in report.seconds.items())})")
 

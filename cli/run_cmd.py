@@ -26,11 +26,11 @@ from .common import cli_errors
 @click.option("--latents", "latents_file", type=click.Path(path_type=Path),
               help="Initial noise as .npy: float32 [1, C, (F-1)//4+1, H//8, W//8], as WanPipeline's latents.")
 @click.option("--threads", type=int, help="Backend threads (default: all cores).")
-@click.option("--backend", type=click.Choice(["ort", "openvino", "ort-cuda"]),
-              help="Default: the one chosen at export. ort-cuda runs only engines built for this GPU.")
+@click.option("--backend", type=click.Choice(["ort", "openvino", "ort-cuda", "ort-trt", "tensorrt"]),
+              help="Default: the one chosen at export. The GPU backends run only engines built for this GPU.")
 @click.option("--cfg", "cfg_mode", type=click.Choice(["batch", "split"]), default="batch", show_default=True,
               help="Guidance branches as one DiT batch of 2, or as two calls (less activation memory).")
-@click.option("--no-cuda-graph", is_flag=True, help="ort-cuda: launch the DiT's kernels one by one instead of "
+@click.option("--no-cuda-graph", is_flag=True, help="GPU backends: launch the DiT's kernels one by one instead of "
               "replaying a captured CUDA graph.")
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]), help="Default: the one chosen at export.")
 @click.option("--low-memory", is_flag=True,
@@ -46,7 +46,8 @@ from .common import cli_errors
 @click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path), help="Output .mp4, .gif or .npy")
 @cli_errors
 def main(engines, prompt, negative_prompt, steps, guidance, seed, height, width, frames, latents_file, threads,
-         backend, cfg_mode, no_cuda_graph, precision, low_memory, prompt_cache, no_prompt_cache, step_cache, vae_tile, out):
+         backend, cfg_mode, no_cuda_graph, precision, low_memory, prompt_cache, no_prompt_cache, step_cache, vae_tile,
+         out):
     """Generate a video for PROMPT with the engines in ENGINES."""
     import time
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -44,56 +45,84 @@ def _default_attention(node) -> bool:
         "scale" not in attrs and not attrs.get("softcap", 0.0) and len(node.output) == 1
 
 
-def to_multihead_attention(model: onnx.ModelProto, num_heads: int) -> RewriteReport:
-    """Rewrite `model`'s graph in place; weights are not touched (it may be loaded without external data)."""
-    graph = model.graph
+@dataclass(frozen=True)
+class AttentionMatch:
+    """One `Transpose x3 -> Attention -> Transpose` pattern: `sources` are the [B, L, H, D] q/k/v tensors before the
+    input Transposes, `output` the [B, L, H, D] tensor after the output Transpose."""
+
+    node: onnx.NodeProto
+    sources: tuple[str, str, str]
+    output: str
+    # The Transposes that go with the Attention node. Node objects, not ids: protobuf makes a new wrapper per
+    # access, and holding these keeps the wrappers (and so their identities) alive until the replacement.
+    dropped: tuple[onnx.NodeProto, ...]
+
+    @property
+    def tag(self) -> str:
+        return self.node.name or self.node.output[0]
+
+
+def match_attention(graph: onnx.GraphProto) -> tuple[int, list[AttentionMatch]]:
+    """(number of ONNX Attention nodes, those in the default-attention Transpose pattern)."""
     producer = {out: n for n in graph.node for out in n.output}
     consumers: dict[str, list] = {}
     for n in graph.node:
         for name in n.input:
             consumers.setdefault(name, []).append(n)
     graph_outputs = {o.name for o in graph.output}
-
-    flat = numpy_helper.from_array(np.array([0, 0, -1], np.int64), "mha_flatten_heads")
-    split = numpy_helper.from_array(np.array([0, 0, num_heads, -1], np.int64), "mha_split_heads")
     attention = [n for n in graph.node if n.op_type == "Attention" and n.domain in ("", "ai.onnx")]
-    removed, replacements = set(), {}
+    matches = []
     for node in attention:
         ins = [producer.get(name) for name in node.input]
         outs = consumers.get(node.output[0], [])
         if not (_default_attention(node) and all(_transpose_0213(p) for p in ins) and len(outs) == 1
                 and _transpose_0213(outs[0]) and node.output[0] not in graph_outputs):
             continue
-        tag = node.name or node.output[0]
-        new = []
-        flat_names = []
-        for role, transpose in zip("qkv", ins):
-            flat_names.append(f"{tag}/mha_{role}")
-            new.append(helper.make_node("Reshape", [transpose.input[0], flat.name], [flat_names[-1]],
-                                        name=f"{tag}/mha_flatten_{role}"))
-        new.append(helper.make_node("MultiHeadAttention", flat_names, [f"{tag}/mha_out"], name=f"{tag}/mha",
-                                    domain=MS_DOMAIN, num_heads=num_heads))
-        new.append(helper.make_node("Reshape", [f"{tag}/mha_out", split.name], [outs[0].output[0]],
-                                    name=f"{tag}/mha_split"))
-        replacements[id(node)] = new
-        removed.add(id(outs[0]))
-        for transpose in ins:  # the input Transposes go once nothing else reads them
-            if all(c is node for c in consumers[transpose.output[0]]):
-                removed.add(id(transpose))
+        # the input Transposes go once nothing else reads them
+        dropped = [outs[0]] + [t for t in ins if all(c is node for c in consumers[t.output[0]])]
+        matches.append(AttentionMatch(node, tuple(t.input[0] for t in ins), outs[0].output[0], tuple(dropped)))
+    return len(attention), matches
 
-    if replacements:
-        nodes = []
-        for n in graph.node:
-            if id(n) in replacements:
-                nodes.extend(replacements[id(n)])
-            elif id(n) not in removed:
-                nodes.append(n)
-        del graph.node[:]
-        graph.node.extend(nodes)
-        graph.initializer.extend([flat, split])
-        if not any(op.domain == MS_DOMAIN for op in model.opset_import):
-            model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
-    return RewriteReport(attention_nodes=len(attention), replaced=len(replacements))
+
+def replace_attention(model: onnx.ModelProto, matches: list[AttentionMatch],
+                      build: Callable[[AttentionMatch], list[onnx.NodeProto]], initializers=(),
+                      domain: tuple[str, int] | None = None) -> None:
+    """Put `build(match)` in place of each match's Attention node and drop its Transposes, in place."""
+    if not matches:
+        return
+    graph = model.graph
+    replacements = {id(m.node): build(m) for m in matches}
+    removed = {id(n) for m in matches for n in m.dropped}
+    nodes = []
+    for n in graph.node:
+        if id(n) in replacements:
+            nodes.extend(replacements[id(n)])
+        elif id(n) not in removed:
+            nodes.append(n)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    graph.initializer.extend(initializers)
+    if domain and not any(op.domain == domain[0] for op in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(*domain))
+
+
+def to_multihead_attention(model: onnx.ModelProto, num_heads: int) -> RewriteReport:
+    """Rewrite `model`'s graph in place; weights are not touched (it may be loaded without external data)."""
+    flat = numpy_helper.from_array(np.array([0, 0, -1], np.int64), "mha_flatten_heads")
+    split = numpy_helper.from_array(np.array([0, 0, num_heads, -1], np.int64), "mha_split_heads")
+    total, matches = match_attention(model.graph)
+
+    def build(m: AttentionMatch) -> list[onnx.NodeProto]:
+        flat_names = [f"{m.tag}/mha_{role}" for role in "qkv"]
+        new = [helper.make_node("Reshape", [src, flat.name], [name], name=f"{m.tag}/mha_flatten_{role}")
+               for role, src, name in zip("qkv", m.sources, flat_names)]
+        new.append(helper.make_node("MultiHeadAttention", flat_names, [f"{m.tag}/mha_out"], name=f"{m.tag}/mha",
+                                    domain=MS_DOMAIN, num_heads=num_heads))
+        new.append(helper.make_node("Reshape", [f"{m.tag}/mha_out", split.name], [m.output], name=f"{m.tag}/mha_split"))
+        return new
+
+    replace_attention(model, matches, build, [flat, split], (MS_DOMAIN, 1))
+    return RewriteReport(attention_nodes=total, replaced=len(matches))
 
 
 def rewrite_file(src: Path, dst: Path, num_heads: int) -> RewriteReport:

@@ -33,6 +33,7 @@ from .dit_probe import FirstBlockProbe, ProbeReference, probe_spec
 from .precision import convert_engines, default_min_psnr, plan_precision
 from .quality_gate import quality_gate
 from .staging import ExportReport, check_destination, swap_into_place
+from .trt_target import TrtOptions
 from .text_encoder import load_text_encoder, text_encoder_spec
 from .vae import load_vae_decoders, vae_specs
 
@@ -50,7 +51,7 @@ class ExportConfig:
     max_frames: int = 81  # the most frames the DiT engine accepts (any 4k+1 up to it decodes: chunked VAE)
     height: int | None = None
     width: int | None = None
-    attention: AttentionForm = AttentionForm.ONNX
+    attention: AttentionForm | None = None  # None: ONNX Attention, or what --backend tensorrt's version parses
     max_sequence_length: int | None = None  # text tokens; default: the model's (512 for Wan2.1, as WanPipeline)
     overwrite: bool = False
     check_parity: bool = True
@@ -63,6 +64,7 @@ class ExportConfig:
     min_psnr: float | None = None  # the gate's threshold; default by precision (30 dB 8-bit/bf16, 40 dB fp16)
     calib: CalibConfig = field(default_factory=CalibConfig)  # INT8 DiT calibration
     threads: int | None = None
+    trt: TrtOptions = field(default_factory=TrtOptions)  # --backend tensorrt: attention mode, builder settings
     demo_weights: str | None = None  # model "demo" only: trained weights other than the shipped ones
 
 
@@ -216,7 +218,8 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = lambda s: None) -
         work = Path(work)
         ck, defaults, source = _prepare_source(cfg, work)
         model_text_len = defaults.pop("max_sequence_length")
-        cfg = replace(cfg, max_sequence_length=cfg.max_sequence_length or model_text_len)
+        cfg = replace(cfg, max_sequence_length=cfg.max_sequence_length or model_text_len,
+                      attention=_attention_form(cfg))
         if cfg.height or cfg.width:
             defaults["height"] = cfg.height or defaults["height"]
             defaults["width"] = cfg.width or defaults["width"]
@@ -229,14 +232,16 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = lambda s: None) -
         execution = "bf16" if cfg.precision == "bf16" else "fp32"
         no_openvino = openvino_unsupported(plan)
         if cfg.onnx_only and (cfg.backend != "auto" or execution != "fp32"):
-            raise SoraError("--onnx-only builds no runtime target: drop --backend and bf16 (build the target later with "
-                            "sora-export ONNX_DIR -o ENGINE_DIR --backend ...)")
+            raise SoraError("--onnx-only builds no runtime target: drop --backend and bf16 (build the target later "
+                            "with sora-export ONNX_DIR -o ENGINE_DIR --backend ...)")
         if not cfg.onnx_only:
             check_request(cfg.backend, execution, no_openvino)  # fail before minutes of export, not after
         min_psnr = cfg.min_psnr if cfg.min_psnr is not None else default_min_psnr(plan, execution)
         options = {k: v for k, v in asdict(cfg).items() if k not in ("model", "out", "overwrite", "check_parity",
                                                                      "threads", "calib", "component_precision",
-                                                                     "min_psnr")}
+                                                                     "min_psnr", "trt")}
+        if cfg.backend == "tensorrt":
+            options["trt"] = asdict(cfg.trt)
         options.update(attention=cfg.attention.value, defaults=defaults, plan=plan, min_psnr=min_psnr)
         if cfg.backend in GPU_BACKENDS:
             options["gpu"] = target()  # a build for one GPU is not a build for another
@@ -312,7 +317,12 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = lambda s: None) -
             body["runtime"] = {"backend": "ort", "precision": "fp32", "onnx_only": True}
         else:
             log("building the runtime target (timing the DiT step) ...")
-            body["runtime"], body["gpu"] = build_runtime(stage, cfg.backend, execution, cfg.threads, log, no_openvino)
+            body["runtime"], body["gpu"], added = build_runtime(stage, cfg.backend, execution, cfg.threads, log,
+                                                                no_openvino, cfg.trt)
+            for name, entry in added.items():
+                body["engines"][name] = {**body["engines"][name], **entry}
+            if added:  # plan files: hashed with the rest
+                files = write_manifest(stage, body)["files"]
             write_manifest(stage, body, files)  # the gate's pipeline reads the target it runs on
             report.seconds["build_target"] = time.perf_counter() - t0
         if reduced or execution != "fp32":
@@ -328,10 +338,23 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = lambda s: None) -
                 f"{min(gate['text_embedding_cosine']):.5f}")
             report.seconds["quality_gate"] = time.perf_counter() - t0
         write_manifest(stage, body, files)  # same files (backend caches are outside the content): no re-hash
-        shutil.rmtree(stage / CACHE_DIR, ignore_errors=True)  # compile caches belong to the machine that runs
+        if cfg.backend not in GPU_BACKENDS:  # a CPU build is portable; a GPU build keeps its GPU's caches
+            shutil.rmtree(stage / CACHE_DIR, ignore_errors=True)
         swap_into_place(stage, out, work)
     report.seconds["total"] = time.perf_counter() - t_all
     return report
+
+
+def _attention_form(cfg: ExportConfig) -> AttentionForm:
+    """The DiT's ONNX attention form: as asked, or for --backend tensorrt what its version parses (and the plugin
+    pass needs), refusing a form that cannot work there."""
+    if cfg.backend != "tensorrt":
+        return cfg.attention or AttentionForm.ONNX
+    from .trt_build import attention_graph
+    from .trt_target import require_tensorrt
+
+    need = attention_graph(require_tensorrt(), cfg.trt.attention, cfg.attention.value if cfg.attention else None)
+    return cfg.attention or AttentionForm(need)
 
 
 def _dit_int8(cfg: ExportConfig, ref: Path, work: Path):

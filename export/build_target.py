@@ -15,7 +15,7 @@ import json
 import platform
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -25,6 +25,7 @@ from ..runtime.gpu_target import GPU_BACKENDS, target
 from ..runtime.manifest import MANIFEST, load_manifest, write_manifest
 from .choose_backend import build_runtime, check_request, openvino_unsupported
 from .staging import ExportReport, check_destination, link_or_copy, swap_into_place
+from .trt_target import TrtOptions
 
 
 @dataclass(frozen=True)
@@ -34,16 +35,17 @@ class TargetConfig:
     backend: str = "auto"
     threads: int | None = None
     overwrite: bool = False
+    trt: TrtOptions = field(default_factory=TrtOptions)  # --backend tensorrt: attention mode, builder settings
 
 
-def _target_key(src, backend: str) -> str:
+def _target_key(src, backend: str, trt: dict | None) -> str:
     """Same source content, backend, runtime versions and machine (GPU, or CPU) -> same build."""
     import onnxruntime
 
     machine = target() if backend in GPU_BACKENDS else {"machine": platform.machine(), "cpu": platform.processor()}
     return hashlib.sha256(json.dumps({
         "source": {rel: meta["sha256"] for rel, meta in src.data["files"].items()},
-        "backend": backend, "machine": machine,
+        "backend": backend, "machine": machine, "trt": trt,
         "versions": {"soraedge": __version__, "onnxruntime": onnxruntime.__version__},
     }, sort_keys=True).encode()).hexdigest()
 
@@ -57,7 +59,7 @@ def build_from_engines(cfg: TargetConfig, log: Callable[[str], None] = lambda s:
     check_request(cfg.backend, "fp32", no_openvino)  # e.g. no GPU for ort-cuda: refused before any work
     report = ExportReport(out=out, reused=False)
     t_all = time.perf_counter()
-    key = _target_key(src, cfg.backend)
+    key = _target_key(src, cfg.backend, asdict(cfg.trt) if cfg.backend == "tensorrt" else None)
     if (out / MANIFEST).is_file():
         try:
             existing = load_manifest(out)
@@ -82,11 +84,14 @@ def build_from_engines(cfg: TargetConfig, log: Callable[[str], None] = lambda s:
         files = write_manifest(stage, {**body, "runtime": src.runtime}, src.data["files"])["files"]
         t0 = time.perf_counter()
         log(f"building the runtime target {cfg.backend} (timing the DiT step) ...")
-        body["runtime"], body["gpu"] = build_runtime(stage, cfg.backend, "fp32", cfg.threads, log, no_openvino)
+        body["runtime"], body["gpu"], added = build_runtime(stage, cfg.backend, "fp32", cfg.threads, log, no_openvino,
+                                                            cfg.trt)
+        for name, entry in added.items():
+            body["engines"][name] = {**body["engines"][name], **entry}
         if "quality_gate" in src.runtime:  # measured at the ONNX step, on the backend it names
             body["runtime"]["quality_gate"] = src.runtime["quality_gate"]
         report.seconds["build_target"] = time.perf_counter() - t0
-        write_manifest(stage, body, files)
+        write_manifest(stage, body, None if added else files)  # new files (plans) are hashed too
         swap_into_place(stage, out, work)
     report.seconds["total"] = time.perf_counter() - t_all
     return report

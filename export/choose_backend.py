@@ -73,7 +73,12 @@ def openvino_unsupported(precision: dict[str, str]) -> str | None:
 
 def require_gpu(backend: str) -> None:
     """Refuse a GPU target on a machine that cannot build it, before any export work."""
-    why = gpu_target.missing(gpu_target.target())
+    if backend == "tensorrt":
+        from .trt_target import require_tensorrt
+
+        require_tensorrt()
+        return
+    why = gpu_target.missing(gpu_target.target(), backend)
     if why:
         raise SoraError(f"--backend {backend} builds engines for this machine's GPU, but {why}; export portable ONNX "
                         f"here with --onnx-only, then on the GPU machine: sora-export ONNX_DIR -o ENGINE_DIR "
@@ -99,11 +104,16 @@ def gpu_runtime(engine_dir: Path, backend: str, threads: int | None, log: Callab
 
 
 def build_runtime(engine_dir: Path, backend: str, precision: str, threads: int | None, log: Callable[[str], None],
-                  openvino_unsupported: str | None = None) -> tuple[dict, dict | None]:
-    """The manifest's (runtime, gpu) sections for `backend`: a GPU target, or the CPU backend chosen here."""
+                  openvino_unsupported: str | None = None, trt=None) -> tuple[dict, dict | None, dict]:
+    """The manifest's (runtime, gpu) sections for `backend` (a GPU target, or the CPU backend chosen here) and the
+    additions to its engine entries (TensorRT's plan files; empty otherwise). `trt`: export/trt_target.TrtOptions."""
+    if backend == "tensorrt":
+        from .trt_target import TrtOptions, trt_runtime
+
+        return trt_runtime(engine_dir, trt or TrtOptions(), threads, log)
     if backend in gpu_target.GPU_BACKENDS:
-        return gpu_runtime(engine_dir, backend, threads, log)
-    return choose_runtime(engine_dir, backend, precision, threads, log, openvino_unsupported), None
+        return (*gpu_runtime(engine_dir, backend, threads, log), {})
+    return choose_runtime(engine_dir, backend, precision, threads, log, openvino_unsupported), None, {}
 
 
 def check_request(backend: str, precision: str, openvino_unsupported: str | None = None) -> list[tuple[str, str]]:

@@ -20,22 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .attention_core import LOG2_E, attention_rows
 from .tiles import attention_configs
-
-LOG2_E = 1.4426950408889634
-
-
-@triton.jit
-def online_softmax_block(logits, col_ok, v, m_i, l_i, acc):
-    """Fold one K/V block into the running (max, sum, output): logits [BLOCK_M, BLOCK_N] fp32 in the exp2 domain,
-    col_ok [BLOCK_N] (False past the sequence end), v [BLOCK_N, D]. Shared by the fp16 and INT8 kernels."""
-    logits = tl.where(col_ok[None, :], logits, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(logits, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(logits - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
-    return m_new, l_i, acc
 
 
 @triton.autotune(configs=attention_configs(), key=["L", "S", "HEAD_DIM"])
@@ -51,32 +37,10 @@ def _flash_attention_fwd(
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    row_ok = offs_m < L
-
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                mask=row_ok[:, None], other=0.0)  # [BLOCK_M, D]
-    k_base = K + b * stride_kb + h * stride_kh + offs_d[:, None] * stride_kd  # K^T tile [D, BLOCK_N]
-    v_base = V + b * stride_vb + h * stride_vh + offs_d[None, :] * stride_vd  # V tile [BLOCK_N, D]
-
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    for start_n in range(0, S, BLOCK_N):
-        cols = start_n + offs_n
-        col_ok = cols < S
-        k = tl.load(k_base + cols[None, :] * stride_kn, mask=col_ok[None, :], other=0.0)
-        logits = tl.dot(q, k) * qk_scale  # [BLOCK_M, BLOCK_N] fp32, log2 domain
-        v = tl.load(v_base + cols[:, None] * stride_vn, mask=col_ok[:, None], other=0.0)
-        m_i, l_i, acc = online_softmax_block(logits, col_ok, v, m_i, l_i, acc)
-
-    out = acc / l_i[:, None]
-    tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
-             out.to(O.dtype.element_ty), mask=row_ok[:, None])
+    attention_rows(Q, K, V, O, qk_scale, pid_bh // H, pid_bh % H, pid_m,
+                   stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
+                   stride_vb, stride_vh, stride_vn, stride_vd, stride_ob, stride_oh, stride_om, stride_od,
+                   L, S, HEAD_DIM, BLOCK_M, BLOCK_N)
 
 
 def check_inputs(q, k, v, dtypes) -> None:

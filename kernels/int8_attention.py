@@ -20,7 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .flash_attention import LOG2_E, check_inputs, new_output, online_softmax_block
+from .attention_core import LOG2_E, online_softmax_block
+from .flash_attention import check_inputs, new_output
 from .tiles import attention_configs
 
 Q_BLOCK = 64  # query rows per quantization scale

@@ -70,6 +70,14 @@ class Manifest:
     def engine_path(self, engine: str) -> Path:
         return self.root / self.data["engines"][engine]["file"]
 
+    def plan_path(self, engine: str) -> Path:
+        """The engine's TensorRT plan (directories built with --backend tensorrt)."""
+        plan = self.data["engines"][engine].get("plan")
+        if plan is None:
+            raise SoraError(f"{self.root} has no TensorRT plan for {engine}: build one with sora-export {self.root} "
+                            f"-o {self.root} --backend tensorrt --overwrite")
+        return self.root / plan
+
     def content_key(self, engine: str) -> str:
         """A short hash of an engine's graph and weights files, for naming caches of it."""
         rel = self.data["engines"][engine]["file"]

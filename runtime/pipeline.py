@@ -115,14 +115,16 @@ class Pipeline:
         if self.open_with is not None:
             return self.open_with(name, self.manifest.spec(name))
         cache = None
-        if self.backend != "ort" and os.access(self.manifest.root, os.W_OK):
+        # ort-trt's engine cache may have been filled at export: used even where the directory is read-only
+        if self.backend != "ort" and (os.access(self.manifest.root, os.W_OK) or self.backend == "ort-trt"):
             key = self.manifest.content_key(name)
             cache = self.manifest.root / CACHE_DIR / self.backend / f"{name}-{key}-{self.precision}"
         # The probe runs between DiT steps: a thread pool of its own would spin-wait after each call and take the
         # cores from the DiT (measured on the demo: +70% denoise time with 2 threads); it is tiny, so 1 thread.
         threads = 1 if name == "dit_probe" else self.threads
         vae = name in (self.config["vae"]["first"], self.config["vae"]["step"])
-        return open_engine(self.backend, self.manifest.engine_path(name), self.manifest.spec(name), threads,
+        path = self.manifest.plan_path(name) if self.backend == "tensorrt" else self.manifest.engine_path(name)
+        return open_engine(self.backend, path, self.manifest.spec(name), threads,
                            self.precision, cache, arena=not vae, cuda_graph=self.cuda_graph and name == "transformer")
 
     def engine(self, name: str):

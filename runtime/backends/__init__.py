@@ -2,8 +2,10 @@
 
 An engine is a callable `engine(**inputs) -> first output` with a `.spec` (its EngineSpec); `open_engine` picks the
 implementation by backend name: `ort` (ONNX Runtime on the CPU), `openvino` (CPU), `ort-cuda` (ONNX Runtime's CUDA
-provider with IO binding and, for the DiT, CUDA graphs: backends/ort_io.py). `EngineDenoiser` adapts any DiT engine to the sampler's Denoiser interface, so
-there is one sampler loop whatever runs beneath it.
+provider with IO binding and, for the DiT, CUDA graphs: backends/ort_io.py), `ort-trt` (ONNX Runtime's TensorRT
+provider, its engine and timing caches inside the engine directory) and `tensorrt` (native plans: backends/trt.py).
+`EngineDenoiser` adapts any DiT engine to the sampler's Denoiser interface, so there is one sampler loop whatever
+runs beneath it.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import numpy as np
 from ..errors import SoraError
 from ..spec import EngineSpec
 
-BACKENDS = ("ort", "openvino", "ort-cuda")
+BACKENDS = ("ort", "openvino", "ort-cuda", "ort-trt", "tensorrt")
 PRECISIONS = ("fp32", "bf16")
 
 
@@ -24,7 +26,7 @@ def open_engine(backend: str, path: Path, spec: EngineSpec, threads: int | None 
                 cache_dir: Path | None = None, arena: bool = True, cuda_graph: bool = False):
     """`arena=False` lets ONNX Runtime return large buffers instead of keeping its CPU arena (the VAE decoder).
     `cuda_graph` captures and replays the engine per shape on `ort-cuda` (the DiT: same shape every step)."""
-    if backend in ("ort", "ort-cuda") and precision != "fp32":
+    if backend != "openvino" and precision != "fp32":
         raise SoraError(f"the {backend} backend runs the graphs at the precision they carry; execution precision "
                         f"{precision} is OpenVINO's (fp16/int8 are chosen at export)")
     if backend == "ort":
@@ -35,6 +37,15 @@ def open_engine(backend: str, path: Path, spec: EngineSpec, threads: int | None 
         from .ort_io import OrtIoEngine
 
         return OrtIoEngine(path, spec, "cuda", threads=threads, cuda_graph=cuda_graph, arena=arena)
+    if backend == "ort-trt":
+        from .ort_io import OrtIoEngine, tensorrt_provider
+
+        return OrtIoEngine(path, spec, "cuda", threads=threads, arena=arena,
+                           provider=tensorrt_provider(cache_dir, cuda_graph=cuda_graph))
+    if backend == "tensorrt":
+        from .trt import TrtEngine
+
+        return TrtEngine(path, spec, cuda_graph=cuda_graph)
     if backend == "openvino":
         from .openvino import OvEngine
 

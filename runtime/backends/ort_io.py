@@ -51,14 +51,31 @@ def cuda_provider(device_id: int = 0, cuda_graph: bool = False) -> tuple[str, di
     })
 
 
+def tensorrt_provider(cache_dir: Path, device_id: int = 0, cuda_graph: bool = False) -> tuple[str, dict]:
+    """ONNX Runtime's TensorRT provider with its engine and timing caches in `cache_dir` (inside the engine
+    directory, named by the ONNX file's content hash, so a changed model never meets a stale engine). No
+    trt_fp16_enable / trt_int8_enable: precision is in the graph (casts, Q/DQ). Option names:
+    https://onnxruntime.ai/docs/execution-providers/TensorRT-ExecutionProvider.html#configurations"""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    return ("TensorrtExecutionProvider", {
+        "device_id": str(device_id),
+        "trt_engine_cache_enable": "True", "trt_engine_cache_path": str(cache_dir),
+        "trt_timing_cache_enable": "True", "trt_timing_cache_path": str(cache_dir),
+        "trt_cuda_graph_enable": "True" if cuda_graph else "False",
+    })
+
+
 class OrtIoEngine(OrtEngine):
     """`engine(**feeds)` returns the first output, `.run(**feeds)` returns every output in spec order; the feeds are
-    host arrays, checked against the spec. `device` is "cpu" or "cuda"."""
+    host arrays, checked against the spec. `device` is "cpu" or "cuda"; `provider` puts another GPU provider (the
+    TensorRT one) in front of CUDA's, which then runs what it does not take."""
 
     def __init__(self, path: Path, spec: EngineSpec, device: str = "cpu", device_id: int = 0,
-                 threads: int | None = None, cuda_graph: bool = False, arena: bool = True):
+                 threads: int | None = None, cuda_graph: bool = False, arena: bool = True,
+                 provider: tuple[str, dict] | None = None):
         if device == "cuda":
-            providers = [cuda_provider(device_id, cuda_graph), "CPUExecutionProvider"]
+            providers = [*([provider] if provider else []), cuda_provider(device_id, cuda_graph and not provider),
+                         "CPUExecutionProvider"]
         else:
             providers = ["CPUExecutionProvider"]
             cuda_graph = False  # a CPU-provider feature does not exist

@@ -1,0 +1,62 @@
+"""Graph pass: every attention of the DiT -> one node of this project's TensorRT plugin (kernels/trt_plugin.py).
+
+The pattern is the one export/attention_rewrite.py matches: Transpose x3 -> ONNX `Attention` -> Transpose. It
+becomes one node, op type = the plugin's name, in the plugin's own domain, carrying `plugin_namespace` and
+`plugin_version` attributes. TensorRT's ONNX parser imports a node it does not know as the registered plugin of
+that name and namespace. The plugin takes the [B, L, H, D] q/k/v the projections produce and returns
+[B, L, H, D], so the Transposes go. The weights are untouched: the rewritten graph shares the original's weights
+file. Only TensorRT runs the result (with the plugin registered), so it sits beside the portable graph.
+
+`--attention plugin` uses the fp16/bf16 flash kernel. The plugin kernels take head dims 64 and 128 (Wan2.1: 128);
+another head dim is refused here rather than at engine build.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+from onnx import helper
+
+from ..kernels.trt_plugin import FLASH, NAMESPACE
+from ..runtime.errors import SoraError
+from .attention_rewrite import RewriteReport, match_attention, replace_attention
+
+PLUGIN_VERSION = "1"
+HEAD_DIMS = (64, 128)
+
+
+def head_dim(graph: onnx.GraphProto, tensor: str) -> int | None:
+    """The static last dim of `tensor` ([B, L, H, D]) from the graph's shape information, if recorded."""
+    for vi in (*graph.value_info, *graph.input):
+        if vi.name == tensor:
+            dims = vi.type.tensor_type.shape.dim
+            return dims[-1].dim_value or None if dims else None
+    return None
+
+
+def to_plugin(model: onnx.ModelProto) -> RewriteReport:
+    """Rewrite `model` in place (weights untouched; it may be loaded without external data)."""
+    total, matches = match_attention(model.graph)
+    dims = {head_dim(model.graph, m.sources[0]) for m in matches}
+    if matches and not dims <= set(HEAD_DIMS):
+        raise SoraError(f"the attention plugin's kernels take head dims {HEAD_DIMS}; this DiT's are "
+                        f"{sorted(d for d in dims if d) or 'unknown'}: use --attention native")
+
+    def build(m):
+        return [helper.make_node(FLASH, list(m.sources), [m.output], name=f"{m.tag}/plugin", domain=NAMESPACE,
+                                 plugin_namespace=NAMESPACE, plugin_version=PLUGIN_VERSION)]
+
+    replace_attention(model, matches, build, domain=(NAMESPACE, 1))
+    return RewriteReport(attention_nodes=total, replaced=len(matches))
+
+
+def plugin_file(src: Path, dst: Path) -> RewriteReport:
+    """src.onnx -> dst.onnx in the same folder, sharing src's weights file."""
+    src, dst = Path(src), Path(dst)
+    if src.parent.resolve() != dst.parent.resolve():
+        raise ValueError("the rewritten graph shares the weights file, so it must sit in the same folder")
+    model = onnx.load(str(src), load_external_data=False)
+    report = to_plugin(model)
+    onnx.save_model(model, str(dst))
+    return report

@@ -1,0 +1,87 @@
+"""The `tensorrt` runtime target: build a native plan for every engine of a directory on this GPU.
+
+Called by export/choose_backend.py's `build_runtime`, from a full export or from the second step of the two-step
+path. It checks that this TensorRT can take the directory's ONNX (export/trt_build.py's version rules). With
+`--trt-attention plugin` it registers the fused attention plugin for this GPU's architecture
+(kernels/trt_plugin.py) and writes `transformer.plugin.onnx` beside the portable graph
+(export/attention_plugin.py). It then builds `<engine>.plan` for each engine, with the timing cache kept under
+`trt/` per GPU and TensorRT version, and times the DiT step with and without a CUDA graph. It returns the manifest's
+runtime and gpu sections and the new per-engine entries (plan file and builder plan). Not run by this project:
+TensorRT cannot be installed on its machines.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from ..runtime import gpu_target
+from ..runtime.errors import SoraError
+from ..runtime.manifest import load_manifest
+from .trt_build import BuildSettings, attention_graph, build_engine, builder_plan, capabilities, timing_cache_name
+
+TRT_ATTENTION = ("native", "plugin", "int8")
+
+
+@dataclass(frozen=True)
+class TrtOptions:
+    attention: str = "native"  # native: TensorRT's own fusion; plugin: our Triton flash attention
+    settings: BuildSettings = field(default_factory=BuildSettings)
+
+
+def require_tensorrt() -> str:
+    """The installed TensorRT version, or a one-line refusal."""
+    why = gpu_target.missing(gpu_target.target(), "tensorrt")
+    if why:
+        raise SoraError(f"--backend tensorrt builds plans on this machine's GPU, but {why}; export portable ONNX here "
+                        f"with --onnx-only and build on the device: sora-export ONNX_DIR -o ENGINE_DIR --backend "
+                        f"tensorrt")
+    version = gpu_target.tensorrt_version()
+    capabilities(version)  # refuses versions older than 10.3
+    return version
+
+
+def trt_runtime(engine_dir: Path, options: TrtOptions, threads: int | None, log: Callable[[str], None]
+                ) -> tuple[dict, dict, dict]:
+    """(runtime, gpu, {engine: manifest entry additions}) after building every plan into `engine_dir`."""
+    from .choose_backend import time_dit_step
+
+    version = require_tensorrt()
+    if options.attention not in TRT_ATTENTION:
+        raise SoraError(f"unknown --trt-attention {options.attention!r} (known: {', '.join(TRT_ATTENTION)})")
+    manifest = load_manifest(engine_dir, verify=False)
+    attention_graph(version, options.attention, manifest.data.get("attention"))
+    gpu = {"backend": "tensorrt", **gpu_target.target(), "version_compatible": options.settings.version_compatible,
+           "hardware_compatible": options.settings.hardware_compatible}
+    arch = tuple(int(x) for x in gpu["compute_capability"].split("."))
+    (engine_dir / "trt").mkdir(exist_ok=True)
+    cache = engine_dir / "trt" / timing_cache_name(gpu, version)
+    sources = {name: manifest.engine_path(name) for name in manifest.engine_names}
+    if options.attention == "plugin":
+        from ..kernels.trt_plugin import register_plugins
+        from .attention_plugin import plugin_file
+
+        register_plugins(arch)
+        report = plugin_file(sources["transformer"], engine_dir / "transformer.plugin.onnx")
+        if report.replaced != report.attention_nodes:
+            raise SoraError(f"{report.attention_nodes - report.replaced} of the DiT's {report.attention_nodes} "
+                            f"attentions do not fit the plugin (mask or scale): use --trt-attention native")
+        log(f"  attention plugin: {report.replaced} attentions replaced")
+        sources["transformer"] = engine_dir / "transformer.plugin.onnx"
+    entries = {}
+    for name, src in sources.items():
+        plan = builder_plan(manifest.spec(name), options.settings, version)
+        (engine_dir / f"{name}.plan").write_bytes(build_engine(src, plan, cache, log))
+        entries[name] = {"plan": f"{name}.plan", "trt_build": {"source": src.name, "builder": plan}}
+        manifest.data["engines"][name].update(entries[name])
+    manifest.data["gpu"] = gpu  # in memory: the timing pipeline checks the record like sora-run will
+    timings = {}
+    for graph in (False, True):
+        key = f"tensorrt{'-cuda-graph' if graph else ''}"
+        timings[key] = time_dit_step(manifest, "tensorrt", "fp32", threads, cuda_graph=graph)
+        log(f"  DiT step, TensorRT {version}{' with a CUDA graph' if graph else ''}: "
+            f"{timings[key]['step_s'] * 1000:.1f} ms ({timings[key]['tokens']} tokens, CFG batch 2)")
+    runtime = {"backend": "tensorrt", "precision": "fp32", "tensorrt": version, "attention": options.attention,
+               "build_settings": options.settings.to_dict(), "timings": timings}
+    return runtime, gpu, entries

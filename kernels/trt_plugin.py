@@ -1,0 +1,131 @@
+"""The fused attention as a TensorRT plugin: Triton's flash attention compiled ahead of time, so an engine needs no
+Python at run time.
+
+Two halves:
+- `compile_attention` (triton only; no torch, no TensorRT, no GPU needed) compiles `attention_core.flash_attention_blhd`
+  to PTX for one GPU architecture, dtype, head dim and tile. It returns the kernel name, the PTX, the threads per
+  block, the shared memory and the grid as a function of (B, L, H). The tests compile it for sm_90 and sm_87 on
+  the CPU machine.
+- `register_plugins` (TensorRT >= 10.9) registers "soraedge::flash_attention" with `tensorrt.plugin`:
+  - `@trtp.register` describes the output (like q: [B, L, H, D]);
+  - `@trtp.autotune` advertises fp16 and bf16 with one tactic per tile configuration; TensorRT times them while
+    it builds and keeps the fastest;
+  - `@trtp.aot_impl` returns the compiled kernel for the tactic asked for, with L, S and H as symbolic int32
+    arguments.
+
+  The API is documented at https://docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/pluginGuide.html
+  (ahead-of-time implementations need TensorRT 10.9 or newer).
+
+Triton >= 3.3 appends two hidden pointer parameters to every kernel: a global scratch buffer and a profiler buffer.
+TensorRT's launch passes only inputs, scalars and outputs. `strip_hidden_params` removes the two declarations from
+the PTX entry, and refuses when the kernel actually uses them (scratch size > 0).
+
+Not verified on TensorRT: TensorRT cannot be installed on this project's machines (see README).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+from .attention_core import LOG2_E
+
+NAMESPACE = "soraedge"
+FLASH = "flash_attention"
+PLUGIN_ID = f"{NAMESPACE}::{FLASH}"
+SCALARS = ("L", "S", "H")  # int32 arguments between the tensor inputs and the output, in the kernel's order
+# Tactics: index -> tile. Tactic 0 is never used (TensorRT reserves it), so the list starts at 1.
+TILES = {1: dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
+         2: dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+         3: dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=4),
+         4: dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=2)}
+DTYPES = {"fp16": "*fp16", "bf16": "*bf16"}
+
+
+@dataclass(frozen=True)
+class CompiledAttention:
+    name: str
+    ptx: bytes
+    threads: int  # per block
+    shared_mem: int  # bytes of dynamic shared memory
+    block_m: int
+
+    def grid(self, batch, length, heads):
+        """(x, y) blocks for [B, L, H, D] queries; works on ints and on TensorRT's symbolic shape expressions."""
+        return (length + self.block_m - 1) // self.block_m, batch * heads
+
+
+def strip_hidden_params(ptx: str, name: str, keep: int) -> str:
+    """Drop the entry parameters after the first `keep` (Triton's scratch pointers) if the body never reads them."""
+    params = re.findall(rf"\.param [^\n]*?({re.escape(name)}_param_(\d+))", ptx)
+    extra = [p for p, i in params if int(i) >= keep]
+    for p in extra:
+        if re.search(rf"\[{p}\]", ptx):
+            raise ValueError(f"{name} reads its hidden parameter {p}: it needs scratch memory a TensorRT plugin "
+                             f"launch does not pass")
+    lines = [ln for ln in ptx.splitlines(keepends=True) if not any(re.search(rf"\b{p}\b", ln) for p in extra)]
+    out = "".join(lines)
+    # the last remaining parameter declaration must not end with a comma
+    last = rf"({re.escape(name)}_param_{keep - 1}),\n(\s*\))"
+    return re.sub(last, r"\1\n\2", out)
+
+
+def compile_attention(dtype: str, head_dim: int, tactic: int, arch: tuple[int, int]) -> CompiledAttention:
+    """PTX of the plugin kernel for sm_{arch}, dtype "fp16"|"bf16", head dim 64|128 and tile TILES[tactic]."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from .attention_core import flash_attention_blhd
+
+    if dtype not in DTYPES or head_dim not in (64, 128) or tactic not in TILES:
+        raise ValueError(f"no attention kernel for {dtype}, head dim {head_dim}, tactic {tactic}")
+    tile = TILES[tactic]
+    ptr = DTYPES[dtype]
+    constants = {"HEAD_DIM": head_dim, "QK_SCALE": LOG2_E / math.sqrt(head_dim), "BLOCK_M": tile["BLOCK_M"],
+                 "BLOCK_N": tile["BLOCK_N"]}
+    signature = {"Q": ptr, "K": ptr, "V": ptr, **{s: "i32" for s in SCALARS}, "O": ptr,
+                 **{c: "constexpr" for c in constants}}
+    src = ASTSource(fn=flash_attention_blhd, signature=signature, constexprs=constants)
+    kernel = triton.compile(src, target=GPUTarget("cuda", arch[0] * 10 + arch[1], 32),
+                            options={"num_warps": tile["num_warps"], "num_stages": tile["num_stages"]})
+    md = kernel.metadata
+    if getattr(md, "global_scratch_size", 0) or getattr(md, "profile_scratch_size", 0):
+        raise ValueError(f"{md.name} needs scratch memory, which a TensorRT plugin launch does not pass")
+    ptx = strip_hidden_params(kernel.asm["ptx"], md.name, keep=4 + len(SCALARS))
+    return CompiledAttention(md.name, ptx.encode(), md.num_warps * 32, md.shared, tile["BLOCK_M"])
+
+
+def register_plugins(arch: tuple[int, int]) -> None:
+    """Register the plugin with TensorRT's plugin registry for kernels compiled for sm_{arch} (the build GPU)."""
+    import tensorrt as trt
+    import tensorrt.plugin as trtp
+
+    names = {trt.float16: "fp16", trt.bfloat16: "bf16"}
+
+    @trtp.register(PLUGIN_ID)
+    def _desc(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc) -> trtp.TensorDesc:
+        return q.like()  # [B, L, H, D], q's dtype
+
+    @trtp.autotune(PLUGIN_ID)
+    def _autotune(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, outputs):
+        combos = []
+        for t in ("FP16", "BF16"):
+            c = trtp.AutoTuneCombination(", ".join([t] * 4), "LINEAR")
+            c.tactics(list(TILES))
+            combos.append(c)
+        return combos
+
+    @trtp.aot_impl(PLUGIN_ID)
+    def _aot(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, outputs, tactic: int):
+        head_dim = int(q.shape_expr[3])  # static in every DiT graph
+        compiled = compile_attention(names[q.dtype], head_dim, tactic, arch)
+        batch, length, heads = q.shape_expr[0], q.shape_expr[1], q.shape_expr[2]
+        launch = trtp.KernelLaunchParams()
+        launch.grid_x = trtp.cdiv(length, compiled.block_m)
+        launch.grid_y = batch * heads
+        launch.block_x = compiled.threads
+        launch.shared_mem = compiled.shared_mem
+        scalars = trtp.SymIntExprs.from_tuple([trtp.SymInt32(e) for e in (length, k.shape_expr[1], heads)])
+        return compiled.name.encode(), compiled.ptx, launch, scalars

@@ -1,0 +1,161 @@
+"""Native TensorRT engines beneath the same engine interface as every other backend (`engine(**feeds)`), without
+torch: device memory and streams come from cuda-python.
+
+- Deserialize a plan (`engine_host_code_allowed` for version-compatible plans), one execution context per engine
+  with user-managed activation memory.
+- Activation memory is shared: the engines of a pipeline run one after another, so one device buffer sized to the
+  largest engine's need serves them all (`ActivationPool`); a larger engine grows it and re-points every context.
+- Per input shape, a slot holds the input and output buffers (output shapes from the engine spec), and every
+  tensor address is set once, when the slot is made. A call copies the inputs in, runs `execute_async_v3` (or
+  replays the CUDA graph captured for that slot, for the DiT), and copies the outputs back.
+
+API references: https://docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/infer/Core/ExecutionContext.html
+(set_device_memory(memory, size) since 10.1; before it the `device_memory` attribute),
+.../Core/Engine.html (create_execution_context(strategy), device_memory_size_v2 since 10.1),
+and the CUDA-graph section of the TensorRT developer guide (run enqueueV3 once before capturing).
+Not run by this project: TensorRT cannot be installed on its machines (README, "What was verified where").
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import SoraError
+from ..spec import EngineSpec
+
+
+def _cudart():
+    try:
+        from cuda.bindings import runtime as cudart  # cuda-python >= 12.6
+    except ImportError:
+        try:
+            from cuda import cudart  # older cuda-python
+        except ImportError:
+            raise SoraError("the tensorrt backend needs cuda-python for device memory: pip install cuda-python") \
+                from None
+    return cudart
+
+
+def _check(result):
+    """cuda-python returns (error, value...); raise on an error, return the value(s)."""
+    err, *rest = result if isinstance(result, tuple) else (result,)
+    if int(err) != 0:
+        raise SoraError(f"CUDA error {err}")
+    return rest[0] if len(rest) == 1 else rest
+
+
+class ActivationPool:
+    """One device buffer for the activations of every engine of a process, grown to the largest need."""
+
+    def __init__(self):
+        self.ptr, self.size, self.contexts = 0, 0, []
+
+    def attach(self, context, need: int) -> None:
+        cudart = _cudart()
+        if need > self.size:
+            if self.ptr:
+                _check(cudart.cudaFree(self.ptr))
+            self.ptr, self.size = _check(cudart.cudaMalloc(need)), need
+            for c in self.contexts:
+                _set_device_memory(c, self.ptr, self.size)
+        self.contexts.append(context)
+        _set_device_memory(context, self.ptr, self.size)
+
+    def detach(self, context) -> None:
+        self.contexts = [c for c in self.contexts if c is not context]
+
+
+def _set_device_memory(context, ptr: int, size: int) -> None:
+    if hasattr(context, "set_device_memory"):  # TensorRT >= 10.1
+        context.set_device_memory(ptr, size)
+    else:
+        context.device_memory = ptr
+
+
+POOL = ActivationPool()
+
+
+class TrtEngine:
+    def __init__(self, path: Path, spec: EngineSpec, cuda_graph: bool = False, pool: ActivationPool = POOL):
+        import tensorrt as trt
+
+        self.cudart = _cudart()
+        self.spec, self.cuda_graph, self.pool = spec, cuda_graph, pool
+        logger = trt.Logger(trt.Logger.WARNING)
+        self.runtime = trt.Runtime(logger)
+        self.runtime.engine_host_code_allowed = True  # version-compatible plans embed their lean runtime
+        self.engine = self.runtime.deserialize_cuda_engine(Path(path).read_bytes())
+        if self.engine is None:
+            raise SoraError(f"TensorRT could not load {Path(path).name}: built by another TensorRT version or GPU? "
+                            f"rebuild it with sora-export")
+        self.context = self.engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+        need = getattr(self.engine, "device_memory_size_v2", None) or self.engine.device_memory_size
+        pool.attach(self.context, need)
+        self.stream = _check(self.cudart.cudaStreamCreate())
+        self.slots: dict[tuple, dict] = {}  # input shapes -> {"buffers": {name: (ptr, shape, dtype)}, "graph"}
+        self._bound = None  # the slot the context's shapes and addresses point at
+
+    def _slot(self, feeds: dict[str, np.ndarray]) -> dict:
+        key = tuple(feeds[n].shape for n in self.spec.input_names)
+        if key in self.slots:
+            return self.slots[key]
+        sizes = self.spec.bind(feeds)
+        shapes = {**{n: feeds[n].shape for n in self.spec.input_names}, **self.spec.output_shapes(sizes)}
+        dtypes = {t.name: t.np_dtype for t in (*self.spec.inputs, *self.spec.outputs)}
+        buffers = {n: (_check(self.cudart.cudaMalloc(max(int(np.prod(s)) * dtypes[n].itemsize, 1))), s, dtypes[n])
+                   for n, s in shapes.items()}
+        slot = {"buffers": buffers, "graph": None}
+        self.slots[key] = slot
+        return slot
+
+    def _bind(self, slot: dict) -> None:
+        """Point the context at this slot's shapes and buffers (once per slot switch, not per call)."""
+        for name, (ptr, shape, _) in slot["buffers"].items():
+            if name in self.spec.input_names:
+                self.context.set_input_shape(name, shape)
+            self.context.set_tensor_address(name, ptr)
+
+    def run(self, **feeds: np.ndarray) -> list[np.ndarray]:
+        self.spec.bind(feeds)
+        slot = self._slot(feeds)
+        if self._bound is not slot:
+            self._bind(slot)
+            self._bound = slot
+        rt, h2d, d2h = self.cudart, self.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, \
+            self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        for name in self.spec.input_names:
+            arr = np.ascontiguousarray(feeds[name])
+            _check(rt.cudaMemcpyAsync(slot["buffers"][name][0], arr.ctypes.data, arr.nbytes, h2d, self.stream))
+        if self.cuda_graph and slot["graph"] is not None:
+            _check(rt.cudaGraphLaunch(slot["graph"], self.stream))
+        else:
+            if not self.context.execute_async_v3(self.stream):
+                raise SoraError(f"TensorRT failed to run {self.spec.name}")
+            if self.cuda_graph:  # captured after one ordinary run, as the developer guide asks
+                _check(rt.cudaStreamBeginCapture(self.stream,
+                                                 rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal))
+                self.context.execute_async_v3(self.stream)
+                graph = _check(rt.cudaStreamEndCapture(self.stream))
+                slot["graph"] = _check(rt.cudaGraphInstantiate(graph, 0))
+        outputs = []
+        for name in self.spec.output_names:
+            ptr, shape, dtype = slot["buffers"][name]
+            out = np.empty(shape, dtype)
+            _check(rt.cudaMemcpyAsync(out.ctypes.data, ptr, out.nbytes, d2h, self.stream))
+            outputs.append(out)
+        _check(rt.cudaStreamSynchronize(self.stream))
+        return outputs
+
+    def __call__(self, **feeds: np.ndarray) -> np.ndarray:
+        return self.run(**feeds)[0]
+
+    def __del__(self):
+        try:
+            self.pool.detach(self.context)
+            for slot in self.slots.values():
+                for ptr, _, _ in slot["buffers"].values():
+                    self.cudart.cudaFree(ptr)
+        except Exception:  # interpreter shutdown: CUDA may already be gone
+            pass

@@ -37,8 +37,9 @@ FIRST_LAST = {"auto": None, "keep": True, "quantize": False}  # --int8-first-las
                    "built for this machine's GPU and recorded in the manifest (sora-run refuses another): ort-cuda "
                    "(ONNX Runtime CUDA), ort-trt (ONNX Runtime's TensorRT provider), tensorrt (native plans).")
 @click.option("--trt-attention", type=click.Choice(["native", "plugin", "int8"]), default="native",
-              show_default=True, help="--backend tensorrt: native leaves attention to TensorRT's fusion; plugin "
-              "replaces every DiT attention with this project's Triton flash-attention plugin (TensorRT >= 10.9).")
+              show_default=True, help="--backend tensorrt: native leaves attention to TensorRT's fusion; plugin / "
+              "int8 replace every DiT attention with this project's Triton flash / INT8 attention plugin (TensorRT "
+              ">= 10.9).")
 @click.option("--trt-workspace-mb", type=int, help="--backend tensorrt: builder workspace limit.")
 @click.option("--trt-tactic-memory-mb", type=int,
               help="--backend tensorrt: tactic memory limit (Jetson builds that run out of unified memory).")

@@ -7,8 +7,8 @@ that name and namespace. The plugin takes the [B, L, H, D] q/k/v the projections
 [B, L, H, D], so the Transposes go. The weights are untouched: the rewritten graph shares the original's weights
 file. Only TensorRT runs the result (with the plugin registered), so it sits beside the portable graph.
 
-`--attention plugin` uses the fp16/bf16 flash kernel. The plugin kernels take head dims 64 and 128 (Wan2.1: 128);
-another head dim is refused here rather than at engine build.
+`--trt-attention plugin` uses the fp16/bf16 flash kernel, `--trt-attention int8` the INT8 one. The plugin kernels
+take head dims 64 and 128 (Wan2.1: 128); another head dim is refused here rather than at engine build.
 """
 
 from __future__ import annotations
@@ -18,12 +18,13 @@ from pathlib import Path
 import onnx
 from onnx import helper
 
-from ..kernels.trt_plugin import FLASH, NAMESPACE
+from ..kernels.trt_plugin import FLASH, INT8, NAMESPACE
 from ..runtime.errors import SoraError
 from .attention_rewrite import RewriteReport, match_attention, replace_attention
 
 PLUGIN_VERSION = "1"
 HEAD_DIMS = (64, 128)
+PLUGIN_FOR = {"plugin": FLASH, "int8": INT8}  # --trt-attention -> plugin name
 
 
 def head_dim(graph: onnx.GraphProto, tensor: str) -> int | None:
@@ -35,8 +36,10 @@ def head_dim(graph: onnx.GraphProto, tensor: str) -> int | None:
     return None
 
 
-def to_plugin(model: onnx.ModelProto) -> RewriteReport:
-    """Rewrite `model` in place (weights untouched; it may be loaded without external data)."""
+def to_plugin(model: onnx.ModelProto, mode: str = "plugin") -> RewriteReport:
+    """Rewrite `model` in place with the plugin for `mode` (plugin|int8); weights untouched (it may be loaded without
+    external data)."""
+    op = PLUGIN_FOR[mode]
     total, matches = match_attention(model.graph)
     dims = {head_dim(model.graph, m.sources[0]) for m in matches}
     if matches and not dims <= set(HEAD_DIMS):
@@ -44,19 +47,19 @@ def to_plugin(model: onnx.ModelProto) -> RewriteReport:
                         f"{sorted(d for d in dims if d) or 'unknown'}: use --attention native")
 
     def build(m):
-        return [helper.make_node(FLASH, list(m.sources), [m.output], name=f"{m.tag}/plugin", domain=NAMESPACE,
+        return [helper.make_node(op, list(m.sources), [m.output], name=f"{m.tag}/plugin", domain=NAMESPACE,
                                  plugin_namespace=NAMESPACE, plugin_version=PLUGIN_VERSION)]
 
     replace_attention(model, matches, build, domain=(NAMESPACE, 1))
     return RewriteReport(attention_nodes=total, replaced=len(matches))
 
 
-def plugin_file(src: Path, dst: Path) -> RewriteReport:
+def plugin_file(src: Path, dst: Path, mode: str = "plugin") -> RewriteReport:
     """src.onnx -> dst.onnx in the same folder, sharing src's weights file."""
     src, dst = Path(src), Path(dst)
     if src.parent.resolve() != dst.parent.resolve():
         raise ValueError("the rewritten graph shares the weights file, so it must sit in the same folder")
     model = onnx.load(str(src), load_external_data=False)
-    report = to_plugin(model)
+    report = to_plugin(model, mode)
     onnx.save_model(model, str(dst))
     return report

@@ -62,10 +62,6 @@ def attention_graph(version: str, attention: str, exported_form: str | None = No
         if not caps["aot_plugins"]:
             raise SoraError(f"--attention {attention} needs TensorRT 10.9 or newer (ahead-of-time plugins); this is "
                             f"{version}: use --attention native")
-        if attention == "int8":
-            raise SoraError("--attention int8: the INT8 attention runs two kernels per call (a quantization pass, "
-                            "then the attention), and an ahead-of-time TensorRT plugin launches one; use plugin or "
-                            "native")
         need = "onnx-attention"  # the pass replaces every Attention node, so the parser never sees one
     else:
         need = "onnx-attention" if caps["onnx_attention"] else "decomposed"

@@ -2,7 +2,7 @@
 
 Called by export/choose_backend.py's `build_runtime`, from a full export or from the second step of the two-step
 path. It checks that this TensorRT can take the directory's ONNX (export/trt_build.py's version rules). With
-`--trt-attention plugin` it registers the fused attention plugin for this GPU's architecture
+`--trt-attention plugin|int8` it registers the fused attention plugins for this GPU's architecture
 (kernels/trt_plugin.py) and writes `transformer.plugin.onnx` beside the portable graph
 (export/attention_plugin.py). It then builds `<engine>.plan` for each engine, with the timing cache kept under
 `trt/` per GPU and TensorRT version, and times the DiT step with and without a CUDA graph. It returns the manifest's
@@ -26,7 +26,7 @@ TRT_ATTENTION = ("native", "plugin", "int8")
 
 @dataclass(frozen=True)
 class TrtOptions:
-    attention: str = "native"  # native: TensorRT's own fusion; plugin: our Triton flash attention
+    attention: str = "native"  # native: TensorRT's own fusion; plugin / int8: our Triton flash / INT8 attention
     settings: BuildSettings = field(default_factory=BuildSettings)
 
 
@@ -58,12 +58,12 @@ def trt_runtime(engine_dir: Path, options: TrtOptions, threads: int | None, log:
     (engine_dir / "trt").mkdir(exist_ok=True)
     cache = engine_dir / "trt" / timing_cache_name(gpu, version)
     sources = {name: manifest.engine_path(name) for name in manifest.engine_names}
-    if options.attention == "plugin":
+    if options.attention in ("plugin", "int8"):
         from ..kernels.trt_plugin import register_plugins
         from .attention_plugin import plugin_file
 
         register_plugins(arch)
-        report = plugin_file(sources["transformer"], engine_dir / "transformer.plugin.onnx")
+        report = plugin_file(sources["transformer"], engine_dir / "transformer.plugin.onnx", options.attention)
         if report.replaced != report.attention_nodes:
             raise SoraError(f"{report.attention_nodes - report.replaced} of the DiT's {report.attention_nodes} "
                             f"attentions do not fit the plugin (mask or scale): use --trt-attention native")

@@ -84,3 +84,58 @@ def flash_attention_blhd(
                    S * row, HEAD_DIM, row, 1,
                    L * row, HEAD_DIM, row, 1,
                    L, S, HEAD_DIM, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def int8_attention_blhd(
+    Q, K, V, L, S, H, O,
+    HEAD_DIM: tl.constexpr, QK_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """The INT8 plugin's kernel: int8_attention.py's method (keys centred on their mean, INT8 Q·Kᵀ with one
+    symmetric scale per block, fp16/bf16 P·V) in one kernel, as an ahead-of-time plugin launches one. Each program
+    computes its head's key mean (one extra read of K) and quantizes its Q block once and each K block as it
+    streams; the extra quantization work is 1/BLOCK_M of the Q·Kᵀ dot's. Same calling convention and grid as
+    `flash_attention_blhd`."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = pid_bh % H
+    row = H * HEAD_DIM
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < L
+    k_head = K + b * S * row + h * HEAD_DIM
+    v_head = V + b * S * row + h * HEAD_DIM
+
+    k_sum = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    for start_n in range(0, S, BLOCK_N):
+        cols = start_n + offs_n
+        k = tl.load(k_head + cols[:, None] * row + offs_d[None, :], mask=(cols < S)[:, None], other=0.0)
+        k_sum += tl.sum(k.to(tl.float32), 0)
+    k_mean = k_sum / S  # [D]: softmax ignores the q·mean_k it removes
+
+    q = tl.load(Q + b * L * row + h * HEAD_DIM + offs_m[:, None] * row + offs_d[None, :], mask=row_ok[:, None],
+                other=0.0).to(tl.float32) * QK_SCALE  # [BLOCK_M, D], log2 domain
+    q_scale = tl.maximum(tl.max(tl.max(tl.abs(q), 1), 0) / 127.0, 1e-30)
+    q_scaled = q / q_scale
+    q8 = (q_scaled + tl.where(q_scaled >= 0, 0.5, -0.5)).to(tl.int8)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    for start_n in range(0, S, BLOCK_N):
+        cols = start_n + offs_n
+        col_ok = cols < S
+        kt = tl.load(k_head + offs_d[:, None] + cols[None, :] * row, mask=col_ok[None, :], other=0.0)  # [D, N]
+        kt = tl.where(col_ok[None, :], kt.to(tl.float32) - k_mean[:, None], 0.0)
+        k_scale = tl.maximum(tl.max(tl.max(tl.abs(kt), 1), 0) / 127.0, 1e-30)
+        k_scaled = kt / k_scale
+        k8 = (k_scaled + tl.where(k_scaled >= 0, 0.5, -0.5)).to(tl.int8)
+        logits = tl.dot(q8, k8).to(tl.float32) * (q_scale * k_scale)
+        v = tl.load(v_head + cols[:, None] * row + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+        m_i, l_i, acc = online_softmax_block(logits, col_ok, v, m_i, l_i, acc)
+
+    out = acc / l_i[:, None]
+    tl.store(O + b * L * row + h * HEAD_DIM + offs_m[:, None] * row + offs_d[None, :], out.to(O.dtype.element_ty),
+             mask=row_ok[:, None])

@@ -1,12 +1,13 @@
-"""The fused attention as a TensorRT plugin: Triton's flash attention compiled ahead of time, so an engine needs no
-Python at run time.
+"""The fused attentions as TensorRT plugins: Triton's flash attention and INT8 attention compiled ahead of time,
+so an engine needs no Python at run time.
 
 Two halves:
-- `compile_attention` (triton only; no torch, no TensorRT, no GPU needed) compiles `attention_core.flash_attention_blhd`
-  to PTX for one GPU architecture, dtype, head dim and tile. It returns the kernel name, the PTX, the threads per
+- `compile_attention` (triton only; no torch, no TensorRT, no GPU needed) compiles `attention_core`'s
+  `flash_attention_blhd` or `int8_attention_blhd` to PTX for one GPU architecture, dtype, head dim and tile. It returns the kernel name, the PTX, the threads per
   block, the shared memory and the grid as a function of (B, L, H). The tests compile it for sm_90 and sm_87 on
   the CPU machine.
-- `register_plugins` (TensorRT >= 10.9) registers "soraedge::flash_attention" with `tensorrt.plugin`:
+- `register_plugins` (TensorRT >= 10.9) registers "soraedge::flash_attention" and "soraedge::int8_attention" with
+  `tensorrt.plugin`:
   - `@trtp.register` describes the output (like q: [B, L, H, D]);
   - `@trtp.autotune` advertises fp16 and bf16 with one tactic per tile configuration; TensorRT times them while
     it builds and keeps the fastest;
@@ -32,8 +33,8 @@ from dataclasses import dataclass
 from .attention_core import LOG2_E
 
 NAMESPACE = "soraedge"
-FLASH = "flash_attention"
-PLUGIN_ID = f"{NAMESPACE}::{FLASH}"
+FLASH, INT8 = "flash_attention", "int8_attention"
+KERNELS = {FLASH: "flash_attention_blhd", INT8: "int8_attention_blhd"}  # plugin name -> attention_core kernel
 SCALARS = ("L", "S", "H")  # int32 arguments between the tensor inputs and the output, in the kernel's order
 # Tactics: index -> tile. Tactic 0 is never used (TensorRT reserves it), so the list starts at 1.
 TILES = {1: dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
@@ -71,23 +72,27 @@ def strip_hidden_params(ptx: str, name: str, keep: int) -> str:
     return re.sub(last, r"\1\n\2", out)
 
 
-def compile_attention(dtype: str, head_dim: int, tactic: int, arch: tuple[int, int]) -> CompiledAttention:
-    """PTX of the plugin kernel for sm_{arch}, dtype "fp16"|"bf16", head dim 64|128 and tile TILES[tactic]."""
+def compile_attention(dtype: str, head_dim: int, tactic: int, arch: tuple[int, int], plugin: str = FLASH
+                      ) -> CompiledAttention:
+    """PTX of a plugin's kernel for sm_{arch}, dtype "fp16"|"bf16", head dim 64|128 and tile TILES[tactic]."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from .attention_core import flash_attention_blhd
+    from . import attention_core
 
-    if dtype not in DTYPES or head_dim not in (64, 128) or tactic not in TILES:
-        raise ValueError(f"no attention kernel for {dtype}, head dim {head_dim}, tactic {tactic}")
+    if plugin not in KERNELS or dtype not in DTYPES or head_dim not in (64, 128) or tactic not in TILES:
+        raise ValueError(f"no {plugin} kernel for {dtype}, head dim {head_dim}, tactic {tactic}")
+    if not hasattr(getattr(attention_core, KERNELS[plugin]), "cache_key"):
+        raise RuntimeError("the kernels were defined under TRITON_INTERPRET=1, which cannot compile to PTX; compile "
+                           "in a process without it")
     tile = TILES[tactic]
     ptr = DTYPES[dtype]
     constants = {"HEAD_DIM": head_dim, "QK_SCALE": LOG2_E / math.sqrt(head_dim), "BLOCK_M": tile["BLOCK_M"],
                  "BLOCK_N": tile["BLOCK_N"]}
     signature = {"Q": ptr, "K": ptr, "V": ptr, **{s: "i32" for s in SCALARS}, "O": ptr,
                  **{c: "constexpr" for c in constants}}
-    src = ASTSource(fn=flash_attention_blhd, signature=signature, constexprs=constants)
+    src = ASTSource(fn=getattr(attention_core, KERNELS[plugin]), signature=signature, constexprs=constants)
     kernel = triton.compile(src, target=GPUTarget("cuda", arch[0] * 10 + arch[1], 32),
                             options={"num_warps": tile["num_warps"], "num_stages": tile["num_stages"]})
     md = kernel.metadata
@@ -98,17 +103,23 @@ def compile_attention(dtype: str, head_dim: int, tactic: int, arch: tuple[int, i
 
 
 def register_plugins(arch: tuple[int, int]) -> None:
-    """Register the plugin with TensorRT's plugin registry for kernels compiled for sm_{arch} (the build GPU)."""
+    """Register both plugins with TensorRT's plugin registry, their kernels compiled for sm_{arch} (the build GPU)."""
+    for plugin in KERNELS:
+        _register(plugin, arch)
+
+
+def _register(plugin: str, arch: tuple[int, int]) -> None:
     import tensorrt as trt
     import tensorrt.plugin as trtp
 
+    plugin_id = f"{NAMESPACE}::{plugin}"
     names = {trt.float16: "fp16", trt.bfloat16: "bf16"}
 
-    @trtp.register(PLUGIN_ID)
+    @trtp.register(plugin_id)
     def _desc(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc) -> trtp.TensorDesc:
         return q.like()  # [B, L, H, D], q's dtype
 
-    @trtp.autotune(PLUGIN_ID)
+    @trtp.autotune(plugin_id)
     def _autotune(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, outputs):
         combos = []
         for t in ("FP16", "BF16"):
@@ -117,10 +128,10 @@ def register_plugins(arch: tuple[int, int]) -> None:
             combos.append(c)
         return combos
 
-    @trtp.aot_impl(PLUGIN_ID)
+    @trtp.aot_impl(plugin_id)
     def _aot(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, outputs, tactic: int):
         head_dim = int(q.shape_expr[3])  # static in every DiT graph
-        compiled = compile_attention(names[q.dtype], head_dim, tactic, arch)
+        compiled = compile_attention(names[q.dtype], head_dim, tactic, arch, plugin)
         batch, length, heads = q.shape_expr[0], q.shape_expr[1], q.shape_expr[2]
         launch = trtp.KernelLaunchParams()
         launch.grid_x = trtp.cdiv(length, compiled.block_m)

@@ -84,15 +84,26 @@ def test_sora_run_refuses_a_gpu_build_here_and_the_cpu_still_runs_it(engine_copy
 
 
 @pytest.mark.skipif(target()["name"] is not None, reason="checks the refusal on a machine without a GPU")
+def test_tensorrt_plans_are_refused_here_with_the_reason(engine_copy, tmp_path):
+    manifest = json.loads((engine_copy / "manifest.json").read_text())
+    manifest["runtime"] = {"backend": "tensorrt", "precision": "fp32"}
+    manifest["gpu"] = {**H100, "backend": "tensorrt", "tensorrt": "10.14.1"}
+    (engine_copy / "manifest.json").write_text(json.dumps(manifest))
+    _run_fails(["--engines", str(engine_copy), "--prompt", "a cat", "-o", str(tmp_path / "v.npy")],
+               "(compute capability 9.0, TensorRT 10.14.1)", "no CUDA GPU is visible here", "--backend ort")
+
+
+@pytest.mark.skipif(target()["name"] is not None, reason="checks the refusal on a machine without a GPU")
 def test_ort_cuda_on_portable_engines_is_refused(engine_copy, tmp_path):
     _run_fails(["--engines", str(engine_copy), "--prompt", "a cat", "--backend", "ort-cuda", "-o",
                 str(tmp_path / "v.npy")], "is portable ONNX, not built for ort-cuda", "no CUDA GPU")
 
 
 @pytest.mark.skipif(target()["name"] is not None, reason="checks the refusal on a machine without a GPU")
-def test_export_for_ort_cuda_without_a_gpu_is_refused_before_any_work(tiny_model, tmp_path):
+@pytest.mark.parametrize("backend", ["ort-cuda", "ort-trt", "tensorrt"])
+def test_export_for_a_gpu_without_one_is_refused_before_any_work(tiny_model, tmp_path, backend):
     result = CliRunner().invoke(export_main, [str(tiny_model("tiny-a")), "-o", str(tmp_path / "e"), "--backend",
-                                              "ort-cuda"])
+                                              backend])
     assert result.exit_code == 2, result.output
     assert "no CUDA GPU is visible here" in result.output and "--onnx-only" in result.output
     assert not (tmp_path / "e").exists() and [p.name for p in tmp_path.iterdir()] == []

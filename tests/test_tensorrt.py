@@ -3,7 +3,12 @@ record's checks, the attention-plugin graph pass, and the plugin kernel compiled
 that build and run plans carry the `tensorrt` marker and skip here with the reason (TensorRT cannot be installed
 on this project's machines)."""
 
+import json
+import os
 import re
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import onnx
@@ -14,7 +19,7 @@ from soraedge.export.attention_plugin import to_plugin
 from soraedge.export.attention_rewrite import match_attention
 from soraedge.export.trt_build import (FORBIDDEN_FLAGS, BuildSettings, attention_graph, builder_plan, capabilities,
                                        timing_cache_name)
-from soraedge.kernels.trt_plugin import FLASH, NAMESPACE, strip_hidden_params
+from soraedge.kernels.trt_plugin import FLASH, INT8, NAMESPACE, strip_hidden_params
 from soraedge.runtime.errors import SoraError
 from soraedge.runtime.gpu_target import mismatches, tensorrt_version
 from soraedge.runtime.manifest import load_manifest
@@ -28,6 +33,7 @@ from soraedge.runtime.manifest import load_manifest
     ("11.0.0", "native", "onnx-attention"),
     ("10.9.0", "plugin", "onnx-attention"),  # every Attention node becomes the plugin: the parser never sees one
     ("11.2.0", "plugin", "onnx-attention"),
+    ("10.9.0", "int8", "onnx-attention"),
 ])
 def test_the_export_form_follows_the_tensorrt_version(version, attention, form):
     assert attention_graph(version, attention) == form
@@ -35,7 +41,7 @@ def test_the_export_form_follows_the_tensorrt_version(version, attention, form):
 
 @pytest.mark.parametrize("version, attention, exported, expect", [
     ("10.8.1", "plugin", None, "needs TensorRT 10.9 or newer"),
-    ("11.0.0", "int8", None, "an ahead-of-time TensorRT plugin launches one"),
+    ("10.8.1", "int8", None, "needs TensorRT 10.9 or newer"),
     ("10.3.0", "native", "onnx-attention", "re-export the ONNX with --attention decomposed"),
     ("11.0.0", "plugin", "decomposed", "re-export the ONNX with --attention onnx-attention"),
     ("10.2.0", "native", None, "older than 10.3"),
@@ -133,13 +139,14 @@ def _attention_graph(heads: int, head_dim: int, blocks: int) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)])
 
 
-def test_every_attention_becomes_one_plugin_node():
+@pytest.mark.parametrize("mode, op", [("plugin", FLASH), ("int8", INT8)])
+def test_every_attention_becomes_one_plugin_node(mode, op):
     model = _attention_graph(heads=2, head_dim=64, blocks=3)
     onnx.checker.check_model(model)
-    report = to_plugin(model)
+    report = to_plugin(model, mode)
     assert (report.attention_nodes, report.replaced) == (3, 3)
     ops = [n.op_type for n in model.graph.node]
-    assert ops == [FLASH] * 3  # the Transposes went with the Attention nodes
+    assert ops == [op] * 3  # the Transposes went with the Attention nodes
     for node in model.graph.node:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         assert node.domain == NAMESPACE and attrs == {"plugin_namespace": NAMESPACE.encode(), "plugin_version": b"1"}
@@ -158,19 +165,36 @@ def test_the_pass_matches_the_real_dit_export_and_refuses_its_head_dim(tiny_engi
 
 
 # -- the plugin kernel, compiled ahead of time -------------------------------------------------------------------------
-@pytest.mark.parametrize("dtype, head_dim, arch", [("fp16", 128, (9, 0)), ("bf16", 64, (8, 7))])
-def test_plugin_kernel_compiles_to_ptx_with_the_plugin_calling_convention(dtype, head_dim, arch):
-    pytest.importorskip("triton", reason="triton is not installed (the `kernels` extra)")
-    from soraedge.kernels.trt_plugin import TILES, compile_attention
+COMPILE = textwrap.dedent("""
+    import json, sys
+    from soraedge.kernels.trt_plugin import compile_attention
+    plugin, dtype, head_dim, major, minor = sys.argv[1:]
+    c = compile_attention(dtype, int(head_dim), 1, (int(major), int(minor)), plugin)
+    print(json.dumps({"ptx": c.ptx.decode(), "threads": c.threads, "shared_mem": c.shared_mem,
+                      "grid": c.grid(2, 4680, 12)}))
+""")
 
-    compiled = compile_attention(dtype, head_dim, 1, arch)
-    ptx = compiled.ptx.decode()
+
+@pytest.mark.parametrize("plugin, dtype, head_dim, arch", [(FLASH, "fp16", 128, (9, 0)), (FLASH, "bf16", 64, (8, 7)),
+                                                           (INT8, "fp16", 128, (8, 7))])
+def test_plugin_kernels_compile_to_ptx_with_the_plugin_calling_convention(plugin, dtype, head_dim, arch):
+    pytest.importorskip("triton", reason="triton is not installed (the `kernels` extra)")
+    from soraedge.kernels.trt_plugin import TILES
+
+    # A fresh process: tests/test_kernels.py sets TRITON_INTERPRET=1 for this one, and interpreted kernels do not
+    # compile to PTX.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", COMPILE, plugin, dtype, str(head_dim), *map(str, arch)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    compiled = json.loads(proc.stdout.strip().splitlines()[-1])
+    ptx = compiled["ptx"]
     assert f".target sm_{arch[0]}{arch[1]}" in ptx
     entry = ptx[ptx.index(".entry"):ptx.index(")", ptx.index(".entry"))]
     params = re.findall(r"\.param \.(u64|u32)", entry)
     assert params == ["u64"] * 3 + ["u32"] * 3 + ["u64"]  # q, k, v; L, S, H; out: nothing hidden after it
-    assert compiled.threads == TILES[1]["num_warps"] * 32 and compiled.shared_mem > 0
-    assert compiled.grid(2, 4680, 12) == (-(-4680 // TILES[1]["BLOCK_M"]), 24)
+    assert compiled["threads"] == TILES[1]["num_warps"] * 32 and compiled["shared_mem"] > 0
+    assert compiled["grid"] == [-(-4680 // TILES[1]["BLOCK_M"]), 24]
 
 
 def test_hidden_parameters_are_stripped_only_when_unused():
@@ -190,13 +214,13 @@ needs_tensorrt = pytest.mark.skipif(tensorrt_version() is None,
 @pytest.mark.tensorrt
 @pytest.mark.gpu
 @needs_tensorrt
-@pytest.mark.parametrize("attention", ["native", "plugin"])
+@pytest.mark.parametrize("attention", ["native", "plugin", "int8"])
 def test_tensorrt_plans_match_the_cpu_engines(tiny_engines, tmp_path, attention):
     from soraedge.export.build_target import TargetConfig, build_from_engines
     from soraedge.export.trt_target import TrtOptions
     from soraedge.runtime.pipeline import Pipeline
 
-    if attention == "plugin":
+    if attention != "native":
         pytest.skip("the tiny DiT's head dim (12) is not one the plugin kernels take; covered at Wan size by bench")
     cpu = tiny_engines("tiny-a")
     trt_dir = tmp_path / "trt"

@@ -23,7 +23,7 @@ from .. import __version__
 from ..calib.config import CalibConfig
 from ..runtime.errors import SoraError
 from ..runtime.gpu_target import GPU_BACKENDS, target
-from ..runtime.manifest import CACHE_DIR, MANIFEST, load_manifest, sha256_file, write_manifest
+from ..runtime.manifest import CACHE_DIR, sha256_file, write_manifest
 from ..runtime.spec import Dim
 from ..runtime.validate import check_frames, check_size
 from .checkpoint import WanCheckpoint, read_checkpoint
@@ -32,7 +32,7 @@ from .dit import AttentionForm, DiTReference, dit_spec, load_dit
 from .dit_probe import FirstBlockProbe, ProbeReference, probe_spec
 from .precision import convert_engines, default_min_psnr, plan_precision
 from .quality_gate import quality_gate
-from .staging import ExportReport, check_destination, swap_into_place
+from .staging import ExportReport, check_destination, swap_into_place, up_to_date
 from .trt_target import TrtOptions
 from .text_encoder import load_text_encoder, text_encoder_spec
 from .vae import load_vae_decoders, vae_specs
@@ -250,17 +250,10 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = lambda s: None) -
         versions = _versions()
         key = hashlib.sha256(json.dumps({"checkpoint": _checkpoint_digest(ck), "options": options,
                                          "versions": versions}, sort_keys=True).encode()).hexdigest()
-        if (out / MANIFEST).is_file():
-            try:
-                existing = load_manifest(out)
-            except SoraError:
-                existing = None
-            if existing is not None and existing.data.get("cache_key") == key:
-                log(f"{out} is already an up-to-date export of this model with these options (cache key {key[:12]})")
-                report.reused = True
-                return report
-            if not cfg.overwrite:
-                raise SoraError(f"{out} holds a different engine directory; pass --overwrite to replace it")
+        if up_to_date(out, key, cfg.overwrite):
+            log(f"{out} is already an up-to-date export of this model with these options (cache key {key[:12]})")
+            report.reused = True
+            return report
 
         reduced = any(p != "fp32" for p in plan.values())
         stage = work / "engine"

@@ -20,11 +20,10 @@ from pathlib import Path
 from typing import Callable
 
 from .. import __version__
-from ..runtime.errors import SoraError
 from ..runtime.gpu_target import GPU_BACKENDS, target
-from ..runtime.manifest import MANIFEST, load_manifest, write_manifest
+from ..runtime.manifest import load_manifest, write_manifest
 from .choose_backend import build_runtime, check_request, openvino_unsupported
-from .staging import ExportReport, check_destination, link_or_copy, swap_into_place
+from .staging import ExportReport, check_destination, link_or_copy, swap_into_place, up_to_date
 from .trt_target import TrtOptions
 
 
@@ -60,17 +59,10 @@ def build_from_engines(cfg: TargetConfig, log: Callable[[str], None] = lambda s:
     report = ExportReport(out=out, reused=False)
     t_all = time.perf_counter()
     key = _target_key(src, cfg.backend, asdict(cfg.trt) if cfg.backend == "tensorrt" else None)
-    if (out / MANIFEST).is_file():
-        try:
-            existing = load_manifest(out)
-        except SoraError:
-            existing = None
-        if existing is not None and existing.data.get("cache_key") == key:
-            log(f"{out} is already built from these engines for {cfg.backend} on this machine (cache key {key[:12]})")
-            report.reused = True
-            return report
-        if not cfg.overwrite:
-            raise SoraError(f"{out} holds a different engine directory; pass --overwrite to replace it")
+    if up_to_date(out, key, cfg.overwrite):
+        log(f"{out} is already built from these engines for {cfg.backend} on this machine (cache key {key[:12]})")
+        report.reused = True
+        return report
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.build-", dir=out.parent) as work:
         work = Path(work)
         stage = work / "engine"

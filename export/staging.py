@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..runtime.errors import SoraError
-from ..runtime.manifest import MANIFEST
+from ..runtime.manifest import MANIFEST, load_manifest
 
 
 @dataclass
@@ -41,6 +41,22 @@ def check_destination(out: Path) -> None:
         raise SoraError(f"cannot create the folder {out.parent} for the output ({e.strerror})") from None
     if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
         raise SoraError(f"{out} exists, is not empty and is not an engine directory: refusing to touch it")
+
+
+def up_to_date(out: Path, key: str, overwrite: bool) -> bool:
+    """True when `out` is a valid engine directory built with cache key `key` (the build can be skipped). A
+    different (or damaged) directory there is refused unless `overwrite`."""
+    if not (out / MANIFEST).is_file():
+        return False
+    try:
+        existing = load_manifest(out)
+    except SoraError:
+        existing = None
+    if existing is not None and existing.data.get("cache_key") == key:
+        return True
+    if not overwrite:
+        raise SoraError(f"{out} holds a different engine directory; pass --overwrite to replace it")
+    return False
 
 
 def swap_into_place(stage: Path, out: Path, work: Path) -> None:

@@ -30,6 +30,14 @@ def online_softmax_block(logits, col_ok, v, m_i, l_i, acc):
 
 
 @triton.jit
+def quantize_block(x):
+    """x fp32 (any 2-D tile) -> (int8 tile, its one symmetric scale amax / 127), rounding half away from zero."""
+    scale = tl.maximum(tl.max(tl.max(tl.abs(x), 1), 0) / 127.0, 1e-30)
+    scaled = x / scale
+    return (scaled + tl.where(scaled >= 0, 0.5, -0.5)).to(tl.int8), scale
+
+
+@triton.jit
 def attention_rows(
     Q, K, V, O, qk_scale, b, h, pid_m,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -117,9 +125,7 @@ def int8_attention_blhd(
 
     q = tl.load(Q + b * L * row + h * HEAD_DIM + offs_m[:, None] * row + offs_d[None, :], mask=row_ok[:, None],
                 other=0.0).to(tl.float32) * QK_SCALE  # [BLOCK_M, D], log2 domain
-    q_scale = tl.maximum(tl.max(tl.max(tl.abs(q), 1), 0) / 127.0, 1e-30)
-    q_scaled = q / q_scale
-    q8 = (q_scaled + tl.where(q_scaled >= 0, 0.5, -0.5)).to(tl.int8)
+    q8, q_scale = quantize_block(q)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -129,9 +135,7 @@ def int8_attention_blhd(
         col_ok = cols < S
         kt = tl.load(k_head + offs_d[:, None] + cols[None, :] * row, mask=col_ok[None, :], other=0.0)  # [D, N]
         kt = tl.where(col_ok[None, :], kt.to(tl.float32) - k_mean[:, None], 0.0)
-        k_scale = tl.maximum(tl.max(tl.max(tl.abs(kt), 1), 0) / 127.0, 1e-30)
-        k_scaled = kt / k_scale
-        k8 = (k_scaled + tl.where(k_scaled >= 0, 0.5, -0.5)).to(tl.int8)
+        k8, k_scale = quantize_block(kt)
         logits = tl.dot(q8, k8).to(tl.float32) * (q_scale * k_scale)
         v = tl.load(v_head + cols[:, None] * row + offs_d[None, :], mask=col_ok[:, None], other=0.0)
         m_i, l_i, acc = online_softmax_block(logits, col_ok, v, m_i, l_i, acc)

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_core import LOG2_E, online_softmax_block
+from .attention_core import LOG2_E, online_softmax_block, quantize_block
 from .flash_attention import check_inputs, new_output
 from .tiles import attention_configs
 
@@ -49,10 +49,7 @@ def _quantize_blocks(
     if HAS_MEAN:
         mean = tl.load(MEAN + b * stride_mb + h * stride_mh + offs_d * stride_md)
         x = tl.where(row_ok[:, None], x - mean[None, :], 0.0)
-    x = x * pre_scale
-    scale = tl.maximum(tl.max(tl.max(tl.abs(x), 1), 0) / 127.0, 1e-30)
-    scaled = x / scale
-    x8 = (scaled + tl.where(scaled >= 0, 0.5, -0.5)).to(tl.int8)  # round half away from zero
+    x8, scale = quantize_block(x * pre_scale)
     tl.store(X8 + pid_bh * L * HEAD_DIM + rows[:, None] * HEAD_DIM + offs_d[None, :], x8, mask=row_ok[:, None])
     tl.store(SCALE + pid_bh * n_blocks + pid_blk, scale)
 

@@ -30,6 +30,12 @@ class TrtOptions:
     settings: BuildSettings = field(default_factory=BuildSettings)
 
 
+def _unlink(path: Path) -> None:
+    """A file carried over from the source directory is a hard link to the source's: replace it, never write
+    through it."""
+    path.unlink(missing_ok=True)
+
+
 def require_tensorrt() -> str:
     """The installed TensorRT version, or a one-line refusal."""
     why = gpu_target.missing(gpu_target.target(), "tensorrt")
@@ -63,6 +69,7 @@ def trt_runtime(engine_dir: Path, options: TrtOptions, threads: int | None, log:
         from .attention_plugin import plugin_file
 
         register_plugins(arch)
+        _unlink(engine_dir / "transformer.plugin.onnx")
         report = plugin_file(sources["transformer"], engine_dir / "transformer.plugin.onnx", options.attention)
         if report.replaced != report.attention_nodes:
             raise SoraError(f"{report.attention_nodes - report.replaced} of the DiT's {report.attention_nodes} "
@@ -72,7 +79,9 @@ def trt_runtime(engine_dir: Path, options: TrtOptions, threads: int | None, log:
     entries = {}
     for name, src in sources.items():
         plan = builder_plan(manifest.spec(name), options.settings, version)
-        (engine_dir / f"{name}.plan").write_bytes(build_engine(src, plan, cache, log))
+        data = build_engine(src, plan, cache, log)
+        _unlink(engine_dir / f"{name}.plan")
+        (engine_dir / f"{name}.plan").write_bytes(data)
         entries[name] = {"plan": f"{name}.plan", "trt_build": {"source": src.name, "builder": plan}}
         manifest.data["engines"][name].update(entries[name])
     manifest.data["gpu"] = gpu  # in memory: the timing pipeline checks the record like sora-run will

@@ -73,8 +73,8 @@ def run(height: int, width: int, frames: int, threads: int, log=print) -> dict:
             peers += [("openvino", "fp32")] + ([("openvino", "bf16")] if ov.cpu_info()["bf16"] else [])
         for backend, precision in peers:
             log(f"{backend} {precision} ...")
-            decoder = ChunkedVaeDecoder(*(open_engine(backend, tmp / f"{s.name}.onnx", s, threads, precision)
-                                          for s in specs))
+            decoder = ChunkedVaeDecoder(*(open_engine(backend, tmp / f"{s.name}.onnx", s, threads, precision,
+                                                      static_shapes=True) for s in specs))
             decoder(z)  # warm-up (and OpenVINO's compilation)
             t0 = time.perf_counter()
             got = decoder(z)

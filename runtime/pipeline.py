@@ -125,7 +125,8 @@ class Pipeline:
         vae = name in (self.config["vae"]["first"], self.config["vae"]["step"])
         path = self.manifest.plan_path(name) if self.backend == "tensorrt" else self.manifest.engine_path(name)
         return open_engine(self.backend, path, self.manifest.spec(name), threads,
-                           self.precision, cache, arena=not vae, cuda_graph=self.cuda_graph and name == "transformer")
+                           self.precision, cache, arena=not vae, cuda_graph=self.cuda_graph and name == "transformer",
+                           static_shapes=vae)
 
     def engine(self, name: str):
         """The engine `name`, opened on first use; kept open unless low_memory."""

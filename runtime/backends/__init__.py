@@ -23,8 +23,10 @@ PRECISIONS = ("fp32", "bf16")
 
 
 def open_engine(backend: str, path: Path, spec: EngineSpec, threads: int | None = None, precision: str = "fp32",
-                cache_dir: Path | None = None, arena: bool = True, cuda_graph: bool = False):
+                cache_dir: Path | None = None, arena: bool = True, cuda_graph: bool = False,
+                static_shapes: bool = False):
     """`arena=False` lets ONNX Runtime return large buffers instead of keeping its CPU arena (the VAE decoder).
+    `static_shapes` has OpenVINO compile per input shape (the VAE decoder: backends/openvino.py says why).
     `cuda_graph` captures and replays the engine per shape on `ort-cuda` (the DiT: same shape every step)."""
     if backend != "openvino" and precision != "fp32":
         raise SoraError(f"the {backend} backend runs the graphs at the precision they carry; execution precision "
@@ -49,7 +51,7 @@ def open_engine(backend: str, path: Path, spec: EngineSpec, threads: int | None 
     if backend == "openvino":
         from .openvino import OvEngine
 
-        return OvEngine(path, spec, threads, precision, cache_dir)
+        return OvEngine(path, spec, threads, precision, cache_dir, static_shapes=static_shapes)
     raise SoraError(f"unknown backend {backend!r} (known: {', '.join(BACKENDS)})")
 
 

@@ -41,8 +41,15 @@ def available() -> bool:
 
 
 class OvEngine:
+    """`static_shapes=True` compiles the model once per concrete input shape (reshaped before compiling) instead of
+    once with dynamic dims. The VAE decoder needs it: OpenVINO 2026.4 segfaults (in a memcpy) running the dynamic
+    `vae_decoder_step` graph in bf16 at 256x256 and larger, while the same graph reshaped to the input's shape runs
+    (reproduced with the real Wan2.1 VAE configuration on this project's CPU machine)."""
+
+    MAX_SHAPES = 2  # compiled shapes kept at once with static_shapes (least recently used goes first)
+
     def __init__(self, path: Path, spec: EngineSpec, threads: int | None = None, precision: str = "fp32",
-                 cache_dir: Path | None = None):
+                 cache_dir: Path | None = None, static_shapes: bool = False):
         if precision not in _HINT:
             raise SoraError(f"openvino precision {precision!r} is not supported (use fp32 or bf16)")
         core = _core()
@@ -54,12 +61,37 @@ class OvEngine:
         if cache_dir is not None:
             cache_dir.mkdir(parents=True, exist_ok=True)
             config["CACHE_DIR"] = str(cache_dir)
+        self.core, self.path, self.config, self.spec = core, Path(path), config, spec
+        self.static_shapes = static_shapes
+        self._by_shape: dict[tuple, tuple] = {}  # input shapes -> (compiled model, infer request)
+        if not static_shapes:
+            self.compiled = self._compile(None)
+            self.request = self.compiled.create_infer_request()
+
+    def _compile(self, shapes: dict[str, tuple] | None):
+        import openvino as ov
+
         try:
-            self.compiled = core.compile_model(str(path), "CPU", config)
+            if shapes is None:
+                return self.core.compile_model(str(self.path), "CPU", self.config)
+            model = self.core.read_model(str(self.path))
+            model.reshape({name: ov.PartialShape(list(shape)) for name, shape in shapes.items()})
+            return self.core.compile_model(model, "CPU", self.config)
         except RuntimeError as e:
-            raise SoraError(f"OpenVINO could not compile {path.name}: {str(e).splitlines()[0]}") from None
-        self.request = self.compiled.create_infer_request()
-        self.spec = spec
+            raise SoraError(f"OpenVINO could not compile {self.path.name}: {str(e).splitlines()[0]}") from None
+
+    def _for(self, feeds: dict[str, np.ndarray]):
+        if not self.static_shapes:
+            return self.compiled, self.request
+        key = tuple(feeds[n].shape for n in self.spec.input_names)
+        if key not in self._by_shape:
+            if len(self._by_shape) >= self.MAX_SHAPES:
+                self._by_shape.pop(next(iter(self._by_shape)))
+            compiled = self._compile({n: feeds[n].shape for n in self.spec.input_names})
+            self._by_shape[key] = (compiled, compiled.create_infer_request())
+        else:
+            self._by_shape[key] = self._by_shape.pop(key)  # most recently used last
+        return self._by_shape[key]
 
     def __call__(self, **feeds: np.ndarray) -> np.ndarray:
         return self.run(**feeds)[0]
@@ -67,5 +99,6 @@ class OvEngine:
     def run(self, **feeds: np.ndarray) -> list[np.ndarray]:
         """Every output, in spec order (copied: the request's buffers are reused by the next call)."""
         self.spec.bind(feeds)
-        out = self.request.infer(feeds)
-        return [np.array(out[self.compiled.output(name)], copy=True) for name in self.spec.output_names]
+        compiled, request = self._for(feeds)
+        out = request.infer(feeds)
+        return [np.array(out[compiled.output(name)], copy=True) for name in self.spec.output_names]

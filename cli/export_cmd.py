@@ -115,7 +115,10 @@ def main(model, out, frames, max_frames, height, width, attention, max_sequence_
                                          prompts=calib_prompt_count, steps=calib_steps,
                                          keep_first_last_blocks=FIRST_LAST[int8_first_last_blocks],
                                          activations=int8_activations))
-    report = run_export(cfg, log=click.echo)
+    _written(run_export(cfg, log=click.echo))
+
+
+def _written(report) -> None:
     if not report.reused:
         stages = ", ".join(f"{k} {v:.1f}s" for k, v in report.seconds.items())
         click.echo(f"engines written to {report.out} ({stages})")
@@ -136,9 +139,7 @@ def _build_target(source: Path, out: Path, backend: str, threads: int | None, ov
         raise SoraError(f"{source} is an engine directory: only its target is built from it, so {', '.join(fixed)} "
                         f"cannot change (they are fixed when the ONNX is exported; export from the model to change "
                         f"them)")
-    report = build_from_engines(TargetConfig(source, out, backend, threads, overwrite, trt), log=click.echo)
-    if not report.reused:
-        click.echo(f"engines written to {report.out} ({', '.join(f'{k} {v:.1f}s' for k, v in report.seconds.items())})")
+    _written(build_from_engines(TargetConfig(source, out, backend, threads, overwrite, trt), log=click.echo))
 
 
 if __name__ == "__main__":

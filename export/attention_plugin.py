@@ -20,7 +20,7 @@ from onnx import helper
 
 from ..kernels.trt_plugin import FLASH, INT8, NAMESPACE
 from ..runtime.errors import SoraError
-from .attention_rewrite import RewriteReport, match_attention, replace_attention
+from .attention_rewrite import RewriteReport, apply_to_file, match_attention, replace_attention
 
 PLUGIN_VERSION = "1"
 HEAD_DIMS = (64, 128)
@@ -56,10 +56,4 @@ def to_plugin(model: onnx.ModelProto, mode: str = "plugin") -> RewriteReport:
 
 def plugin_file(src: Path, dst: Path, mode: str = "plugin") -> RewriteReport:
     """src.onnx -> dst.onnx in the same folder, sharing src's weights file."""
-    src, dst = Path(src), Path(dst)
-    if src.parent.resolve() != dst.parent.resolve():
-        raise ValueError("the rewritten graph shares the weights file, so it must sit in the same folder")
-    model = onnx.load(str(src), load_external_data=False)
-    report = to_plugin(model, mode)
-    onnx.save_model(model, str(dst))
-    return report
+    return apply_to_file(src, dst, lambda model: to_plugin(model, mode))

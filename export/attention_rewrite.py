@@ -127,10 +127,15 @@ def to_multihead_attention(model: onnx.ModelProto, num_heads: int) -> RewriteRep
 
 def rewrite_file(src: Path, dst: Path, num_heads: int) -> RewriteReport:
     """src.onnx (+ its external data) -> dst.onnx in the same folder, sharing src's weights file."""
+    return apply_to_file(src, dst, lambda model: to_multihead_attention(model, num_heads))
+
+
+def apply_to_file(src: Path, dst: Path, graph_pass: Callable[[onnx.ModelProto], RewriteReport]) -> RewriteReport:
+    """Run `graph_pass` on src.onnx's graph and save it as dst.onnx beside it, sharing src's weights file."""
     src, dst = Path(src), Path(dst)
     if src.parent.resolve() != dst.parent.resolve():
         raise ValueError("the rewritten graph shares the weights file, so it must sit in the same folder")
     model = onnx.load(str(src), load_external_data=False)
-    report = to_multihead_attention(model, num_heads)
+    report = graph_pass(model)
     onnx.save_model(model, str(dst))
     return report

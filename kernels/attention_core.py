@@ -17,6 +17,15 @@ LOG2_E = 1.4426950408889634
 
 
 @triton.jit
+def softmax_state(BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """The running (max, sum, output) that `online_softmax_block` folds K/V blocks into, before the first block."""
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    return m_i, l_i, acc
+
+
+@triton.jit
 def online_softmax_block(logits, col_ok, v, m_i, l_i, acc):
     """Fold one K/V block into the running (max, sum, output): logits [BLOCK_M, BLOCK_N] fp32 in the exp2 domain,
     col_ok [BLOCK_N] (False past the sequence end), v [BLOCK_N, D]. Shared by the fp16 and INT8 kernels."""
@@ -59,9 +68,7 @@ def attention_rows(
     k_base = K + b * stride_kb + h * stride_kh + offs_d[:, None] * stride_kd  # K^T tile [D, BLOCK_N]
     v_base = V + b * stride_vb + h * stride_vh + offs_d[None, :] * stride_vd  # V tile [BLOCK_N, D]
 
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    m_i, l_i, acc = softmax_state(BLOCK_M, HEAD_DIM)
     for start_n in range(0, S, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < S
@@ -127,9 +134,7 @@ def int8_attention_blhd(
                 other=0.0).to(tl.float32) * QK_SCALE  # [BLOCK_M, D], log2 domain
     q8, q_scale = quantize_block(q)
 
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    m_i, l_i, acc = softmax_state(BLOCK_M, HEAD_DIM)
     for start_n in range(0, S, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < S

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_core import LOG2_E, online_softmax_block, quantize_block
+from .attention_core import LOG2_E, online_softmax_block, quantize_block, softmax_state
 from .flash_attention import check_inputs, new_output
 from .tiles import attention_configs
 
@@ -79,9 +79,7 @@ def _int8_attention_fwd(
     k_base = K8 + pid_bh * S * HEAD_DIM + offs_d[:, None]
     v_base = V + b * stride_vb + h * stride_vh + offs_d[None, :] * stride_vd
 
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    m_i, l_i, acc = softmax_state(BLOCK_M, HEAD_DIM)
     for start_n in range(0, S, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < S

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import sys
 
 import click
@@ -26,7 +27,13 @@ def cli_errors(fn):
             sys.exit(2)
         except KeyboardInterrupt:
             click.echo("interrupted: nothing was written", err=True)
-            sys.exit(130)
+            # Exit here, not through sys.exit: when the interrupt passed through exec'd code (torch's generated
+            # graph code during export), CPython 3.11 under `python -m` records it as unhandled and, after
+            # finalizing, kills the process with SIGINT (status -2) although it was caught here. Everything has
+            # unwound by now (staging directories removed, writers closed); only the stdio buffers are left.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(130)
         finally:
             logger.removeHandler(handler)
 

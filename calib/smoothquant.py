@@ -3,8 +3,10 @@
 For a linear layer y = x W (x [..., K], W [K, N]) a few input channels of x carry outliers that make one per-tensor
 activation scale coarse for every other channel. With s_j = max|x_j|^alpha / max|W_j,:|^(1-alpha),
 y = (x / s) (diag(s) W): the activation gets easier to quantize, the weight (quantized per output channel) a bit
-harder. Linear layers that read the same tensor (q/k/v of one attention) share one s, so one `Mul` by 1/s is
-inserted per shared input, and their weights are rescaled in place. The statistics come from the same calibration
+harder. Linear layers that read the same tensor (q/k/v of one attention) share one s; their weights are rescaled in
+place, and 1/s is folded into whatever produces the input (calib/scale_folding.py: the normalization's modulation,
+the value projection before an attention), so no pass over the activation is added. An input that does not fold
+(the FFN's second linear, after GELU) is not smoothed. The statistics come from the same calibration
 samples as the activation ranges (calib/trajectories.py).
 """
 
@@ -19,6 +21,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..export.fp16 import save_with_external_data
+from .scale_folding import ScaleFolder
 
 
 def _linear_groups(model: onnx.ModelProto, exclude: set[str]) -> dict[str, list[onnx.NodeProto]]:
@@ -70,40 +73,60 @@ def activation_absmax(model_path: Path, tensors: list[str], samples: list[dict[s
 
 
 def smooth_linears(src: Path, dst: Path, samples: list[dict[str, np.ndarray]], alpha: float, exclude: set[str],
-                   threads: int | None = None) -> dict:
-    """Write `dst`: `src` with every non-excluded linear layer smoothed. Returns a summary for the manifest."""
+                   threads: int | None = None, latent_inputs: tuple[str, ...] = ("hidden_states",)) -> dict:
+    """Write `dst`: `src` with every linear group whose input folds (calib/scale_folding.py) smoothed; the others
+    are left as they are. Checks on the first sample that the function is unchanged. Returns a summary for the
+    manifest."""
+    from ..runtime.errors import SoraError
+
     model = onnx.load(str(src))
     groups = _linear_groups(model, exclude)
-    amax = activation_absmax(src, list(groups), samples, threads)
-    inits = {i.name: i for i in model.graph.initializer}
-    nodes = list(model.graph.node)
-    position = {id(n): i for i, n in enumerate(nodes)}
-    inserts: list[tuple[int, onnx.NodeProto]] = []
+    folder = ScaleFolder(model, latent_inputs)
+    plans = {x: plan for x, consumers in groups.items() if (plan := folder.plan(x, consumers))}
+    amax = activation_absmax(src, list(plans), samples, threads)
+    inits = folder.inits
+    scales: dict[str, np.ndarray] = {}  # all from the original weights, before any of them is rescaled
     spread_before, spread_after = [], []
-    for x, consumers in groups.items():
-        weights = [numpy_helper.to_array(inits[n.input[1]]) for n in consumers]  # each [K, N]
+    for x in plans:
+        weights = [numpy_helper.to_array(inits[n.input[1]]) for n in groups[x]]  # each [K, N]
         w_max = np.max([np.abs(w).max(axis=1) for w in weights], axis=0)  # [K]
         a = amax[x].astype(np.float64)  # [K]
         ok = (a > 0) & (w_max > 0)
         s = np.ones_like(a)
         s[ok] = a[ok] ** alpha / w_max[ok] ** (1 - alpha)
-        s = np.clip(s, 1e-4, 1e4)
+        scales[x] = np.clip(s, 1e-4, 1e4)
         spread_before.append(float(a.max() / max(np.median(a), 1e-12)))
-        spread_after.append(float((a / s).max() / max(np.median(a / s), 1e-12)))
-        for n, w in zip(consumers, weights):
-            inits[n.input[1]].CopyFrom(numpy_helper.from_array((w * s[:, None]).astype(np.float32), n.input[1]))
-        inv = f"{x}_smooth_inv"
-        model.graph.initializer.append(numpy_helper.from_array((1.0 / s).astype(np.float32), inv))
-        mul = helper.make_node("Mul", [x, inv], [f"{x}_smoothed"], name=f"{x}_smooth")
-        for n in consumers:
-            n.input[0] = mul.output[0]
-        inserts.append((min(position[id(n)] for n in consumers), mul))  # before its first reader: stays sorted
-    for index, mul in sorted(inserts, key=lambda p: -p[0]):
-        nodes.insert(index, mul)
-    rebuilt = [onnx.NodeProto.FromString(n.SerializeToString()) for n in nodes]  # detach before clearing
-    model.graph.ClearField("node")
-    model.graph.node.extend(rebuilt)
+        spread_after.append(float((a / scales[x]).max() / max(np.median(a / scales[x]), 1e-12)))
+    for x, plan in plans.items():
+        for n in groups[x]:  # x / s feeds diag(s) W
+            w = numpy_helper.to_array(inits[n.input[1]])
+            inits[n.input[1]].CopyFrom(numpy_helper.from_array((w * scales[x][:, None]).astype(w.dtype), n.input[1]))
+        folder.apply(plan, 1.0 / scales[x])
+    folder.finish()
     save_with_external_data(model, dst)
-    return {"alpha": alpha, "smoothed_inputs": len(groups), "linears": sum(len(c) for c in groups.values()),
-            "outlier_ratio_before": float(np.median(spread_before)) if groups else None,
-            "outlier_ratio_after": float(np.median(spread_after)) if groups else None}
+    del model, folder, inits
+    err = function_change(src, dst, samples[0], threads)
+    if not err < 1e-3:
+        raise SoraError(f"SmoothQuant changed the DiT's output (relative error {err:.1e}); export with "
+                        f"--no-smoothquant and report this model")
+    folded = [x for x, plan in plans.items() if not plan.edge_muls]
+    return {"alpha": alpha, "smoothed_inputs": len(plans), "linears": sum(len(groups[x]) for x in plans),
+            "folded_without_mul": len(folded), "not_smoothed_inputs": len(groups) - len(plans),
+            "output_rel_err": err,
+            "outlier_ratio_before": float(np.median(spread_before)) if plans else None,
+            "outlier_ratio_after": float(np.median(spread_after)) if plans else None}
+
+
+def function_change(a: Path, b: Path, feeds: dict[str, np.ndarray], threads: int | None) -> float:
+    """max |out_b - out_a| / max |out_a| of two models on one input (one session at a time)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    outs = []
+    for path in (a, b):
+        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        outs.append(sess.run(None, feeds)[0])
+        del sess
+    return float(np.abs(outs[1] - outs[0]).max() / max(np.abs(outs[0]).max(), 1e-12))

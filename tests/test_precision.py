@@ -98,8 +98,11 @@ def test_int8_qdq_sits_around_the_linear_layers_only(reduced_engines):
     # output type disagrees with its zero point under other settings)
     for q in (n for n in model.graph.node if n.op_type == "QuantizeLinear"):
         assert inits[q.input[2]].data_type == onnx.TensorProto.UINT8 and not inits[q.input[2]].dims
-    # SmoothQuant's scaling sits before the quantized linears
-    assert any(n.op_type == "Mul" and n.name.endswith("_smooth") for n in model.graph.node)
+    # SmoothQuant's 1/s is folded into the producers of the quantized linears' inputs: no Mul pass over an
+    # activation computed from the latents
+    smooth = load_manifest(root).data["engines"]["transformer"]["detail"]["smoothquant"]
+    assert smooth["smoothed_inputs"] > 0 and smooth["output_rel_err"] < 1e-4
+    _assert_smoothing_muls_are_small(model)
 
 
 def test_int8_runs_integer_kernels_on_the_cpu(reduced_engines, tmp_path):
@@ -171,11 +174,29 @@ def test_smoothquant_preserves_the_function(tiny_engines, tmp_path):
     samples = collect_dit_inputs(tiny_engines("tiny-a"), ["a red fox"], 2, SIZE["height"], SIZE["width"],
                                  SIZE["frames"])
     summary = smooth_linears(src, tmp_path / "smoothed.onnx", samples, 0.8, set())
-    assert summary["smoothed_inputs"] > 0
     a = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"]).run(None, samples[0])[0]
     b = ort.InferenceSession(str(tmp_path / "smoothed.onnx"), providers=["CPUExecutionProvider"]).run(
         None, samples[0])[0]
     assert np.abs(a - b).max() <= 1e-4 * np.abs(a).max()
+    assert summary["output_rel_err"] <= 1e-4
+    # which linear inputs took a scale: per block q/k/v (after the modulated norm), both attention outputs (folded
+    # into the value projections), the cross-attention query (norm2's affine), its key/value (the text context)
+    # and the FFN's first linear; the FFN's second (after GELU) does not fold and stays unsmoothed
+    smoothed = onnx.load(str(tmp_path / "smoothed.onnx"), load_external_data=False)
+    blocks = {node_module(n).split(".")[1] for n in smoothed.graph.node if node_module(n).startswith("blocks.")}
+    per_block = summary["smoothed_inputs"] - 1  # the text context is shared by every block's cross-attention
+    assert per_block >= 5 * len(blocks)
+    assert summary["not_smoothed_inputs"] == len(blocks)  # the FFN second linears
+    _assert_smoothing_muls_are_small(smoothed)
+
+
+def _assert_smoothing_muls_are_small(model):
+    """Every Mul the smoothing added reads a tensor not computed from the latents (modulation, text context)."""
+    from soraedge.calib.scale_folding import _reachable
+
+    big = _reachable(model.graph, {"hidden_states"})
+    added = [n for n in model.graph.node if n.op_type == "Mul" and "_smoothed_" in n.name]
+    assert added and not [n.name for n in added if n.input[0] in big]
 
 
 def test_precision_plan():

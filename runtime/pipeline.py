@@ -126,7 +126,7 @@ class Pipeline:
         path = self.manifest.plan_path(name) if self.backend == "tensorrt" else self.manifest.engine_path(name)
         return open_engine(self.backend, path, self.manifest.spec(name), threads,
                            self.precision, cache, arena=not vae, cuda_graph=self.cuda_graph and name == "transformer",
-                           static_shapes=vae)
+                           static_shapes=2 if vae else 1 if name == "transformer" else 0)
 
     def engine(self, name: str):
         """The engine `name`, opened on first use; kept open unless low_memory."""

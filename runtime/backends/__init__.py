@@ -24,9 +24,9 @@ PRECISIONS = ("fp32", "bf16")
 
 def open_engine(backend: str, path: Path, spec: EngineSpec, threads: int | None = None, precision: str = "fp32",
                 cache_dir: Path | None = None, arena: bool = True, cuda_graph: bool = False,
-                static_shapes: bool = False):
+                static_shapes: int = 0):
     """`arena=False` lets ONNX Runtime return large buffers instead of keeping its CPU arena (the VAE decoder).
-    `static_shapes` has OpenVINO compile per input shape (the VAE decoder: backends/openvino.py says why).
+    `static_shapes=N` has OpenVINO compile per input shape, keeping N (backends/openvino.py says why).
     `cuda_graph` captures and replays the engine per shape on `ort-cuda` (the DiT: same shape every step)."""
     if backend != "openvino" and precision != "fp32":
         raise SoraError(f"the {backend} backend runs the graphs at the precision they carry; execution precision "

@@ -34,6 +34,13 @@ def cpu_info() -> dict:
             "bf16": "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")}
 
 
+def version() -> tuple[int, ...]:
+    """OpenVINO's (year, release), e.g. (2026, 4)."""
+    import openvino as ov
+
+    return tuple(int(x) for x in ov.__version__.split("-")[0].split(".")[:2])
+
+
 def available() -> bool:
     import importlib.util
 

@@ -7,7 +7,8 @@ motion combinations (never seen in training) and for training combinations; redu
 of their videos against the fp32 engines' on the same seeds. Writes bench/results/demo_probe_<tag>.json and .md
 with the prompt set.
 
-    python -m soraedge.bench.demo_probe [--seeds 3] [--precision int8 --precision fp16] [--tag cpu]
+    python -m soraedge.bench.demo_probe [--seeds 3] [--precision int8 --precision fp16] [--backend ort
+                                        --backend openvino] [--tag cpu]
                                         [--weights DIR]   # weights from demo/train.py other than the shipped ones
 """
 
@@ -33,10 +34,11 @@ def prompt_set(seeds: int) -> list[dict]:
     return [{"split": split, "scene": s, "seed": 1000 + k} for split, s in scenes for k in range(seeds)]
 
 
-def generate_all(engines: Path, prompts: list[dict], threads: int, steps: int | None) -> tuple[list, float]:
+def generate_all(engines: Path, prompts: list[dict], threads: int, steps: int | None,
+                 backend: str = "ort") -> tuple[list, float]:
     from ..runtime.pipeline import Pipeline
 
-    pipe = Pipeline.load(engines, threads=threads).open_all()
+    pipe = Pipeline.load(engines, threads=threads, backend=backend).open_all()
     t0 = time.perf_counter()
     videos = [pipe(p["scene"].caption, seed=p["seed"], steps=steps).frames for p in prompts]  # [F, H, W, 3] in [0, 1]
     return videos, (time.perf_counter() - t0) / len(prompts)
@@ -55,7 +57,8 @@ def accuracy_by_split(videos, prompts) -> dict:
     return out
 
 
-def run(seeds: int, precisions, threads: int, steps: int | None, weights: Path | None = None, log=print) -> dict:
+def run(seeds: int, precisions, threads: int, steps: int | None, weights: Path | None = None,
+        backends=("ort",), log=print) -> dict:
     from ..calib.config import CalibConfig
     from ..demo.toy_world import TRAIN_SCENES
     from ..export.build import ExportConfig, run_export
@@ -75,15 +78,17 @@ def run(seeds: int, precisions, threads: int, steps: int | None, weights: Path |
             run_export(ExportConfig(model="demo", out=out, backend="ort", precision=precision, check_parity=False,
                                     threads=threads, calib=calib,
                                     demo_weights=str(weights) if weights else None))
-            log(f"generating {len(prompts)} videos ...")
-            videos, s_per_video = generate_all(out, prompts, threads, steps)
-            row = {"precision": precision, "s_per_video": s_per_video, **accuracy_by_split(videos, prompts)}
-            if reference is None:
-                reference = videos
-            else:
-                row["psnr_vs_fp32_db"] = float(np.median([psnr(v, r) for v, r in zip(videos, reference)]))
-            rows[precision] = row
-            log(f"  {precision}: held-out {row['held_out']}, train {row['train']}")
+            for backend in backends:
+                log(f"generating {len(prompts)} videos on {backend} ...")
+                videos, s_per_video = generate_all(out, prompts, threads, steps, backend)
+                row = {"precision": precision, "backend": backend, "s_per_video": s_per_video,
+                       **accuracy_by_split(videos, prompts)}
+                if reference is None:  # fp32 on the first backend
+                    reference = videos
+                else:
+                    row["psnr_vs_fp32_db"] = float(np.median([psnr(v, r) for v, r in zip(videos, reference)]))
+                rows[f"{precision} on {backend}"] = row
+                log(f"  {precision} on {backend}: held-out {row['held_out']}, train {row['train']}")
     return {"machine": machine(), "versions": versions(), "weights": str(weights or "demo/weights (shipped)"),
             "threads": threads, "steps": steps or "model default",
             "seeds_per_prompt": seeds, "rows": rows}
@@ -91,15 +96,17 @@ def run(seeds: int, precisions, threads: int, steps: int | None, weights: Path |
 
 def to_markdown(r: dict) -> str:
     lines = ["# The demo model, read back by the probe", "",
-             f"{r['machine']['cpu']}, {r['threads']} threads, ONNX Runtime engines, steps {r['steps']}, "
+             f"{r['machine']['cpu']}, {r['threads']} threads, steps {r['steps']}, "
              f"{r['seeds_per_prompt']} seeds per prompt; held-out = colour x shape x motion combinations never seen "
              f"in training. Weights: {r['weights']}.", "",
-             "| engines | held-out colour | held-out motion | train colour | train motion | PSNR vs fp32 | s/video |",
-             "|---|---|---|---|---|---|---|"]
+             "| engines | runs on | held-out colour | held-out motion | train colour | train motion | PSNR vs fp32 "
+             "| s/video |",
+             "|---|---|---|---|---|---|---|---|"]
     for row in r["rows"].values():
         h, t = row["held_out"], row["train"]
         p = f"{row['psnr_vs_fp32_db']:.1f} dB" if "psnr_vs_fp32_db" in row else "reference"
-        lines.append(f"| {row['precision']} | {h['colour_accuracy']:.0%} ({h['n']}) | {h['motion_accuracy']:.0%} | "
+        lines.append(f"| {row['precision']} | {row.get('backend', 'ort')} | {h['colour_accuracy']:.0%} ({h['n']}) | "
+                     f"{h['motion_accuracy']:.0%} | "
                      f"{t['colour_accuracy']:.0%} ({t['n']}) | {t['motion_accuracy']:.0%} | {p} | "
                      f"{row['s_per_video']:.2f} |")
     lines += ["", "Prompt set (seeds 1000..):", ""]
@@ -117,9 +124,11 @@ def to_markdown(r: dict) -> str:
 @click.option("--tag", default="cpu", show_default=True)
 @click.option("--weights", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="A demo/train.py output folder to judge instead of the shipped weights.")
+@click.option("--backend", "backends", multiple=True, type=click.Choice(["ort", "openvino"]),
+              help="Run every engine directory on these CPU backends (default: ort).")
 @click.option("--results", type=click.Path(path_type=Path), default=Path(__file__).parent / "results")
-def main(seeds, precisions, steps, threads, tag, weights, results):
-    r = run(seeds, precisions, threads, steps, weights)
+def main(seeds, precisions, steps, threads, tag, weights, backends, results):
+    r = run(seeds, precisions, threads, steps, weights, backends or ("ort",))
     save(results, "demo_probe", tag, r, to_markdown(r))
 
 

@@ -1,5 +1,7 @@
 """Reduced precision on the CPU, side by side in one run: the DiT step of INT8 and FP16 engines against the fp32
-engine and PyTorch eager on the same weights and thread count, and each engine's end-to-end PSNR.
+engine and PyTorch eager on the same weights and thread count, and each engine's end-to-end PSNR; every engine
+directory on each CPU backend that can run it (ONNX Runtime; OpenVINO fp32, and bf16 execution where the CPU has
+it).
 
 The model is the `bench-384` Wan configuration (hidden 384 = 6 heads x 64, 6 layers, Wan2.1's FFN ratio) built from
 a fixed seed; the shape is 17 frames of 256x256 (1280 tokens), CFG batch 2. Every variant is a real `run_export`
@@ -96,23 +98,9 @@ def run(threads: int, repeats: int, steps: int, variants: list[str], log=print) 
 
         noises = [np.random.default_rng(i).standard_normal(lat, dtype=np.float32) for i in range(len(PROMPTS))]
         ref_frames = None
-        for name, row in rows.items():
-            if name == "pytorch-eager" or "refused" in row:
-                continue
-            log(f"DiT step and end to end: {name} ...")
+        for name in [v for v in rows if v != "pytorch-eager" and "refused" not in rows[v]]:
+            row = rows[name]
             m = load_manifest(tmp / name)
-            engine = open_engine("ort", m.engine_path("transformer"), m.spec("transformer"), threads)
-            step, out = time_calls(lambda: engine(**feeds), repeats)
-            row.update(step)
-            row["max_rel_err_vs_pytorch"] = float(np.abs(out - torch_out).max() / np.abs(torch_out).max())
-            engine = None
-            pipe = Pipeline.load(tmp / name, threads=threads)
-            t0 = time.perf_counter()
-            frames = [pipe(p, **SHAPE, steps=steps, latents=z).frames for p, z in zip(PROMPTS, noises)]
-            row["e2e_s_per_video"] = (time.perf_counter() - t0) / len(PROMPTS)
-            if name == "fp32":
-                ref_frames = frames
-            row["e2e_psnr_db"] = [psnr(f, r) for f, r in zip(frames, ref_frames)]
             row["precision"] = m.data["precision"]
             detail = m.data["engines"]["transformer"].get("detail", {})
             row["dit_detail"] = {k: detail[k] for k in ("quantized_matmuls", "float_matmuls", "kept_float_modules",
@@ -121,12 +109,31 @@ def run(threads: int, repeats: int, steps: int, variants: list[str], log=print) 
             row["engine_mb"] = {e: sum(m.data["files"][f]["bytes"] for f in (m.data["engines"][e]["file"],
                                                                              m.data["engines"][e]["file"] + ".data")
                                        if f in m.data["files"]) / 1e6 for e in m.engine_names}
+            row["peers"] = {}
+            for backend, execution in peers(name):
+                peer = f"{backend} {execution}"
+                log(f"DiT step and end to end: {name} on {peer} ...")
+                engine = open_engine(backend, m.path_for("transformer", backend), m.spec("transformer"), threads,
+                                     execution,
+                                     static_shapes=1 if backend == "openvino" else 0)  # as the pipeline opens it
+                r, out = time_calls(lambda: engine(**feeds), repeats)
+                r["max_rel_err_vs_pytorch"] = float(np.abs(out - torch_out).max() / np.abs(torch_out).max())
+                engine = None
+                pipe = Pipeline.load(tmp / name, threads=threads, backend=backend, precision=execution)
+                t0 = time.perf_counter()
+                frames = [pipe(p, **SHAPE, steps=steps, latents=z).frames for p, z in zip(PROMPTS, noises)]
+                r["e2e_s_per_video"] = (time.perf_counter() - t0) / len(PROMPTS)
+                pipe = None
+                if ref_frames is None:  # fp32 on ONNX Runtime comes first
+                    ref_frames = frames
+                r["e2e_psnr_db"] = [psnr(f, r_) for f, r_ in zip(frames, ref_frames)]
+                row["peers"][peer] = r
 
-    base = rows["fp32"]["median_s"]
+    base = rows["fp32"]["peers"]["ort fp32"]["median_s"]
     for name, row in rows.items():
-        if "median_s" in row:
-            row["speedup_vs_ort_fp32"] = base / row["median_s"]
-            row["speedup_vs_pytorch"] = rows["pytorch-eager"]["median_s"] / row["median_s"]
+        for r in ([row] if name == "pytorch-eager" else row.get("peers", {}).values()):
+            r["speedup_vs_ort_fp32"] = base / r["median_s"]
+            r["speedup_vs_pytorch"] = rows["pytorch-eager"]["median_s"] / r["median_s"]
     return {"model": "bench-384 (hidden 384, 6 layers, 6 heads x 64, ffn 2240)", "shape": {**SHAPE,
             "latents": list(lat), "tokens": tokens, "cfg_batch": 2, "text_len": int(feeds["encoder_hidden_states"]
                                                                                       .shape[1])},
@@ -134,32 +141,50 @@ def run(threads: int, repeats: int, steps: int, variants: list[str], log=print) 
             "versions": versions(), "rows": rows}
 
 
+def peers(variant: str) -> list[tuple[str, str]]:
+    """(backend, execution precision) pairs that run a variant's engines: ONNX Runtime always; OpenVINO fp32 where
+    installed, and bf16 execution of the fp32 and int8 graphs where the CPU has bf16."""
+    from ..runtime.backends import openvino
+
+    out = [("ort", "fp32")]
+    if openvino.available():
+        out.append(("openvino", "fp32"))
+        if openvino.cpu_info()["bf16"] and VARIANTS[variant].get("precision", "fp32") in ("fp32", "int8"):
+            out.append(("openvino", "bf16"))
+    return out
+
+
 def to_markdown(r: dict) -> str:
     s = r["shape"]
     lines = [f"### Reduced precision: {r['model']}", "",
              f"{r['machine']['cpu']}, {r['threads']} threads; {s['frames']} frames {s['width']}x{s['height']} -> "
              f"{s['tokens']} tokens, CFG batch 2, {s['text_len']} text tokens. DiT step: median of {r['repeats']} "
-             f"after warm-up, ONNX Runtime CPU. End to end: {len(r['prompts'])} prompts, {r['steps']} steps, "
-             f"PSNR of the frames against the fp32 engines' from the same latents.", "",
-             "| variant | DiT step s | vs ORT fp32 | vs PyTorch | e2e s/video | e2e PSNR dB | gate PSNR dB "
+             f"after warm-up (OpenVINO compiled for the shape, as the pipeline runs it). End to end: "
+             f"{len(r['prompts'])} prompts, {r['steps']} steps, PSNR of the frames against the fp32 engines' on "
+             f"ONNX Runtime from the same latents. `bf16` = OpenVINO executing the graph in bf16.", "",
+             "| engines | runs on | DiT step s | vs ORT fp32 | vs PyTorch | e2e s/video | e2e PSNR dB | gate PSNR dB "
              "| int8 linears | max rel err vs PyTorch | DiT / text encoder MB |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, row in r["rows"].items():
         if "refused" in row:
-            lines.append(f"| {name} | refused by the gate: {row['refused']} ||||||||")
+            lines.append(f"| {name} | refused by the gate: {row['refused']} |||||||||")
+            continue
+        if name == "pytorch-eager":
+            lines.append(f"| {name} | PyTorch | {row['median_s']:.3f} | {row['speedup_vs_ort_fp32']:.2f}x | 1.00x "
+                         f"|  |  |  |  | reference |  |")
             continue
         q = row.get("dit_detail", {})
-        psnrs = row.get("e2e_psnr_db")
-        e2e = "reference" if name == "fp32" else (f"{min(psnrs):.1f}" if psnrs else "")
         gate = f"{min(row['gate']):.1f}" if row.get("gate") else ""
-        err = f"{row['max_rel_err_vs_pytorch']:.1e}" if "max_rel_err_vs_pytorch" in row else "reference"
         lin = f"{q['quantized_matmuls']}/{q['quantized_matmuls'] + q['float_matmuls']}" if q.get("quantized_matmuls") \
             else ""
-        e2e_s = f"{row['e2e_s_per_video']:.1f}" if "e2e_s_per_video" in row else ""
         sizes = row.get("engine_mb", {})
         mb = f"{sizes['transformer']:.1f} / {sizes['text_encoder']:.2f}" if sizes else ""
-        lines.append(f"| {name} | {row['median_s']:.3f} | {row['speedup_vs_ort_fp32']:.2f}x | "
-                     f"{row['speedup_vs_pytorch']:.2f}x | {e2e_s} | {e2e} | {gate} | {lin} | {err} | {mb} |")
+        for peer, p in row["peers"].items():
+            reference = name == "fp32" and peer == "ort fp32"
+            e2e = "reference" if reference else f"{min(p['e2e_psnr_db']):.1f}"
+            lines.append(f"| {name} | {peer} | {p['median_s']:.3f} | {p['speedup_vs_ort_fp32']:.2f}x | "
+                         f"{p['speedup_vs_pytorch']:.2f}x | {p['e2e_s_per_video']:.1f} | {e2e} | {gate} | {lin} | "
+                         f"{p['max_rel_err_vs_pytorch']:.1e} | {mb} |")
     return "\n".join(lines) + "\n"
 
 

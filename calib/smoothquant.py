@@ -108,7 +108,7 @@ def smooth_linears(src: Path, dst: Path, samples: list[dict[str, np.ndarray]], a
     err = function_change(src, dst, samples[0], threads)
     if not err < 1e-3:
         raise SoraError(f"SmoothQuant changed the DiT's output (relative error {err:.1e}); export with "
-                        f"--no-smoothquant and report this model")
+                        f"--smooth-alpha 0 and report this model")
     folded = [x for x, plan in plans.items() if not plan.edge_muls]
     return {"alpha": alpha, "smoothed_inputs": len(plans), "linears": sum(len(groups[x]) for x in plans),
             "folded_without_mul": len(folded), "not_smoothed_inputs": len(groups) - len(plans),

@@ -20,7 +20,7 @@ from onnx import helper
 
 from ..kernels.trt_plugin import FLASH, INT8, NAMESPACE
 from ..runtime.errors import SoraError
-from .attention_rewrite import RewriteReport, apply_to_file, match_attention, replace_attention
+from .attention_rewrite import RewriteReport, apply_to_file, match_attention, replace_attention, static_dims
 
 PLUGIN_VERSION = "1"
 HEAD_DIMS = (64, 128)
@@ -29,11 +29,8 @@ PLUGIN_FOR = {"plugin": FLASH, "int8": INT8}  # --trt-attention -> plugin name
 
 def head_dim(graph: onnx.GraphProto, tensor: str) -> int | None:
     """The static last dim of `tensor` ([B, L, H, D]) from the graph's shape information, if recorded."""
-    for vi in (*graph.value_info, *graph.input):
-        if vi.name == tensor:
-            dims = vi.type.tensor_type.shape.dim
-            return dims[-1].dim_value or None if dims else None
-    return None
+    dims = static_dims(graph, tensor)
+    return dims[-1] if dims else None
 
 
 def to_plugin(model: onnx.ModelProto, mode: str = "plugin") -> RewriteReport:

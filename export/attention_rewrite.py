@@ -2,7 +2,9 @@
 
 The DiT export writes each attention as Transpose([B, L, H, D] -> [B, H, L, D]) x3 -> Attention -> Transpose back.
 `MultiHeadAttention` (domain com.microsoft) takes [B, L, H*D] query/key/value and returns [B, L, H*D]; on CUDA it
-dispatches to ONNX Runtime's flash / memory-efficient kernels. The pass replaces the whole pattern:
+dispatches to ONNX Runtime's flash / memory-efficient kernels, and on the CPU to MLAS's flash attention, which the
+ONNX `Attention` kernel does not use (measured on this project's CPU, 2 threads, [2, 1280, 6, 64]: 13.8 ms against
+15.4 ms for self-attention, 5.2 ms against 6.7 ms for 512 text keys). The pass replaces the whole pattern:
 
     Reshape(x, [0, 0, -1]) for q, k, v -> MultiHeadAttention(num_heads) -> Reshape(out, [0, 0, H, -1])
 
@@ -125,8 +127,28 @@ def to_multihead_attention(model: onnx.ModelProto, num_heads: int) -> RewriteRep
     return RewriteReport(attention_nodes=total, replaced=len(matches))
 
 
-def rewrite_file(src: Path, dst: Path, num_heads: int) -> RewriteReport:
+def static_dims(graph: onnx.GraphProto, tensor: str) -> list[int | None] | None:
+    """`tensor`'s dims from the graph's shape information (None for a symbolic one), if recorded."""
+    for vi in (*graph.value_info, *graph.input):
+        if vi.name == tensor:
+            return [d.dim_value or None for d in vi.type.tensor_type.shape.dim]
+    return None
+
+
+def to_multihead_attention_auto(model: onnx.ModelProto) -> RewriteReport:
+    """`to_multihead_attention` with the head count read from the graph's [B, L, H, D] shapes; nothing is replaced
+    when they are not recorded or disagree."""
+    total, matches = match_attention(model.graph)
+    heads = {(static_dims(model.graph, m.sources[0]) or [None, None])[-2] for m in matches}
+    if len(heads) != 1 or None in heads:
+        return RewriteReport(attention_nodes=total, replaced=0)
+    return to_multihead_attention(model, heads.pop())
+
+
+def rewrite_file(src: Path, dst: Path, num_heads: int | None = None) -> RewriteReport:
     """src.onnx (+ its external data) -> dst.onnx in the same folder, sharing src's weights file."""
+    if num_heads is None:
+        return apply_to_file(src, dst, to_multihead_attention_auto)
     return apply_to_file(src, dst, lambda model: to_multihead_attention(model, num_heads))
 
 

@@ -314,7 +314,7 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = lambda s: None) -
                                                                 no_openvino, cfg.trt)
             for name, entry in added.items():
                 body["engines"][name] = {**body["engines"][name], **entry}
-            if added:  # plan files: hashed with the rest
+            if added:  # files the target added (plans, ONNX Runtime's CPU graph): hashed with the rest
                 files = write_manifest(stage, body)["files"]
             write_manifest(stage, body, files)  # the gate's pipeline reads the target it runs on
             report.seconds["build_target"] = time.perf_counter() - t0

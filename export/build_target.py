@@ -21,7 +21,7 @@ from typing import Callable
 
 from .. import __version__
 from ..runtime.gpu_target import GPU_BACKENDS, target
-from ..runtime.manifest import load_manifest, write_manifest
+from ..runtime.manifest import TARGET_FILE_KEYS, load_manifest, write_manifest
 from .choose_backend import build_runtime, check_request, openvino_unsupported
 from .staging import ExportReport, check_destination, link_or_copy, swap_into_place, up_to_date
 from .trt_target import TrtOptions
@@ -67,13 +67,18 @@ def build_from_engines(cfg: TargetConfig, log: Callable[[str], None] = lambda s:
         work = Path(work)
         stage = work / "engine"
         log(f"linking the ONNX of {src.root} ...")
-        for rel in src.data["files"]:
+        # what the source's target added (plans, ONNX Runtime's CPU graph) stays behind: this target builds its own
+        added_before = {e[k] for e in src.data["engines"].values() for k in TARGET_FILE_KEYS if e.get(k)}
+        carried = {rel: h for rel, h in src.data["files"].items() if rel not in added_before}
+        for rel in carried:
             (stage / rel).parent.mkdir(parents=True, exist_ok=True)
             link_or_copy(src.root / rel, stage / rel)
         body = {k: v for k, v in src.data.items() if k not in ("format_version", "files", "runtime", "gpu")}
+        body["engines"] = {n: {k: v for k, v in e.items() if k not in TARGET_FILE_KEYS}
+                           for n, e in src.data["engines"].items()}
         body.update(cache_key=key, created_unix=int(time.time()), gpu=None,
                     built_from={"path": str(src.root.resolve()), "cache_key": src.data.get("cache_key")})
-        files = write_manifest(stage, {**body, "runtime": src.runtime}, src.data["files"])["files"]
+        files = write_manifest(stage, {**body, "runtime": src.runtime}, carried)["files"]
         t0 = time.perf_counter()
         log(f"building the runtime target {cfg.backend} (timing the DiT step) ...")
         body["runtime"], body["gpu"], added = build_runtime(stage, cfg.backend, "fp32", cfg.threads, log, no_openvino,
@@ -83,7 +88,7 @@ def build_from_engines(cfg: TargetConfig, log: Callable[[str], None] = lambda s:
         if "quality_gate" in src.runtime:  # measured at the ONNX step, on the backend it names
             body["runtime"]["quality_gate"] = src.runtime["quality_gate"]
         report.seconds["build_target"] = time.perf_counter() - t0
-        write_manifest(stage, body, None if added else files)  # new files (plans) are hashed too
+        write_manifest(stage, body, None if added else files)  # new files (plans, ORT's CPU graph) hashed too
         swap_into_place(stage, out, work)
     report.seconds["total"] = time.perf_counter() - t_all
     return report

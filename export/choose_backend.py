@@ -2,10 +2,12 @@
 
 `build_runtime` returns the manifest's `runtime` and `gpu` sections. On a CPU target, `choose_runtime` times one
 DiT step (CFG batch of 2 at the engine's tuning shape, capped near 2K tokens) on each available backend and records
-the timings, the CPU and the winner. On `ort-cuda`, `gpu_runtime` records this machine's GPU and library versions
-(runtime/gpu_target.py) and times the DiT step with and without CUDA graphs. Reduced precision (bf16 execution,
-fp16/int8 graphs) is then checked by export/quality_gate.py on the chosen backend. Torch-free: it also runs in the
-second step of the two-step path (export/build_target.py), on the device.
+the timings, the CPU and the winner; for ONNX Runtime it also times the DiT rewritten with ONNX Runtime's
+MultiHeadAttention (its CPU flash attention) and keeps that graph beside the portable one when faster. On
+`ort-cuda`, `gpu_runtime` records this machine's GPU and library versions (runtime/gpu_target.py) and times the DiT
+step with and without CUDA graphs. Reduced precision (bf16 execution, fp16/int8 graphs) is then checked by
+export/quality_gate.py on the chosen backend. Torch-free: it also runs in the second step of the two-step path
+(export/build_target.py), on the device.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from ..runtime.pipeline import Pipeline
 CPU_BACKENDS = ("auto", "ort", "openvino")
 
 MAX_TIMING_TOKENS = 2048
+ORT_CPU_DIT = "transformer.ort-cpu.onnx"  # the DiT graph ONNX Runtime's CPU provider runs, where faster
 
 
 def _timing_sizes(spec, patch) -> dict[str, int]:
@@ -76,7 +79,8 @@ def openvino_unsupported(precision: dict[str, str]) -> str | None:
         version = ov_backend.version()
         if version < OPENVINO_READS_MATMULNBITS:
             return (f"the weight-only text encoder (ONNX Runtime's MatMulNBits) is checked on OpenVINO "
-                    f"{'.'.join(map(str, OPENVINO_READS_MATMULNBITS))} and later, this is {'.'.join(map(str, version))}")
+                    f"{'.'.join(map(str, OPENVINO_READS_MATMULNBITS))} and later, this is "
+                    f"{'.'.join(map(str, version))}")
     return None
 
 
@@ -115,14 +119,16 @@ def gpu_runtime(engine_dir: Path, backend: str, threads: int | None, log: Callab
 def build_runtime(engine_dir: Path, backend: str, precision: str, threads: int | None, log: Callable[[str], None],
                   openvino_unsupported: str | None = None, trt=None) -> tuple[dict, dict | None, dict]:
     """The manifest's (runtime, gpu) sections for `backend` (a GPU target, or the CPU backend chosen here) and the
-    additions to its engine entries (TensorRT's plan files; empty otherwise). `trt`: export/trt_target.TrtOptions."""
+    additions to its engine entries (TensorRT's plan files, ONNX Runtime's CPU graph of the DiT). `trt`:
+    export/trt_target.TrtOptions."""
     if backend == "tensorrt":
         from .trt_target import TrtOptions, trt_runtime
 
         return trt_runtime(engine_dir, trt or TrtOptions(), threads, log)
     if backend in gpu_target.GPU_BACKENDS:
         return (*gpu_runtime(engine_dir, backend, threads, log), {})
-    return choose_runtime(engine_dir, backend, precision, threads, log, openvino_unsupported), None, {}
+    runtime, added = choose_runtime(engine_dir, backend, precision, threads, log, openvino_unsupported)
+    return runtime, None, added
 
 
 def check_request(backend: str, precision: str, openvino_unsupported: str | None = None) -> list[tuple[str, str]]:
@@ -149,16 +155,20 @@ def check_request(backend: str, precision: str, openvino_unsupported: str | None
 
 
 def choose_runtime(engine_dir: Path, backend: str, precision: str, threads: int | None,
-                   log: Callable[[str], None], openvino_unsupported: str | None = None) -> dict:
-    """Measure and decide; returns the manifest's `runtime` section. `openvino_unsupported` says why the engines
-    cannot run on OpenVINO (e.g. ONNX Runtime contrib ops), which takes it out of the running."""
+                   log: Callable[[str], None], openvino_unsupported: str | None = None) -> tuple[dict, dict]:
+    """Measure and decide; returns the manifest's `runtime` section and the additions to its engine entries (ONNX
+    Runtime's CPU graph of the DiT, where it was faster). `openvino_unsupported` says why the engines cannot run on
+    OpenVINO, which takes it out of the running."""
     candidates = check_request(backend, precision, openvino_unsupported)
-    timings = {}
+    timings, added, ort_attention = {}, {}, None
     for b, p in candidates:
         timings[f"{b}-{p}"] = time_dit_step(engine_dir, b, p, threads)
         log(f"  DiT step on {b} {p}: {timings[f'{b}-{p}']['step_s'] * 1000:.0f} ms "
             f"({timings[f'{b}-{p}']['tokens']} tokens, CFG batch 2)")
-    runtime = {"timings": timings, "threads": threads, "machine": platform.machine(), "cpu": platform.processor()}
+        if b == "ort":
+            added, ort_attention = ort_cpu_graph(engine_dir, threads, timings, log)
+    runtime = {"timings": timings, "threads": threads, "machine": platform.machine(), "cpu": platform.processor(),
+               "ort_attention": ort_attention}
     if openvino_unsupported:
         runtime["openvino_skipped"] = openvino_unsupported
     if ov_backend.available():
@@ -173,4 +183,30 @@ def choose_runtime(engine_dir: Path, backend: str, precision: str, threads: int 
     runtime["backend"], runtime["precision"] = chosen
     why = "asked for" if precision == "bf16" or backend != "auto" else "fastest measured"
     log(f"  runtime: {chosen[0]} {chosen[1]} ({why})")
-    return runtime
+    return runtime, added
+
+
+def ort_cpu_graph(engine_dir: Path, threads: int | None, timings: dict,
+                  log: Callable[[str], None]) -> tuple[dict, dict]:
+    """Write ONNX Runtime's CPU graph of the DiT (the attentions as MultiHeadAttention, which runs MLAS's flash
+    attention: export/attention_rewrite.py) beside the portable one, sharing its weights, and keep it if its step is
+    faster than timings["ort-fp32"] (which then becomes its time). Returns the engine entry additions ({} when not
+    kept; the file is then removed) and the record of both timings for the manifest."""
+    from .attention_rewrite import rewrite_file
+
+    manifest = load_manifest(engine_dir, verify=False)
+    src = manifest.engine_path("transformer")
+    dst = src.with_name(ORT_CPU_DIT)
+    record = {"onnx_attention_step_s": timings["ort-fp32"]["step_s"]}
+    if not rewrite_file(src, dst).replaced:
+        dst.unlink(missing_ok=True)
+        return {}, {**record, "graph": "Attention", "why": "no attention matched the rewrite"}
+    manifest.data["engines"]["transformer"]["ort_cpu_file"] = dst.name  # in memory: the timing pipeline opens it
+    mha = time_dit_step(manifest, "ort", "fp32", threads)
+    record["multihead_attention_step_s"] = mha["step_s"]
+    log(f"  DiT step on ort fp32 with MultiHeadAttention: {mha['step_s'] * 1000:.0f} ms")
+    if mha["step_s"] >= timings["ort-fp32"]["step_s"]:
+        dst.unlink()
+        return {}, {**record, "graph": "Attention"}
+    timings["ort-fp32"] = mha
+    return {"transformer": {"ort_cpu_file": dst.name}}, {**record, "graph": "MultiHeadAttention"}

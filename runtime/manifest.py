@@ -53,6 +53,11 @@ def write_manifest(root: Path, body: dict, files: dict | None = None) -> dict:
     return manifest
 
 
+# Engine-entry keys naming files a runtime target adds beside the portable ONNX (built for one target, not carried
+# into a build for another): TensorRT plans, ONNX Runtime's CPU graph of the DiT.
+TARGET_FILE_KEYS = ("plan", "ort_cpu_file")
+
+
 class Manifest:
     """A verified manifest: the parsed JSON plus typed accessors for what the runtime needs."""
 
@@ -69,6 +74,16 @@ class Manifest:
 
     def engine_path(self, engine: str) -> Path:
         return self.root / self.data["engines"][engine]["file"]
+
+    def path_for(self, engine: str, backend: str) -> Path:
+        """The file `backend` runs for `engine`: the TensorRT plan, ONNX Runtime's CPU graph where the export wrote
+        one (export/choose_backend.py: the DiT with ONNX Runtime's MultiHeadAttention), else the portable ONNX."""
+        if backend == "tensorrt":
+            return self.plan_path(engine)
+        ort_file = self.data["engines"][engine].get("ort_cpu_file")
+        if backend == "ort" and ort_file:
+            return self.root / ort_file
+        return self.engine_path(engine)
 
     def plan_path(self, engine: str) -> Path:
         """The engine's TensorRT plan (directories built with --backend tensorrt)."""

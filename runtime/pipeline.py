@@ -123,8 +123,7 @@ class Pipeline:
         # cores from the DiT (measured on the demo: +70% denoise time with 2 threads); it is tiny, so 1 thread.
         threads = 1 if name == "dit_probe" else self.threads
         vae = name in (self.config["vae"]["first"], self.config["vae"]["step"])
-        path = self.manifest.plan_path(name) if self.backend == "tensorrt" else self.manifest.engine_path(name)
-        return open_engine(self.backend, path, self.manifest.spec(name), threads,
+        return open_engine(self.backend, self.manifest.path_for(name, self.backend), self.manifest.spec(name), threads,
                            self.precision, cache, arena=not vae, cuda_graph=self.cuda_graph and name == "transformer",
                            static_shapes=2 if vae else 1 if name == "transformer" else 0)
 

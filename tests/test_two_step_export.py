@@ -11,6 +11,7 @@ import numpy as np
 from click.testing import CliRunner
 
 from soraedge.cli.export_cmd import main as export_main
+from soraedge.export.choose_backend import ORT_CPU_DIT
 from soraedge.runtime.manifest import load_manifest
 from soraedge.runtime.pipeline import Pipeline
 
@@ -33,6 +34,12 @@ def _cli(*args):
                           timeout=600)
 
 
+def _assert_same_onnx(built, src):
+    """The same ONNX, byte for byte, plus ONNX Runtime's CPU graph of the DiT where the build measured it faster."""
+    assert {k: built.data["files"][k] for k in src.data["files"]} == src.data["files"]
+    assert set(built.data["files"]) - set(src.data["files"]) <= {ORT_CPU_DIT}
+
+
 def test_onnx_only_then_build_the_target_elsewhere(tiny_model, tmp_path):
     onnx = tmp_path / "onnx"
     result = CliRunner().invoke(export_main, [str(tiny_model("tiny-a")), "-o", str(onnx), "--onnx-only",
@@ -47,19 +54,22 @@ def test_onnx_only_then_build_the_target_elsewhere(tiny_model, tmp_path):
     assert proc.returncode == 0, proc.stderr + proc.stdout
     built = load_manifest(engines)
     assert built.data["built_from"] == {"path": str(onnx.resolve()), "cache_key": src.data["cache_key"]}
-    assert built.data["files"] == src.data["files"]  # the same ONNX, byte for byte
+    _assert_same_onnx(built, src)
     assert built.runtime["backend"] == "ort" and "ort-fp32" in built.runtime["timings"]
     assert built.data["precision"] == src.data["precision"] and built.data["pipeline"] == src.data["pipeline"]
     a = Pipeline.load(onnx)("a red fox", steps=2, seed=0).frames
     b = Pipeline.load(engines)("a red fox", steps=2, seed=0).frames
-    np.testing.assert_array_equal(a, b)
+    if "ort_cpu_file" in built.data["engines"]["transformer"]:  # MultiHeadAttention sums in another order
+        assert np.abs(a - b).max() <= 1e-4
+    else:
+        np.testing.assert_array_equal(a, b)
 
     again = _cli(onnx, "-o", engines, "--backend", "ort", "--threads", "2")
     assert again.returncode == 0 and "already built from these engines" in again.stdout
 
     in_place = _cli(engines, "-o", engines, "--backend", "ort", "--threads", "2", "--overwrite")
     assert in_place.returncode == 0, in_place.stderr + in_place.stdout
-    assert load_manifest(engines).data["files"] == src.data["files"]
+    _assert_same_onnx(load_manifest(engines), src)
 
     fixed = CliRunner().invoke(export_main, [str(onnx), "-o", str(tmp_path / "x"), "--precision", "fp16",
                                              "--frames", "9"])

@@ -8,7 +8,7 @@ of their videos against the fp32 engines' on the same seeds. Writes bench/result
 with the prompt set.
 
     python -m soraedge.bench.demo_probe [--seeds 3] [--precision int8 --precision fp16] [--backend ort
-                                        --backend openvino] [--tag cpu]
+                                        --backend openvino --backend openvino-bf16] [--tag cpu]
                                         [--weights DIR]   # weights from demo/train.py other than the shipped ones
 """
 
@@ -36,9 +36,11 @@ def prompt_set(seeds: int) -> list[dict]:
 
 def generate_all(engines: Path, prompts: list[dict], threads: int, steps: int | None,
                  backend: str = "ort") -> tuple[list, float]:
+    """`backend`: ort | openvino | openvino-bf16 (OpenVINO executing the graphs in bf16)."""
     from ..runtime.pipeline import Pipeline
 
-    pipe = Pipeline.load(engines, threads=threads, backend=backend).open_all()
+    name, _, execution = backend.partition("-")
+    pipe = Pipeline.load(engines, threads=threads, backend=name, precision=execution or "fp32").open_all()
     t0 = time.perf_counter()
     videos = [pipe(p["scene"].caption, seed=p["seed"], steps=steps).frames for p in prompts]  # [F, H, W, 3] in [0, 1]
     return videos, (time.perf_counter() - t0) / len(prompts)
@@ -124,8 +126,9 @@ def to_markdown(r: dict) -> str:
 @click.option("--tag", default="cpu", show_default=True)
 @click.option("--weights", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="A demo/train.py output folder to judge instead of the shipped weights.")
-@click.option("--backend", "backends", multiple=True, type=click.Choice(["ort", "openvino"]),
-              help="Run every engine directory on these CPU backends (default: ort).")
+@click.option("--backend", "backends", multiple=True, type=click.Choice(["ort", "openvino", "openvino-bf16"]),
+              help="Run every engine directory on these CPU backends (default: ort); openvino-bf16 executes the "
+                   "graphs in bf16.")
 @click.option("--results", type=click.Path(path_type=Path), default=Path(__file__).parent / "results")
 def main(seeds, precisions, steps, threads, tag, weights, backends, results):
     r = run(seeds, precisions, threads, steps, weights, backends or ("ort",))

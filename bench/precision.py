@@ -23,7 +23,7 @@ import click
 import numpy as np
 
 from ..calib.config import CalibConfig
-from .dit_step import time_calls
+from .dit_step import time_calls, time_interleaved
 from .e2e import machine, versions
 from .report import save
 
@@ -37,8 +37,11 @@ VARIANTS = {
     "int8-keep-first-last": {"precision": "int8", "calib": CalibConfig(keep_first_last_blocks=True)},
     "int8-s8-symmetric": {"precision": "int8", "calib": CalibConfig(activations="s8")},
     "int8-attention-products": {"precision": "int8", "attention": "decomposed"},
+    # INT8 linears, everything else (the attention products included) executed in bf16 by OpenVINO
+    "int8-dit-bf16": {"precision": "bf16", "component_precision": (("transformer", "int8"),), "backend": "auto"},
     "fp16": {"precision": "fp16"},
 }
+GAP_S = 0.3  # pause before each timed call: the previous library's worker threads stop spinning
 
 
 def _export(model: Path, out: Path, variant: dict, threads: int, log) -> dict:
@@ -49,10 +52,10 @@ def _export(model: Path, out: Path, variant: dict, threads: int, log) -> dict:
     fields = dict(variant)
     if "attention" in fields:
         fields["attention"] = AttentionForm(fields["attention"])
+    fields.setdefault("backend", "ort")
     t0 = time.perf_counter()
     try:
-        run_export(ExportConfig(model=str(model), out=out, **SHAPE, backend="ort", check_parity=False,
-                                threads=threads, **fields),
+        run_export(ExportConfig(model=str(model), out=out, **SHAPE, check_parity=False, threads=threads, **fields),
                    log=lambda s: log("    " + s.strip()) if "PSNR" in s else None)
     except SoraError as e:
         return {"refused": str(e), "export_s": time.perf_counter() - t0}
@@ -97,11 +100,16 @@ def run(threads: int, repeats: int, steps: int, variants: list[str], log=print) 
         torch_model = None  # release the weights before the engines load
 
         noises = [np.random.default_rng(i).standard_normal(lat, dtype=np.float32) for i in range(len(PROMPTS))]
+        names = [v for v in rows if v != "pytorch-eager" and "refused" not in rows[v]]
+        runs = [(name, backend, execution) for name in names for backend, execution in peers(name)]
+        log(f"DiT step: {len(runs)} engines, interleaved ...")
+        steps_s, outs = time_engines(tmp, runs, feeds, threads, repeats)
         ref_frames = None
-        for name in [v for v in rows if v != "pytorch-eager" and "refused" not in rows[v]]:
+        for name in names:
             row = rows[name]
             m = load_manifest(tmp / name)
             row["precision"] = m.data["precision"]
+            row["runtime_chosen"] = f"{m.runtime['backend']} {m.runtime['precision']}"
             detail = m.data["engines"]["transformer"].get("detail", {})
             row["dit_detail"] = {k: detail[k] for k in ("quantized_matmuls", "float_matmuls", "kept_float_modules",
                                                         "smoothquant", "samples") if k in detail}
@@ -112,13 +120,10 @@ def run(threads: int, repeats: int, steps: int, variants: list[str], log=print) 
             row["peers"] = {}
             for backend, execution in peers(name):
                 peer = f"{backend} {execution}"
-                log(f"DiT step and end to end: {name} on {peer} ...")
-                engine = open_engine(backend, m.path_for("transformer", backend), m.spec("transformer"), threads,
-                                     execution,
-                                     static_shapes=1 if backend == "openvino" else 0)  # as the pipeline opens it
-                r, out = time_calls(lambda: engine(**feeds), repeats)
+                log(f"end to end: {name} on {peer} ...")
+                r = dict(steps_s[(name, backend, execution)])
+                out = outs[(name, backend, execution)]
                 r["max_rel_err_vs_pytorch"] = float(np.abs(out - torch_out).max() / np.abs(torch_out).max())
-                engine = None
                 pipe = Pipeline.load(tmp / name, threads=threads, backend=backend, precision=execution)
                 t0 = time.perf_counter()
                 frames = [pipe(p, **SHAPE, steps=steps, latents=z).frames for p, z in zip(PROMPTS, noises)]
@@ -141,6 +146,21 @@ def run(threads: int, repeats: int, steps: int, variants: list[str], log=print) 
             "versions": versions(), "rows": rows}
 
 
+def time_engines(tmp: Path, runs, feeds: dict, threads: int, repeats: int) -> tuple[dict, dict]:
+    """DiT step of every (variant, backend, execution) in `runs`, all engines open at once and called in turn
+    (dit_step.time_interleaved), each opened as the pipeline opens it."""
+    from ..runtime.backends import open_engine
+    from ..runtime.manifest import load_manifest
+
+    calls = {}
+    for name, backend, execution in runs:
+        m = load_manifest(tmp / name)
+        engine = open_engine(backend, m.path_for("transformer", backend), m.spec("transformer"), threads, execution,
+                             static_shapes=1 if backend == "openvino" else 0)
+        calls[(name, backend, execution)] = lambda e=engine: e(**feeds)
+    return time_interleaved(calls, repeats, GAP_S)
+
+
 def peers(variant: str) -> list[tuple[str, str]]:
     """(backend, execution precision) pairs that run a variant's engines: ONNX Runtime always; OpenVINO fp32 where
     installed, and bf16 execution of the fp32 and int8 graphs where the CPU has bf16."""
@@ -149,8 +169,10 @@ def peers(variant: str) -> list[tuple[str, str]]:
     out = [("ort", "fp32")]
     if openvino.available():
         out.append(("openvino", "fp32"))
-        if openvino.cpu_info()["bf16"] and VARIANTS[variant].get("precision", "fp32") in ("fp32", "int8"):
+        if openvino.cpu_info()["bf16"] and VARIANTS[variant].get("precision", "fp32") in ("fp32", "int8", "bf16"):
             out.append(("openvino", "bf16"))
+    if VARIANTS[variant].get("precision") == "bf16":  # built for bf16 execution: only that is of interest
+        out = [("openvino", "bf16")] if ("openvino", "bf16") in out else []
     return out
 
 
@@ -159,7 +181,9 @@ def to_markdown(r: dict) -> str:
     lines = [f"### Reduced precision: {r['model']}", "",
              f"{r['machine']['cpu']}, {r['threads']} threads; {s['frames']} frames {s['width']}x{s['height']} -> "
              f"{s['tokens']} tokens, CFG batch 2, {s['text_len']} text tokens. DiT step: median of {r['repeats']} "
-             f"after warm-up (OpenVINO compiled for the shape, as the pipeline runs it). End to end: "
+             f"after warm-up, every engine open at once and called in turn with a {GAP_S} s pause (OpenVINO "
+             f"compiled for the shape, ONNX Runtime on the graph its export chose, as the pipeline runs them). "
+             f"End to end: "
              f"{len(r['prompts'])} prompts, {r['steps']} steps, PSNR of the frames against the fp32 engines' on "
              f"ONNX Runtime from the same latents. `bf16` = OpenVINO executing the graph in bf16.", "",
              "| engines | runs on | DiT step s | vs ORT fp32 | vs PyTorch | e2e s/video | e2e PSNR dB | gate PSNR dB "

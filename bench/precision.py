@@ -34,6 +34,7 @@ VARIANTS = {
     "fp32": {},
     "int8": {"precision": "int8"},
     "int8-no-smoothquant": {"precision": "int8", "calib": CalibConfig(smooth_alpha=None)},
+    "int8-smooth-skip": {"precision": "int8", "calib": CalibConfig(smooth_unfoldable="skip")},
     "int8-keep-first-last": {"precision": "int8", "calib": CalibConfig(keep_first_last_blocks=True)},
     "int8-s8-symmetric": {"precision": "int8", "calib": CalibConfig(activations="s8")},
     "int8-attention-products": {"precision": "int8", "attention": "decomposed"},

@@ -48,7 +48,8 @@ def quantize_dit(ref_dir: Path, src: Path, dst: Path, cfg: CalibConfig, work: Pa
               "samples": len(samples), "kept_float_modules": list(keep)}
     if cfg.smooth_alpha:
         smoothed = work / "transformer.smoothed.onnx"
-        detail["smoothquant"] = smooth_linears(src, smoothed, samples, cfg.smooth_alpha, set(exclude), threads)
+        detail["smoothquant"] = smooth_linears(src, smoothed, samples, cfg.smooth_alpha, set(exclude), threads,
+                                               unfoldable=cfg.smooth_unfoldable)
         src = smoothed
     detail.update(quantize_qdq(src, dst, samples, cfg, exclude))
     return detail

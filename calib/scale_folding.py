@@ -19,8 +19,8 @@ right operand -> Transpose -> Reshape (heads split) -> the value projection, who
 head split and merge use the same channel order (h * D + d), so v passes through unchanged.
 
 Only tensors that nothing else reads are walked through (otherwise the other readers would change). A group whose
-input cannot be folded is left unsmoothed, as in the paper, which smooths only the inputs that follow a
-normalization: here the attention outputs fold too, the FFN's second linear (after GELU) does not.
+input cannot be folded (the FFN's second linear, after GELU) gets the Mul on its input, or is left unsmoothed as in
+the paper, which smooths only the inputs that follow a normalization (CalibConfig.smooth_unfoldable).
 """
 
 from __future__ import annotations
@@ -70,14 +70,16 @@ class ScaleFolder:
 
     # -- planning (no change to the model) --
 
-    def plan(self, x: str, group: list[onnx.NodeProto]) -> FoldPlan | None:
+    def plan(self, x: str, group: list[onnx.NodeProto], mul_fallback: bool = False) -> FoldPlan | None:
         """How to fold a scale of x's last axis into what produces x, x being read by the nodes of `group` (its
-        linear layers) and nothing else; None when it cannot be folded."""
+        linear layers); None when it cannot be folded. Where it cannot, `mul_fallback` gives one Mul on x itself
+        (read by the group only; a full pass over the activation)."""
+        on_x = FoldPlan(edge_muls=[(n, list(n.input).index(x)) for n in group])
         if self.readers.get(x, 0) != len(group):
-            return None
+            return on_x if mul_fallback else None
         plan = self._plan_output(self.producer[x], heads=False) if x in self.producer else None
-        if plan is None and x not in self.from_latents:  # text context: one Mul on it is cheap
-            plan = FoldPlan(edge_muls=[(n, list(n.input).index(x)) for n in group])
+        if plan is None and (x not in self.from_latents or mul_fallback):  # text context: one Mul on it is cheap
+            plan = on_x
         return plan
 
     def _plan_edge(self, node: onnx.NodeProto, index: int, heads: bool) -> FoldPlan | None:

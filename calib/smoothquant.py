@@ -6,7 +6,7 @@ y = (x / s) (diag(s) W): the activation gets easier to quantize, the weight (qua
 harder. Linear layers that read the same tensor (q/k/v of one attention) share one s; their weights are rescaled in
 place, and 1/s is folded into whatever produces the input (calib/scale_folding.py: the normalization's modulation,
 the value projection before an attention), so no pass over the activation is added. An input that does not fold
-(the FFN's second linear, after GELU) is not smoothed. The statistics come from the same calibration
+(the FFN's second linear, after GELU) gets the Mul (default) or stays unsmoothed (`smooth_unfoldable="skip"`). The statistics come from the same calibration
 samples as the activation ranges (calib/trajectories.py).
 """
 
@@ -73,16 +73,19 @@ def activation_absmax(model_path: Path, tensors: list[str], samples: list[dict[s
 
 
 def smooth_linears(src: Path, dst: Path, samples: list[dict[str, np.ndarray]], alpha: float, exclude: set[str],
-                   threads: int | None = None, latent_inputs: tuple[str, ...] = ("hidden_states",)) -> dict:
-    """Write `dst`: `src` with every linear group whose input folds (calib/scale_folding.py) smoothed; the others
-    are left as they are. Checks on the first sample that the function is unchanged. Returns a summary for the
-    manifest."""
+                   threads: int | None = None, latent_inputs: tuple[str, ...] = ("hidden_states",),
+                   unfoldable: str = "mul") -> dict:
+    """Write `dst`: `src` with every linear group smoothed whose input folds (calib/scale_folding.py), and the
+    others with a Mul on their input (`unfoldable="mul"`) or left as they are ("skip"). Checks on the first sample
+    that the function is unchanged. Returns a summary for the manifest."""
     from ..runtime.errors import SoraError
 
     model = onnx.load(str(src))
     groups = _linear_groups(model, exclude)
     folder = ScaleFolder(model, latent_inputs)
-    plans = {x: plan for x, consumers in groups.items() if (plan := folder.plan(x, consumers))}
+    plans = {x: plan for x, consumers in groups.items()
+             if (plan := folder.plan(x, consumers, mul_fallback=unfoldable == "mul"))}
+    on_input = [x for x, plan in plans.items() if any(n.input[i] == x for n, i in plan.edge_muls)]  # before apply
     amax = activation_absmax(src, list(plans), samples, threads)
     inits = folder.inits
     scales: dict[str, np.ndarray] = {}  # all from the original weights, before any of them is rescaled
@@ -109,9 +112,8 @@ def smooth_linears(src: Path, dst: Path, samples: list[dict[str, np.ndarray]], a
     if not err < 1e-3:
         raise SoraError(f"SmoothQuant changed the DiT's output (relative error {err:.1e}); export with "
                         f"--smooth-alpha 0 and report this model")
-    folded = [x for x, plan in plans.items() if not plan.edge_muls]
     return {"alpha": alpha, "smoothed_inputs": len(plans), "linears": sum(len(groups[x]) for x in plans),
-            "folded_without_mul": len(folded), "not_smoothed_inputs": len(groups) - len(plans),
+            "mul_on_input": len(on_input), "not_smoothed_inputs": len(groups) - len(plans), "unfoldable": unfoldable,
             "output_rel_err": err,
             "outlier_ratio_before": float(np.median(spread_before)) if plans else None,
             "outlier_ratio_after": float(np.median(spread_after)) if plans else None}

@@ -72,6 +72,9 @@ FIRST_LAST = {"auto": None, "keep": True, "quantize": False}  # --int8-first-las
 @click.option("--calib-steps", type=int, default=8, show_default=True, help="Sampler steps per calibration prompt.")
 @click.option("--smooth-alpha", type=float, default=0.8, show_default=True,
               help="SmoothQuant migration strength for INT8 linears; 0 turns smoothing off.")
+@click.option("--smooth-unfoldable", type=click.Choice(["mul", "skip"]), default="mul", show_default=True,
+              help="Linear inputs SmoothQuant's scale cannot fold into (the FFN's second linear): a Mul pass on the "
+                   "activation, or no smoothing there (faster; check the gate).")
 @click.option("--int8-first-last-blocks", type=click.Choice(["auto", "keep", "quantize"]), default="auto",
               show_default=True, help="Keep the first and last DiT blocks float (auto: when the DiT has 8+ blocks).")
 @click.option("--int8-activations", type=click.Choice(["u8", "s8"]), default="u8", show_default=True,
@@ -82,6 +85,7 @@ def main(model, out, frames, max_frames, height, width, attention, max_sequence_
          trt_attention, trt_workspace_mb, trt_tactic_memory_mb, trt_opt_level, trt_version_compatible,
          trt_hardware_compatible, onnx_only, precision, dit_precision, text_encoder_precision, vae_precision, min_psnr,
          calib_method, calib_percentile, calib_prompts, calib_prompt_count, calib_steps, smooth_alpha,
+         smooth_unfoldable,
          int8_first_last_blocks, int8_activations, threads):
     """Export MODEL (a diffusers-format Wan2.1-T2V directory, or the built-in `demo`) to OUT, or build OUT for a
     target from MODEL when MODEL is an engine directory."""
@@ -111,7 +115,8 @@ def main(model, out, frames, max_frames, height, width, attention, max_sequence_
                                                                       ("vae", vae_precision)) if p),
                        min_psnr=min_psnr, threads=threads,
                        calib=CalibConfig(method=calib_method, percentile=calib_percentile,
-                                         smooth_alpha=smooth_alpha or None, prompts_file=calib_prompts,
+                                         smooth_alpha=smooth_alpha or None, smooth_unfoldable=smooth_unfoldable,
+                                         prompts_file=calib_prompts,
                                          prompts=calib_prompt_count, steps=calib_steps,
                                          keep_first_last_blocks=FIRST_LAST[int8_first_last_blocks],
                                          activations=int8_activations))

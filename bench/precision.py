@@ -69,7 +69,6 @@ def run(threads: int, repeats: int, steps: int, variants: list[str], log=print) 
 
     from ..export.quality_gate import psnr
     from ..export.tiny_wan import build_tiny_wan
-    from ..runtime.backends import open_engine
     from ..runtime.manifest import load_manifest
     from ..runtime.pipeline import Pipeline
 

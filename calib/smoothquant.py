@@ -6,8 +6,8 @@ y = (x / s) (diag(s) W): the activation gets easier to quantize, the weight (qua
 harder. Linear layers that read the same tensor (q/k/v of one attention) share one s; their weights are rescaled in
 place, and 1/s is folded into whatever produces the input (calib/scale_folding.py: the normalization's modulation,
 the value projection before an attention), so no pass over the activation is added. An input that does not fold
-(the FFN's second linear, after GELU) gets the Mul (default) or stays unsmoothed (`smooth_unfoldable="skip"`). The statistics come from the same calibration
-samples as the activation ranges (calib/trajectories.py).
+(the FFN's second linear, after GELU) gets the Mul (default) or stays unsmoothed (`smooth_unfoldable="skip"`).
+The statistics come from the same calibration samples as the activation ranges (calib/trajectories.py).
 """
 
 from __future__ import annotations

@@ -118,7 +118,7 @@ def run(threads: int, repeats: int, steps: int, variants: list[str], log=print) 
                                                                              m.data["engines"][e]["file"] + ".data")
                                        if f in m.data["files"]) / 1e6 for e in m.engine_names}
             row["peers"] = {}
-            for backend, execution in peers(name):
+            for backend, execution in [(b, e) for n, b, e in runs if n == name]:
                 peer = f"{backend} {execution}"
                 log(f"end to end: {name} on {peer} ...")
                 r = dict(steps_s[(name, backend, execution)])
@@ -148,15 +148,12 @@ def run(threads: int, repeats: int, steps: int, variants: list[str], log=print) 
 
 def time_engines(tmp: Path, runs, feeds: dict, threads: int, repeats: int) -> tuple[dict, dict]:
     """DiT step of every (variant, backend, execution) in `runs`, all engines open at once and called in turn
-    (dit_step.time_interleaved), each opened as the pipeline opens it."""
-    from ..runtime.backends import open_engine
-    from ..runtime.manifest import load_manifest
+    (dit_step.time_interleaved), each the engine the pipeline itself opens (its file, shapes and cache)."""
+    from ..runtime.pipeline import Pipeline
 
     calls = {}
     for name, backend, execution in runs:
-        m = load_manifest(tmp / name)
-        engine = open_engine(backend, m.path_for("transformer", backend), m.spec("transformer"), threads, execution,
-                             static_shapes=1 if backend == "openvino" else 0)
+        engine = Pipeline.load(tmp / name, threads=threads, backend=backend, precision=execution).engine("transformer")
         calls[(name, backend, execution)] = lambda e=engine: e(**feeds)
     return time_interleaved(calls, repeats, GAP_S)
 

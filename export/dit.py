@@ -1,8 +1,12 @@
 """The Wan DiT (WanTransformer3DModel) for export: its EngineSpec, the traced wrapper, the export-time attention.
 
 Two export-time substitutions, both proven equal to diffusers by the parity check after export:
-- rotary embedding: diffusers writes `out[..., 0::2] = ...`, which exports as ScatterND chains; here the rotation
-  is a stack + flatten of the same terms, with the cos/sin tables precomputed in float32.
+- rotary embedding: diffusers rotates interleaved channel pairs (2i, 2i+1) and writes `out[..., 0::2] = ...`, which
+  exports as ScatterND chains (and as a stack/unbind, interleaving one float at a time, runs on OpenVINO's reference
+  Concat/Split: 13% of a CPU step). Here the query and key projections' output channels (weights, biases, RMSNorm
+  gains) are permuted within each head to the half-split layout (pair i at channels i and D/2 + i), which leaves
+  every q.k product unchanged, and the rotation is the rotate-half form `x * cos + cat(-x2, x1) * sin` that
+  OpenVINO fuses into its RoPE kernel, with the cos/sin tables precomputed in float32.
 - attention form: `AttentionForm.ONNX` emits one ONNX `Attention` node per attention (opset 23; ONNX Runtime runs
   it, TensorRT parses it from 10.14); `AttentionForm.DECOMPOSED` writes MatMul-Softmax-MatMul (opset 20) for
   TensorRT < 10.14, which fuses that pattern itself.
@@ -43,7 +47,8 @@ def dit_spec(tcfg: dict, text_len: int, lat_frames: Dim, lat_h: Dim, lat_w: Dim,
 
 
 class RotaryTables(torch.nn.Module):
-    """Replaces diffusers' WanRotaryPosEmbed: returns (cos, sin) [1, L, 1, head_dim/2] float32, one per pair."""
+    """Replaces diffusers' WanRotaryPosEmbed: returns (cos, sin) [1, L, 1, head_dim] float32 in the half-split
+    layout (pair i's angle at channels i and head_dim/2 + i)."""
 
     def __init__(self, rope):
         super().__init__()
@@ -66,12 +71,37 @@ class RotaryTables(torch.nn.Module):
         _, _, frames, height, width = hidden_states.shape
         p_t, p_h, p_w = self.patch_size
         f, h, w = frames // p_t, height // p_h, width // p_w
-        return self._grid(self.cos, f, h, w), self._grid(self.sin, f, h, w)
+        cos, sin = self._grid(self.cos, f, h, w), self._grid(self.sin, f, h, w)  # [1, L, 1, D/2]
+        return torch.cat([cos, cos], dim=-1), torch.cat([sin, sin], dim=-1)  # [1, L, 1, D]
 
 
-def _rotate(x, cos, sin):  # x [B, L, H, D], cos/sin [1, L, 1, D/2]
-    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
-    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
+def half_split_order(heads: int, head_dim: int) -> torch.Tensor:
+    """Channel order [heads * head_dim] that moves each head's interleaved pairs (2i, 2i+1) to (i, head_dim/2 + i)."""
+    within = torch.cat([torch.arange(0, head_dim, 2), torch.arange(1, head_dim, 2)])  # [D]
+    return (torch.arange(heads)[:, None] * head_dim + within).flatten()
+
+
+def to_half_split(attn) -> None:
+    """Permute a self-attention's query and key output channels (Linear rows, biases, RMSNorm gains) into the
+    half-split layout, in place. q.k within a head is a sum over channels, so the scores are unchanged; the RMSNorm
+    across heads takes the mean of squares, which a permutation leaves alone."""
+    order = half_split_order(attn.heads, attn.inner_dim // attn.heads)
+    with torch.no_grad():
+        for proj, norm in ((attn.to_q, attn.norm_q), (attn.to_k, attn.norm_k)):
+            proj.weight.copy_(proj.weight[order])
+            if proj.bias is not None:
+                proj.bias.copy_(proj.bias[order])
+            weight = getattr(norm, "weight", None)
+            if weight is not None:
+                if weight.numel() != order.numel():
+                    raise ValueError(f"qk norm over {weight.numel()} channels, expected {order.numel()}")
+                weight.copy_(weight[order])
+
+
+def _rotate(x, cos, sin):  # x [B, L, H, D] half-split, cos/sin [1, L, 1, D]
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return x * cos + torch.cat([x2 * -1.0, x1], dim=-1) * sin  # the pattern OpenVINO's RoPE fusion matches
 
 
 class ExportAttnProcessor:
@@ -104,6 +134,7 @@ class DiTForExport(torch.nn.Module):
         super().__init__()
         transformer.rope = RotaryTables(transformer.rope)
         for block in transformer.blocks:
+            to_half_split(block.attn1)  # the only attention that takes the rotary embedding
             block.attn1.set_processor(ExportAttnProcessor(form))
             block.attn2.set_processor(ExportAttnProcessor(form))
         self.transformer = transformer

@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import onnx
 import pytest
 from click.testing import CliRunner
 
@@ -35,6 +36,13 @@ def test_openvino_fp32_matches_ort(name, tiny_engines):
     assert step.static_shapes == 2 and len(step._by_shape) == 1
     dit = ov.engine("transformer")
     assert dit.static_shapes == 1 and len(dit._by_shape) == 1
+    # The export's rotary form (half-split channels, rotate-half) is the one OpenVINO fuses at the generation's
+    # shape: one RoPE kernel for each self-attention's query and key, as many as the graph has attentions (a self
+    # and a cross attention per block)
+    compiled = next(iter(dit._by_shape.values()))[0]
+    layers = [op.get_rt_info()["layerType"].astype(str) for op in compiled.get_runtime_model().get_ops()]
+    attentions = sum(n.op_type == "Attention" for n in onnx.load(dit.path, load_external_data=False).graph.node)
+    assert attentions > 0 and layers.count("RoPE") == attentions
     spec = dit.spec
     other = spec.sample_inputs(seed=1, **spec.sizes("min", b=1))
     assert dit(**other).shape[0] == 1 and [k[0][0] for k in dit._by_shape] == [1]

@@ -10,6 +10,7 @@ import sys
 import click
 
 from ..runtime.errors import SoraError
+from ..runtime.interrupts import remembered_interrupts
 
 
 def cli_errors(fn):
@@ -21,7 +22,8 @@ def cli_errors(fn):
         logger.addHandler(handler)
         logger.setLevel(logging.WARNING)
         try:
-            return fn(*args, **kwargs)
+            with remembered_interrupts():
+                return fn(*args, **kwargs)
         except SoraError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(2)

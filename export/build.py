@@ -78,6 +78,17 @@ def _checkpoint_digest(ck: WanCheckpoint) -> str:
     return h.hexdigest()
 
 
+def _source_digest() -> str:
+    """A digest of the code that writes an engine directory (every .py of these subpackages): part of the cache key,
+    so a changed exporter rebuilds an export made by the old code at the same package version."""
+    root = Path(__file__).resolve().parent.parent
+    h = hashlib.sha256()
+    for sub in ("export", "calib", "runtime", "demo", "kernels"):
+        for f in sorted((root / sub).rglob("*.py")):
+            h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def _versions() -> dict:
     import diffusers
     import onnx
@@ -85,7 +96,7 @@ def _versions() -> dict:
     import torch
     import transformers
 
-    return {"soraedge": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
+    return {"soraedge": __version__, "soraedge_source": _source_digest(), "torch": torch.__version__, "diffusers": diffusers.__version__,
             "transformers": transformers.__version__, "onnx": onnx.__version__,
             "onnxruntime": onnxruntime.__version__}
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..runtime.errors import SoraError
+from ..runtime.interrupts import raise_if_interrupted
 from ..runtime.manifest import MANIFEST, load_manifest
 
 
@@ -60,7 +61,9 @@ def up_to_date(out: Path, key: str, overwrite: bool) -> bool:
 
 
 def swap_into_place(stage: Path, out: Path, work: Path) -> None:
-    """Rename the finished build into place; an old directory is moved aside first and deleted only after."""
+    """Rename the finished build into place; an old directory is moved aside first and deleted only after. A Ctrl-C
+    that arrived during the build stops it here, even if Python swallowed it where it landed."""
+    raise_if_interrupted()
     if out.exists():
         old = work / "previous"
         out.rename(old)  # the work dir is removed with everything in it once we return

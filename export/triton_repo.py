@@ -22,6 +22,7 @@ import tempfile
 from pathlib import Path
 
 from ..runtime.errors import SoraError
+from ..runtime.interrupts import raise_if_interrupted
 from ..runtime.manifest import MANIFEST, Manifest, load_manifest
 from ..runtime.spec import EngineSpec
 from ..runtime.triton_bls import MODEL_PY, PIPELINE_FOLDER, REQUEST_INPUTS, RESPONSE_OUTPUTS, batch_dim
@@ -159,6 +160,7 @@ def write_triton_repo(engine_dir: Path, repo: Path, prefix: str = "soraedge", in
             (pipeline / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(engine_dir / rel, pipeline / rel)
         (sampler / "config.pbtxt").write_text(to_pbtxt(sampler_config(prefix, models, instances)) + "\n")
+        raise_if_interrupted()
         if repo.exists():
             old = repo.with_name(f".{repo.name}.old")
             shutil.rmtree(old, ignore_errors=True)

@@ -109,6 +109,25 @@ def test_ctrl_c_during_export_leaves_old_engines_intact(tiny_model, engine_copy)
     assert not list(engine_copy.parent.glob(".engines.build-*"))
 
 
+def test_a_swallowed_ctrl_c_still_stops_the_commit(tmp_path):
+    """A KeyboardInterrupt raised where Python ignores exceptions (a __del__ here, importlib's lock callback in the
+    wild) is printed and lost; the build must still not rename its result into place."""
+    from soraedge.export.staging import swap_into_place
+    from soraedge.runtime.interrupts import remembered_interrupts
+
+    class InterruptedWhileDeleted:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGINT)
+
+    stage, out = tmp_path / "stage", tmp_path / "out"
+    stage.mkdir()
+    with remembered_interrupts():
+        InterruptedWhileDeleted()  # deleted at once; the interrupt raised inside __del__ is ignored
+        with pytest.raises(KeyboardInterrupt):
+            swap_into_place(stage, out, tmp_path)
+    assert stage.is_dir() and not out.exists()
+
+
 # -- sora-run ------------------------------------------------------------------------------------------------------
 def _run(engines, tmp_path, *extra, out="v.npy"):
     return ["--engines", str(engines), "--prompt", "a cat", "--steps", "1", "-o", str(tmp_path / out), *extra]

@@ -26,3 +26,16 @@ def test_renamed_copy_with_same_content_is_reused_but_different_options_are_not(
                          width=size["width"])
     with pytest.raises(SoraError, match="--overwrite"):
         run_export(other)
+
+
+def test_changed_exporter_code_is_not_reused(tiny_model, engine_copy, monkeypatch):
+    """The key covers the exporter's own source: an export written by older code is rebuilt, not reused."""
+    import soraedge.export.build as build
+
+    size = TEST_SIZE["tiny-a"]
+    same = ExportConfig(model=str(tiny_model("tiny-a")), out=engine_copy, frames=size["frames"],
+                        height=size["height"], width=size["width"])
+    assert load_manifest(engine_copy).data["versions"]["soraedge_source"] == build._source_digest()
+    monkeypatch.setattr(build, "_source_digest", lambda: "0" * 16)
+    with pytest.raises(SoraError, match="--overwrite"):
+        run_export(same)

@@ -96,8 +96,8 @@ def _versions() -> dict:
     import torch
     import transformers
 
-    return {"soraedge": __version__, "soraedge_source": _source_digest(), "torch": torch.__version__, "diffusers": diffusers.__version__,
-            "transformers": transformers.__version__, "onnx": onnx.__version__,
+    return {"soraedge": __version__, "soraedge_source": _source_digest(), "torch": torch.__version__,
+            "diffusers": diffusers.__version__, "transformers": transformers.__version__, "onnx": onnx.__version__,
             "onnxruntime": onnxruntime.__version__}
 
 

@@ -4,7 +4,10 @@ Exports the scenario's DiT (bench/dit_step.py SCENARIOS), runs it with profiling
 type (after ORT's graph optimisations, so fused ops show under their fused names). Writes
 bench/results/ort_profile_<tag>.json and .md.
 
-    python -m soraedge.bench.ort_profile [--scenario wan-384x6-1280tok] [--threads 2] [--runs 3]
+    python -m soraedge.bench.ort_profile [--scenario wan-384x6-1280tok] [--threads 2] [--runs 3] [--graph mha]
+
+`--graph mha` profiles ONNX Runtime's CPU graph (MultiHeadAttention, export/attention_rewrite.py), the one the
+export keeps where it is faster; `portable` the ONNX `Attention` graph every backend reads.
 """
 
 from __future__ import annotations
@@ -21,21 +24,25 @@ from .dit_step import SCENARIOS, build_scenario_model, export_scenario_dit, scen
 from .report import save
 
 
-def profile(scenario: str, threads: int, runs: int, opt_level: str = "all") -> dict:
+def profile(scenario: str, threads: int, runs: int, opt_level: str = "all", graph: str = "portable") -> dict:
     import onnxruntime as ort
+
+    from ..export.attention_rewrite import rewrite_file
 
     cfg, lat, feeds = scenario_inputs(scenario)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         build_scenario_model(cfg, tmp)
         export_scenario_dit(cfg, SCENARIOS[scenario]["text_len"], lat, tmp)
+        if graph == "mha":
+            rewrite_file(tmp / "dit.onnx", tmp / "dit-mha.onnx")
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads
         so.graph_optimization_level = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
                                        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC}[opt_level]
         so.enable_profiling = True
         so.profile_file_prefix = str(tmp / "prof")
-        sess = ort.InferenceSession(str(tmp / "dit.onnx"), so, providers=["CPUExecutionProvider"])
+        sess = ort.InferenceSession(str(tmp / ("dit-mha.onnx" if graph == "mha" else "dit.onnx")), so, providers=["CPUExecutionProvider"])
         sess.run(None, feeds)  # warm-up (excluded below)
         for _ in range(runs):
             sess.run(None, feeds)
@@ -52,12 +59,13 @@ def profile(scenario: str, threads: int, runs: int, opt_level: str = "all") -> d
     total = sum(by_op.values())
     ops = sorted(({"op": k, "seconds": v, "share": v / total, "nodes": count[k] // runs} for k, v in by_op.items()),
                  key=lambda r: -r["seconds"])
-    return {"scenario": scenario, "threads": threads, "runs": runs, "opt_level": opt_level,
+    return {"scenario": scenario, "threads": threads, "runs": runs, "opt_level": opt_level, "graph": graph,
             "node_seconds_per_run": total, "ops": ops}
 
 
 def to_markdown(r: dict) -> str:
-    lines = [f"### ONNX Runtime CPU profile: {r['scenario']} ({r['threads']} threads, optimisation {r['opt_level']})",
+    lines = [f"### ONNX Runtime CPU profile: {r['scenario']}, {r.get('graph', 'portable')} graph ({r['threads']} "
+             f"threads, optimisation {r['opt_level']})",
              "", f"sum of node times per run: {r['node_seconds_per_run']:.3f} s", "",
              "| op type | s per run | share | nodes |", "|---|---|---|---|"]
     for o in r["ops"][:15]:
@@ -69,10 +77,11 @@ def to_markdown(r: dict) -> str:
 @click.option("--scenario", type=click.Choice(sorted(SCENARIOS)), default="wan-384x6-1280tok", show_default=True)
 @click.option("--threads", type=int, default=os.cpu_count(), show_default=True)
 @click.option("--runs", type=int, default=3, show_default=True)
+@click.option("--graph", type=click.Choice(["portable", "mha"]), default="portable", show_default=True)
 @click.option("--tag", default="cpu", show_default=True)
 @click.option("--results", type=click.Path(path_type=Path), default=Path(__file__).parent / "results")
-def main(scenario, threads, runs, tag, results):
-    r = profile(scenario, threads, runs)
+def main(scenario, threads, runs, graph, tag, results):
+    r = profile(scenario, threads, runs, graph=graph)
     save(results, "ort_profile", tag, r, to_markdown(r))
 
 

@@ -19,6 +19,7 @@ import enum
 import torch
 import torch.nn.functional as F
 
+from ..runtime.errors import SoraError
 from ..runtime.spec import Dim, EngineSpec, TensorSpec
 
 
@@ -83,9 +84,11 @@ def half_split_order(heads: int, head_dim: int) -> torch.Tensor:
 
 def to_half_split(attn) -> None:
     """Permute a self-attention's query and key output channels (Linear rows, biases, RMSNorm gains) into the
-    half-split layout, in place. q.k within a head is a sum over channels, so the scores are unchanged; the RMSNorm
-    across heads takes the mean of squares, which a permutation leaves alone."""
-    order = half_split_order(attn.heads, attn.inner_dim // attn.heads)
+    half-split layout, in place. q.k within a head is a sum over channels, so the scores are unchanged; an RMSNorm
+    across heads (or within one) takes a mean of squares, which a permutation leaves alone."""
+    head_dim = attn.inner_dim // attn.heads
+    order = half_split_order(attn.heads, head_dim)
+    gain_order = {order.numel(): order, head_dim: half_split_order(1, head_dim)}  # norm across heads / per head
     with torch.no_grad():
         for proj, norm in ((attn.to_q, attn.norm_q), (attn.to_k, attn.norm_k)):
             proj.weight.copy_(proj.weight[order])
@@ -93,9 +96,10 @@ def to_half_split(attn) -> None:
                 proj.bias.copy_(proj.bias[order])
             weight = getattr(norm, "weight", None)
             if weight is not None:
-                if weight.numel() != order.numel():
-                    raise ValueError(f"qk norm over {weight.numel()} channels, expected {order.numel()}")
-                weight.copy_(weight[order])
+                if weight.numel() not in gain_order:
+                    raise SoraError(f"unsupported query/key norm over {weight.numel()} channels (expected "
+                                    f"{order.numel()} across heads or {head_dim} per head)")
+                weight.copy_(weight[gain_order[weight.numel()]])
 
 
 def _rotate(x, cos, sin):  # x [B, L, H, D] half-split, cos/sin [1, L, 1, D]

@@ -2,10 +2,10 @@
 
 Exports the built-in demo to fp32 engines (and, with --precision, reduced-precision ones through the quality
 gate; INT8 calibrated on 8 training captions), generates every prompt of the prompt set from the engines
-(sora-run's path, fixed seeds), reads each video back with demo/probe.py, and reports colour and motion accuracy separately for the held-out colour x shape x
-motion combinations (never seen in training) and for training combinations; reduced precisions also get the PSNR
-of their videos against the fp32 engines' on the same seeds. Writes bench/results/demo_probe_<tag>.json and .md
-with the prompt set.
+(sora-run's path, fixed seeds), reads each video back with demo/probe.py, and reports colour and motion accuracy
+separately for the held-out colour x shape x motion combinations (never seen in training) and for training
+combinations; reduced precisions also get the PSNR of their videos against the fp32 engines' on the same seeds.
+Writes bench/results/demo_probe_<tag>.json and .md with the prompt set.
 
     python -m soraedge.bench.demo_probe [--seeds 3] [--precision int8 --precision fp16] [--backend ort
                                         --backend openvino --backend openvino-bf16] [--tag cpu]

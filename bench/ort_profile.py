@@ -34,15 +34,17 @@ def profile(scenario: str, threads: int, runs: int, opt_level: str = "all", grap
         tmp = Path(tmp)
         build_scenario_model(cfg, tmp)
         export_scenario_dit(cfg, SCENARIOS[scenario]["text_len"], lat, tmp)
+        path = tmp / "dit.onnx"
         if graph == "mha":
-            rewrite_file(tmp / "dit.onnx", tmp / "dit-mha.onnx")
+            rewrite_file(path, tmp / "dit-mha.onnx")
+            path = tmp / "dit-mha.onnx"
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads
         so.graph_optimization_level = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
                                        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC}[opt_level]
         so.enable_profiling = True
         so.profile_file_prefix = str(tmp / "prof")
-        sess = ort.InferenceSession(str(tmp / ("dit-mha.onnx" if graph == "mha" else "dit.onnx")), so, providers=["CPUExecutionProvider"])
+        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         sess.run(None, feeds)  # warm-up (excluded below)
         for _ in range(runs):
             sess.run(None, feeds)

@@ -24,24 +24,22 @@ from .report import save
 def profile(scenario: str, threads: int, runs: int, precision: str = "fp32") -> dict:
     import openvino as ov
 
+    from ..runtime.backends.openvino import OvEngine
+
     cfg, lat, feeds = scenario_inputs(scenario)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         build_scenario_model(cfg, tmp)
-        export_scenario_dit(cfg, SCENARIOS[scenario]["text_len"], lat, tmp)
-        core = ov.Core()
-        model = core.read_model(str(tmp / "dit.onnx"))
-        model.reshape({name: ov.PartialShape(list(x.shape)) for name, x in feeds.items()})
-        compiled = core.compile_model(model, "CPU", {
-            "INFERENCE_PRECISION_HINT": {"fp32": "f32", "bf16": "bf16"}[precision], "PERFORMANCE_HINT": "LATENCY",
-            "INFERENCE_NUM_THREADS": threads, "PERF_COUNT": True})
-        request = compiled.create_infer_request()
-        request.infer(feeds)  # warm-up
+        spec = export_scenario_dit(cfg, SCENARIOS[scenario]["text_len"], lat, tmp)
+        engine = OvEngine(tmp / "dit.onnx", spec, threads, precision, static_shapes=1)  # as the pipeline opens it
+        engine.config["PERF_COUNT"] = True  # read when it compiles, at the first call's shape
+        engine(**feeds)  # compile + warm-up
+        request = engine.compiled_for(feeds)[1]
         by_kind: dict[tuple, float] = defaultdict(float)
         by_layer: dict[tuple, float] = defaultdict(float)
         count: dict[tuple, int] = defaultdict(int)
         for _ in range(runs):
-            request.infer(feeds)
+            engine(**feeds)
             for p in request.profiling_info:
                 seconds = p.real_time.total_seconds() / runs
                 by_kind[(p.node_type, p.exec_type)] += seconds

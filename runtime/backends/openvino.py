@@ -90,14 +90,16 @@ class OvEngine:
         except RuntimeError as e:
             raise SoraError(f"OpenVINO could not compile {self.path.name}: {str(e).splitlines()[0]}") from None
 
-    def _for(self, feeds: dict[str, np.ndarray]):
+    def compiled_for(self, feeds: dict[str, np.ndarray]):
+        """(compiled model, infer request) that runs `feeds`: compiled for their shapes on first use when
+        `static_shapes`."""
         if not self.static_shapes:
             return self.compiled, self.request
         key = tuple(feeds[n].shape for n in self.spec.input_names)
         if key not in self._by_shape:
             while len(self._by_shape) >= self.static_shapes:  # least recently used first, before compiling
                 self._by_shape.pop(next(iter(self._by_shape)))
-            compiled = self._compile({n: feeds[n].shape for n in self.spec.input_names})
+            compiled = self._compile(dict(zip(self.spec.input_names, key)))
             self._by_shape[key] = (compiled, compiled.create_infer_request())
         else:
             self._by_shape[key] = self._by_shape.pop(key)  # most recently used last
@@ -109,6 +111,6 @@ class OvEngine:
     def run(self, **feeds: np.ndarray) -> list[np.ndarray]:
         """Every output, in spec order (copied: the request's buffers are reused by the next call)."""
         self.spec.bind(feeds)
-        compiled, request = self._for(feeds)
+        compiled, request = self.compiled_for(feeds)
         out = request.infer(feeds)
         return [np.array(out[compiled.output(name)], copy=True) for name in self.spec.output_names]

@@ -22,7 +22,7 @@ import numpy as np
 
 from ..runtime.errors import SoraError
 from .flops import wan_dit_flops
-from .matmul_peak import matmul_peak
+from .matmul_peak import best_peak, matmul_peak
 from ..runtime.memory import PeakRss
 
 PEERS = ("ort-fp32", "openvino-fp32", "openvino-bf16", "ort-cuda-fp32")
@@ -223,7 +223,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda s: None, tic
         flops = wan_dit_flops(tcfg, batch, tokens, text_len)
         log("MatMul peak ...")
         peak = matmul_peak(cfg.threads)
-        best_fp32 = max(v for k, v in peak.items() if k.endswith("fp32"))
+        best_fp32 = best_peak(peak, "fp32")
         ref_total = rows[0]["stages"]["total"]["median"]
         for row in rows:
             row["dit_gflops"] = flops["total"] / row["stages"]["step"]["median"] / 1e9

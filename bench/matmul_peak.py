@@ -2,8 +2,9 @@
 
 Square MatMuls (1024^3 and 2048^3; the best counts) as one-node ONNX models on ONNX Runtime and on OpenVINO (fp32,
 and bf16 where the CPU has it), with B an input and with B a constant weight (packed once at load, like the DiT's
-linear layers); median of repeats after warm-up. The DiT step's achieved FLOP/s is reported as a
-fraction of the best of these.
+linear layers), and as `torch.matmul` (MKL / oneDNN, fp32 and bf16) where PyTorch is installed; median of repeats
+after warm-up. The DiT step's achieved FLOP/s is reported as a fraction of the best of these per precision, so a
+kernel faster than the engines' own (oneDNN's bf16 GEMM on some CPUs) raises the bar rather than hiding.
 """
 
 from __future__ import annotations
@@ -82,4 +83,27 @@ def _matmul_peak_at(threads: int, n: int, repeats: int) -> dict[str, float]:
                                                            "INFERENCE_NUM_THREADS": threads})
                 req = cm.create_infer_request()
                 keep_best(f"openvino_{prec}", flops / _time(lambda: req.infer(run_feeds), repeats) / 1e9)
+    out.update(_torch_peak_at(threads, feeds, flops, repeats, "BF16" in (core.get_property(
+        "CPU", "OPTIMIZATION_CAPABILITIES") if core is not None else ())))
     return out
+
+
+def _torch_peak_at(threads: int, feeds: dict[str, np.ndarray], flops: float, repeats: int,
+                   bf16: bool) -> dict[str, float]:
+    """torch.matmul of the same operands, fp32 and (where the CPU has it) bf16; nothing without PyTorch."""
+    try:
+        import torch
+    except ImportError:
+        return {}
+    torch.set_num_threads(threads)
+    out = {}
+    for prec, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))[:2 if bf16 else 1]:
+        a, b = (torch.from_numpy(feeds[k]).to(dtype) for k in ("a", "b"))
+        out[f"torch_{prec}"] = flops / _time(lambda: torch.matmul(a, b), repeats) / 1e9
+    return out
+
+
+def best_peak(peak: dict[str, float], precision: str) -> float | None:
+    """The best measured GFLOP/s of a precision ("fp32", "bf16") over the libraries, None where none measured it."""
+    values = [v for k, v in peak.items() if k.endswith(precision)]
+    return max(values) if values else None

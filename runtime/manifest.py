@@ -9,10 +9,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 
 from .errors import SoraError
 from .spec import EngineSpec
+from .verified_files import VerifiedFiles
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -133,10 +135,22 @@ def load_manifest(root: str | Path, verify: bool = True) -> Manifest:
     if version != FORMAT_VERSION:
         raise SoraError(f"{path} has format version {version}; this runtime reads {FORMAT_VERSION}: re-export")
     if verify:
-        for rel, meta in files.items():
-            f = root / rel
-            if not f.is_file():
-                raise SoraError(f"{f} is listed in the manifest but missing: the engine directory is incomplete")
-            if f.stat().st_size != meta["bytes"] or sha256_file(f) != meta["sha256"]:
-                raise SoraError(f"{f} does not match its manifest hash (truncated or replaced): re-run sora-export")
+        _verify_files(root, files)
     return Manifest(root, data)
+
+
+def _verify_files(root: Path, files: dict) -> None:
+    """Every listed file present with the size and sha256 the manifest records; files recorded as already hashed
+    and untouched since are not read again (runtime/verified_files.py)."""
+    verified = VerifiedFiles(root / CACHE_DIR)
+    for rel, meta in files.items():
+        f = root / rel
+        if not f.is_file():
+            raise SoraError(f"{f} is listed in the manifest but missing: the engine directory is incomplete")
+        if verified.unchanged(rel, f, meta["sha256"]):
+            continue
+        started, before = time.time(), f.stat()
+        if before.st_size != meta["bytes"] or sha256_file(f) != meta["sha256"]:
+            raise SoraError(f"{f} does not match its manifest hash (truncated or replaced): re-run sora-export")
+        verified.note(rel, f, before, meta["sha256"], started)
+    verified.save()

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from soraedge.cli.export_cmd import main as export_main
 from soraedge.cli.run_cmd import main as run_main
-from soraedge.runtime.manifest import load_manifest
+from soraedge.runtime.manifest import CACHE_DIR, load_manifest
 
 
 def _fails(cli, args, *expect):
@@ -31,7 +31,10 @@ def _fails(cli, args, *expect):
 
 
 def _snapshot(d: Path) -> dict:
-    return {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+    """The directory's content: every file but its cache folder (compile caches and the hash record, which a load
+    may add)."""
+    return {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*"))
+            if p.is_file() and p.relative_to(d).parts[0] != CACHE_DIR}
 
 
 # -- sora-export ---------------------------------------------------------------------------------------------------

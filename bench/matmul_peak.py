@@ -65,6 +65,7 @@ def _matmul_peak_at(threads: int, n: int, repeats: int) -> dict[str, float]:
         core = ov.Core()
     except ImportError:
         core = None
+    has_bf16 = core is not None and "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
     with tempfile.TemporaryDirectory() as tmp:
         for constant in (False, True):
             path = Path(tmp) / f"mm-{constant}.onnx"
@@ -77,20 +78,20 @@ def _matmul_peak_at(threads: int, n: int, repeats: int) -> dict[str, float]:
             if core is None:
                 continue
             for prec, hint in (("fp32", "f32"), ("bf16", "bf16")):
-                if prec == "bf16" and "BF16" not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+                if prec == "bf16" and not has_bf16:
                     continue
                 cm = core.compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": hint,
                                                            "INFERENCE_NUM_THREADS": threads})
                 req = cm.create_infer_request()
                 keep_best(f"openvino_{prec}", flops / _time(lambda: req.infer(run_feeds), repeats) / 1e9)
-    out.update(_torch_peak_at(threads, feeds, flops, repeats, "BF16" in (core.get_property(
-        "CPU", "OPTIMIZATION_CAPABILITIES") if core is not None else ())))
+    out.update(_torch_peak_at(threads, feeds, flops, repeats, has_bf16))
     return out
 
 
 def _torch_peak_at(threads: int, feeds: dict[str, np.ndarray], flops: float, repeats: int,
                    bf16: bool) -> dict[str, float]:
-    """torch.matmul of the same operands, fp32 and (where the CPU has it) bf16; nothing without PyTorch."""
+    """torch.matmul of the same operands, fp32 and, where OpenVINO reports the CPU has it, bf16; nothing without
+    PyTorch."""
     try:
         import torch
     except ImportError:

@@ -51,8 +51,10 @@ class VerifiedFiles:
 
     def note(self, rel: str, path: Path, before: os.stat_result, sha256: str, started: float) -> None:
         """Record that `path`, stat'ed as `before` when hashing `started` (time.time()), hashed to `sha256`: only if
-        it did not change while being hashed and its last change is older than the timestamps' resolution."""
+        it did not change while being hashed and its last change is older than the timestamps' resolution;
+        otherwise forget what was recorded of it."""
         if identity(os.stat(path)) != identity(before) or before.st_ctime_ns / 1e9 > started - SETTLE_S:
+            self.changed |= self.entries.pop(rel, None) is not None  # a stale entry goes
             return
         self.entries[rel] = {"stat": identity(before), "sha256": sha256}
         self.changed = True

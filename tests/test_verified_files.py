@@ -80,8 +80,11 @@ def test_an_unreadable_record_is_ignored_and_rewritten(settled_copy, hashed):
 
 
 def test_a_just_changed_file_is_not_recorded(settled_copy):
-    """A change in the same timestamp tick as the hashing could go unseen: such a file is hashed again next time."""
+    """A change in the same timestamp tick as the hashing could go unseen: such a file is hashed again next time,
+    and an entry recorded of it before goes."""
+    load_manifest(settled_copy)
     rel = next(iter(_files(settled_copy)))
+    assert rel in json.loads((settled_copy / CACHE_DIR / RECORD).read_text())
     os.utime(settled_copy / rel)  # its ctime is now
     load_manifest(settled_copy)
     recorded = json.loads((settled_copy / CACHE_DIR / RECORD).read_text())

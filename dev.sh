@@ -26,7 +26,7 @@ case "${1:-}" in
   demo)
     setup
     mkdir -p out
-    .venv/bin/sora-export demo -o engines/demo
+    .venv/bin/sora-export demo -o engines/demo --overwrite  # engines/demo is this command's own output
     .venv/bin/sora-run --engines engines/demo --prompt "a yellow circle moving left on a black background" \
       -o out/demo.mp4
     ;;

@@ -32,7 +32,7 @@ from .dit import AttentionForm, DiTReference, dit_spec, load_dit
 from .dit_probe import FirstBlockProbe, ProbeReference, probe_spec
 from .precision import convert_engines, default_min_psnr, plan_precision
 from .quality_gate import quality_gate
-from .staging import ExportReport, check_destination, swap_into_place, up_to_date
+from .staging import ExportReport, build_keys, check_destination, swap_into_place, up_to_date
 from .trt_target import TrtOptions
 from .text_encoder import load_text_encoder, text_encoder_spec
 from .vae import load_vae_decoders, vae_specs
@@ -259,9 +259,8 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = lambda s: None) -
         if plan["transformer"] == "int8":
             options["calib"] = {**cfg.calib.to_dict(), "prompts": cfg.calib.read_prompts()}
         versions = _versions()
-        key = hashlib.sha256(json.dumps({"checkpoint": _checkpoint_digest(ck), "options": options,
-                                         "versions": versions}, sort_keys=True).encode()).hexdigest()
-        if up_to_date(out, key, cfg.overwrite):
+        key, inputs_key = build_keys({"checkpoint": _checkpoint_digest(ck), "options": options}, versions)
+        if up_to_date(out, key, inputs_key, cfg.overwrite, log):
             log(f"{out} is already an up-to-date export of this model with these options (cache key {key[:12]})")
             report.reused = True
             return report
@@ -293,6 +292,7 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = lambda s: None) -
         }
         body = {
             "cache_key": key,
+            "inputs_key": inputs_key,
             "source": source,
             "created_unix": int(time.time()),
             "versions": versions,

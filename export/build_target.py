@@ -10,8 +10,6 @@ checkpoint are needed, so this runs on the device itself.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import platform
 import tempfile
 import time
@@ -23,7 +21,7 @@ from .. import __version__
 from ..runtime.gpu_target import GPU_BACKENDS, target
 from ..runtime.manifest import TARGET_FILE_KEYS, load_manifest, write_manifest
 from .choose_backend import build_runtime, check_request, openvino_unsupported
-from .staging import ExportReport, check_destination, link_or_copy, swap_into_place, up_to_date
+from .staging import ExportReport, build_keys, check_destination, link_or_copy, swap_into_place, up_to_date
 from .trt_target import TrtOptions
 
 
@@ -37,16 +35,15 @@ class TargetConfig:
     trt: TrtOptions = field(default_factory=TrtOptions)  # --backend tensorrt: attention mode, builder settings
 
 
-def _target_key(src, backend: str, trt: dict | None) -> str:
-    """Same source content, backend, runtime versions and machine (GPU, or CPU) -> same build."""
+def _target_keys(src, backend: str, trt: dict | None) -> tuple[str, str]:
+    """Same source content, backend, machine (GPU, or CPU) and runtime versions -> same build (cache key, inputs
+    key: staging.build_keys)."""
     import onnxruntime
 
     machine = target() if backend in GPU_BACKENDS else {"machine": platform.machine(), "cpu": platform.processor()}
-    return hashlib.sha256(json.dumps({
-        "source": {rel: meta["sha256"] for rel, meta in src.data["files"].items()},
-        "backend": backend, "machine": machine, "trt": trt,
-        "versions": {"soraedge": __version__, "onnxruntime": onnxruntime.__version__},
-    }, sort_keys=True).encode()).hexdigest()
+    return build_keys({"source": {rel: meta["sha256"] for rel, meta in src.data["files"].items()},
+                       "backend": backend, "machine": machine, "trt": trt},
+                      {"soraedge": __version__, "onnxruntime": onnxruntime.__version__})
 
 
 def build_from_engines(cfg: TargetConfig, log: Callable[[str], None] = lambda s: None) -> ExportReport:
@@ -58,8 +55,8 @@ def build_from_engines(cfg: TargetConfig, log: Callable[[str], None] = lambda s:
     check_request(cfg.backend, "fp32", no_openvino)  # e.g. no GPU for ort-cuda: refused before any work
     report = ExportReport(out=out, reused=False)
     t_all = time.perf_counter()
-    key = _target_key(src, cfg.backend, asdict(cfg.trt) if cfg.backend == "tensorrt" else None)
-    if up_to_date(out, key, cfg.overwrite):
+    key, inputs_key = _target_keys(src, cfg.backend, asdict(cfg.trt) if cfg.backend == "tensorrt" else None)
+    if up_to_date(out, key, inputs_key, cfg.overwrite, log):
         log(f"{out} is already built from these engines for {cfg.backend} on this machine (cache key {key[:12]})")
         report.reused = True
         return report
@@ -76,7 +73,7 @@ def build_from_engines(cfg: TargetConfig, log: Callable[[str], None] = lambda s:
         body = {k: v for k, v in src.data.items() if k not in ("format_version", "files", "runtime", "gpu")}
         body["engines"] = {n: {k: v for k, v in e.items() if k not in TARGET_FILE_KEYS}
                            for n, e in src.data["engines"].items()}
-        body.update(cache_key=key, created_unix=int(time.time()), gpu=None,
+        body.update(cache_key=key, inputs_key=inputs_key, created_unix=int(time.time()), gpu=None,
                     built_from={"path": str(src.root.resolve()), "cache_key": src.data.get("cache_key")})
         files = write_manifest(stage, {**body, "runtime": src.runtime}, carried)["files"]
         t0 = time.perf_counter()

@@ -7,10 +7,13 @@ leaves a half-written engine directory, and an existing one is moved aside only 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from ..runtime.errors import SoraError
 from ..runtime.interrupts import raise_if_interrupted
@@ -44,9 +47,22 @@ def check_destination(out: Path) -> None:
         raise SoraError(f"{out} exists, is not empty and is not an engine directory: refusing to touch it")
 
 
-def up_to_date(out: Path, key: str, overwrite: bool) -> bool:
-    """True when `out` is a valid engine directory built with cache key `key` (the build can be skipped). A
-    different (or damaged) directory there is refused unless `overwrite`."""
+def build_keys(inputs: dict, versions: dict) -> tuple[str, str]:
+    """(cache key, inputs key): the cache key hashes what a build is made from (content, options, machine) and the
+    tools that made it; the inputs key only the former, so a directory built from the same inputs by other tool
+    versions is recognised as a stale copy of this build rather than a different one."""
+    def digest(obj):
+        return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+    inputs_key = digest(inputs)
+    return digest({"inputs": inputs_key, "versions": versions}), inputs_key
+
+
+def up_to_date(out: Path, key: str, inputs_key: str, overwrite: bool,
+               log: Callable[[str], None] = lambda s: None) -> bool:
+    """True when `out` is a valid engine directory built with cache key `key` (the build can be skipped). One built
+    from the same inputs by other tool versions is rebuilt; a different (or damaged) directory there is refused
+    unless `overwrite`."""
     if not (out / MANIFEST).is_file():
         return False
     try:
@@ -55,6 +71,9 @@ def up_to_date(out: Path, key: str, overwrite: bool) -> bool:
         existing = None
     if existing is not None and existing.data.get("cache_key") == key:
         return True
+    if existing is not None and existing.data.get("inputs_key") == inputs_key:
+        log(f"{out} was built from the same model and options by other tool versions: rebuilding it")
+        return False
     if not overwrite:
         raise SoraError(f"{out} holds a different engine directory; pass --overwrite to replace it")
     return False

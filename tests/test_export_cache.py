@@ -28,14 +28,20 @@ def test_renamed_copy_with_same_content_is_reused_but_different_options_are_not(
         run_export(other)
 
 
-def test_changed_exporter_code_is_not_reused(tiny_model, engine_copy, monkeypatch):
-    """The key covers the exporter's own source: an export written by older code is rebuilt, not reused."""
+def test_changed_exporter_code_rebuilds_without_overwrite(tiny_model, engine_copy, monkeypatch):
+    """The key covers the exporter's own source: an export written by older code from the same model and options is
+    rebuilt, not reused, and not refused as a different directory either (only other inputs need --overwrite)."""
     import soraedge.export.build as build
 
     size = TEST_SIZE["tiny-a"]
     same = ExportConfig(model=str(tiny_model("tiny-a")), out=engine_copy, frames=size["frames"],
-                        height=size["height"], width=size["width"])
-    assert load_manifest(engine_copy).data["versions"]["soraedge_source"] == build._source_digest()
+                        height=size["height"], width=size["width"], check_parity=False)
+    old = load_manifest(engine_copy).data
+    assert old["versions"]["soraedge_source"] == build._source_digest()
     monkeypatch.setattr(build, "_source_digest", lambda: "0" * 16)
-    with pytest.raises(SoraError, match="--overwrite"):
-        run_export(same)
+    logged = []
+    assert not run_export(same, log=logged.append).reused
+    assert any("by other tool versions: rebuilding" in line for line in logged)
+    new = load_manifest(engine_copy).data
+    assert new["versions"]["soraedge_source"] == "0" * 16
+    assert new["inputs_key"] == old["inputs_key"] and new["cache_key"] != old["cache_key"]

@@ -1,5 +1,6 @@
-"""DiT step latency, side by side in one run: PyTorch eager (the reference), ONNX Runtime fp32 (the portable graph
-and its CPU graph with MultiHeadAttention), OpenVINO fp32/bf16 (compiled for the shape, as the pipeline runs it).
+"""DiT step latency, side by side in one run: PyTorch eager (the reference; and in bf16 where OpenVINO reports the
+CPU has it, as diffusers loads it), ONNX Runtime fp32 (the portable graph and its CPU graph with MultiHeadAttention), OpenVINO
+fp32/bf16 (compiled for the shape, as the pipeline runs it).
 
 Same weights (a Wan-architecture transformer built from a fixed seed), same inputs, same thread count; the ONNX
 engines are timed in turn (bench/dit_step.time_interleaved). Reports the median and p95 of repeats after warm-up,
@@ -115,6 +116,22 @@ def export_scenario_dit(cfg: dict, text_len: int, lat: tuple[int, ...], tmp: Pat
     return spec
 
 
+def eager_bf16(transformer_dir: Path, args: list):
+    """PyTorch's bf16 peer as diffusers loads it (`torch_dtype=bfloat16`, its fp32 modules kept fp32): a callable
+    returning the float32 output."""
+    import torch
+    from diffusers import WanTransformer3DModel
+
+    model = WanTransformer3DModel.from_pretrained(transformer_dir, torch_dtype=torch.bfloat16).eval()
+    args = [a.to(torch.bfloat16) if a.dim() > 1 else a for a in args]  # the timestep stays fp32
+
+    def call():
+        with torch.inference_mode():
+            return model(*args, return_dict=False)[0].float().numpy()
+
+    return call
+
+
 def run(scenario: str, threads: int, repeats: int, compile_peer: bool = False, log=print) -> dict:
     import torch
 
@@ -126,6 +143,7 @@ def run(scenario: str, threads: int, repeats: int, compile_peer: bool = False, l
     cfg, lat, feeds = scenario_inputs(scenario)
     torch.set_num_threads(threads)
     tokens = lat[2] * lat[3] * lat[4] // 4
+    has_bf16 = ov_backend.available() and ov_backend.cpu_info()["bf16"]  # bf16 peers: OpenVINO and PyTorch
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -148,6 +166,10 @@ def run(scenario: str, threads: int, repeats: int, compile_peer: bool = False, l
 
             rows["torch-compile-fp32"], out = time_calls(comp, repeats)
             rows["torch-compile-fp32"]["max_rel_err"] = float(np.abs(out - ref).max() / np.abs(ref).max())
+        if has_bf16:
+            log("PyTorch eager bf16 ...")
+            rows["pytorch-eager-bf16"], out = time_calls(eager_bf16(tmp / "transformer", args), repeats)
+            rows["pytorch-eager-bf16"]["max_rel_err"] = float(np.abs(out - ref).max() / np.abs(ref).max())
 
         log("exporting ...")
         t0 = time.perf_counter()
@@ -158,7 +180,7 @@ def run(scenario: str, threads: int, repeats: int, compile_peer: bool = False, l
         peers = {"ort-fp32": ("ort", "dit.onnx", "fp32"), "ort-mha-fp32": ("ort", "dit-mha.onnx", "fp32")}
         if ov_backend.available():
             peers["openvino-fp32"] = ("openvino", "dit.onnx", "fp32")
-            if ov_backend.cpu_info()["bf16"]:
+            if has_bf16:
                 peers["openvino-bf16"] = ("openvino", "dit.onnx", "bf16")
         engines, load_s = {}, {}
         for name, (backend, file, precision) in peers.items():

@@ -135,3 +135,58 @@ def test_decomposed_attention_variant(tiny_model, tmp_path):
     reference = DiTReference(WanTransformer3DModel.from_pretrained(ck.root / "transformer").eval())
     parity = parity_check(reference, spec, tmp_path / "dit.onnx", [{"b": 1, "f": 3, "h": 6, "w": 8}])
     assert parity["max_abs"] < 1e-4
+
+
+def _interleaved_rotate(x, cos, sin):  # diffusers' Wan form: x [B, L, H, D], pairs (2i, 2i+1); cos/sin [L, D/2]
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = cos[None, :, None], sin[None, :, None]
+    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
+
+
+@pytest.mark.parametrize("norm_width", ["across heads", "per head"])
+def test_half_split_permutation_keeps_every_score(norm_width):
+    """to_half_split + the rotate-half form give the same q.k scores as the checkpoint's interleaved rotary, with
+    the query/key RMSNorm across heads (Wan's) or within each head (applied after the head split)."""
+    from types import SimpleNamespace
+
+    from soraedge.export.dit import _rotate, to_half_split
+
+    torch.manual_seed(0)
+    heads, head_dim, length = 3, 8, 5
+    width = heads * head_dim
+    norm_size = width if norm_width == "across heads" else head_dim
+    attn = SimpleNamespace(heads=heads, inner_dim=width, to_q=torch.nn.Linear(width, width),
+                           to_k=torch.nn.Linear(width, width), norm_q=torch.nn.RMSNorm(norm_size),
+                           norm_k=torch.nn.RMSNorm(norm_size))
+    with torch.no_grad():
+        for norm in (attn.norm_q, attn.norm_k):
+            norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(1, length, width)  # [B, L, H*D]
+    angles = torch.rand(length, head_dim // 2) * 6.0  # [L, D/2]
+    cos, sin = angles.cos(), angles.sin()
+
+    def project(proj, norm):  # [B, L, H, D]
+        y = proj(x)
+        return norm(y).unflatten(2, (heads, -1)) if norm_size == width else norm(y.unflatten(2, (heads, -1)))
+
+    with torch.no_grad():
+        q, k = (_interleaved_rotate(project(p, n), cos, sin) for p, n in ((attn.to_q, attn.norm_q),
+                                                                          (attn.to_k, attn.norm_k)))
+        before = torch.einsum("blhd,bshd->bhls", q, k)
+        to_half_split(attn)
+        table = (torch.cat([cos, cos], -1)[None, :, None], torch.cat([sin, sin], -1)[None, :, None])  # [1, L, 1, D]
+        q, k = (_rotate(project(p, n), *table) for p, n in ((attn.to_q, attn.norm_q), (attn.to_k, attn.norm_k)))
+        after = torch.einsum("blhd,bshd->bhls", q, k)
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+
+
+def test_half_split_refuses_another_norm_width():
+    from types import SimpleNamespace
+
+    from soraedge.export.dit import to_half_split
+    from soraedge.runtime.errors import SoraError
+
+    attn = SimpleNamespace(heads=2, inner_dim=8, to_q=torch.nn.Linear(8, 8), to_k=torch.nn.Linear(8, 8),
+                           norm_q=torch.nn.RMSNorm(2), norm_k=torch.nn.RMSNorm(2))
+    with pytest.raises(SoraError, match="unsupported query/key norm over 2 channels"):
+        to_half_split(attn)

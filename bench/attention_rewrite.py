@@ -11,7 +11,6 @@ bench/results/attention_rewrite_<tag>.json and .md.
 
 from __future__ import annotations
 
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -19,7 +18,8 @@ from pathlib import Path
 import click
 import numpy as np
 
-from .dit_step import SCENARIOS, build_scenario_model, export_scenario_dit, scenario_inputs
+from .dit_step import (SCENARIOS, build_scenario_model, export_scenario_dit, scenario_inputs,
+                       scenario_options)
 from .e2e import machine, versions
 from .report import save
 
@@ -77,8 +77,7 @@ def to_markdown(r: dict) -> str:
 
 
 @click.command()
-@click.option("--scenario", type=click.Choice(sorted(SCENARIOS)), default="wan-384x6-1280tok", show_default=True)
-@click.option("--threads", type=int, default=os.cpu_count(), show_default=True)
+@scenario_options
 @click.option("--repeats", type=int, default=7, show_default=True)
 @click.option("--provider", type=click.Choice(sorted(PROVIDERS)), default="cpu", show_default=True)
 @click.option("--tag", default="cpu", show_default=True)

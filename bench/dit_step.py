@@ -1,6 +1,6 @@
 """DiT step latency, side by side in one run: PyTorch eager (the reference; and in bf16 where OpenVINO reports the
-CPU has it, as diffusers loads it), ONNX Runtime fp32 (the portable graph and its CPU graph with MultiHeadAttention), OpenVINO
-fp32/bf16 (compiled for the shape, as the pipeline runs it).
+CPU has it, as diffusers loads it), ONNX Runtime fp32 (the portable graph and its CPU graph with
+MultiHeadAttention), OpenVINO fp32/bf16 (compiled for the shape, as the pipeline runs it).
 
 Same weights (a Wan-architecture transformer built from a fixed seed), same inputs, same thread count; the ONNX
 engines are timed in turn (bench/dit_step.time_interleaved). Reports the median and p95 of repeats after warm-up,
@@ -40,8 +40,16 @@ SCENARIOS = {
     "tiny": dict(model=dict(num_attention_heads=2, attention_head_dim=12, ffn_dim=32, num_layers=2, text_dim=32),
                  frames=5, height=32, width=48, text_len=16, batch=2),
 }
+DEFAULT_SCENARIO = "wan-384x6-1280tok"
 BASE = dict(patch_size=(1, 2, 2), in_channels=16, out_channels=16, freq_dim=256, cross_attn_norm=True,
             qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
+
+
+def scenario_options(fn):
+    """--scenario (one of SCENARIOS) and --threads, as every CPU DiT bench takes them."""
+    fn = click.option("--threads", type=int, default=os.cpu_count(), show_default=True)(fn)
+    return click.option("--scenario", type=click.Choice(sorted(SCENARIOS)), default=DEFAULT_SCENARIO,
+                        show_default=True)(fn)
 
 
 def time_calls(fn, repeats: int) -> tuple[dict, object]:
@@ -236,8 +244,7 @@ def to_markdown(r: dict) -> str:
 
 
 @click.command()
-@click.option("--scenario", type=click.Choice(sorted(SCENARIOS)), default="wan-384x6-1280tok", show_default=True)
-@click.option("--threads", type=int, default=os.cpu_count(), show_default=True)
+@scenario_options
 @click.option("--repeats", type=int, default=5, show_default=True)
 @click.option("--compile", "compile_peer", is_flag=True, help="Also time torch.compile (slow to compile).")
 @click.option("--tag", default="cpu", show_default=True, help="Results go to bench/results/dit_step_<tag>.*")

@@ -13,14 +13,14 @@ export keeps where it is faster; `portable` the ONNX `Attention` graph every bac
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 from collections import defaultdict
 from pathlib import Path
 
 import click
 
-from .dit_step import SCENARIOS, build_scenario_model, export_scenario_dit, scenario_inputs
+from .dit_step import (SCENARIOS, build_scenario_model, export_scenario_dit, scenario_inputs,
+                       scenario_options)
 from .report import save
 
 
@@ -76,8 +76,7 @@ def to_markdown(r: dict) -> str:
 
 
 @click.command()
-@click.option("--scenario", type=click.Choice(sorted(SCENARIOS)), default="wan-384x6-1280tok", show_default=True)
-@click.option("--threads", type=int, default=os.cpu_count(), show_default=True)
+@scenario_options
 @click.option("--runs", type=int, default=3, show_default=True)
 @click.option("--graph", type=click.Choice(["portable", "mha"]), default="portable", show_default=True)
 @click.option("--tag", default="cpu", show_default=True)

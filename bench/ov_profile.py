@@ -10,14 +10,14 @@ kernel). Also lists the slowest layers. Writes bench/results/ov_profile_<tag>.js
 
 from __future__ import annotations
 
-import os
 import tempfile
 from collections import defaultdict
 from pathlib import Path
 
 import click
 
-from .dit_step import SCENARIOS, build_scenario_model, export_scenario_dit, scenario_inputs
+from .dit_step import (SCENARIOS, build_scenario_model, export_scenario_dit, scenario_inputs,
+                       scenario_options)
 from .report import save
 
 
@@ -67,8 +67,7 @@ def to_markdown(r: dict) -> str:
 
 
 @click.command()
-@click.option("--scenario", type=click.Choice(sorted(SCENARIOS)), default="wan-384x6-1280tok", show_default=True)
-@click.option("--threads", type=int, default=os.cpu_count(), show_default=True)
+@scenario_options
 @click.option("--runs", type=int, default=5, show_default=True)
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True)
 @click.option("--tag", default="cpu", show_default=True, help="Results go to bench/results/ov_profile_<tag>.*")

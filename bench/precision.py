@@ -41,6 +41,10 @@ VARIANTS = {
     # INT8 linears, everything else (the attention products included) executed in bf16 by OpenVINO
     "int8-dit-bf16": {"precision": "bf16", "component_precision": (("transformer", "int8"),), "backend": "auto"},
     "fp16": {"precision": "fp16"},
+    # int8 weights, activations quantized at run time by OpenVINO (no calibration); then with bf16 execution
+    "int8-dynamic": {"precision": "int8-dynamic", "backend": "auto"},
+    "int8-dynamic-dit-bf16": {"precision": "bf16", "component_precision": (("transformer", "int8-dynamic"),),
+                              "backend": "auto"},
 }
 GAP_S = 0.3  # pause before each timed call: the previous library's worker threads stop spinning
 
@@ -166,7 +170,8 @@ def peers(variant: str) -> list[tuple[str, str]]:
     out = [("ort", "fp32")]
     if openvino.available():
         out.append(("openvino", "fp32"))
-        if openvino.cpu_info()["bf16"] and VARIANTS[variant].get("precision", "fp32") in ("fp32", "int8", "bf16"):
+        graph = VARIANTS[variant].get("precision", "fp32")
+        if openvino.cpu_info()["bf16"] and graph in ("fp32", "int8", "int8-dynamic", "bf16"):
             out.append(("openvino", "bf16"))
     if VARIANTS[variant].get("precision") == "bf16":  # built for bf16 execution: only that is of interest
         out = [("openvino", "bf16")] if ("openvino", "bf16") in out else []

@@ -52,10 +52,12 @@ FIRST_LAST = {"auto": None, "keep": True, "quantize": False}  # --int8-first-las
 @click.option("--onnx-only", is_flag=True,
               help="Stop after the portable ONNX (precision conversion and quality gate included); build the target "
                    "later, e.g. on the device: sora-export ONNX_DIR -o ENGINE_DIR --backend ort-cuda.")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8", "bf16"]), default="fp32", show_default=True,
-              help="Default precision of every component (fp16/int8 live in the ONNX graphs; bf16 = fp32 graphs "
-                   "run in bf16 by OpenVINO). Reduced precision must pass the quality gate.")
-@click.option("--dit-precision", type=click.Choice(["fp32", "fp16", "int8"]), help="Override for the DiT.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8", "int8-dynamic", "bf16"]), default="fp32",
+              show_default=True, help="Default precision of every component (fp16/int8 live in the ONNX graphs; "
+              "bf16 = fp32 graphs run in bf16 by OpenVINO). Reduced precision must pass the quality gate.")
+@click.option("--dit-precision", type=click.Choice(["fp32", "fp16", "int8", "int8-dynamic"]),
+              help="Override for the DiT. int8-dynamic: int8 weights, activations quantized at run time by OpenVINO "
+              "(CPU targets; no calibration; combines with --precision bf16).")
 @click.option("--text-encoder-precision", type=click.Choice(["fp32", "int8", "int4"]),
               help="Override for the text encoder (int8/int4: weight-only).")
 @click.option("--vae-precision", type=click.Choice(["fp32", "fp16"]), help="Override for the VAE decoder.")

@@ -27,7 +27,7 @@ from ..runtime.manifest import CACHE_DIR, sha256_file, write_manifest
 from ..runtime.spec import Dim
 from ..runtime.validate import check_frames, check_size
 from .checkpoint import WanCheckpoint, read_checkpoint
-from .choose_backend import build_runtime, check_request, openvino_unsupported
+from .choose_backend import build_runtime, check_request, cpu_only, openvino_unsupported
 from .dit import AttentionForm, DiTReference, dit_spec, load_dit
 from .dit_probe import FirstBlockProbe, ProbeReference, probe_spec
 from .precision import convert_engines, default_min_psnr, plan_precision
@@ -246,7 +246,8 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = lambda s: None) -
             raise SoraError("--onnx-only builds no runtime target: drop --backend and bf16 (build the target later "
                             "with sora-export ONNX_DIR -o ENGINE_DIR --backend ...)")
         if not cfg.onnx_only:
-            check_request(cfg.backend, execution, no_openvino)  # fail before minutes of export, not after
+            # fail before minutes of export, not after
+            check_request(cfg.backend, execution, no_openvino, cpu_only(plan))
         min_psnr = cfg.min_psnr if cfg.min_psnr is not None else default_min_psnr(plan, execution)
         options = {k: v for k, v in asdict(cfg).items() if k not in ("model", "out", "overwrite", "check_parity",
                                                                      "threads", "calib", "component_precision",

@@ -20,7 +20,7 @@ from typing import Callable
 from .. import __version__
 from ..runtime.gpu_target import GPU_BACKENDS, target
 from ..runtime.manifest import TARGET_FILE_KEYS, load_manifest, write_manifest
-from .choose_backend import build_runtime, check_request, openvino_unsupported
+from .choose_backend import build_runtime, check_request, cpu_only, openvino_unsupported
 from .staging import ExportReport, build_keys, check_destination, link_or_copy, swap_into_place, up_to_date
 from .trt_target import TrtOptions
 
@@ -52,7 +52,8 @@ def build_from_engines(cfg: TargetConfig, log: Callable[[str], None] = lambda s:
     src = load_manifest(cfg.source)  # every file checked against its hash before anything is built from it
     check_destination(out)
     no_openvino = openvino_unsupported(src.precision)
-    check_request(cfg.backend, "fp32", no_openvino)  # e.g. no GPU for ort-cuda: refused before any work
+    # e.g. no GPU for ort-cuda, or CPU-only engines: refused before any work
+    check_request(cfg.backend, "fp32", no_openvino, cpu_only(src.precision))
     report = ExportReport(out=out, reused=False)
     t_all = time.perf_counter()
     key, inputs_key = _target_keys(src, cfg.backend, asdict(cfg.trt) if cfg.backend == "tensorrt" else None)

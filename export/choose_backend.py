@@ -84,6 +84,14 @@ def openvino_unsupported(precision: dict[str, str]) -> str | None:
     return None
 
 
+def cpu_only(precision: dict[str, str]) -> str | None:
+    """Why engines at this per-component precision are for a CPU target only, or None."""
+    if precision.get("transformer") == "int8-dynamic":
+        return ("the int8-dynamic DiT is a CPU precision (OpenVINO's CPU plugin quantizes its activations at run "
+                "time); for a GPU use --dit-precision int8 (Q/DQ) or fp16")
+    return None
+
+
 def require_gpu(backend: str) -> None:
     """Refuse a GPU target on a machine that cannot build it, before any export work."""
     if backend == "tensorrt":
@@ -131,10 +139,13 @@ def build_runtime(engine_dir: Path, backend: str, precision: str, threads: int |
     return runtime, None, added
 
 
-def check_request(backend: str, precision: str, openvino_unsupported: str | None = None) -> list[tuple[str, str]]:
+def check_request(backend: str, precision: str, openvino_unsupported: str | None = None,
+                  cpu_only: str | None = None) -> list[tuple[str, str]]:
     """Refuse an impossible backend/precision request (before any export work); returns the (backend, precision)
-    pairs worth timing."""
+    pairs worth timing. `cpu_only`: why the engines are for a CPU target only (see `cpu_only`)."""
     if backend in gpu_target.GPU_BACKENDS:
+        if cpu_only:
+            raise SoraError(f"--backend {backend}: {cpu_only}")
         if precision != "fp32":
             raise SoraError(f"{precision} execution is OpenVINO's on the CPU; --backend {backend} runs the precision "
                             f"the graphs carry (--precision fp16 or int8)")

@@ -1,9 +1,10 @@
 """Per-component precision: what each component may be stored as, its fp32 islands, and the conversion pass.
 
-Precision lives in the ONNX graph (FP16 casts, INT8 Q/DQ, weight-only MatMulNBits), never in builder flags, so
-one file serves ONNX Runtime and TensorRT alike. `--precision` is the default for every component; a component
-that does not offer it falls back to fp32 with the reason recorded (and an explicit per-component request that it
-cannot honour is refused). `bf16` is different: the graphs stay fp32 and OpenVINO executes them in bf16.
+Precision lives in the ONNX graph (FP16 casts, INT8 Q/DQ, weight-only MatMulNBits, the int8-dynamic DiT's
+DequantizeLinear weights), never in builder flags, so one file serves ONNX Runtime and TensorRT alike (the
+int8-dynamic DiT is a CPU precision: export/int8_dynamic.py). `--precision` is the default for every component; a
+component that does not offer it falls back to fp32 with the reason recorded (and an explicit per-component request
+that it cannot honour is refused). `bf16` is different: the graphs stay fp32 and OpenVINO executes them in bf16.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from ..runtime.errors import SoraError
 from .staging import link_or_copy
 
 COMPONENTS = ("transformer", "text_encoder", "vae")
-PRECISIONS = ("fp32", "bf16", "fp16", "int8")  # what --precision takes
-OFFERED = {"transformer": ("fp32", "fp16", "int8"), "text_encoder": ("fp32", "int8", "int4"), "vae": ("fp32", "fp16")}
+PRECISIONS = ("fp32", "bf16", "fp16", "int8", "int8-dynamic")  # what --precision takes
+OFFERED = {"transformer": ("fp32", "fp16", "int8", "int8-dynamic"), "text_encoder": ("fp32", "int8", "int4"),
+           "vae": ("fp32", "fp16")}
 WHY_NOT = {
     ("text_encoder", "fp16"): "umT5's feed-forward outputs overflow fp16 (transformers keeps its `wo` layers in fp32 "
                               "and clamps hidden states for this reason); weight-only int8/int4 saves more memory "
@@ -25,6 +27,9 @@ WHY_NOT = {
                      "use fp16 for its memory",
     ("vae", "int4"): "weight-only int4 is for the text encoder's memory",
     ("transformer", "int4"): "weight-only int4 helps memory-bound models; a DiT step is compute-bound",
+    ("text_encoder", "int8-dynamic"): "the text encoder runs once per prompt: its weight-only int8/int4 saves the "
+                                      "same memory",
+    ("vae", "int8-dynamic"): "int8-dynamic quantizes linear layers; the VAE decoder is convolutions",
 }
 # FP16 islands: op types and module prefixes kept in fp32, per component. Normalisations and softmax (overflow in
 # sums of squares and exponentials), sin/cos of the timestep and RoPE (argument precision), the timestep
@@ -36,7 +41,7 @@ FP16_ISLANDS = {
     # Wan's RMS_norm exports as ReduceL2 -> Clip -> Div: the sum of squares overflows fp16 first.
     "vae": (("ReduceL2", "Clip", "Div", "Softmax"), ("norm_out", "conv_out")),
 }
-DEFAULT_MIN_PSNR = {"int8": 30.0, "int4": 30.0, "bf16": 30.0, "fp16": 40.0}
+DEFAULT_MIN_PSNR = {"int8": 30.0, "int8-dynamic": 30.0, "int4": 30.0, "bf16": 30.0, "fp16": 40.0}
 
 
 def component_of(engine: str) -> str:
@@ -79,6 +84,7 @@ def convert_engines(ref: Path, stage: Path, engines: dict, plan: dict[str, str],
     {engine: {"precision": ..., "detail": summary of the pass}} for the manifest.
     """
     from .fp16 import convert_fp16
+    from .int8_dynamic import quantize_linear_weights
     from .weight_only import quantize_weights
 
     out = {}
@@ -95,6 +101,8 @@ def convert_engines(ref: Path, stage: Path, engines: dict, plan: dict[str, str],
         log(f"  {name}: {p} ...")
         if p == "fp16":
             detail = convert_fp16(src, dst, *FP16_ISLANDS[comp])
+        elif p == "int8-dynamic":  # its linears outside the FP16 islands' modules; no calibration
+            detail = quantize_linear_weights(src, dst, FP16_ISLANDS[comp][1])
         elif comp == "text_encoder":
             detail = quantize_weights(src, dst, p)
         else:

@@ -119,7 +119,7 @@ def to_markdown(r: dict) -> str:
 
 @click.command()
 @click.option("--seeds", default=3, show_default=True, help="Seeds per prompt.")
-@click.option("--precision", "precisions", multiple=True, type=click.Choice(["fp16", "int8"]),
+@click.option("--precision", "precisions", multiple=True, type=click.Choice(["fp16", "int8", "int8-dynamic"]),
               help="Also judge these engines (through the export's quality gate).")
 @click.option("--steps", type=int, help="Sampling steps (default: the model's).")
 @click.option("--threads", type=int, default=os.cpu_count(), show_default=True)

@@ -1,6 +1,7 @@
 """DiT step latency, side by side in one run: PyTorch eager (the reference; and in bf16 where OpenVINO reports the
 CPU has it, as diffusers loads it), ONNX Runtime fp32 (the portable graph and its CPU graph with
-MultiHeadAttention), OpenVINO fp32/bf16 (compiled for the shape, as the pipeline runs it).
+MultiHeadAttention), OpenVINO fp32/bf16 (compiled for the shape, as the pipeline runs it), and the int8-dynamic DiT
+(int8 linear weights, activations quantized at run time: export/int8_dynamic.py) on both.
 
 Same weights (a Wan-architecture transformer built from a fixed seed), same inputs, same thread count; the ONNX
 engines are timed in turn (bench/dit_step.time_interleaved). Reports the median and p95 of repeats after warm-up,
@@ -144,6 +145,8 @@ def run(scenario: str, threads: int, repeats: int, compile_peer: bool = False, l
     import torch
 
     from ..export.attention_rewrite import rewrite_file
+    from ..export.int8_dynamic import quantize_linear_weights
+    from ..export.precision import FP16_ISLANDS
     from ..runtime.backends import open_engine
     from ..runtime.backends import openvino as ov_backend
 
@@ -185,11 +188,16 @@ def run(scenario: str, threads: int, repeats: int, compile_peer: bool = False, l
         export_s = time.perf_counter() - t0
         # ONNX Runtime's CPU graph (MultiHeadAttention), which the export keeps where it is faster
         rewrite_file(tmp / "dit.onnx", tmp / "dit-mha.onnx")
-        peers = {"ort-fp32": ("ort", "dit.onnx", "fp32"), "ort-mha-fp32": ("ort", "dit-mha.onnx", "fp32")}
+        # the int8-dynamic DiT, as `sora-export --dit-precision int8-dynamic` writes it
+        quantize_linear_weights(tmp / "dit.onnx", tmp / "dit-int8-dynamic.onnx", FP16_ISLANDS["transformer"][1])
+        peers = {"ort-fp32": ("ort", "dit.onnx", "fp32"), "ort-mha-fp32": ("ort", "dit-mha.onnx", "fp32"),
+                 "ort-int8-dynamic-fp32": ("ort", "dit-int8-dynamic.onnx", "fp32")}
         if ov_backend.available():
             peers["openvino-fp32"] = ("openvino", "dit.onnx", "fp32")
+            peers["openvino-int8-dynamic-fp32"] = ("openvino", "dit-int8-dynamic.onnx", "fp32")
             if has_bf16:
                 peers["openvino-bf16"] = ("openvino", "dit.onnx", "bf16")
+                peers["openvino-int8-dynamic-bf16"] = ("openvino", "dit-int8-dynamic.onnx", "bf16")
         engines, load_s = {}, {}
         for name, (backend, file, precision) in peers.items():
             log(f"opening {name} ...")
@@ -234,7 +242,8 @@ def to_markdown(r: dict) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, row in r["rows"].items():
         backend, precision = name.rsplit("-", 1)
-        backend = {"ort-mha": "ort (MultiHeadAttention)"}.get(backend, backend)
+        backend = {"ort-mha": "ort (MultiHeadAttention)", "ort-int8-dynamic": "ort, int8-dynamic DiT",
+                   "openvino-int8-dynamic": "openvino, int8-dynamic DiT"}.get(backend, backend)
         err = f"{row['max_rel_err']:.1e}" if "max_rel_err" in row else "reference"
         lines.append(f"| {backend} | {precision} | {row['median_s']:.3f} | {row['p95_s']:.3f} | "
                      f"{row['warmup_s']:.2f} | {row['gflops']:.0f} | {row['fraction_of_fp32_peak']:.0%} | "

@@ -9,8 +9,10 @@ symmetric per output channel: scale = max|w| / 127 over the column, zero point 0
 in the graph, so there is no calibration (PyTorch's "dynamic quantization" of Linear layers is the same scheme).
 OpenVINO's CPU plugin reads the pattern as a linear layer with compressed weights: it keeps the weights int8 in
 memory and, with dynamic quantization on (runtime/backends/openvino.py), quantizes each token's activations per
-group of input channels at run time and multiplies on the CPU's integer dot-product instructions. ONNX Runtime runs
-the same file at fp32 speed. GPU targets refuse it (export/choose_backend.py: `cpu_only`).
+group of input channels at run time and multiplies on the CPU's integer dot-product instructions. ONNX Runtime fuses
+the pattern into its 8-bit `MatMulNBits` with int8 compute, measured no faster than its fp32 step at bench-384's
+width and 1.15x at the 1.3B layers' (bench/results/dit_step_cpu-*-s11.md). GPU targets refuse it
+(export/choose_backend.py: `cpu_only`).
 """
 
 from __future__ import annotations

@@ -52,9 +52,12 @@ FIRST_LAST = {"auto": None, "keep": True, "quantize": False}  # --int8-first-las
 @click.option("--onnx-only", is_flag=True,
               help="Stop after the portable ONNX (precision conversion and quality gate included); build the target "
                    "later, e.g. on the device: sora-export ONNX_DIR -o ENGINE_DIR --backend ort-cuda.")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8", "int8-dynamic", "bf16"]), default="fp32",
-              show_default=True, help="Default precision of every component (fp16/int8 live in the ONNX graphs; "
-              "bf16 = fp32 graphs run in bf16 by OpenVINO). Reduced precision must pass the quality gate.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "int8", "int8-dynamic", "bf16"]),
+              default="auto", show_default=True,
+              help="Default precision of every component (fp16/int8 live in the ONNX graphs; bf16 = fp32 graphs run "
+              "in bf16 by OpenVINO; auto = fp32 graphs, run in bf16 where that is the fastest measured on this CPU "
+              "and passes the quality gate, else fp32). Reduced precision must pass the quality gate. For an engine "
+              "directory MODEL: the execution precision (auto, fp32 or bf16).")
 @click.option("--dit-precision", type=click.Choice(["fp32", "fp16", "int8", "int8-dynamic"]),
               help="Override for the DiT. int8-dynamic: int8 weights, activations quantized at run time by OpenVINO "
               "(CPU targets; no calibration; combines with --precision bf16).")
@@ -97,7 +100,7 @@ def main(model, out, frames, max_frames, height, width, attention, max_sequence_
     trt = TrtOptions(trt_attention, BuildSettings(trt_workspace_mb, trt_tactic_memory_mb, trt_opt_level,
                                                   trt_version_compatible, trt_hardware_compatible))
     if (Path(model) / "manifest.json").is_file():
-        _build_target(Path(model), out, backend, threads, overwrite, trt)
+        _build_target(Path(model), out, backend, precision, threads, overwrite, trt)
         return
     try:
         from ..calib.config import CalibConfig
@@ -131,11 +134,12 @@ def _written(report) -> None:
         click.echo(f"engines written to {report.out} ({stages})")
 
 
-TARGET_OPTIONS = {"model", "out", "backend", "threads", "overwrite", "trt_attention", "trt_workspace_mb",
+TARGET_OPTIONS = {"model", "out", "backend", "precision", "threads", "overwrite", "trt_attention", "trt_workspace_mb",
                   "trt_tactic_memory_mb", "trt_opt_level", "trt_version_compatible", "trt_hardware_compatible"}
 
 
-def _build_target(source: Path, out: Path, backend: str, threads: int | None, overwrite: bool, trt) -> None:
+def _build_target(source: Path, out: Path, backend: str, precision: str, threads: int | None, overwrite: bool,
+                  trt) -> None:
     from ..export.build_target import TargetConfig, build_from_engines
     from ..runtime.errors import SoraError
 
@@ -146,7 +150,7 @@ def _build_target(source: Path, out: Path, backend: str, threads: int | None, ov
         raise SoraError(f"{source} is an engine directory: only its target is built from it, so {', '.join(fixed)} "
                         f"cannot change (they are fixed when the ONNX is exported; export from the model to change "
                         f"them)")
-    _written(build_from_engines(TargetConfig(source, out, backend, threads, overwrite, trt), log=click.echo))
+    _written(build_from_engines(TargetConfig(source, out, backend, threads, overwrite, trt, precision), log=click.echo))
 
 
 if __name__ == "__main__":

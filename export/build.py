@@ -30,8 +30,8 @@ from .checkpoint import WanCheckpoint, read_checkpoint
 from .choose_backend import build_runtime, check_request, cpu_only, openvino_unsupported
 from .dit import AttentionForm, DiTReference, dit_spec, load_dit
 from .dit_probe import FirstBlockProbe, ProbeReference, probe_spec
-from .precision import convert_engines, default_min_psnr, plan_precision
-from .quality_gate import quality_gate
+from .gated_choice import gate_target
+from .precision import convert_engines, execution_of, plan_precision
 from .staging import ExportReport, build_keys, check_destination, swap_into_place, up_to_date
 from .trt_target import TrtOptions
 from .text_encoder import load_text_encoder, text_encoder_spec
@@ -57,11 +57,12 @@ class ExportConfig:
     check_parity: bool = True
     backend: str = "auto"  # "auto" (fastest CPU backend measured here) | "ort" | "openvino" | "ort-cuda" (this GPU)
     onnx_only: bool = False  # stop after the portable ONNX (and the quality gate on the CPU): build no target
-    # Default precision of every component: fp32 | fp16 | int8 (graphs) | bf16 (fp32 graphs run in bf16 by
-    # OpenVINO). export/precision.py says what each component offers.
-    precision: str = "fp32"
+    # Default precision of every component: auto (fp32 graphs; on a CPU, bf16 execution where fastest and it passes
+    # the gate) | fp32 | fp16 | int8 | int8-dynamic (graphs) | bf16 (fp32 graphs run in bf16 by OpenVINO).
+    # export/precision.py says what each component offers.
+    precision: str = "auto"
     component_precision: tuple[tuple[str, str], ...] = ()  # per-component overrides: (("text_encoder", "int4"),)
-    min_psnr: float | None = None  # the gate's threshold; default by precision (30 dB 8-bit/bf16, 40 dB fp16)
+    min_psnr: float | None = None  # the gate's threshold; default by what ships (30 dB 8-bit/bf16, 40 dB fp16)
     calib: CalibConfig = field(default_factory=CalibConfig)  # INT8 DiT calibration
     threads: int | None = None
     trt: TrtOptions = field(default_factory=TrtOptions)  # --backend tensorrt: attention mode, builder settings
@@ -240,21 +241,20 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = lambda s: None) -
             check_frames(f, ck.vae_scale_temporal)
 
         plan, notes = plan_precision(cfg.precision, dict(cfg.component_precision))
-        execution = "bf16" if cfg.precision == "bf16" else "fp32"
+        execution = execution_of(cfg.precision)  # fp32, bf16, or auto: decided with the target
         no_openvino = openvino_unsupported(plan)
-        if cfg.onnx_only and (cfg.backend != "auto" or execution != "fp32"):
+        if cfg.onnx_only and (cfg.backend != "auto" or execution == "bf16"):
             raise SoraError("--onnx-only builds no runtime target: drop --backend and bf16 (build the target later "
                             "with sora-export ONNX_DIR -o ENGINE_DIR --backend ...)")
         if not cfg.onnx_only:
             # fail before minutes of export, not after
             check_request(cfg.backend, execution, no_openvino, cpu_only(plan))
-        min_psnr = cfg.min_psnr if cfg.min_psnr is not None else default_min_psnr(plan, execution)
         options = {k: v for k, v in asdict(cfg).items() if k not in ("model", "out", "overwrite", "check_parity",
                                                                      "threads", "calib", "component_precision",
                                                                      "min_psnr", "trt")}
         if cfg.backend == "tensorrt":
             options["trt"] = asdict(cfg.trt)
-        options.update(attention=cfg.attention.value, defaults=defaults, plan=plan, min_psnr=min_psnr)
+        options.update(attention=cfg.attention.value, defaults=defaults, plan=plan, min_psnr=cfg.min_psnr)
         if cfg.backend in GPU_BACKENDS:
             options["gpu"] = target()  # a build for one GPU is not a build for another
         if plan["transformer"] == "int8":
@@ -330,17 +330,8 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = lambda s: None) -
                 files = write_manifest(stage, body)["files"]
             write_manifest(stage, body, files)  # the gate's pipeline reads the target it runs on
             report.seconds["build_target"] = time.perf_counter() - t0
-        if reduced or execution != "fp32":
-            t0 = time.perf_counter()
-            log(f"quality gate against fp32 (threshold {min_psnr} dB) ...")
-            label = ", ".join([f"{p} {c}" for c, p in plan.items() if p != "fp32"]
-                              + ([f"{execution} execution"] if execution != "fp32" else []))
-            gate = quality_gate(ref, stage, body["runtime"]["backend"], body["runtime"]["precision"], min_psnr,
-                                cfg.threads, label)
-            body["runtime"]["quality_gate"] = gate
-            log(f"  PSNR {min(gate['psnr_db']):.1f} dB, DiT step cosine >= "
-                f"{min(min(c) for c in gate['dit_step_cosine']):.5f}, text embedding cosine >= "
-                f"{min(gate['text_embedding_cosine']):.5f}")
+        t0 = time.perf_counter()
+        if gate_target(ref, stage, body["runtime"], plan, cfg.min_psnr, cfg.threads, log):
             report.seconds["quality_gate"] = time.perf_counter() - t0
         write_manifest(stage, body, files)  # same files (backend caches are outside the content): no re-hash
         if cfg.backend not in GPU_BACKENDS:  # a CPU build is portable; a GPU build keeps its GPU's caches

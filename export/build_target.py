@@ -4,8 +4,11 @@
 output of `sora-export MODEL -o ONNX_DIR --onnx-only` on a workstation, carried to the device. ONNX_DIR's files are
 verified against its manifest and linked (or copied) into a staged directory. The target is then built and measured:
 on a CPU the backend is chosen by timing, on a GPU the GPU is recorded (runtime/gpu_target.py). Finally the stage is
-renamed into place. Precision, shapes and the quality gate's result come from ONNX_DIR unchanged. No torch and no
-checkpoint are needed, so this runs on the device itself.
+renamed into place. The graphs' precision and shapes come from ONNX_DIR unchanged. `precision` is the execution
+precision: where ONNX_DIR's graphs are fp32, `auto` (the default) also times OpenVINO's bf16 execution on a CPU with
+bf16 and ships it when fastest and it passes the quality gate against ONNX_DIR itself (export/gated_choice.py);
+reduced graphs run fp32 and keep the gate's result measured when they were made. No torch and no checkpoint are
+needed, so this runs on the device itself.
 """
 
 from __future__ import annotations
@@ -18,9 +21,11 @@ from pathlib import Path
 from typing import Callable
 
 from .. import __version__
+from ..runtime.errors import SoraError
 from ..runtime.gpu_target import GPU_BACKENDS, target
 from ..runtime.manifest import TARGET_FILE_KEYS, load_manifest, write_manifest
 from .choose_backend import build_runtime, check_request, cpu_only, openvino_unsupported
+from .gated_choice import gate_target
 from .staging import ExportReport, build_keys, check_destination, link_or_copy, swap_into_place, up_to_date
 from .trt_target import TrtOptions
 
@@ -33,16 +38,17 @@ class TargetConfig:
     threads: int | None = None
     overwrite: bool = False
     trt: TrtOptions = field(default_factory=TrtOptions)  # --backend tensorrt: attention mode, builder settings
+    precision: str = "auto"  # execution precision: auto | fp32 | bf16 (the graphs keep the source's precision)
 
 
-def _target_keys(src, backend: str, trt: dict | None) -> tuple[str, str]:
-    """Same source content, backend, machine (GPU, or CPU) and runtime versions -> same build (cache key, inputs
-    key: staging.build_keys)."""
+def _target_keys(src, backend: str, execution: str, trt: dict | None) -> tuple[str, str]:
+    """Same source content, backend, execution precision, machine (GPU, or CPU) and runtime versions -> same build
+    (cache key, inputs key: staging.build_keys)."""
     import onnxruntime
 
     machine = target() if backend in GPU_BACKENDS else {"machine": platform.machine(), "cpu": platform.processor()}
     return build_keys({"source": {rel: meta["sha256"] for rel, meta in src.data["files"].items()},
-                       "backend": backend, "machine": machine, "trt": trt},
+                       "backend": backend, "execution": execution, "machine": machine, "trt": trt},
                       {"soraedge": __version__, "onnxruntime": onnxruntime.__version__})
 
 
@@ -52,11 +58,13 @@ def build_from_engines(cfg: TargetConfig, log: Callable[[str], None] = lambda s:
     src = load_manifest(cfg.source)  # every file checked against its hash before anything is built from it
     check_destination(out)
     no_openvino = openvino_unsupported(src.precision)
+    execution = _execution(cfg.precision, src)
     # e.g. no GPU for ort-cuda, or CPU-only engines: refused before any work
-    check_request(cfg.backend, "fp32", no_openvino, cpu_only(src.precision))
+    check_request(cfg.backend, execution, no_openvino, cpu_only(src.precision))
     report = ExportReport(out=out, reused=False)
     t_all = time.perf_counter()
-    key, inputs_key = _target_keys(src, cfg.backend, asdict(cfg.trt) if cfg.backend == "tensorrt" else None)
+    key, inputs_key = _target_keys(src, cfg.backend, execution,
+                                   asdict(cfg.trt) if cfg.backend == "tensorrt" else None)
     if up_to_date(out, key, inputs_key, cfg.overwrite, log):
         log(f"{out} is already built from these engines for {cfg.backend} on this machine (cache key {key[:12]})")
         report.reused = True
@@ -79,14 +87,37 @@ def build_from_engines(cfg: TargetConfig, log: Callable[[str], None] = lambda s:
         files = write_manifest(stage, {**body, "runtime": src.runtime}, carried)["files"]
         t0 = time.perf_counter()
         log(f"building the runtime target {cfg.backend} (timing the DiT step) ...")
-        body["runtime"], body["gpu"], added = build_runtime(stage, cfg.backend, "fp32", cfg.threads, log, no_openvino,
-                                                            cfg.trt)
+        body["runtime"], body["gpu"], added = build_runtime(stage, cfg.backend, execution, cfg.threads, log,
+                                                            no_openvino, cfg.trt)
         for name, entry in added.items():
             body["engines"][name] = {**body["engines"][name], **entry}
-        if "quality_gate" in src.runtime:  # measured at the ONNX step, on the backend it names
-            body["runtime"]["quality_gate"] = src.runtime["quality_gate"]
         report.seconds["build_target"] = time.perf_counter() - t0
+        if _fp32_graphs(src):  # the source is the fp32 reference of a bf16 choice
+            t0 = time.perf_counter()
+            if gate_target(src.root, stage, body["runtime"], src.precision, None, cfg.threads, log):
+                report.seconds["quality_gate"] = time.perf_counter() - t0
+        elif "quality_gate" in src.runtime:  # measured at the ONNX step, on the backend it names
+            body["runtime"]["quality_gate"] = src.runtime["quality_gate"]
         write_manifest(stage, body, None if added else files)  # new files (plans, ORT's CPU graph) hashed too
         swap_into_place(stage, out, work)
     report.seconds["total"] = time.perf_counter() - t_all
     return report
+
+
+def _fp32_graphs(src) -> bool:
+    return all(p == "fp32" for p in src.precision.values())
+
+
+def _execution(precision: str, src) -> str:
+    """The execution precision to build for: as asked where the source's graphs are fp32 (they are the gate's
+    reference), else fp32 (`auto`) or refused (`bf16`)."""
+    if precision not in ("auto", "fp32", "bf16"):
+        raise SoraError(f"{src.root} is an engine directory: its graphs' precision is fixed when the ONNX is exported, "
+                        f"and here --precision is the execution precision (auto, fp32 or bf16), not {precision}")
+    if _fp32_graphs(src):
+        return precision
+    if precision == "bf16":
+        reduced = ", ".join(f"{p} {c}" for c, p in src.precision.items() if p != "fp32")
+        raise SoraError(f"bf16 execution is gated against fp32 engines, and {src.root} holds {reduced}: export from "
+                        f"the model with --precision bf16 to gate both together")
+    return "fp32"

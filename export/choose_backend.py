@@ -5,9 +5,11 @@ DiT step (CFG batch of 2 at the engine's tuning shape, capped near 2K tokens) on
 the timings, the CPU and the winner; for ONNX Runtime it also times the DiT rewritten with ONNX Runtime's
 MultiHeadAttention (its CPU flash attention) and keeps that graph beside the portable one when faster. On
 `ort-cuda`, `gpu_runtime` records this machine's GPU and library versions (runtime/gpu_target.py) and times the DiT
-step with and without CUDA graphs. Reduced precision (bf16 execution, fp16/int8 graphs) is then checked by
-export/quality_gate.py on the chosen backend. Torch-free: it also runs in the second step of the two-step path
-(export/build_target.py), on the device.
+step with and without CUDA graphs. With execution precision `auto` (the default), OpenVINO's bf16 execution is a
+candidate too where the CPU has bf16, and the fastest candidate is chosen. Reduced precision (bf16 execution,
+fp16/int8 graphs) is then checked by the quality gate on the chosen target (export/gated_choice.py), which falls
+back to the fastest fp32 candidate when an `auto` choice of bf16 fails it. Torch-free: it also runs in the second
+step of the two-step path (export/build_target.py), on the device.
 """
 
 from __future__ import annotations
@@ -146,7 +148,7 @@ def check_request(backend: str, precision: str, openvino_unsupported: str | None
     if backend in gpu_target.GPU_BACKENDS:
         if cpu_only:
             raise SoraError(f"--backend {backend}: {cpu_only}")
-        if precision != "fp32":
+        if precision not in ("fp32", "auto"):  # a GPU target runs the precision its graphs carry
             raise SoraError(f"{precision} execution is OpenVINO's on the CPU; --backend {backend} runs the precision "
                             f"the graphs carry (--precision fp16 or int8)")
         require_gpu(backend)
@@ -158,7 +160,7 @@ def check_request(backend: str, precision: str, openvino_unsupported: str | None
     candidates = [("ort", "fp32")]
     if ov_backend.available() and not openvino_unsupported:
         candidates.append(("openvino", "fp32"))
-        if precision == "bf16":
+        if precision == "bf16" or (precision == "auto" and backend != "ort" and ov_backend.cpu_info()["bf16"]):
             candidates.append(("openvino", "bf16"))
     elif backend == "openvino" or precision == "bf16":
         raise SoraError("--backend openvino / --precision bf16 need OpenVINO: pip install 'soraedge[openvino]'")
@@ -185,16 +187,19 @@ def choose_runtime(engine_dir: Path, backend: str, precision: str, threads: int 
     if ov_backend.available():
         info = ov_backend.cpu_info()
         runtime["cpu"], runtime["openvino"] = info["cpu"], info["openvino"]
-    if precision == "bf16":
-        chosen = ("openvino", "bf16")
-    elif backend == "auto":
-        chosen = min((c for c in candidates if c[1] == "fp32"), key=lambda c: timings[f"{c[0]}-{c[1]}"]["step_s"])
-    else:
-        chosen = (backend, "fp32")
-    runtime["backend"], runtime["precision"] = chosen
-    why = "asked for" if precision == "bf16" or backend != "auto" else "fastest measured"
-    log(f"  runtime: {chosen[0]} {chosen[1]} ({why})")
+    # what the request leaves open (backend auto, precision auto), decided by the timings
+    runtime["candidates"] = [list(c) for c in candidates if backend in ("auto", c[0]) and precision in ("auto", c[1])]
+    runtime["asked"] = {"backend": backend, "precision": precision}
+    runtime["backend"], runtime["precision"] = fastest(runtime, runtime["candidates"])
+    why = "fastest measured" if len(runtime["candidates"]) > 1 else "asked for"
+    log(f"  runtime: {runtime['backend']} {runtime['precision']} ({why})")
     return runtime, added
+
+
+def fastest(runtime: dict, candidates: list[list[str]]) -> tuple[str, str]:
+    """The (backend, precision) of `candidates` with the shortest DiT step in `runtime["timings"]`."""
+    b, p = min(candidates, key=lambda c: runtime["timings"][f"{c[0]}-{c[1]}"]["step_s"])
+    return b, p
 
 
 def ort_cpu_graph(engine_dir: Path, threads: int | None, timings: dict,

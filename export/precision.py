@@ -5,6 +5,9 @@ DequantizeLinear weights), never in builder flags, so one file serves ONNX Runti
 int8-dynamic DiT is a CPU precision: export/int8_dynamic.py). `--precision` is the default for every component; a
 component that does not offer it falls back to fp32 with the reason recorded (and an explicit per-component request
 that it cannot honour is refused). `bf16` is different: the graphs stay fp32 and OpenVINO executes them in bf16.
+`auto` (the default) also keeps the graphs fp32 and leaves the execution precision to the target build: on a CPU
+with bf16 it ships bf16 where that is the fastest measured and passes the quality gate, else fp32
+(export/gated_choice.py).
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ from ..runtime.errors import SoraError
 from .staging import link_or_copy
 
 COMPONENTS = ("transformer", "text_encoder", "vae")
-PRECISIONS = ("fp32", "bf16", "fp16", "int8", "int8-dynamic")  # what --precision takes
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8", "int8-dynamic")  # what --precision takes
+EXECUTION = ("auto", "bf16")  # --precision values that are execution precisions over fp32 graphs
 OFFERED = {"transformer": ("fp32", "fp16", "int8", "int8-dynamic"), "text_encoder": ("fp32", "int8", "int4"),
            "vae": ("fp32", "fp16")}
 WHY_NOT = {
@@ -52,7 +56,7 @@ def plan_precision(default: str, overrides: dict[str, str]) -> tuple[dict[str, s
     """({component: graph precision}, {component: why it differs from the default})."""
     if default not in PRECISIONS:
         raise SoraError(f"precision {default!r} unknown (known: {', '.join(PRECISIONS)})")
-    graph_default = "fp32" if default == "bf16" else default
+    graph_default = "fp32" if default in EXECUTION else default
     plan, notes = {}, {}
     for c in COMPONENTS:
         asked = overrides.get(c)
@@ -70,8 +74,14 @@ def plan_precision(default: str, overrides: dict[str, str]) -> tuple[dict[str, s
     return plan, notes
 
 
+def execution_of(default: str) -> str:
+    """The execution precision a --precision value asks for: bf16, auto (decided at the target build) or fp32."""
+    return default if default in EXECUTION else "fp32"
+
+
 def default_min_psnr(plan: dict[str, str], execution: str) -> float:
-    """The gate's threshold: the loosest precision in use decides (30 dB with any 8-bit or bf16, else 40 dB)."""
+    """The gate's threshold: the loosest precision in use decides (30 dB with any 8-bit or bf16, else 40 dB).
+    `execution` is the precision the target runs (fp32 or bf16), not `auto`."""
     used = set(plan.values()) | {execution}
     return min((DEFAULT_MIN_PSNR[p] for p in used if p in DEFAULT_MIN_PSNR), default=DEFAULT_MIN_PSNR["fp16"])
 

@@ -7,7 +7,8 @@ checked against PyTorch at export) and the candidate engines each generate; the 
   reference trajectory's inputs (so each step's error is seen on its own, not compounded),
 - the cosine similarity of the candidate text encoder's embeddings to the reference's,
 at a shape capped near 2K tokens and a few steps, so the gate takes seconds to minutes on 2 CPU cores. Below the
-PSNR threshold, or with any NaN/Inf, it raises SoraError and the export writes nothing.
+PSNR threshold, or with any NaN/Inf, the record does not pass, and `check_quality` raises SoraError: the export then
+writes nothing (export/gated_choice.py decides when a failed gate refuses and when it falls back to fp32).
 """
 
 from __future__ import annotations
@@ -53,10 +54,10 @@ def gate_size(pipe: Pipeline) -> tuple[int, int]:
     return h, w
 
 
-def quality_gate(reference: Path, candidate: Path, backend: str, precision: str, min_psnr: float,
-                 threads: int | None, label: str = "") -> dict:
-    """Measure `candidate` engines on (backend, execution precision) against fp32 `reference` engines. `label`
-    names what is being gated in the refusal message (e.g. "int8 transformer")."""
+def measure_quality(reference: Path, candidate: Path, backend: str, precision: str, min_psnr: float,
+                    threads: int | None) -> dict:
+    """Measure `candidate` engines on (backend, execution precision) against fp32 `reference` engines; the record's
+    `passed` says whether they meet `min_psnr` and MIN_TEXT_COSINE (check_quality raises where they do not)."""
     ref = Pipeline.load(reference, threads=threads, verify=False, backend="ort", precision="fp32")
     cand = Pipeline.load(candidate, threads=threads, verify=False, backend=backend, precision=precision)
     h, w = gate_size(ref)
@@ -73,15 +74,23 @@ def quality_gate(reference: Path, candidate: Path, backend: str, precision: str,
         step_cosines.append([cosine(dit(f["hidden_states"], f["timestep"], f["encoder_hidden_states"]), out)
                              for f, out in trajectory])
     text = [cosine(x, y) for x, y in zip(ref.encode(list(GATE_PROMPTS)), cand.encode(list(GATE_PROMPTS)))]
-    result = {"backend": backend, "execution_precision": precision, "prompts": list(GATE_PROMPTS), "height": h,
-              "width": w, "frames": frames, "steps": GATE_STEPS, "psnr_db": psnrs, "min_psnr_db": min_psnr,
-              "dit_step_cosine": step_cosines, "text_embedding_cosine": text, "min_text_cosine": MIN_TEXT_COSINE}
     worst = min(psnrs) if all(not np.isnan(s) for s in psnrs) else float("nan")
-    if not worst >= min_psnr:  # also catches NaN
-        raise SoraError(f"{label or precision} on {backend} fails the quality gate: PSNR {worst:.1f} dB against fp32 "
-                        f"(threshold {min_psnr} dB); nothing was written. Use a higher precision, another "
-                        f"calibration, or lower --min-psnr")
-    if not min(text) >= MIN_TEXT_COSINE:
-        raise SoraError(f"the text encoder fails the quality gate: embedding cosine {min(text):.4f} against fp32 "
-                        f"(threshold {MIN_TEXT_COSINE}); nothing was written. Use int8 or fp32 for it")
-    return result
+    return {"backend": backend, "execution_precision": precision, "prompts": list(GATE_PROMPTS), "height": h,
+            "width": w, "frames": frames, "steps": GATE_STEPS, "psnr_db": psnrs, "min_psnr_db": min_psnr,
+            "dit_step_cosine": step_cosines, "text_embedding_cosine": text, "min_text_cosine": MIN_TEXT_COSINE,
+            "passed": bool(worst >= min_psnr and min(text) >= MIN_TEXT_COSINE)}  # NaN compares False
+
+
+def check_quality(result: dict, label: str = "") -> None:
+    """Raise SoraError (one line) where a measure_quality record did not pass. `label` names what was gated (e.g.
+    "int8 transformer")."""
+    worst = min(result["psnr_db"]) if all(not np.isnan(s) for s in result["psnr_db"]) else float("nan")
+    if not worst >= result["min_psnr_db"]:  # also catches NaN
+        raise SoraError(f"{label or result['execution_precision']} on {result['backend']} fails the quality gate: "
+                        f"PSNR {worst:.1f} dB against fp32 (threshold {result['min_psnr_db']} dB); nothing was "
+                        f"written. Use a higher precision, another calibration, or lower --min-psnr")
+    if not min(result["text_embedding_cosine"]) >= MIN_TEXT_COSINE:
+        raise SoraError(f"the text encoder fails the quality gate: embedding cosine "
+                        f"{min(result['text_embedding_cosine']):.4f} against fp32 (threshold {MIN_TEXT_COSINE}); "
+                        f"nothing was written. Use int8 or fp32 for it")
+

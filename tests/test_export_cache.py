@@ -12,7 +12,8 @@ def test_same_content_and_options_is_reused(tiny_model, tiny_engines):
     size = TEST_SIZE["tiny-a"]
     before = load_manifest(tiny_engines("tiny-a")).data["cache_key"]
     report = run_export(ExportConfig(model=str(tiny_model("tiny-a")), out=tiny_engines("tiny-a"),
-                                     frames=size["frames"], height=size["height"], width=size["width"]))
+                                     frames=size["frames"], height=size["height"], width=size["width"],
+                                     precision="fp32"))
     assert report.reused
     assert load_manifest(tiny_engines("tiny-a")).data["cache_key"] == before
 
@@ -20,10 +21,10 @@ def test_same_content_and_options_is_reused(tiny_model, tiny_engines):
 def test_renamed_copy_with_same_content_is_reused_but_different_options_are_not(tiny_model, engine_copy):
     size = TEST_SIZE["tiny-a"]
     same = ExportConfig(model=str(tiny_model("tiny-a")), out=engine_copy, frames=size["frames"],
-                        height=size["height"], width=size["width"])
+                        height=size["height"], width=size["width"], precision="fp32")
     assert run_export(same).reused  # a copy under another name: same content, same key
     other = ExportConfig(model=str(tiny_model("tiny-a")), out=engine_copy, frames=9, height=size["height"],
-                         width=size["width"])
+                         width=size["width"], precision="fp32")
     with pytest.raises(SoraError, match="--overwrite"):
         run_export(other)
 
@@ -35,7 +36,8 @@ def test_changed_exporter_code_rebuilds_without_overwrite(tiny_model, engine_cop
 
     size = TEST_SIZE["tiny-a"]
     same = ExportConfig(model=str(tiny_model("tiny-a")), out=engine_copy, frames=size["frames"],
-                        height=size["height"], width=size["width"], check_parity=False)
+                        height=size["height"], width=size["width"], check_parity=False,
+                        precision="fp32")
     old = load_manifest(engine_copy).data
     assert old["versions"]["soraedge_source"] == build._source_digest()
     monkeypatch.setattr(build, "_source_digest", lambda: "0" * 16)

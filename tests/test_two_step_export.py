@@ -71,9 +71,12 @@ def test_onnx_only_then_build_the_target_elsewhere(tiny_model, tmp_path):
     assert in_place.returncode == 0, in_place.stderr + in_place.stdout
     _assert_same_onnx(load_manifest(engines), src)
 
-    fixed = CliRunner().invoke(export_main, [str(onnx), "-o", str(tmp_path / "x"), "--precision", "fp16",
+    fixed = CliRunner().invoke(export_main, [str(onnx), "-o", str(tmp_path / "x"), "--max-frames", "9",
                                              "--frames", "9"])
-    assert fixed.exit_code == 2 and "--frames, --precision cannot change" in fixed.output
+    assert fixed.exit_code == 2 and "--frames, --max-frames cannot change" in fixed.output
+    graphs = CliRunner().invoke(export_main, [str(onnx), "-o", str(tmp_path / "x"), "--precision", "fp16"])
+    assert graphs.exit_code == 2 and "here --precision is the execution precision (auto, fp32 or bf16)" in \
+        graphs.output and "Traceback" not in graphs.output
     assert not (tmp_path / "x").exists()
 
     broken = tmp_path / "broken"

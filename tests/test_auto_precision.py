@@ -1,0 +1,95 @@
+"""`--precision auto` (the default): fp32 graphs, and on a CPU with bf16 the execution precision that the DiT step
+timings and the quality gate choose (export/gated_choice.py). A bf16 choice that fails the gate falls back to the
+fastest fp32 candidate; an explicit bf16 that fails it is refused. Real exports, real gate runs."""
+
+import pytest
+
+from conftest import TEST_SIZE
+from soraedge.export.build import ExportConfig, run_export
+from soraedge.export.build_target import TargetConfig, build_from_engines
+from soraedge.export.gated_choice import gate_target
+from soraedge.export.precision import plan_precision
+from soraedge.runtime.backends import openvino as ov_backend
+from soraedge.runtime.errors import SoraError
+from soraedge.runtime.manifest import load_manifest
+from soraedge.runtime.pipeline import Pipeline
+
+SIZE = {k: TEST_SIZE["tiny-a"][k] for k in ("frames", "height", "width")}
+needs_bf16 = pytest.mark.skipif(not (ov_backend.available() and ov_backend.cpu_info()["bf16"]),
+                                reason="needs OpenVINO on a CPU with bf16")
+
+
+def _step(runtime, b, p):
+    return runtime["timings"][f"{b}-{p}"]["step_s"]
+
+
+def test_auto_is_the_default_and_keeps_the_graphs_fp32():
+    assert ExportConfig(model="demo", out="x").precision == "auto"
+    assert plan_precision("auto", {})[0] == {c: "fp32" for c in ("transformer", "text_encoder", "vae")}
+    assert plan_precision("auto", {"transformer": "int8-dynamic"})[0]["transformer"] == "int8-dynamic"
+
+
+@needs_bf16
+def test_auto_export_ships_the_fastest_candidate_that_passes_the_gate(tiny_model, tmp_path):
+    out = tmp_path / "e"
+    run_export(ExportConfig(model=str(tiny_model("tiny-a")), out=out, **SIZE, check_parity=False))
+    m = load_manifest(out)
+    runtime = m.runtime
+    assert m.precision == {c: "fp32" for c in ("transformer", "text_encoder", "vae")}
+    assert runtime["asked"] == {"backend": "auto", "precision": "auto"}
+    assert runtime["candidates"] == [["ort", "fp32"], ["openvino", "fp32"], ["openvino", "bf16"]]
+    chosen = (runtime["backend"], runtime["precision"])
+    if "rejected" in runtime:  # bf16 was fastest and failed the gate: the fastest fp32 ships
+        assert not runtime["rejected"]["quality_gate"]["passed"]
+        assert chosen == min([("ort", "fp32"), ("openvino", "fp32")], key=lambda c: _step(runtime, *c))
+    else:
+        assert chosen == min(map(tuple, runtime["candidates"]), key=lambda c: _step(runtime, *c))
+    if chosen[1] == "bf16":
+        gate = runtime["quality_gate"]
+        assert gate["passed"] and gate["execution_precision"] == "bf16" and min(gate["psnr_db"]) >= 30.0
+    else:
+        assert "quality_gate" not in runtime  # nothing reduced ships: nothing to gate
+    pipe = Pipeline.load(out)
+    assert (pipe.backend, pipe.precision) == chosen
+    assert pipe("a red fox", steps=2, seed=0).frames.shape[0] == SIZE["frames"]
+
+
+def _bf16_won(asked: str) -> dict:
+    """A target choice in which OpenVINO's bf16 step was the fastest (the timings are what decides; these are set so
+    that the fallback's choice among the fp32 candidates is known)."""
+    return {"timings": {"ort-fp32": {"step_s": 2.0}, "openvino-fp32": {"step_s": 1.5},
+                        "openvino-bf16": {"step_s": 1.0}},
+            "candidates": [["ort", "fp32"], ["openvino", "fp32"], ["openvino", "bf16"]],
+            "asked": {"backend": "auto", "precision": asked}, "backend": "openvino", "precision": "bf16"}
+
+
+@needs_bf16
+def test_a_bf16_choice_that_fails_the_gate_falls_back_and_an_asked_one_is_refused(tiny_engines):
+    engines = tiny_engines("tiny-a")  # fp32 graphs: the reference and the candidate are the same files
+    plan = load_manifest(engines).precision
+    runtime = _bf16_won("auto")
+    assert gate_target(engines, engines, runtime, plan, 200.0, 2, print) is None  # fp32 ships: nothing to gate
+    assert (runtime["backend"], runtime["precision"]) == ("openvino", "fp32")  # the fastest fp32 candidate
+    rejected = runtime["rejected"]
+    assert (rejected["backend"], rejected["precision"]) == ("openvino", "bf16")
+    assert not rejected["quality_gate"]["passed"] and 20.0 < min(rejected["quality_gate"]["psnr_db"]) < 200.0
+
+    runtime = _bf16_won("auto")
+    gate = gate_target(engines, engines, runtime, plan, None, 2, print)  # the default threshold: 30 dB for bf16
+    assert gate["passed"] and gate["min_psnr_db"] == 30.0 and runtime["quality_gate"] is gate
+    assert (runtime["backend"], runtime["precision"]) == ("openvino", "bf16") and "rejected" not in runtime
+
+    with pytest.raises(SoraError, match="bf16 execution on openvino fails the quality gate"):
+        gate_target(engines, engines, _bf16_won("bf16"), plan, 200.0, 2, print)
+
+
+@needs_bf16
+def test_the_two_step_path_gates_bf16_against_its_fp32_source(tiny_engines, tmp_path):
+    out = tmp_path / "bf16"
+    build_from_engines(TargetConfig(tiny_engines("tiny-a"), out, backend="openvino", precision="bf16"))
+    runtime = load_manifest(out).runtime
+    assert (runtime["backend"], runtime["precision"]) == ("openvino", "bf16")
+    assert runtime["quality_gate"]["passed"] and runtime["quality_gate"]["execution_precision"] == "bf16"
+    with pytest.raises(SoraError, match="here --precision is the execution precision"):
+        build_from_engines(TargetConfig(tiny_engines("tiny-a"), tmp_path / "x", precision="int8"))
+    assert not (tmp_path / "x").exists()

@@ -5,7 +5,9 @@ it).
 
 The model is the `bench-384` Wan configuration (hidden 384 = 6 heads x 64, 6 layers, Wan2.1's FFN ratio) built from
 a fixed seed; the shape is 17 frames of 256x256 (1280 tokens), CFG batch 2. Every variant is a real `run_export`
-(calibration, quality gate and all); a variant the gate refuses is reported as refused. End-to-end PSNR: frames of
+(calibration, quality gate and all); a variant the gate refuses is reported as refused. The `auto` variant is the
+export's default (fp32 graphs, the execution precision chosen by DiT step timings and the gate) and is timed only
+on what it shipped. End-to-end PSNR: frames of
 the variant's engines against the fp32 engines' from the same prompts and initial latents, at `--steps` steps.
 Writes bench/results/precision_<tag>.json and .md.
 
@@ -31,7 +33,9 @@ SHAPE = {"frames": 17, "height": 256, "width": 256}
 PROMPTS = ("a red fox runs through the snow in the forest", "a small boat drifts on a calm lake at night")
 # Variants as data: ExportConfig fields. The DiT has 6 blocks, so first/last stay int8 unless asked (auto: 8+).
 VARIANTS = {
-    "fp32": {},
+    "fp32": {"precision": "fp32"},
+    # the export's default: fp32 graphs, the execution precision chosen by timing and the gate; timed as it ships
+    "auto": {"precision": "auto", "backend": "auto"},
     "int8": {"precision": "int8"},
     "int8-no-smoothquant": {"precision": "int8", "calib": CalibConfig(smooth_alpha=None)},
     "int8-smooth-skip": {"precision": "int8", "calib": CalibConfig(smooth_unfoldable="skip")},
@@ -105,7 +109,8 @@ def run(threads: int, repeats: int, steps: int, variants: list[str], log=print) 
 
         noises = [np.random.default_rng(i).standard_normal(lat, dtype=np.float32) for i in range(len(PROMPTS))]
         names = [v for v in rows if v != "pytorch-eager" and "refused" not in rows[v]]
-        runs = [(name, backend, execution) for name in names for backend, execution in peers(name)]
+        runs = [(name, backend, execution) for name in names
+                for backend, execution in (shipped(tmp / name) if name == "auto" else peers(name))]
         log(f"DiT step: {len(runs)} engines, interleaved ...")
         steps_s, outs = time_engines(tmp, runs, feeds, threads, repeats)
         ref_frames = None
@@ -118,6 +123,8 @@ def run(threads: int, repeats: int, steps: int, variants: list[str], log=print) 
             row["dit_detail"] = {k: detail[k] for k in ("quantized_matmuls", "float_matmuls", "kept_float_modules",
                                                         "smoothquant", "samples") if k in detail}
             row["gate"] = m.runtime.get("quality_gate", {}).get("psnr_db")
+            if "rejected" in m.runtime:  # an `auto` choice the gate set aside
+                row["rejected"] = m.runtime["rejected"]
             row["engine_mb"] = {e: sum(m.data["files"][f]["bytes"] for f in (m.data["engines"][e]["file"],
                                                                              m.data["engines"][e]["file"] + ".data")
                                        if f in m.data["files"]) / 1e6 for e in m.engine_names}
@@ -162,6 +169,14 @@ def time_engines(tmp: Path, runs, feeds: dict, threads: int, repeats: int) -> tu
     return time_interleaved(calls, repeats, GAP_S)
 
 
+def shipped(engines: Path) -> list[tuple[str, str]]:
+    """The (backend, execution precision) an engine directory's manifest chose."""
+    from ..runtime.manifest import load_manifest
+
+    runtime = load_manifest(engines).runtime
+    return [(runtime["backend"], runtime["precision"])]
+
+
 def peers(variant: str) -> list[tuple[str, str]]:
     """(backend, execution precision) pairs that run a variant's engines: ONNX Runtime always; OpenVINO fp32 where
     installed, and bf16 execution of the fp32 and int8 graphs where the CPU has bf16."""
@@ -189,15 +204,15 @@ def to_markdown(r: dict) -> str:
              f"{len(r['prompts'])} prompts, {r['steps']} steps, PSNR of the frames against the fp32 engines' on "
              f"ONNX Runtime from the same latents. `bf16` = OpenVINO executing the graph in bf16.", "",
              "| engines | runs on | DiT step s | vs ORT fp32 | vs PyTorch | e2e s/video | e2e PSNR dB | gate PSNR dB "
-             "| int8 linears | max rel err vs PyTorch | DiT / text encoder MB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| int8 linears | max rel err vs PyTorch | DiT / text encoder MB | export s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, row in r["rows"].items():
         if "refused" in row:
-            lines.append(f"| {name} | refused by the gate: {row['refused']} |||||||||")
+            lines.append(f"| {name} | refused by the gate: {row['refused']} ||||||||| {row['export_s']:.1f} |")
             continue
         if name == "pytorch-eager":
             lines.append(f"| {name} | PyTorch | {row['median_s']:.3f} | {row['speedup_vs_ort_fp32']:.2f}x | 1.00x "
-                         f"|  |  |  |  | reference |  |")
+                         f"|  |  |  |  | reference |  |  |")
             continue
         q = row.get("dit_detail", {})
         gate = f"{min(row['gate']):.1f}" if row.get("gate") else ""
@@ -210,7 +225,7 @@ def to_markdown(r: dict) -> str:
             e2e = "reference" if reference else f"{min(p['e2e_psnr_db']):.1f}"
             lines.append(f"| {name} | {peer} | {p['median_s']:.3f} | {p['speedup_vs_ort_fp32']:.2f}x | "
                          f"{p['speedup_vs_pytorch']:.2f}x | {p['e2e_s_per_video']:.1f} | {e2e} | {gate} | {lin} | "
-                         f"{p['max_rel_err_vs_pytorch']:.1e} | {mb} |")
+                         f"{p['max_rel_err_vs_pytorch']:.1e} | {mb} | {row['export_s']:.1f} |")
     return "\n".join(lines) + "\n"
 
 

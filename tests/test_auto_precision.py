@@ -6,7 +6,6 @@ import pytest
 
 from conftest import TEST_SIZE
 from soraedge.export.build import ExportConfig, run_export
-from soraedge.export.build_target import TargetConfig, build_from_engines
 from soraedge.export.gated_choice import gate_target
 from soraedge.export.precision import plan_precision
 from soraedge.runtime.backends import openvino as ov_backend
@@ -82,15 +81,3 @@ def test_a_bf16_choice_that_fails_the_gate_falls_back_and_an_asked_one_is_refuse
     with pytest.raises(SoraError, match="bf16 execution on openvino fails the quality gate"):
         gate_target(engines, engines, _bf16_won("bf16"), plan, 200.0, 2, print)
 
-
-@needs_bf16
-def test_the_two_step_path_gates_bf16_against_its_fp32_source(engine_copy, tmp_path):
-    # a private copy: the build hard-links the source's files, and onnx.load refuses external data with several links
-    out = tmp_path / "bf16"
-    build_from_engines(TargetConfig(engine_copy, out, backend="openvino", precision="bf16"))
-    runtime = load_manifest(out).runtime
-    assert (runtime["backend"], runtime["precision"]) == ("openvino", "bf16")
-    assert runtime["quality_gate"]["passed"] and runtime["quality_gate"]["execution_precision"] == "bf16"
-    with pytest.raises(SoraError, match="here --precision is the execution precision"):
-        build_from_engines(TargetConfig(engine_copy, tmp_path / "x", precision="int8"))
-    assert not (tmp_path / "x").exists()

@@ -8,10 +8,12 @@ import sys
 import textwrap
 
 import numpy as np
+import pytest
 from click.testing import CliRunner
 
 from soraedge.cli.export_cmd import main as export_main
 from soraedge.export.choose_backend import ORT_CPU_DIT
+from soraedge.runtime.backends import openvino as ov_backend
 from soraedge.runtime.manifest import load_manifest
 from soraedge.runtime.pipeline import Pipeline
 
@@ -95,3 +97,21 @@ def test_onnx_only_refuses_a_target(tiny_model, tmp_path):
                                               "--backend", "openvino"])
     assert result.exit_code == 2 and "--onnx-only builds no runtime target" in result.output
     assert not (tmp_path / "e").exists()
+
+
+@pytest.mark.skipif(not (ov_backend.available() and ov_backend.cpu_info()["bf16"]),
+                    reason="needs OpenVINO on a CPU with bf16")
+def test_the_target_step_gates_bf16_against_its_fp32_source_without_torch(engine_copy, tmp_path):
+    """bf16 execution is an execution precision: the target step gates it against the source's fp32 engines, with
+    torch blocked. Graph precisions are fixed there. (A private copy: the build hard-links the source's files, and
+    onnx.load refuses external data with several links, which would break later tests reading the shared engines.)"""
+    out = tmp_path / "bf16"
+    proc = _cli(engine_copy, "-o", out, "--backend", "openvino", "--precision", "bf16", "--threads", "2")
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    assert "quality gate of openvino bf16 against fp32" in proc.stdout
+    runtime = load_manifest(out).runtime
+    assert (runtime["backend"], runtime["precision"]) == ("openvino", "bf16")
+    assert runtime["quality_gate"]["passed"] and runtime["quality_gate"]["execution_precision"] == "bf16"
+    refused = _cli(engine_copy, "-o", tmp_path / "x", "--precision", "int8")
+    assert refused.returncode == 2 and "here --precision is the execution precision" in refused.stderr
+    assert "Traceback" not in refused.stderr and not (tmp_path / "x").exists()

@@ -74,17 +74,22 @@ def measure_quality(reference: Path, candidate: Path, backend: str, precision: s
         step_cosines.append([cosine(dit(f["hidden_states"], f["timestep"], f["encoder_hidden_states"]), out)
                              for f, out in trajectory])
     text = [cosine(x, y) for x, y in zip(ref.encode(list(GATE_PROMPTS)), cand.encode(list(GATE_PROMPTS)))]
-    worst = min(psnrs) if all(not np.isnan(s) for s in psnrs) else float("nan")
+    worst = _worst(psnrs)
     return {"backend": backend, "execution_precision": precision, "prompts": list(GATE_PROMPTS), "height": h,
             "width": w, "frames": frames, "steps": GATE_STEPS, "psnr_db": psnrs, "min_psnr_db": min_psnr,
             "dit_step_cosine": step_cosines, "text_embedding_cosine": text, "min_text_cosine": MIN_TEXT_COSINE,
             "passed": bool(worst >= min_psnr and min(text) >= MIN_TEXT_COSINE)}  # NaN compares False
 
 
+def _worst(psnrs: list[float]) -> float:
+    """The lowest PSNR, or NaN where any is NaN (non-finite frames), which fails every threshold."""
+    return min(psnrs) if all(not np.isnan(s) for s in psnrs) else float("nan")
+
+
 def check_quality(result: dict, label: str = "") -> None:
     """Raise SoraError (one line) where a measure_quality record did not pass. `label` names what was gated (e.g.
     "int8 transformer")."""
-    worst = min(result["psnr_db"]) if all(not np.isnan(s) for s in result["psnr_db"]) else float("nan")
+    worst = _worst(result["psnr_db"])
     if not worst >= result["min_psnr_db"]:  # also catches NaN
         raise SoraError(f"{label or result['execution_precision']} on {result['backend']} fails the quality gate: "
                         f"PSNR {worst:.1f} dB against fp32 (threshold {result['min_psnr_db']} dB); nothing was "

@@ -176,7 +176,7 @@ def choose_runtime(engine_dir: Path, backend: str, precision: str, threads: int 
     timings, added, ort_attention = {}, {}, None
     for b, p in candidates:
         timings[f"{b}-{p}"] = time_dit_step(engine_dir, b, p, threads)
-        log(f"  DiT step on {b} {p}: {timings[f'{b}-{p}']['step_s'] * 1000:.0f} ms "
+        log(f"  DiT step on {b} {p}: {_ms(timings[f'{b}-{p}']['step_s'])} "
             f"({timings[f'{b}-{p}']['tokens']} tokens, CFG batch 2)")
         if b == "ort":
             added, ort_attention = ort_cpu_graph(engine_dir, threads, timings, log)
@@ -194,6 +194,12 @@ def choose_runtime(engine_dir: Path, backend: str, precision: str, threads: int 
     why = "fastest measured" if len(runtime["candidates"]) > 1 else "asked for"
     log(f"  runtime: {runtime['backend']} {runtime['precision']} ({why})")
     return runtime, added
+
+
+def _ms(seconds: float) -> str:
+    """A step time for the log: whole milliseconds, two decimals below 10 ms (a tiny model's step is under 1 ms)."""
+    ms = seconds * 1000
+    return f"{ms:.0f} ms" if ms >= 10 else f"{ms:.2f} ms"
 
 
 def fastest(runtime: dict, candidates: list[list[str]]) -> tuple[str, str]:
@@ -220,7 +226,7 @@ def ort_cpu_graph(engine_dir: Path, threads: int | None, timings: dict,
     manifest.data["engines"]["transformer"]["ort_cpu_file"] = dst.name  # in memory: the timing pipeline opens it
     mha = time_dit_step(manifest, "ort", "fp32", threads)
     record["multihead_attention_step_s"] = mha["step_s"]
-    log(f"  DiT step on ort fp32 with MultiHeadAttention: {mha['step_s'] * 1000:.0f} ms")
+    log(f"  DiT step on ort fp32 with MultiHeadAttention: {_ms(mha['step_s'])}")
     if mha["step_s"] >= timings["ort-fp32"]["step_s"]:
         dst.unlink()
         return {}, {**record, "graph": "Attention"}

@@ -3,15 +3,15 @@ engine and PyTorch eager on the same weights and thread count, and each engine's
 directory on each CPU backend that can run it (ONNX Runtime; OpenVINO fp32, and bf16 execution where the CPU has
 it).
 
-The model is the `bench-384` Wan configuration (hidden 384 = 6 heads x 64, 6 layers, Wan2.1's FFN ratio) built from
-a fixed seed; the shape is 17 frames of 256x256 (1280 tokens), CFG batch 2. Every variant is a real `run_export`
-(calibration, quality gate and all); a variant the gate refuses is reported as refused. The `auto` variant is the
-export's default (fp32 graphs, the execution precision chosen by DiT step timings and the gate) and is timed only
-on what it shipped. End-to-end PSNR: frames of
-the variant's engines against the fp32 engines' from the same prompts and initial latents, at `--steps` steps.
-Writes bench/results/precision_<tag>.json and .md.
+The model (`--model`, export/tiny_wan.py's configurations, built from a fixed seed) is `bench-384` (hidden 384 =
+6 heads x 64, 6 layers, Wan2.1's FFN ratio) or `wan21-1.3b-4layers` (Wan2.1-T2V-1.3B's layer shape, 4 layers); the
+shape is 17 frames of 256x256 (1280 tokens), CFG batch 2. Every variant is a real `run_export` (calibration,
+quality gate and all); a variant the gate refuses is reported as refused. The `auto` variant is the export's
+default (fp32 graphs, the execution precision chosen by DiT step timings and the gate) and is timed only on what
+it shipped. End-to-end PSNR: frames of the variant's engines against the fp32 engines' from the same prompts and
+initial latents, at `--steps` steps. Writes bench/results/precision_<tag>.json and .md.
 
-    python -m soraedge.bench.precision [--threads 2] [--repeats 5] [--steps 20] [--tag cpu]
+    python -m soraedge.bench.precision [--model bench-384] [--threads 2] [--repeats 5] [--steps 20] [--tag cpu]
 """
 
 from __future__ import annotations
@@ -71,7 +71,12 @@ def _export(model: Path, out: Path, variant: dict, threads: int, log) -> dict:
     return {"export_s": time.perf_counter() - t0}
 
 
-def run(threads: int, repeats: int, steps: int, variants: list[str], log=print) -> dict:
+MODELS = {"bench-384": "bench-384 (hidden 384, 6 layers, 6 heads x 64, ffn 2240)",
+          "wan21-1.3b-4layers": "wan21-1.3b-4layers (Wan2.1-T2V-1.3B's layer shape: hidden 1536, 12 heads x 128, ffn "
+                                "8960; 4 of its 30 layers)"}
+
+
+def run(threads: int, repeats: int, steps: int, variants: list[str], log=print, model_name: str = "bench-384") -> dict:
     import torch
     from diffusers import WanTransformer3DModel
 
@@ -84,7 +89,7 @@ def run(threads: int, repeats: int, steps: int, variants: list[str], log=print) 
     rows: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="bench-precision-") as tmp:
         tmp = Path(tmp)
-        model = build_tiny_wan(tmp / "model", "bench-384")
+        model = build_tiny_wan(tmp / "model", model_name)
         for name in ["fp32"] + [v for v in variants if v != "fp32"]:
             log(f"export {name} ...")
             rows[name] = _export(model, tmp / name, VARIANTS[name], threads, log)
@@ -150,7 +155,7 @@ def run(threads: int, repeats: int, steps: int, variants: list[str], log=print) 
         for r in ([row] if name == "pytorch-eager" else row.get("peers", {}).values()):
             r["speedup_vs_ort_fp32"] = base / r["median_s"]
             r["speedup_vs_pytorch"] = rows["pytorch-eager"]["median_s"] / r["median_s"]
-    return {"model": "bench-384 (hidden 384, 6 layers, 6 heads x 64, ffn 2240)", "shape": {**SHAPE,
+    return {"model": MODELS[model_name], "shape": {**SHAPE,
             "latents": list(lat), "tokens": tokens, "cfg_batch": 2, "text_len": int(feeds["encoder_hidden_states"]
                                                                                       .shape[1])},
             "steps": steps, "prompts": list(PROMPTS), "threads": threads, "repeats": repeats, "machine": machine(),
@@ -235,10 +240,12 @@ def to_markdown(r: dict) -> str:
 @click.option("--steps", type=int, default=20, show_default=True, help="Sampler steps of the end-to-end runs.")
 @click.option("--variant", "variants", multiple=True, type=click.Choice(sorted(VARIANTS)),
               help="Variants to run (default: all).")
+@click.option("--model", "model_name", type=click.Choice(sorted(MODELS)), default="bench-384", show_default=True)
 @click.option("--tag", default="cpu", show_default=True, help="Results go to bench/results/precision_<tag>.*")
 @click.option("--results", type=click.Path(path_type=Path), default=Path(__file__).parent / "results")
-def main(threads, repeats, steps, variants, tag, results):
-    r = run(threads, repeats, steps, list(variants) or list(VARIANTS), log=lambda m: click.echo(m, err=True))
+def main(threads, repeats, steps, variants, model_name, tag, results):
+    r = run(threads, repeats, steps, list(variants) or list(VARIANTS), log=lambda m: click.echo(m, err=True),
+            model_name=model_name)
     save(results, "precision", tag, r, to_markdown(r))
 
 

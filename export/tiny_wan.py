@@ -52,6 +52,10 @@ TINY_CONFIGS = {
     # Wan2.1-T2V-1.3B's transformer (30 x 12 heads x 128, ffn 8960) and VAE (base 96, [1, 2, 4, 4], 2 res blocks)
     # shapes with random weights, and a 1-layer UMT5 text encoder of the width the DiT expects (4096): memory
     # measurements at real scale without umT5-XXL's 23 GB (bench/low_memory.py).
+    # Wan2.1-T2V-1.3B's layer shape, 4 of its 30 layers, with a small VAE: reduced precision at the real width in a
+    # bench that runs end to end in minutes (bench/precision.py --model).
+    "wan21-1.3b-4layers": TinyWanConfig(layers=4, heads=12, head_dim=128, ffn_dim=8960, text_dim=4096,
+                                        text_layers=1, text_heads=8, vae_dim=16, seed=1304),
     "wan21-1.3b-shapes": TinyWanConfig(layers=30, heads=12, head_dim=128, ffn_dim=8960, text_dim=4096, text_layers=1,
                                        text_heads=8, vae_dim=96, vae_dim_mult=(1, 2, 4, 4), vae_res_blocks=2,
                                        seed=13),

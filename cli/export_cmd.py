@@ -55,7 +55,7 @@ FIRST_LAST = {"auto": None, "keep": True, "quantize": False}  # --int8-first-las
 @click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "int8", "int8-dynamic", "bf16"]),
               default="auto", show_default=True,
               help="Default precision of every component (fp16/int8 live in the ONNX graphs; bf16 = fp32 graphs run "
-              "in bf16 by OpenVINO; auto = fp32 graphs, run in bf16 where that is the fastest measured on this CPU "
+              "in bf16 by OpenVINO; auto = fp32 graphs, run in bf16 where that is measured 10% faster on this CPU "
               "and passes the quality gate, else fp32). Reduced precision must pass the quality gate. For an engine "
               "directory MODEL: the execution precision (auto, fp32 or bf16).")
 @click.option("--dit-precision", type=click.Choice(["fp32", "fp16", "int8", "int8-dynamic"]),

@@ -57,8 +57,8 @@ class ExportConfig:
     check_parity: bool = True
     backend: str = "auto"  # "auto" (fastest CPU backend measured here) | "ort" | "openvino" | "ort-cuda" (this GPU)
     onnx_only: bool = False  # stop after the portable ONNX (and the quality gate on the CPU): build no target
-    # Default precision of every component: auto (fp32 graphs; on a CPU, bf16 execution where fastest and it passes
-    # the gate) | fp32 | fp16 | int8 | int8-dynamic (graphs) | bf16 (fp32 graphs run in bf16 by OpenVINO).
+    # Default precision of every component: auto (fp32 graphs; on a CPU, bf16 execution where 10% faster and it
+    # passes the gate) | fp32 | fp16 | int8 | int8-dynamic (graphs) | bf16 (fp32 graphs run in bf16 by OpenVINO).
     # export/precision.py says what each component offers.
     precision: str = "auto"
     component_precision: tuple[tuple[str, str], ...] = ()  # per-component overrides: (("text_encoder", "int4"),)

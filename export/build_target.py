@@ -6,7 +6,7 @@ verified against its manifest and linked (or copied) into a staged directory. Th
 on a CPU the backend is chosen by timing, on a GPU the GPU is recorded (runtime/gpu_target.py). Finally the stage is
 renamed into place. The graphs' precision and shapes come from ONNX_DIR unchanged. `precision` is the execution
 precision: where ONNX_DIR's graphs are fp32, `auto` (the default) also times OpenVINO's bf16 execution on a CPU with
-bf16 and ships it when fastest and it passes the quality gate against ONNX_DIR itself (export/gated_choice.py);
+bf16 and ships it when 10% faster and it passes the quality gate against ONNX_DIR itself (export/gated_choice.py);
 reduced graphs run fp32 and keep the gate's result measured when they were made. No torch and no checkpoint are
 needed, so this runs on the device itself.
 """

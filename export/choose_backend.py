@@ -6,7 +6,8 @@ the timings, the CPU and the winner; for ONNX Runtime it also times the DiT rewr
 MultiHeadAttention (its CPU flash attention) and keeps that graph beside the portable one when faster. On
 `ort-cuda`, `gpu_runtime` records this machine's GPU and library versions (runtime/gpu_target.py) and times the DiT
 step with and without CUDA graphs. With execution precision `auto` (the default), OpenVINO's bf16 execution is a
-candidate too where the CPU has bf16, and the fastest candidate is chosen. Reduced precision (bf16 execution,
+candidate too where the CPU has bf16, chosen when its step is at least BF16_MIN_SPEEDUP times faster than the
+fastest fp32 candidate's (timing noise is not worth bf16's error). Reduced precision (bf16 execution,
 fp16/int8 graphs) is then checked by the quality gate on the chosen target (export/gated_choice.py), which falls
 back to the fastest fp32 candidate when an `auto` choice of bf16 fails it. Torch-free: it also runs in the second
 step of the two-step path (export/build_target.py), on the device.
@@ -31,6 +32,7 @@ from ..runtime.pipeline import Pipeline
 CPU_BACKENDS = ("auto", "ort", "openvino")
 
 MAX_TIMING_TOKENS = 2048
+BF16_MIN_SPEEDUP = 1.1  # `auto`: what bf16 execution must gain over the fastest fp32 step to be chosen
 ORT_CPU_DIT = "transformer.ort-cpu.onnx"  # the DiT graph ONNX Runtime's CPU provider runs, where faster
 
 
@@ -190,10 +192,28 @@ def choose_runtime(engine_dir: Path, backend: str, precision: str, threads: int 
     # what the request leaves open (backend auto, precision auto), decided by the timings
     runtime["candidates"] = [list(c) for c in candidates if backend in ("auto", c[0]) and precision in ("auto", c[1])]
     runtime["asked"] = {"backend": backend, "precision": precision}
-    runtime["backend"], runtime["precision"] = fastest(runtime, runtime["candidates"])
+    if precision == "auto":
+        runtime["bf16_min_speedup"] = BF16_MIN_SPEEDUP
+    runtime["backend"], runtime["precision"] = _choose(runtime)
     why = "fastest measured" if len(runtime["candidates"]) > 1 else "asked for"
+    if runtime["precision"] == "bf16" and precision == "auto":
+        why = f"at least {BF16_MIN_SPEEDUP}x the fastest fp32 step"
     log(f"  runtime: {runtime['backend']} {runtime['precision']} ({why})")
     return runtime, added
+
+
+def _choose(runtime: dict) -> tuple[str, str]:
+    """The fastest fp32 candidate, unless a bf16 one is BF16_MIN_SPEEDUP times faster (or is all there is)."""
+    exact = [c for c in runtime["candidates"] if c[1] == "fp32"]
+    bf16 = [c for c in runtime["candidates"] if c[1] == "bf16"]
+    if not exact:
+        return fastest(runtime, bf16)
+    best = fastest(runtime, exact)
+    if bf16:
+        quick = fastest(runtime, bf16)
+        if _step(runtime, quick) * BF16_MIN_SPEEDUP <= _step(runtime, best):
+            return quick
+    return best
 
 
 def _ms(seconds: float) -> str:
@@ -202,10 +222,14 @@ def _ms(seconds: float) -> str:
     return f"{ms:.0f} ms" if ms >= 10 else f"{ms:.2f} ms"
 
 
-def fastest(runtime: dict, candidates: list[list[str]]) -> tuple[str, str]:
+def fastest(runtime: dict, candidates: list) -> tuple[str, str]:
     """The (backend, precision) of `candidates` with the shortest DiT step in `runtime["timings"]`."""
-    b, p = min(candidates, key=lambda c: runtime["timings"][f"{c[0]}-{c[1]}"]["step_s"])
+    b, p = min(candidates, key=lambda c: _step(runtime, c))
     return b, p
+
+
+def _step(runtime: dict, candidate) -> float:
+    return runtime["timings"][f"{candidate[0]}-{candidate[1]}"]["step_s"]
 
 
 def ort_cpu_graph(engine_dir: Path, threads: int | None, timings: dict,

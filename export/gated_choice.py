@@ -1,11 +1,11 @@
 """The quality gate over what a target build ships, and the fallback that makes bf16 a safe default.
 
-The target build (export/choose_backend.py) picks the fastest measured (backend, execution precision) among what
-the request leaves open. `gate_target` then measures what would ship against the fp32 reference engines
-(export/quality_gate.py) whenever it is not fp32 throughout: reduced graphs (fp16, int8, int8-dynamic, weight-only)
-or bf16 execution.
+The target build (export/choose_backend.py) picks by measurement among the (backend, execution precision)
+pairs the request leaves open: the fastest, with bf16 only where it beats the fastest fp32 step by a margin.
+`gate_target` then measures what would ship against the fp32 reference engines (export/quality_gate.py) whenever
+it is not fp32 throughout: reduced graphs (fp16, int8, int8-dynamic, weight-only) or bf16 execution.
 - Asked for explicitly (`--precision bf16`, a reduced graph), a failed gate refuses the export: nothing is written.
-- Chosen by `--precision auto` because it was fastest, bf16 execution that fails the gate is set aside: the fastest
+- Chosen by `--precision auto` for its speed, bf16 execution that fails the gate is set aside: the fastest
   fp32 candidate ships instead (gated in turn if the graphs are reduced), and the manifest records the rejected
   choice with its measurement. So on a CPU with bf16 the gate decides whether bf16 ships by default.
 """

@@ -6,7 +6,7 @@ int8-dynamic DiT is a CPU precision: export/int8_dynamic.py). `--precision` is t
 component that does not offer it falls back to fp32 with the reason recorded (and an explicit per-component request
 that it cannot honour is refused). `bf16` is different: the graphs stay fp32 and OpenVINO executes them in bf16.
 `auto` (the default) also keeps the graphs fp32 and leaves the execution precision to the target build: on a CPU
-with bf16 it ships bf16 where that is the fastest measured and passes the quality gate, else fp32
+with bf16 it ships bf16 where that is measured at least 10% faster and passes the quality gate, else fp32
 (export/gated_choice.py).
 """
 

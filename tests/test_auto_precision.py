@@ -1,11 +1,13 @@
 """`--precision auto` (the default): fp32 graphs, and on a CPU with bf16 the execution precision that the DiT step
-timings and the quality gate choose (export/gated_choice.py). A bf16 choice that fails the gate falls back to the
-fastest fp32 candidate; an explicit bf16 that fails it is refused. Real exports, real gate runs."""
+timings and the quality gate choose (export/gated_choice.py): bf16 where its step beats the fastest fp32 one by
+BF16_MIN_SPEEDUP and it passes the gate. A bf16 choice that fails the gate falls back to the fastest fp32
+candidate; an explicit bf16 that fails it is refused. Real exports, real gate runs."""
 
 import pytest
 
 from conftest import TEST_SIZE
 from soraedge.export.build import ExportConfig, run_export
+from soraedge.export.choose_backend import BF16_MIN_SPEEDUP
 from soraedge.export.gated_choice import gate_target
 from soraedge.export.precision import plan_precision
 from soraedge.runtime.backends import openvino as ov_backend
@@ -38,11 +40,14 @@ def test_auto_export_ships_the_fastest_candidate_that_passes_the_gate(tiny_model
     assert runtime["asked"] == {"backend": "auto", "precision": "auto"}
     assert runtime["candidates"] == [["ort", "fp32"], ["openvino", "fp32"], ["openvino", "bf16"]]
     chosen = (runtime["backend"], runtime["precision"])
-    if "rejected" in runtime:  # bf16 was fastest and failed the gate: the fastest fp32 ships
-        assert not runtime["rejected"]["quality_gate"]["passed"]
-        assert chosen == min([("ort", "fp32"), ("openvino", "fp32")], key=lambda c: _step(runtime, *c))
+    fp32 = min([("ort", "fp32"), ("openvino", "fp32")], key=lambda c: _step(runtime, *c))
+    bf16_won = _step(runtime, "openvino", "bf16") * BF16_MIN_SPEEDUP <= _step(runtime, *fp32)
+    assert runtime["bf16_min_speedup"] == BF16_MIN_SPEEDUP
+    if "rejected" in runtime:  # bf16 won on time and failed the gate: the fastest fp32 ships
+        assert bf16_won and not runtime["rejected"]["quality_gate"]["passed"]
+        assert chosen == fp32
     else:
-        assert chosen == min(map(tuple, runtime["candidates"]), key=lambda c: _step(runtime, *c))
+        assert chosen == (("openvino", "bf16") if bf16_won else fp32)
     if chosen[1] == "bf16":
         gate = runtime["quality_gate"]
         assert gate["passed"] and gate["execution_precision"] == "bf16" and min(gate["psnr_db"]) >= 30.0

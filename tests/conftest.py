@@ -56,6 +56,17 @@ def tiny_engines(tmp_path_factory, tiny_model):
     return get
 
 
+@pytest.fixture(scope="session")
+def dynamic_engines(tmp_path_factory, tiny_model):
+    """tiny-a exported with the int8-dynamic DiT (tests/test_int8_dynamic.py, tests/test_auto_precision.py)."""
+    from soraedge.export.build import ExportConfig, run_export
+
+    out = tmp_path_factory.mktemp("tiny-a-int8-dynamic") / "engines"
+    run_export(ExportConfig(model=str(tiny_model("tiny-a")), out=out, **TEST_SIZE["tiny-a"],
+                            precision="int8-dynamic", backend="auto", check_parity=False))
+    return out
+
+
 @pytest.fixture
 def engine_copy(tiny_engines, tmp_path):
     """A private copy of tiny-a's engines that a test may damage."""

@@ -86,3 +86,20 @@ def test_a_bf16_choice_that_fails_the_gate_falls_back_and_an_asked_one_is_refuse
     with pytest.raises(SoraError, match="bf16 execution on openvino fails the quality gate"):
         gate_target(engines, engines, _bf16_won("bf16"), plan, 200.0, 2, print)
 
+
+
+@needs_bf16
+def test_a_failed_bf16_choice_over_reduced_graphs_gates_the_fp32_fallback_too(dynamic_engines, tiny_engines):
+    """int8-dynamic DiT graphs, bf16 chosen for speed: at 55 dB bf16 fails (about 45 dB on tiny-a) and the fp32
+    fallback, whose graphs are still reduced, is gated in turn and passes (about 72 dB); at 100 dB it fails too and
+    the export is refused, because the int8-dynamic graphs were asked for."""
+    reference = tiny_engines("tiny-a")
+    plan = load_manifest(dynamic_engines).precision
+    assert plan["transformer"] == "int8-dynamic"
+    runtime = _bf16_won("auto")
+    gate = gate_target(reference, dynamic_engines, runtime, plan, 55.0, 2, print)
+    assert (runtime["backend"], runtime["precision"]) == ("openvino", "fp32")
+    assert not runtime["rejected"]["quality_gate"]["passed"]
+    assert gate["passed"] and gate["execution_precision"] == "fp32" and runtime["quality_gate"] is gate
+    with pytest.raises(SoraError, match="int8-dynamic transformer on openvino fails the quality gate"):
+        gate_target(reference, dynamic_engines, _bf16_won("auto"), plan, 100.0, 2, print)

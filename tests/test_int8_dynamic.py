@@ -26,14 +26,6 @@ SIZE = TEST_SIZE["tiny-a"]
 KEEP = FP16_ISLANDS["transformer"][1]
 
 
-@pytest.fixture(scope="module")
-def dynamic_engines(tmp_path_factory, tiny_model):
-    out = tmp_path_factory.mktemp("tiny-a-int8-dynamic") / "engines"
-    run_export(ExportConfig(model=str(tiny_model("tiny-a")), out=out, **SIZE, precision="int8-dynamic",
-                            backend="auto", check_parity=False))
-    return out
-
-
 def _frames(engine_dir, backend=None):
     pipe = Pipeline.load(engine_dir, backend=backend)
     noise = np.random.default_rng(5).standard_normal(pipe.latent_shape(SIZE["height"], SIZE["width"],

@@ -162,7 +162,10 @@ def check_request(backend: str, precision: str, openvino_unsupported: str | None
     candidates = [("ort", "fp32")]
     if ov_backend.available() and not openvino_unsupported:
         candidates.append(("openvino", "fp32"))
-        if precision == "bf16" or (precision == "auto" and backend != "ort" and ov_backend.cpu_info()["bf16"]):
+        has_bf16 = ov_backend.cpu_info()["bf16"]
+        if precision == "bf16" and not has_bf16:
+            raise SoraError("this CPU has no bf16 support: use --precision fp32 or auto")
+        if precision == "bf16" or (precision == "auto" and backend != "ort" and has_bf16):
             candidates.append(("openvino", "bf16"))
     elif backend == "openvino" or precision == "bf16":
         raise SoraError("--backend openvino / --precision bf16 need OpenVINO: pip install 'soraedge[openvino]'")

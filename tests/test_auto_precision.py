@@ -31,7 +31,7 @@ def test_auto_is_the_default_and_keeps_the_graphs_fp32():
 
 
 @needs_bf16
-def test_auto_export_ships_the_fastest_candidate_that_passes_the_gate(tiny_model, tmp_path):
+def test_auto_export_ships_what_the_timings_choose_and_the_gate_passes(tiny_model, tmp_path):
     out = tmp_path / "e"
     run_export(ExportConfig(model=str(tiny_model("tiny-a")), out=out, **SIZE, check_parity=False))
     m = load_manifest(out)

@@ -71,9 +71,17 @@ def _export(model: Path, out: Path, variant: dict, threads: int, log) -> dict:
     return {"export_s": time.perf_counter() - t0}
 
 
-MODELS = {"bench-384": "bench-384 (hidden 384, 6 layers, 6 heads x 64, ffn 2240)",
-          "wan21-1.3b-4layers": "wan21-1.3b-4layers (Wan2.1-T2V-1.3B's layer shape: hidden 1536, 12 heads x 128, ffn "
-                                "8960; 4 of its 30 layers)"}
+MODELS = ("bench-384", "wan21-1.3b-4layers")  # export/tiny_wan.py configurations
+
+
+def describe(model_name: str) -> str:
+    """The model's DiT shape, read from its tiny_wan configuration, e.g. "bench-384 (hidden 384, 6 layers, 6 heads x
+    64, ffn 2240)"."""
+    from ..export.tiny_wan import TINY_CONFIGS
+
+    c = TINY_CONFIGS[model_name]
+    return (f"{model_name} (hidden {c.heads * c.head_dim}, {c.layers} layers, {c.heads} heads x {c.head_dim}, "
+            f"ffn {c.ffn_dim})")
 
 
 def run(threads: int, repeats: int, steps: int, variants: list[str], log=print, model_name: str = "bench-384") -> dict:
@@ -155,7 +163,7 @@ def run(threads: int, repeats: int, steps: int, variants: list[str], log=print, 
         for r in ([row] if name == "pytorch-eager" else row.get("peers", {}).values()):
             r["speedup_vs_ort_fp32"] = base / r["median_s"]
             r["speedup_vs_pytorch"] = rows["pytorch-eager"]["median_s"] / r["median_s"]
-    return {"model": MODELS[model_name], "shape": {**SHAPE,
+    return {"model": describe(model_name), "shape": {**SHAPE,
             "latents": list(lat), "tokens": tokens, "cfg_batch": 2, "text_len": int(feeds["encoder_hidden_states"]
                                                                                       .shape[1])},
             "steps": steps, "prompts": list(PROMPTS), "threads": threads, "repeats": repeats, "machine": machine(),
@@ -240,7 +248,7 @@ def to_markdown(r: dict) -> str:
 @click.option("--steps", type=int, default=20, show_default=True, help="Sampler steps of the end-to-end runs.")
 @click.option("--variant", "variants", multiple=True, type=click.Choice(sorted(VARIANTS)),
               help="Variants to run (default: all).")
-@click.option("--model", "model_name", type=click.Choice(sorted(MODELS)), default="bench-384", show_default=True)
+@click.option("--model", "model_name", type=click.Choice(MODELS), default="bench-384", show_default=True)
 @click.option("--tag", default="cpu", show_default=True, help="Results go to bench/results/precision_<tag>.*")
 @click.option("--results", type=click.Path(path_type=Path), default=Path(__file__).parent / "results")
 def main(threads, repeats, steps, variants, model_name, tag, results):

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import click
 
-from .report import save
+from .report import result_options, save
 
 TOKENS = (4096, 8192, 16384, 32768)
 BATCH, HEADS, HEAD_DIM = 2, 12, 128
@@ -120,8 +120,7 @@ def markdown(result: dict) -> str:
 
 @click.command()
 @click.option("--tokens", default=",".join(map(str, TOKENS)), show_default=True, help="Comma-separated.")
-@click.option("--tag", default="gpu", show_default=True, help="Results file suffix, e.g. the GPU's name.")
-@click.option("--results", type=click.Path(path_type=Path), default=Path(__file__).parent / "results")
+@result_options("attention_kernels", default_tag="gpu")
 def main(tokens: str, tag: str, results: Path) -> None:
     import torch
 

@@ -21,7 +21,7 @@ import numpy as np
 from .dit_step import (SCENARIOS, build_scenario_model, export_scenario_dit, scenario_inputs,
                        scenario_options)
 from .e2e import machine, versions
-from .report import save
+from .report import result_options, save
 
 PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
 
@@ -80,8 +80,7 @@ def to_markdown(r: dict) -> str:
 @scenario_options
 @click.option("--repeats", type=int, default=7, show_default=True)
 @click.option("--provider", type=click.Choice(sorted(PROVIDERS)), default="cpu", show_default=True)
-@click.option("--tag", default="cpu", show_default=True)
-@click.option("--results", type=click.Path(path_type=Path), default=Path(__file__).parent / "results")
+@result_options("attention_rewrite")
 def main(scenario, threads, repeats, provider, tag, results):
     r = run(scenario, threads, repeats, provider)
     save(results, "attention_rewrite", tag, r, to_markdown(r))

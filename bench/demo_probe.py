@@ -23,7 +23,7 @@ import click
 import numpy as np
 
 from .e2e import machine, versions
-from .report import save
+from .report import result_options, save
 
 
 def prompt_set(seeds: int) -> list[dict]:
@@ -123,13 +123,12 @@ def to_markdown(r: dict) -> str:
               help="Also judge these engines (through the export's quality gate).")
 @click.option("--steps", type=int, help="Sampling steps (default: the model's).")
 @click.option("--threads", type=int, default=os.cpu_count(), show_default=True)
-@click.option("--tag", default="cpu", show_default=True)
 @click.option("--weights", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="A demo/train.py output folder to judge instead of the shipped weights.")
 @click.option("--backend", "backends", multiple=True, type=click.Choice(["ort", "openvino", "openvino-bf16"]),
               help="Run every engine directory on these CPU backends (default: ort); openvino-bf16 executes the "
                    "graphs in bf16.")
-@click.option("--results", type=click.Path(path_type=Path), default=Path(__file__).parent / "results")
+@result_options("demo_probe")
 def main(seeds, precisions, steps, threads, tag, weights, backends, results):
     r = run(seeds, precisions, threads, steps, weights, backends or ("ort",))
     save(results, "demo_probe", tag, r, to_markdown(r))

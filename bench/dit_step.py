@@ -25,7 +25,7 @@ import numpy as np
 from .e2e import machine, versions
 from .flops import wan_dit_flops
 from .matmul_peak import best_peak, matmul_peak
-from .report import save
+from .report import result_options, save
 
 # Scenarios as data. hidden 384 = 6 heads x 64; ffn in Wan2.1's ratio (8960 / 1536); 17 frames of 256x256 ->
 # 5 x 32 x 32 latents -> 1280 tokens after the 1x2x2 patch; CFG batch of 2; 512 text tokens of width 4096.
@@ -256,8 +256,7 @@ def to_markdown(r: dict) -> str:
 @scenario_options
 @click.option("--repeats", type=int, default=5, show_default=True)
 @click.option("--compile", "compile_peer", is_flag=True, help="Also time torch.compile (slow to compile).")
-@click.option("--tag", default="cpu", show_default=True, help="Results go to bench/results/dit_step_<tag>.*")
-@click.option("--results", type=click.Path(path_type=Path), default=Path(__file__).parent / "results")
+@result_options("dit_step")
 def main(scenario, threads, repeats, compile_peer, tag, results):
     r = run(scenario, threads, repeats, compile_peer, log=lambda m: click.echo(m, err=True))
     save(results, "dit_step", tag, r, to_markdown(r))

@@ -25,7 +25,7 @@ import numpy as np
 
 from .dit_step import BASE, build_scenario_model, export_scenario_dit
 from .flops import wan_dit_flops
-from .report import save
+from .report import result_options, save
 
 WAN_1_3B = dict(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=30, text_dim=4096)
 SCENARIOS = {"wan1.3b-32760tok": (81, 480, 832), "wan1.3b-1280tok": (17, 256, 256)}  # frames, height, width
@@ -148,8 +148,7 @@ def to_markdown(r: dict) -> str:
 @click.command()
 @click.option("--scenario", type=click.Choice(sorted(SCENARIOS)), default="wan1.3b-1280tok", show_default=True)
 @click.option("--repeats", type=int, default=10, show_default=True)
-@click.option("--tag", default="gpu", show_default=True, help="Results go to bench/results/gpu_dit_step_<tag>.*")
-@click.option("--results", type=click.Path(path_type=Path), default=Path(__file__).parent / "results")
+@result_options("gpu_dit_step", default_tag="gpu")
 def main(scenario, repeats, tag, results):
     r = run(scenario, repeats, log=lambda m: click.echo(m, err=True))
     save(results, "gpu_dit_step", f"{tag}-{scenario}", r, to_markdown(r))

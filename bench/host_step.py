@@ -20,7 +20,7 @@ import click
 import numpy as np
 
 from .e2e import machine
-from .report import save
+from .report import result_options, save
 
 # (frames, height, width) -> latents [1, 16, (F-1)/4+1, H/8, W/8]; tokens after the 1x2x2 patch
 SHAPES = {"480x832x81 (32760 tokens)": (81, 480, 832), "256x256x17 (1280 tokens)": (17, 256, 256)}
@@ -85,8 +85,7 @@ def to_markdown(r: dict) -> str:
 
 @click.command()
 @click.option("--steps", type=int, default=20, show_default=True)
-@click.option("--tag", default="cpu", show_default=True, help="Results go to bench/results/host_step_<tag>.*")
-@click.option("--results", type=click.Path(path_type=Path), default=Path(__file__).parent / "results")
+@result_options("host_step")
 def main(steps, tag, results):
     r = run(steps)
     save(results, "host_step", tag, r, to_markdown(r))

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import click
 
-from .report import save
+from .report import result_options, save
 
 CHILD = """
 import json, sys, time
@@ -90,8 +90,7 @@ def to_markdown(r: dict) -> str:
 @click.option("--frames", default=9, show_default=True)
 @click.option("--steps", default=4, show_default=True)
 @click.option("--threads", type=int, default=os.cpu_count(), show_default=True)
-@click.option("--tag", default="cpu", show_default=True)
-@click.option("--results", type=click.Path(path_type=Path), default=Path(__file__).parent / "results")
+@result_options("low_memory")
 def main(height, width, frames, steps, threads, tag, results):
     r = run(height, width, frames, steps, threads, log=lambda m: click.echo(m, err=True))
     save(results, "low_memory", tag, r, to_markdown(r))

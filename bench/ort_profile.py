@@ -21,7 +21,7 @@ import click
 
 from .dit_step import (SCENARIOS, build_scenario_model, export_scenario_dit, scenario_inputs,
                        scenario_options)
-from .report import save
+from .report import result_options, save
 
 
 def profile(scenario: str, threads: int, runs: int, opt_level: str = "all", graph: str = "portable") -> dict:
@@ -79,8 +79,7 @@ def to_markdown(r: dict) -> str:
 @scenario_options
 @click.option("--runs", type=int, default=3, show_default=True)
 @click.option("--graph", type=click.Choice(["portable", "mha"]), default="portable", show_default=True)
-@click.option("--tag", default="cpu", show_default=True)
-@click.option("--results", type=click.Path(path_type=Path), default=Path(__file__).parent / "results")
+@result_options("ort_profile")
 def main(scenario, threads, runs, graph, tag, results):
     r = profile(scenario, threads, runs, graph=graph)
     save(results, "ort_profile", tag, r, to_markdown(r))

@@ -18,7 +18,7 @@ import click
 
 from .dit_step import (SCENARIOS, build_scenario_model, export_scenario_dit, scenario_inputs,
                        scenario_options)
-from .report import save
+from .report import result_options, save
 
 
 def profile(scenario: str, threads: int, runs: int, precision: str = "fp32") -> dict:
@@ -70,8 +70,7 @@ def to_markdown(r: dict) -> str:
 @scenario_options
 @click.option("--runs", type=int, default=5, show_default=True)
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True)
-@click.option("--tag", default="cpu", show_default=True, help="Results go to bench/results/ov_profile_<tag>.*")
-@click.option("--results", type=click.Path(path_type=Path), default=Path(__file__).parent / "results")
+@result_options("ov_profile")
 def main(scenario, threads, runs, precision, tag, results):
     r = profile(scenario, threads, runs, precision)
     save(results, "ov_profile", tag, r, to_markdown(r))

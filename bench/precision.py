@@ -27,7 +27,7 @@ import numpy as np
 from ..calib.config import CalibConfig
 from .dit_step import time_calls, time_interleaved
 from .e2e import machine, versions
-from .report import save
+from .report import result_options, save
 
 SHAPE = {"frames": 17, "height": 256, "width": 256}
 PROMPTS = ("a red fox runs through the snow in the forest", "a small boat drifts on a calm lake at night")
@@ -249,8 +249,7 @@ def to_markdown(r: dict) -> str:
 @click.option("--variant", "variants", multiple=True, type=click.Choice(sorted(VARIANTS)),
               help="Variants to run (default: all).")
 @click.option("--model", "model_name", type=click.Choice(MODELS), default="bench-384", show_default=True)
-@click.option("--tag", default="cpu", show_default=True, help="Results go to bench/results/precision_<tag>.*")
-@click.option("--results", type=click.Path(path_type=Path), default=Path(__file__).parent / "results")
+@result_options("precision")
 def main(threads, repeats, steps, variants, model_name, tag, results):
     r = run(threads, repeats, steps, list(variants) or list(VARIANTS), log=lambda m: click.echo(m, err=True),
             model_name=model_name)

@@ -18,7 +18,7 @@ import click
 import numpy as np
 
 from .e2e import machine, versions
-from .report import save
+from .report import result_options, save
 
 PROMPTS = ("a yellow circle moving left on a black background", "a blue triangle shrinking on a black background",
            "a green square moving up on a black background")  # the trained demo's world
@@ -86,8 +86,7 @@ def to_markdown(r: dict) -> str:
 @click.option("--steps", type=int, default=30, show_default=True)
 @click.option("--threads", type=int, default=os.cpu_count(), show_default=True)
 @click.option("--engines", type=click.Path(path_type=Path), help="A demo engine directory (default: export one).")
-@click.option("--tag", default="cpu", show_default=True, help="Results go to bench/results/step_cache_<tag>.*")
-@click.option("--results", type=click.Path(path_type=Path), default=Path(__file__).parent / "results")
+@result_options("step_cache")
 def main(steps, threads, engines, tag, results):
     r = run(steps, threads, THRESHOLDS, engines, log=lambda m: click.echo(m, err=True))
     save(results, "step_cache", tag, r, to_markdown(r))

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import click
 
-from .report import save
+from .report import result_options, save
 
 CHILD = """
 import sys, time, json, numpy as np
@@ -93,8 +93,7 @@ def measure(height: int, width: int, frames: list[int], threads: int, tile: int 
 @click.option("--frames", multiple=True, type=int, default=(9, 81), show_default=True)
 @click.option("--threads", type=int, default=os.cpu_count(), show_default=True)
 @click.option("--tile", type=int, help="Spatial tile in pixels (runtime/vae_decode.py); default: untiled.")
-@click.option("--tag", default="cpu", show_default=True)
-@click.option("--results", type=click.Path(path_type=Path), default=Path(__file__).parent / "results")
+@result_options("vae_memory")
 def main(height, width, frames, threads, tile, tag, results):
     r = measure(height, width, list(frames), threads, tile, log=lambda m: click.echo(m, err=True))
     save(results, "vae_memory", tag, r, to_markdown(r))

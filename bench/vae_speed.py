@@ -20,7 +20,7 @@ import click
 import numpy as np
 
 from .e2e import machine, versions
-from .report import save
+from .report import result_options, save
 
 
 def _conv_flops(vae, z) -> float:
@@ -108,8 +108,7 @@ def to_markdown(r: dict) -> str:
 @click.option("--width", default=128, show_default=True)
 @click.option("--frames", default=9, show_default=True)
 @click.option("--threads", type=int, default=os.cpu_count(), show_default=True)
-@click.option("--tag", default="cpu", show_default=True, help="Results go to bench/results/vae_speed_<tag>.*")
-@click.option("--results", type=click.Path(path_type=Path), default=Path(__file__).parent / "results")
+@result_options("vae_speed")
 def main(height, width, frames, threads, tag, results):
     r = run(height, width, frames, threads, log=lambda m: click.echo(m, err=True))
     save(results, "vae_speed", tag, r, to_markdown(r))

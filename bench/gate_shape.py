@@ -16,7 +16,6 @@ import tempfile
 from pathlib import Path
 
 import click
-import numpy as np
 
 from .e2e import machine
 from .report import result_options, save
@@ -42,26 +41,20 @@ def export_fp32(model: str, root: Path, threads: int) -> Path:
 def run(model: str, sizes: list[tuple[int, int]], steps: list[int], threads: int, log) -> dict:
     import openvino
 
-    from ..export.quality_gate import GATE_PROMPTS, GATE_STEPS, MAX_GATE_TOKENS, gate_size, psnr
+    from ..export.quality_gate import GATE_PROMPTS, GATE_STEPS, MAX_GATE_TOKENS, gate_size, latent_tokens, prompt_psnr
     from ..runtime.pipeline import Pipeline
 
     with tempfile.TemporaryDirectory() as tmp:
         engines = export_fp32(model, Path(tmp), threads)
         ref = Pipeline.load(engines, threads=threads, verify=False, backend="ort", precision="fp32")
         cand = Pipeline.load(engines, threads=threads, verify=False, backend="openvino", precision="bf16")
-        frames, patch = ref.defaults["frames"], ref.config["patch_size"]
+        frames = ref.defaults["frames"]
         rows = []
         for n in steps:
             for h, w in sizes:
-                shape = ref.latent_shape(h, w, frames)  # [1, C, f, h, w]
-                psnrs = []
-                for i, prompt in enumerate(GATE_PROMPTS):
-                    noise = np.random.default_rng(i).standard_normal(shape, dtype=np.float32)  # as the gate's
-                    a = ref(prompt, height=h, width=w, frames=frames, steps=n, latents=noise).frames
-                    b = cand(prompt, height=h, width=w, frames=frames, steps=n, latents=noise).frames
-                    psnrs.append(psnr(b, a))
+                psnrs = [prompt_psnr(ref, cand, i, h, w, frames, n) for i in range(len(GATE_PROMPTS))]
                 rows.append({"height": h, "width": w, "frames": frames, "steps": n,
-                             "tokens": shape[2] * shape[3] * shape[4] // (patch[1] * patch[2]), "psnr_db": psnrs})
+                             "tokens": latent_tokens(ref, h, w, frames), "psnr_db": psnrs})
                 log(f"{h}x{w}, {n} steps: " + ", ".join(f"{p:.1f} dB" for p in psnrs))
         gate_h, gate_w = gate_size(ref)
     return {"model": model, "threads": threads, "machine": machine(), "openvino": openvino.__version__,

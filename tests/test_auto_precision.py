@@ -87,7 +87,6 @@ def test_a_bf16_choice_that_fails_the_gate_falls_back_and_an_asked_one_is_refuse
         gate_target(engines, engines, _bf16_won("bf16"), plan, 200.0, 2, print)
 
 
-
 @needs_bf16
 def test_a_failed_bf16_choice_over_reduced_graphs_gates_the_fp32_fallback_too(dynamic_engines, tiny_engines):
     """int8-dynamic DiT graphs, bf16 chosen for speed: at 55 dB bf16 fails (about 45 dB on tiny-a) and the fp32

@@ -1,4 +1,5 @@
-"""What every CLI shares: SoraError -> one line on stderr and exit 2; Ctrl-C -> exit 130; warnings as lines."""
+"""What every CLI shares: SoraError and OSError (disk full, read-only, busy, ...) -> one line on stderr and exit 2;
+Ctrl-C -> exit 130, SIGTERM -> 143 (after every cleanup ran); warnings as lines."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import sys
 import click
 
 from ..runtime.errors import SoraError
-from ..runtime.interrupts import remembered_interrupts
+from ..runtime.interrupts import interrupted_by, remembered_interrupts
 
 
 def cli_errors(fn):
@@ -27,6 +28,13 @@ def cli_errors(fn):
         except SoraError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
+        except OSError as e:  # what the file system says no with, after every temporary file was removed
+            where = f": {e.filename}" if e.filename else ""
+            click.echo(f"error: {e.strerror or e}{where} (nothing was written)", err=True)
+            sys.exit(2)
+        except MemoryError:
+            click.echo("error: out of memory (nothing was written); try --low-memory or a smaller size", err=True)
+            sys.exit(2)
         except KeyboardInterrupt:
             click.echo("interrupted: nothing was written", err=True)
             # Exit here, not through sys.exit: when the interrupt passed through exec'd code (torch's generated
@@ -35,7 +43,7 @@ def cli_errors(fn):
             # unwound by now (staging directories removed, writers closed); only the stdio buffers are left.
             sys.stdout.flush()
             sys.stderr.flush()
-            os._exit(130)
+            os._exit(128 + interrupted_by())
         finally:
             logger.removeHandler(handler)
 

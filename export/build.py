@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import io
 import json
+import math
 import shutil
 import tempfile
 import time
@@ -23,16 +24,16 @@ from .. import __version__
 from ..calib.config import CalibConfig
 from ..runtime.errors import SoraError
 from ..runtime.gpu_target import GPU_BACKENDS, target
-from ..runtime.manifest import CACHE_DIR, sha256_file, write_manifest
+from ..runtime.manifest import sha256_file, write_manifest
 from ..runtime.spec import Dim
-from ..runtime.validate import check_frames, check_size
-from .checkpoint import WanCheckpoint, read_checkpoint
+from ..runtime.validate import check_frames, check_size, check_threads
+from .checkpoint import WanCheckpoint, read_checkpoint, read_json
 from .choose_backend import build_runtime, check_request, cpu_only, openvino_unsupported
 from .dit import AttentionForm, DiTReference, dit_spec, load_dit
 from .dit_probe import FirstBlockProbe, ProbeReference, probe_spec
 from .gated_choice import gate_target
 from .precision import convert_engines, execution_of, plan_precision
-from .staging import ExportReport, build_keys, check_destination, swap_into_place, up_to_date
+from .staging import ExportReport, build_keys, check_destination, commit, up_to_date
 from .trt_target import TrtOptions
 from .text_encoder import load_text_encoder, text_encoder_spec
 from .vae import load_vae_decoders, vae_specs
@@ -187,6 +188,47 @@ def _export_into(ck: WanCheckpoint, cfg: ExportConfig, defaults: dict, tmp: Path
     return engines, vae_engines, d_model
 
 
+def _check_sizes(ck: WanCheckpoint) -> None:
+    """Before any weight is loaded: each component's safetensors are well formed (export/weights.py), its config
+    describes a model that can be built (on the meta device: no memory), that model's parameters are the ones the
+    weights hold, and one fp32 copy of it fits in this machine's available memory. A config with huge dimensions
+    is then one line instead of an allocation of hundreds of GB."""
+    import torch
+    import transformers
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+
+    from ..runtime.memory import available_bytes
+    from .weights import component_tensors
+
+    te_cls = getattr(transformers, ck.text_encoder_class)
+    builders = {
+        "text_encoder": lambda: te_cls._from_config(transformers.AutoConfig.from_pretrained(ck.root / "text_encoder")),
+        "transformer": lambda: WanTransformer3DModel.from_config(ck.transformer_config),
+        "vae": lambda: AutoencoderKLWan.from_config(ck.vae_config),
+    }
+    available = available_bytes()
+    for comp, build in builders.items():
+        tensors = component_tensors(ck.root / comp)
+        stored = sum(t.numel for t in tensors.values())
+        try:
+            with torch.device("meta"), _quiet():
+                model = build()
+        except Exception as e:  # a config the library cannot build a model from: any of its exceptions
+            raise SoraError(f"{ck.root / comp}/config.json describes no model that can be built "
+                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        params = sum(p.numel() for p in model.parameters())
+        for name, t in model.state_dict().items():
+            if name in tensors and tuple(t.shape) != tensors[name].shape:
+                raise SoraError(f"{tensors[name].file}: {name} is {list(tensors[name].shape)}, but "
+                                f"{comp}/config.json makes it {list(t.shape)}")
+        if params > 2 * stored + 10**6:
+            raise SoraError(f"{ck.root / comp}/config.json describes {params / 1e9:.2f}B parameters but its weights "
+                            f"hold {stored / 1e9:.2f}B: the config does not belong to these weights")
+        if available is not None and 4 * params > available:
+            raise SoraError(f"{comp} has {params / 1e9:.2f}B parameters ({4 * params / 2**30:.1f} GiB in fp32), more "
+                            f"than this machine's {available / 2**30:.1f} GiB of available memory")
+
+
 def _chunked_decode_parity(vae, specs, tmp: Path, z_dim: int) -> dict:
     """The runtime's chunked decoder on the exported graphs against diffusers' AutoencoderKLWan.decode."""
     import numpy as np
@@ -223,20 +265,24 @@ def _prepare_source(cfg: ExportConfig, workdir: Path) -> tuple[WanCheckpoint, di
 def run_export(cfg: ExportConfig, log: Callable[[str], None] = lambda s: None) -> ExportReport:
     """Export `cfg.model` to an engine directory at `cfg.out`. Raises SoraError on bad input."""
     out = Path(cfg.out)
-    check_destination(out)
+    check_threads(cfg.threads)
+    if cfg.min_psnr is not None and not (math.isfinite(cfg.min_psnr) and cfg.min_psnr > 0):
+        raise SoraError(f"min_psnr={cfg.min_psnr}: the quality gate's threshold must be a finite number of dB > 0")
+    check_destination(out, None if cfg.model == "demo" else Path(cfg.model))
     report = ExportReport(out=out, reused=False)
     t_all = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.build-", dir=out.parent) as work:
         work = Path(work)
         ck, defaults, source = _prepare_source(cfg, work)
+        _check_sizes(ck)
+        pad_token_id = _pad_token_id(ck)
         model_text_len = defaults.pop("max_sequence_length")
         cfg = replace(cfg, max_sequence_length=cfg.max_sequence_length or model_text_len,
                       attention=_attention_form(cfg))
-        if cfg.height or cfg.width:
-            defaults["height"] = cfg.height or defaults["height"]
-            defaults["width"] = cfg.width or defaults["width"]
+        for k in ("height", "width", "frames"):
+            if getattr(cfg, k) is not None:
+                defaults[k] = getattr(cfg, k)
         check_size(defaults["height"], defaults["width"], ck.vae_scale_spatial * max(ck.patch[1:]))
-        defaults["frames"] = cfg.frames or defaults["frames"]
         for f in (defaults["frames"], cfg.max_frames):
             check_frames(f, ck.vae_scale_temporal)
 
@@ -279,7 +325,7 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = lambda s: None) -
             "family": "wan2.1-t2v",
             "defaults": defaults,
             "max_sequence_length": cfg.max_sequence_length,
-            "pad_token_id": _pad_token_id(ck),
+            "pad_token_id": pad_token_id,
             "text_dim": d_model,
             "latent_channels": ck.latent_channels,
             "latents_mean": ck.vae_config["latents_mean"],
@@ -333,10 +379,10 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = lambda s: None) -
         t0 = time.perf_counter()
         if gate_target(ref, stage, body["runtime"], plan, cfg.min_psnr, cfg.threads, log):
             report.seconds["quality_gate"] = time.perf_counter() - t0
-        write_manifest(stage, body, files)  # same files (backend caches are outside the content): no re-hash
-        if cfg.backend not in GPU_BACKENDS:  # a CPU build is portable; a GPU build keeps its GPU's caches
-            shutil.rmtree(stage / CACHE_DIR, ignore_errors=True)
-        swap_into_place(stage, out, work)
+        write_manifest(stage, body, files)  # same files: no re-hash
+        if not commit(stage, out, work, key, inputs_key, cfg.overwrite, log):
+            log(f"{out} was written meanwhile by another export of this model with these options: keeping it")
+            report.reused = True
     report.seconds["total"] = time.perf_counter() - t_all
     return report
 
@@ -363,10 +409,11 @@ def _dit_int8(cfg: ExportConfig, ref: Path, work: Path):
 
 
 def _pad_token_id(ck: WanCheckpoint) -> int:
-    from tokenizers import Tokenizer
-
+    from ..runtime.text import PromptEncoder
     cfg_file = ck.root / "tokenizer" / "tokenizer_config.json"
-    pad = json.loads(cfg_file.read_text()).get("pad_token", "<pad>") if cfg_file.is_file() else "<pad>"
-    pad = pad["content"] if isinstance(pad, dict) else pad
-    tid = Tokenizer.from_file(str(ck.tokenizer_file)).token_to_id(pad)
+    pad = read_json(cfg_file).get("pad_token", "<pad>") if cfg_file.is_file() else "<pad>"
+    pad = pad.get("content") if isinstance(pad, dict) else pad
+    if not isinstance(pad, str):
+        raise SoraError(f"{cfg_file}: pad_token {pad!r} is not a token")
+    tid = PromptEncoder(str(ck.tokenizer_file), None, 1, 0).tok.token_to_id(pad)  # a malformed file: one line
     return 0 if tid is None else int(tid)

@@ -24,9 +24,11 @@ from .. import __version__
 from ..runtime.errors import SoraError
 from ..runtime.gpu_target import GPU_BACKENDS, target
 from ..runtime.manifest import TARGET_FILE_KEYS, load_manifest, write_manifest
+from ..runtime.safe_files import inside
+from ..runtime.validate import check_threads
 from .choose_backend import build_runtime, check_request, cpu_only, openvino_unsupported
 from .gated_choice import gate_target
-from .staging import ExportReport, build_keys, check_destination, link_or_copy, swap_into_place, up_to_date
+from .staging import ExportReport, build_keys, check_destination, commit, link_or_copy, up_to_date
 from .trt_target import TrtOptions
 
 
@@ -55,8 +57,9 @@ def _target_keys(src, backend: str, execution: str, trt: dict | None) -> tuple[s
 def build_from_engines(cfg: TargetConfig, log: Callable[[str], None] = lambda s: None) -> ExportReport:
     """Build `cfg.out` for `cfg.backend` from the ONNX of `cfg.source`. Raises SoraError on bad input."""
     out = Path(cfg.out)
+    check_threads(cfg.threads)
     src = load_manifest(cfg.source)  # every file checked against its hash before anything is built from it
-    check_destination(out)
+    check_destination(out, src.root)
     no_openvino = openvino_unsupported(src.precision)
     execution = _execution(cfg.precision, src)
     # e.g. no GPU for ort-cuda, or CPU-only engines: refused before any work
@@ -76,9 +79,12 @@ def build_from_engines(cfg: TargetConfig, log: Callable[[str], None] = lambda s:
         # what the source's target added (plans, ONNX Runtime's CPU graph) stays behind: this target builds its own
         added_before = {e[k] for e in src.data["engines"].values() for k in TARGET_FILE_KEYS if e.get(k)}
         carried = {rel: h for rel, h in src.data["files"].items() if rel not in added_before}
-        for rel in carried:
-            (stage / rel).parent.mkdir(parents=True, exist_ok=True)
-            link_or_copy(src.root / rel, stage / rel)
+        stage.mkdir()
+        for rel in carried:  # paths checked when the manifest was read, and again on both sides here
+            dst = inside(stage, rel)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            inside(stage, rel)  # the folders just made are real folders inside the stage
+            link_or_copy(src.file(rel), dst)
         body = {k: v for k, v in src.data.items() if k not in ("format_version", "files", "runtime", "gpu")}
         body["engines"] = {n: {k: v for k, v in e.items() if k not in TARGET_FILE_KEYS}
                            for n, e in src.data["engines"].items()}
@@ -99,7 +105,9 @@ def build_from_engines(cfg: TargetConfig, log: Callable[[str], None] = lambda s:
         elif "quality_gate" in src.runtime:  # measured at the ONNX step, on the backend it names
             body["runtime"]["quality_gate"] = src.runtime["quality_gate"]
         write_manifest(stage, body, None if added else files)  # new files (plans, ORT's CPU graph) hashed too
-        swap_into_place(stage, out, work)
+        if not commit(stage, out, work, key, inputs_key, cfg.overwrite, log):
+            log(f"{out} was written meanwhile by another build of these engines for {cfg.backend}: keeping it")
+            report.reused = True
     report.seconds["total"] = time.perf_counter() - t_all
     return report
 

@@ -47,13 +47,16 @@ class WanCheckpoint:
         return tuple(self.transformer_config["patch_size"])  # type: ignore[return-value]
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
     if not path.is_file():
         raise SoraError(f"{path} is missing: not a complete diffusers Wan pipeline directory")
     try:
-        return json.loads(path.read_text())
-    except ValueError as e:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
         raise SoraError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise SoraError(f"{path} is not a JSON object")
+    return data
 
 
 def _require_safetensors(folder: Path) -> None:
@@ -68,7 +71,7 @@ def read_checkpoint(path: str | Path) -> WanCheckpoint:
     root = Path(path)
     if not root.is_dir():
         raise SoraError(f"model {path!r} is neither a directory nor a built-in model name (built-in: demo)")
-    index = _read_json(root / "model_index.json")
+    index = read_json(root / "model_index.json")
     cls = index.get("_class_name")
     if cls != "WanPipeline":
         raise SoraError(f"{root}: pipeline class {cls!r} is not supported (supported: WanPipeline, Wan2.1 T2V)")
@@ -79,21 +82,26 @@ def read_checkpoint(path: str | Path) -> WanCheckpoint:
         raise SoraError(f"{root}: expand_timesteps (Wan2.2 TI2V) is not supported yet")
     if (index.get("image_encoder") or [None])[0] is not None:
         raise SoraError(f"{root}: image-to-video / VACE pipelines (image_encoder) are not supported yet")
+    for c in COMPONENTS:
+        entry = index.get(c)
+        if entry is not None and not (isinstance(entry, list) and len(entry) == 2
+                                      and all(isinstance(x, (str, type(None))) for x in entry)):
+            raise SoraError(f"{root}/model_index.json: {c} is {entry!r}, not a [library, class] pair")
     missing = [c for c in COMPONENTS if not (index.get(c) or [None, None])[1] or not (root / c).is_dir()]
     if missing:
         raise SoraError(f"{root}: missing components {missing} (a Wan2.1 T2V pipeline needs {list(COMPONENTS)})")
 
-    tcfg = _read_json(root / "transformer" / "config.json")
+    tcfg = read_json(root / "transformer" / "config.json")
     if tcfg.get("image_dim") is not None or tcfg.get("added_kv_proj_dim") is not None:
         raise SoraError(f"{root}: transformer has image conditioning (image_dim/added_kv_proj_dim): "
                         "image-to-video is not supported yet")
-    vcfg = _read_json(root / "vae" / "config.json")
+    vcfg = read_json(root / "vae" / "config.json")
     if vcfg.get("patch_size") is not None or vcfg.get("is_residual"):
         raise SoraError(f"{root}: the Wan2.2 VAE (patch_size/is_residual) is not supported yet")
     te_class = index["text_encoder"][1]
     if te_class not in TEXT_ENCODERS:
         raise SoraError(f"{root}: text encoder class {te_class!r} is not supported (supported: {list(TEXT_ENCODERS)})")
-    scfg = _read_json(root / "scheduler" / "scheduler_config.json")
+    scfg = read_json(root / "scheduler" / "scheduler_config.json")
     if scfg.get("_class_name") not in SCHEDULERS:
         raise SoraError(f"{root}: scheduler {scfg.get('_class_name')!r} is not supported "
                         f"(supported: {list(SCHEDULERS)})")

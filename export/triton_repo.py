@@ -9,7 +9,9 @@ input and output (then that axis leaves `dims` and the server may batch requests
 model, `<prefix>`, that runs the runtime's sampler with BLS calls to them (runtime/triton_bls.py); its version
 folder holds the engine directory's manifest, tokenizer and scheduler config, and its config names the engine
 models. Engine files are hard-linked where the filesystem allows (copied otherwise). The repository is written to
-a temporary folder beside `repo` and renamed into place, so a failed write leaves nothing half-built.
+a temporary folder beside `repo` and renamed into place, so a failed write leaves nothing half-built; its marker
+file (`soraedge-repository.json`, which Triton ignores: it loads model folders only) lists the models it wrote, and
+only such a folder, holding nothing else, is ever replaced (with `--overwrite`).
 
     sora-triton ENGINE_DIR -o REPO [--prefix soraedge] [--instances 1] [--kind cpu|gpu] [--python-engines]
 """
@@ -17,6 +19,7 @@ a temporary folder beside `repo` and renamed into place, so a failed write leave
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -24,6 +27,7 @@ from pathlib import Path
 from ..runtime.errors import SoraError
 from ..runtime.interrupts import raise_if_interrupted
 from ..runtime.manifest import MANIFEST, Manifest, load_manifest
+from ..runtime.safe_files import inside, output_lock
 from ..runtime.spec import EngineSpec
 from ..runtime.triton_bls import MODEL_PY, PIPELINE_FOLDER, REQUEST_INPUTS, RESPONSE_OUTPUTS, batch_dim
 from .staging import link_or_copy
@@ -122,14 +126,56 @@ def _write_engine_model(manifest: Manifest, engine: str, folder: Path, model: st
     version = folder / "1"
     version.mkdir(parents=True)
     link_or_copy(src, version / filename)
-    data = src.with_name(src.name + ".data")
-    if data.exists():  # external weights keep their name: the graph refers to them by it
-        link_or_copy(data, version / data.name)
+    data = manifest.data["engines"][engine]["file"] + ".data"
+    if data in manifest.data["files"]:  # external weights keep their name: the graph refers to them by it
+        link_or_copy(manifest.file(data), version / Path(data).name)
     if python_engines:
         (version / "model.py").write_text(MODEL_PY.format(what=f"the {engine} engine on ONNX Runtime",
                                                           cls="EngineModel"))
     config = engine_config(model, manifest.spec(engine), platform, instances, kind)
     (folder / "config.pbtxt").write_text(to_pbtxt(config) + "\n")
+
+
+MARKER = "soraedge-repository.json"  # what makes a folder a repository this writer may replace
+_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+
+
+def check_prefix(prefix: str) -> None:
+    """Model names become folder names in the repository: letters, digits, '_' and '-' only (Triton's model names,
+    kept to what is a plain folder name on every file system)."""
+    if not isinstance(prefix, str) or not _MODEL_NAME.fullmatch(prefix):
+        raise SoraError(f"prefix {prefix!r} is not a valid model name: use 1-64 letters, digits, '_' or '-', "
+                        f"starting with a letter or digit")
+
+
+def is_repository(repo: Path) -> bool:
+    try:
+        data = json.loads((repo / MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and data.get("schema") == "soraedge.triton-repository"
+
+
+def _check_repo_destination(repo: Path, engine_dir: Path, overwrite: bool) -> None:
+    """A repository is written to a new folder, or replaces one this writer wrote (with `overwrite`); never a user's
+    folder, a file, or a folder holding the engine directory."""
+    if repo.resolve() == engine_dir.resolve() or repo.resolve() in engine_dir.resolve().parents:
+        raise SoraError(f"{repo} is (or holds) the engine directory {engine_dir}: write the repository elsewhere")
+    if repo.is_symlink() or (repo.exists() and not repo.is_dir()):
+        raise SoraError(f"{repo} exists and is not a directory: refusing to replace it")
+    if not repo.exists() or not any(repo.iterdir()):
+        return
+    if not is_repository(repo):
+        names = sorted(p.name for p in repo.iterdir())
+        raise SoraError(f"{repo} exists and is not a repository written by sora-triton (it holds "
+                        f"{', '.join(names[:3])}{' ...' if len(names) > 3 else ''}): refusing to touch it")
+    if not overwrite:
+        raise SoraError(f"{repo} exists; pass --overwrite to replace it")
+    models = set(json.loads((repo / MARKER).read_text()).get("models") or [])
+    foreign = sorted(p.name for p in repo.iterdir() if p.name != MARKER and p.name not in models)
+    if foreign:
+        raise SoraError(f"{repo} also holds {', '.join(foreign[:3])}, which sora-triton did not write: replacing "
+                        f"it would delete them; move them out first")
 
 
 def write_triton_repo(engine_dir: Path, repo: Path, prefix: str = "soraedge", instances: int = 1,
@@ -142,13 +188,19 @@ def write_triton_repo(engine_dir: Path, repo: Path, prefix: str = "soraedge", in
         raise SoraError(f"unknown instance kind {kind!r} (known: {', '.join(KINDS)})")
     if instances < 1:
         raise SoraError(f"instances={instances}: need at least 1")
-    if repo.exists() and not overwrite:
-        raise SoraError(f"{repo} exists; pass --overwrite to replace it")
+    check_prefix(prefix)
     manifest = load_manifest(engine_dir)  # verified: the repository gets exactly what was exported
+    _check_repo_destination(repo, engine_dir, overwrite)
     models = {e: f"{prefix}_{e}" for e in manifest.engine_names}
-    repo.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{repo.name}.", dir=repo.parent))
+    for model in models.values():
+        check_prefix(model)
     try:
+        repo.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SoraError(f"cannot create the folder {repo.parent} for the repository ({e.strerror})") from None
+    work = Path(tempfile.mkdtemp(prefix=f".{repo.name}.build-", dir=repo.parent))
+    try:
+        stage = work / "repo"
         for engine, model in models.items():
             _write_engine_model(manifest, engine, stage / model, model, instances, kind, python_engines)
         sampler = stage / prefix
@@ -157,19 +209,19 @@ def write_triton_repo(engine_dir: Path, repo: Path, prefix: str = "soraedge", in
         (sampler / "1" / "model.py").write_text(MODEL_PY.format(what="the soraedge sampler", cls="SamplerModel"))
         config = manifest.config
         for rel in (MANIFEST, config["tokenizer"], config["scheduler"]):
-            (pipeline / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(engine_dir / rel, pipeline / rel)
+            src = engine_dir / MANIFEST if rel == MANIFEST else manifest.file(rel)
+            inside(pipeline, rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, inside(pipeline, rel))
         (sampler / "config.pbtxt").write_text(to_pbtxt(sampler_config(prefix, models, instances)) + "\n")
+        (stage / MARKER).write_text(json.dumps({"schema": "soraedge.triton-repository",
+                                                "models": sorted([prefix, *models.values()])}, indent=1) + "\n")
         raise_if_interrupted()
-        if repo.exists():
-            old = repo.with_name(f".{repo.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            repo.rename(old)
+        with output_lock(repo):
+            _check_repo_destination(repo, engine_dir, overwrite)  # again: another writer may have been faster
+            raise_if_interrupted()
+            if repo.exists():
+                repo.rename(work / "previous")
             stage.rename(repo)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            stage.rename(repo)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     return models

@@ -23,6 +23,16 @@ def rss_bytes() -> int | None:
         return None
 
 
+def available_bytes() -> int | None:
+    """Memory a new allocation can still get: MemAvailable plus free swap (Linux; None elsewhere)."""
+    try:
+        with open("/proc/meminfo") as f:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f if line.split()[1:2]}
+        return info["MemAvailable"] + info.get("SwapFree", 0)
+    except (OSError, ValueError, KeyError, IndexError):
+        return None
+
+
 class PeakSampler:
     """with PeakSampler(read) as m: ...; m.peak -> the largest `read()` sampled inside the block (bytes), or None."""
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +21,7 @@ import numpy as np
 from .backends import BACKENDS, PRECISIONS, EngineDenoiser, open_engine
 from .errors import SoraError
 from .gpu_target import GPU_BACKENDS, check_target
-from .manifest import CACHE_DIR, Manifest, load_manifest
+from .manifest import Manifest, load_manifest
 from .memory import PeakDevice, PeakRss
 from .prompt_cache import PromptCache
 from .sampler import sample
@@ -30,8 +29,10 @@ from .schedulers import load_scheduler
 from .spec import EngineSpec
 from .step_cache import StepCache
 from .text import PromptEncoder
+from .user_cache import compiled_cache
 from .vae_decode import ChunkedVaeDecoder
-from .validate import check_frames, check_size
+from .validate import (check_finite, check_frames, check_guidance, check_seed, check_size, check_steps, check_text,
+                       check_threads)
 
 
 log = logging.getLogger("soraedge")
@@ -77,6 +78,7 @@ class Pipeline:
         self.cfg_batch = cfg_batch
         self.config = manifest.config
         self.defaults = self.config["defaults"]
+        check_threads(threads)
         self.threads = threads
         self.low_memory = low_memory
         chosen = manifest.runtime
@@ -91,12 +93,11 @@ class Pipeline:
             raise SoraError(f"unknown precision {self.precision!r} (known: {', '.join(PRECISIONS)})")
         if self.backend in GPU_BACKENDS and open_with is None:
             check_target(manifest.data.get("gpu"), self.backend, manifest.root)
-        root = manifest.root
         self._engines: dict[str, object] = {}
-        self.text = PromptEncoder(str(root / self.config["tokenizer"]),
+        self.text = PromptEncoder(str(manifest.file(self.config["tokenizer"])),
                                   lambda **feeds: self.engine("text_encoder")(**feeds),
                                   self.config["max_sequence_length"], self.config["pad_token_id"])
-        self.scheduler = load_scheduler(root / self.config["scheduler"])
+        self.scheduler = load_scheduler(manifest.file(self.config["scheduler"]))
         self.prompt_cache = None
         if prompt_cache is not None:
             key = hashlib.sha256((manifest.content_key("text_encoder") + manifest.data["files"][
@@ -114,11 +115,9 @@ class Pipeline:
     def _open(self, name: str):
         if self.open_with is not None:
             return self.open_with(name, self.manifest.spec(name))
-        cache = None
-        # ort-trt's engine cache may have been filled at export: used even where the directory is read-only
-        if self.backend != "ort" and (os.access(self.manifest.root, os.W_OK) or self.backend == "ort-trt"):
-            key = self.manifest.content_key(name)
-            cache = self.manifest.root / CACHE_DIR / self.backend / f"{name}-{key}-{self.precision}"
+        cache = None  # compiled models: this user's, keyed by content (runtime/user_cache.py)
+        if self.backend != "ort":
+            cache = compiled_cache(self.backend, name, self.manifest.content_key(name), self.precision)
         # The probe runs between DiT steps: a thread pool of its own would spin-wait after each call and take the
         # cores from the DiT (measured on the demo: +70% denoise time with 2 threads); it is tiny, so 1 thread.
         threads = 1 if name == "dit_probe" else self.threads
@@ -160,13 +159,17 @@ class Pipeline:
 
     def encode(self, texts: list[str]) -> np.ndarray:
         """[B, L, D] embeddings; cached ones are read from disk, the rest encoded in one batch and stored."""
+        for t in texts:
+            check_text(t)
         cached = [self.prompt_cache.get(t) if self.prompt_cache else None for t in texts]
         hits = [t for t, c in zip(texts, cached) if c is not None]
         if hits:
             self.text.tokenize(hits)  # cheap; keeps the over-long-prompt warning on cache hits
         missing = [t for t, c in zip(texts, cached) if c is None]
         if missing:
-            fresh = iter(self.text(missing))
+            encoded = self.text(missing)
+            check_finite(encoded, "the text encoder's embeddings")
+            fresh = iter(encoded)
             for i, c in enumerate(cached):
                 if c is None:
                     cached[i] = next(fresh)
@@ -182,17 +185,17 @@ class Pipeline:
     def resolve(self, height=None, width=None, frames=None, steps=None, guidance=None, negative_prompt=None):
         """Fill defaults and validate every argument; raises SoraError naming the nearest valid values."""
         d = self.defaults
-        h, w = height or d["height"], width or d["width"]
-        f = frames or d["frames"]
-        steps = d["steps"] if steps is None else steps
-        guidance = d["guidance"] if guidance is None else guidance
-        negative_prompt = d["negative_prompt"] if negative_prompt is None else negative_prompt
+
+        def given(value, key):
+            return d[key] if value is None else value
+
+        h, w, f = given(height, "height"), given(width, "width"), given(frames, "frames")
+        steps, guidance = given(steps, "steps"), given(guidance, "guidance")
+        negative_prompt = given(negative_prompt, "negative_prompt")
         check_size(h, w, self.config["vae_scale_spatial"] * max(self.config["patch_size"][1:]))
         check_frames(f, self.config["vae_scale_temporal"])
-        if steps < 1:
-            raise SoraError(f"steps={steps}: need at least 1 step")
-        if guidance < 0:
-            raise SoraError(f"guidance={guidance}: guidance must be >= 0 (1 or less disables the negative prompt)")
+        check_steps(steps)
+        check_guidance(guidance)
         spec = self.manifest.spec("transformer")
         lat = self.latent_shape(h, w, f)
         bad = [m for name, v in zip("fhw", lat[2:]) if (m := spec.dim_map[name].check(v))]
@@ -204,6 +207,8 @@ class Pipeline:
         if not isinstance(latents, np.ndarray) or latents.dtype != np.float32 or latents.shape != shape:
             got = f"{latents.dtype} {tuple(latents.shape)}" if isinstance(latents, np.ndarray) else type(latents)
             raise SoraError(f"latents must be float32 of shape {shape} (as WanPipeline's), got {got}")
+        if not np.isfinite(latents).all():
+            raise SoraError("latents hold NaN or inf values: initial noise must be finite")
         return latents
 
     # -- generation ------------------------------------------------------------------------------------------
@@ -220,6 +225,7 @@ class Pipeline:
         bound the decoder's memory at large sizes (runtime/vae_decode.py)."""
         h, w, f, steps, guidance, negative_prompt = self.resolve(height, width, frames, steps, guidance,
                                                                  negative_prompt)
+        check_seed(seed)
         if step_cache is not None and (step_cache < 0 or "dit_probe" not in self.manifest.engine_names):
             raise SoraError(f"step cache threshold {step_cache} must be >= 0" if step_cache < 0 else
                             f"{self.manifest.root} has no step-cache probe engine: re-export it with this version")
@@ -258,6 +264,7 @@ class Pipeline:
             del denoiser, cache  # with low_memory these held the only references: the DiT is released here
         memory["denoise"], device_memory["denoise"] = mem.peak_mb, dev.peak_mb
         timings["denoise"] = time.perf_counter() - t0
+        check_finite(latents, "the denoised latents")
         if output_type == "latent":
             return Generation(None, latents, timings, step_times, memory, device_memory, evaluations)
 
@@ -270,6 +277,7 @@ class Pipeline:
         kept = []
         with PeakRss() as mem, self._peak_device() as dev:
             for video in self.decoder(vae_tile).chunks(z):  # [1, 3, T, H, W] in [-1, 1]
+                check_finite(video, "the decoded frames")
                 chunk = np.ascontiguousarray(np.clip(video[0] / 2 + 0.5, 0, 1).transpose(1, 2, 3, 0))  # [T, H, W, 3]
                 if sink:
                     sink(chunk)

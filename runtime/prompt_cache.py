@@ -2,23 +2,28 @@
 
 Keyed by content: the text encoder engine's content hash, the tokenizer file's hash and the sequence length name a
 folder; the sha256 of the exact prompt text names the entry. Entries are written to a unique temp file and renamed
-(safe under concurrent runs); an unreadable or mis-shaped entry is ignored and rewritten; the folder is kept under
-a byte budget by evicting the least recently used entries.
+(safe under concurrent runs; removed when the write fails); an unreadable, mis-shaped or non-finite entry is ignored
+and rewritten; the folder is kept under a byte budget by evicting the least recently used files.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
-import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 
+from .safe_files import temp_beside
+from .user_cache import cache_home
+
+STALE_TMP_S = 3600  # a temp file this old belongs to no running put
+
 
 def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "soraedge" / "prompts"
+    return cache_home() / "prompts"
 
 
 class PromptCache:
@@ -36,7 +41,7 @@ class PromptCache:
             emb = np.load(path, allow_pickle=False)
         except (OSError, ValueError, EOFError):
             return None
-        if emb.shape != self.shape or emb.dtype != np.float32:
+        if emb.shape != self.shape or emb.dtype != np.float32 or not np.isfinite(emb).all():
             return None  # damaged or from another layout: rewritten by the next put
         try:
             os.utime(path)  # recency for eviction
@@ -45,21 +50,35 @@ class PromptCache:
         return emb
 
     def put(self, text: str, emb: np.ndarray) -> None:
+        path = self._path(text)
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.dir, suffix=".tmp")
-            with os.fdopen(fd, "wb") as f:
-                np.save(f, emb.astype(np.float32))
-            os.replace(tmp, self._path(text))
-            self._evict()
+            with temp_beside(path) as (fd, tmp):  # removed on any failure (a full disk included)
+                with os.fdopen(os.dup(fd), "wb") as f:
+                    np.save(f, emb.astype(np.float32))
+                os.replace(tmp, path)
         except OSError:
             pass  # a cache that cannot be written is only a slower run
+        with contextlib.suppress(OSError):
+            self._evict()  # after a failed write too: a full disk gets room back
 
     def _evict(self) -> None:
-        entries = sorted(self.dir.glob("*.npy"), key=lambda p: p.stat().st_mtime)
-        total = sum(p.stat().st_size for p in entries)
-        for p in entries:
+        """Oldest first until the folder is within budget. Every file counts, the temp files that a killed run
+        left behind too (those older than STALE_TMP_S are removed outright)."""
+        now = time.time()
+        entries = []
+        for p in self.dir.glob("*"):
+            try:
+                st = p.stat()
+            except OSError:
+                continue  # evicted by a concurrent run
+            if p.name.startswith(".") and now - st.st_mtime > STALE_TMP_S:
+                p.unlink(missing_ok=True)
+            else:
+                entries.append((st.st_mtime, st.st_size, p))
+        total = sum(size for _, size, _ in entries)
+        for _, size, p in sorted(entries):
             if total <= self.max_bytes:
                 break
-            total -= p.stat().st_size
+            total -= size
             p.unlink(missing_ok=True)

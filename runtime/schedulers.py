@@ -11,6 +11,7 @@ truncates to integers exactly like diffusers' int64 cast), and `step(model_outpu
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +22,10 @@ from .errors import SoraError
 _IGNORED = {"_class_name", "_diffusers_version", "_name_or_path", "_use_default_values"}
 
 
-def _check_config(name: str, cfg: dict, defaults: dict, required: dict) -> dict:
-    """Merge with defaults; refuse unknown keys and values that change the math in unsupported ways."""
+def _check_config(name: str, cfg: dict, defaults: dict, required: dict, ranges: dict) -> dict:
+    """Merge with defaults; refuse unknown keys, values that change the math in unsupported ways, and numbers
+    outside `ranges` ({key: (type, low, high)}, bounds inclusive; low exclusive for floats: a shift of 0 divides by
+    zero) that would give NaN or nonsense trajectories."""
     unknown = sorted(k for k in cfg if k not in defaults and k not in _IGNORED)
     if unknown:
         raise SoraError(f"{name}: unsupported scheduler config keys {unknown}; supported: {sorted(defaults)}")
@@ -30,6 +33,13 @@ def _check_config(name: str, cfg: dict, defaults: dict, required: dict) -> dict:
     for key, allowed in required.items():
         if merged[key] not in allowed:
             raise SoraError(f"{name}: {key}={merged[key]!r} is not supported (supported: {allowed})")
+    for key, (kind, low, high) in ranges.items():
+        v = merged[key]
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v <= high
+        ok = ok and (isinstance(v, int) and v >= low if kind is int else v > low)
+        if not ok:
+            bound = f"a whole number from {low} to {high}" if kind is int else f"a finite number > {low} and <= {high}"
+            raise SoraError(f"{name}: {key}={v!r} is invalid (need {bound})")
     return merged
 
 
@@ -47,8 +57,15 @@ class FlowMatchEuler:
         "use_exponential_sigmas": [False], "use_beta_sigmas": [False], "stochastic_sampling": [False],
     }
 
+    RANGES = {"num_train_timesteps": (int, 2, 10**6), "shift": (float, 0.0, 1000.0)}
+
     def __init__(self, config: dict):
-        self.config = _check_config("FlowMatchEulerDiscreteScheduler", config, self.DEFAULTS, self.REQUIRED)
+        self.config = _check_config("FlowMatchEulerDiscreteScheduler", config, self.DEFAULTS, self.REQUIRED,
+                                    self.RANGES)
+        terminal = self.config["shift_terminal"]
+        if terminal is not None and not (isinstance(terminal, (int, float)) and 0 <= terminal < 1):
+            raise SoraError(f"FlowMatchEulerDiscreteScheduler: shift_terminal={terminal!r} is invalid (need None or "
+                            f"a number in [0, 1))")
         n, shift = self.config["num_train_timesteps"], self.config["shift"]
         # As diffusers' __init__: float32 training sigmas, shifted once; sigma_min/max are read from them.
         train = (np.linspace(1, n, n, dtype=np.float32)[::-1] / np.float32(n)).astype(np.float32)
@@ -101,8 +118,14 @@ class UniPCFlow:
         "rescale_betas_zero_snr": [False], "shift_terminal": [None],
     }
 
+    RANGES = {"num_train_timesteps": (int, 2, 10**6), "flow_shift": (float, 0.0, 1000.0), "solver_order": (int, 1, 3)}
+
     def __init__(self, config: dict):
-        self.config = _check_config("UniPCMultistepScheduler", config, self.DEFAULTS, self.REQUIRED)
+        self.config = _check_config("UniPCMultistepScheduler", config, self.DEFAULTS, self.REQUIRED, self.RANGES)
+        skip = self.config["disable_corrector"]
+        if not isinstance(skip, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in skip):
+            raise SoraError(f"UniPCMultistepScheduler: disable_corrector={skip!r} is invalid (need a list of step "
+                            f"indices)")
         if self.config["solver_type"] not in ("bh1", "bh2"):  # diffusers maps the DPM-Solver names to bh2
             self.config["solver_type"] = "bh2"
         self.order = int(self.config["solver_order"])
@@ -205,6 +228,8 @@ SCHEDULERS = {"UniPCMultistepScheduler": UniPCFlow, "FlowMatchEulerDiscreteSched
 
 def scheduler_from_config(config: dict):
     """Build the scheduler named by `_class_name`; refuse unknown classes."""
+    if not isinstance(config, dict):
+        raise SoraError(f"a scheduler config must be a JSON object, not {type(config).__name__}")
     cls = config.get("_class_name")
     if cls not in SCHEDULERS:
         raise SoraError(f"scheduler class {cls!r} is not supported (supported: {sorted(SCHEDULERS)})")
@@ -212,4 +237,8 @@ def scheduler_from_config(config: dict):
 
 
 def load_scheduler(path: str | Path):
-    return scheduler_from_config(json.loads(Path(path).read_text()))
+    try:
+        config = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise SoraError(f"{path}: not a readable scheduler config ({type(e).__name__})") from None
+    return scheduler_from_config(config)

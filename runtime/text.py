@@ -15,6 +15,8 @@ import ftfy
 import numpy as np
 from tokenizers import Tokenizer
 
+from .errors import SoraError
+
 log = logging.getLogger("soraedge")
 
 
@@ -29,7 +31,10 @@ class PromptEncoder:
     def __init__(self, tokenizer_file: str, encoder, max_len: int, pad_id: int):
         self.encoder = encoder
         self.max_len = max_len
-        self.tok = Tokenizer.from_file(tokenizer_file)
+        try:
+            self.tok = Tokenizer.from_file(tokenizer_file)
+        except Exception as e:  # the tokenizers library raises a bare Exception for a malformed file
+            raise SoraError(f"{tokenizer_file} is not a valid tokenizer.json ({str(e).splitlines()[0]})") from None
         self.tok.no_padding()
         self.tok.no_truncation()
         self.pad_id = pad_id

@@ -1,8 +1,53 @@
-"""Checks on user-facing video sizes, shared by export and run so the rule and its message are written once."""
+"""Checks on every number a user hands in, shared by export and run so each rule and its message are written once.
+Each is checked before any compute; 0 is an error, never "use the default"."""
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
+
 from .errors import SoraError
+
+MAX_STEPS = 1000  # sampler steps: the training schedule's 1000 timesteps; more only repeats them
+MAX_GUIDANCE = 100.0  # classifier-free guidance scale; published recipes use 1-15
+MAX_SEED = 2**64 - 1  # numpy's and torch's seed range
+
+
+def check_steps(steps) -> None:
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= steps <= MAX_STEPS:
+        raise SoraError(f"steps={steps}: need at least 1 step and at most {MAX_STEPS}, a whole number")
+
+
+def check_guidance(guidance, name: str = "guidance") -> None:
+    if not isinstance(guidance, (int, float, np.floating)) or not math.isfinite(guidance) \
+            or not 0 <= guidance <= MAX_GUIDANCE:
+        raise SoraError(f"{name}={guidance}: guidance must be >= 0 and <= {MAX_GUIDANCE:g}, a finite number (1 or "
+                        f"less disables the negative prompt)")
+
+
+def check_seed(seed) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_SEED:
+        raise SoraError(f"seed={seed}: need a whole number from 0 to 2**64-1")
+
+
+def check_threads(threads) -> None:
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise SoraError(f"threads={threads}: need at least 1 (leave it out to use every core)")
+
+
+def check_text(text: str, name: str = "prompt") -> None:
+    if not isinstance(text, str):
+        raise SoraError(f"{name} must be text, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise SoraError(f"{name} is not valid UTF-8 text") from None
+
+
+def check_finite(array: np.ndarray, what: str) -> None:
+    if not np.isfinite(array).all():
+        raise SoraError(f"{what} are not finite (NaN or inf): nothing was written")
 
 
 def check_size(height: int, width: int, multiple: int) -> None:

@@ -1,6 +1,9 @@
 """Frames out: mp4 (H.264, yuv420p), gif, or npy (float32 [F, H, W, 3] in [0, 1]), each written atomically.
 
 `check_output_path` runs before any compute so a bad path fails in milliseconds, not after minutes of sampling.
+The file is written to a temporary file created exclusively under a random name in the output's folder (a symlink
+planted there is never followed) and renamed over the output only when complete; on any failure,
+Ctrl-C or SIGTERM the temporary file is removed and the output is left as it was.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import SoraError
+from .safe_files import drop_temp, make_temp_beside
 
 FORMATS = (".mp4", ".gif", ".npy")
 
@@ -46,7 +50,7 @@ class VideoWriter:
         self.path = check_output_path(path)
         self.fps = fps
         self.ext = self.path.suffix.lower()
-        self.tmp = self.path.with_name(f".{self.path.stem}.tmp{os.getpid()}{self.ext}")
+        self._fd, self.tmp = make_temp_beside(self.path, self.ext)
         self.frames: list[np.ndarray] = []
         self._ffmpeg = None
 
@@ -68,14 +72,15 @@ class VideoWriter:
 
     def _finish(self) -> None:
         if self.ext == ".npy":
-            with open(self.tmp, "wb") as f:
+            with os.fdopen(os.dup(self._fd), "wb") as f:
                 np.save(f, np.concatenate(self.frames))
         elif self.ext == ".gif":
             from PIL import Image
 
             images = [Image.fromarray(f) for f in to_uint8(np.concatenate(self.frames))]
-            images[0].save(self.tmp, save_all=True, append_images=images[1:], duration=int(1000 / self.fps),
-                           loop=0)
+            with os.fdopen(os.dup(self._fd), "wb") as f:
+                images[0].save(f, format="GIF", save_all=True, append_images=images[1:],
+                               duration=int(1000 / self.fps), loop=0)
         else:
             self._ffmpeg.close()
         os.replace(self.tmp, self.path)
@@ -90,8 +95,7 @@ class VideoWriter:
             elif self._ffmpeg is not None:
                 self._ffmpeg.close()
         finally:
-            if self.tmp.exists():
-                self.tmp.unlink()
+            drop_temp(self._fd, self.tmp)  # removes the temporary file unless it was renamed into place
 
 
 def write_video(path: str | Path, frames: np.ndarray, fps: int) -> Path:

@@ -115,7 +115,7 @@ def test_ctrl_c_during_export_leaves_old_engines_intact(tiny_model, engine_copy)
 def test_a_swallowed_ctrl_c_still_stops_the_commit(tmp_path):
     """A KeyboardInterrupt raised where Python ignores exceptions (a __del__ here, importlib's lock callback in the
     wild) is printed and lost; the build must still not rename its result into place."""
-    from soraedge.export.staging import swap_into_place
+    from soraedge.export.staging import commit
     from soraedge.runtime.interrupts import remembered_interrupts
 
     class InterruptedWhileDeleted:
@@ -129,7 +129,7 @@ def test_a_swallowed_ctrl_c_still_stops_the_commit(tmp_path):
     with remembered_interrupts():
         InterruptedWhileDeleted()  # deleted at once; the interrupt raised inside __del__ is ignored
         with pytest.raises(KeyboardInterrupt):
-            swap_into_place(stage, out, tmp_path)
+            commit(stage, out, tmp_path, "key", "inputs", False)
     assert stage.is_dir() and not out.exists()
 
 

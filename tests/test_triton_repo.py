@@ -100,9 +100,16 @@ def test_bad_input_is_one_line_and_keeps_what_exists(tiny_engines, tmp_path):
     assert (repo / "keep.txt").read_text() == "mine"
     assert not (tmp_path / "r2").exists() and not (tmp_path / "r3").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left behind
+    # --overwrite replaces only a repository sora-triton wrote: never a user's folder
     result = CliRunner().invoke(triton_main, [str(tiny_engines("tiny-a")), "-o", str(repo), "--overwrite"])
-    assert result.exit_code == 0, result.output
-    assert not (repo / "keep.txt").exists() and (repo / "soraedge" / "config.pbtxt").is_file()
+    assert result.exit_code == 2 and "not a repository written by sora-triton (it holds keep.txt)" in result.output
+    assert (repo / "keep.txt").read_text() == "mine"
+    ours = tmp_path / "ours"
+    for _ in range(2):  # written, then replaced
+        result = CliRunner().invoke(triton_main, [str(tiny_engines("tiny-a")), "-o", str(ours), "--overwrite"])
+        assert result.exit_code == 0, result.output
+        assert (ours / "soraedge" / "config.pbtxt").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no old copy left behind
 
 
 def test_request_arguments_take_one_element_each_and_need_a_prompt():

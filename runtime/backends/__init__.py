@@ -3,7 +3,7 @@
 An engine is a callable `engine(**inputs) -> first output` with a `.spec` (its EngineSpec); `open_engine` picks the
 implementation by backend name: `ort` (ONNX Runtime on the CPU), `openvino` (CPU), `ort-cuda` (ONNX Runtime's CUDA
 provider with IO binding and, for the DiT, CUDA graphs: backends/ort_io.py), `ort-trt` (ONNX Runtime's TensorRT
-provider, its engine and timing caches inside the engine directory) and `tensorrt` (native plans: backends/trt.py).
+provider, its engine and timing caches in this user's cache) and `tensorrt` (native plans: backends/trt.py).
 `EngineDenoiser` adapts any DiT engine to the sampler's Denoiser interface, so there is one sampler loop whatever
 runs beneath it.
 """

@@ -52,8 +52,8 @@ def cuda_provider(device_id: int = 0, cuda_graph: bool = False) -> tuple[str, di
 
 
 def tensorrt_provider(cache_dir: Path, device_id: int = 0, cuda_graph: bool = False) -> tuple[str, dict]:
-    """ONNX Runtime's TensorRT provider with its engine and timing caches in `cache_dir` (inside the engine
-    directory, named by the ONNX file's content hash, so a changed model never meets a stale engine). No
+    """ONNX Runtime's TensorRT provider with its engine and timing caches in `cache_dir` (this user's cache, named by
+    the ONNX file's content hash, so a changed model never meets a stale engine: runtime/user_cache.py). No
     trt_fp16_enable / trt_int8_enable: precision is in the graph (casts, Q/DQ). Option names:
     https://onnxruntime.ai/docs/execution-providers/TensorRT-ExecutionProvider.html#configurations"""
     cache_dir.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,7 @@ Ctrl-C or SIGTERM the temporary file is removed and the output is left as it was
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -91,7 +92,16 @@ class VideoWriter:
     def __exit__(self, exc_type, *_) -> None:
         try:
             if exc_type is None:
-                self._finish()
+                try:
+                    self._finish()
+                except OSError as e:
+                    if e.errno is not None:
+                        raise
+                    # numpy's tofile reports a short write without an errno: say what it means
+                    free = shutil.disk_usage(self.tmp.parent).free
+                    raise SoraError(f"could not write {self.path} ({e}): No space left on device "
+                                    f"({free} bytes free; nothing was written)" if free < 1 << 20 else
+                                    f"could not write {self.path} ({e}; nothing was written)") from None
             elif self._ffmpeg is not None:
                 self._ffmpeg.close()
         finally:

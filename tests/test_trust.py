@@ -390,6 +390,20 @@ def test_disk_full_is_one_line_and_leaves_no_temp_file(tiny_engines, small_fs, t
     assert not list(small_fs.iterdir())
 
 
+def test_a_read_only_file_system_is_one_line(tiny_engines, tiny_model, tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(ro)],
+                                           capture_output=True).returncode:
+        pytest.skip("mounting a read-only tmpfs needs root and a kernel that allows it here")
+    try:
+        _fails(run_main, _run(tiny_engines("tiny-a"), ro), "is not writable")
+        _fails(export_main, [tiny_model("tiny-a"), "-o", ro / "e"], "Read-only file system")
+        assert not list(ro.iterdir())
+    finally:
+        subprocess.run(["umount", "-l", str(ro)], check=False)
+
+
 def test_output_over_a_bind_mount_is_one_line(tiny_engines, tmp_path):
     out = tmp_path / "v.npy"
     out.write_bytes(b"busy")

@@ -18,7 +18,7 @@ setup() {
       pip_q --index-url https://download.pytorch.org/whl/cpu "torch==2.13.0"
     fi
   fi
-  pip_q -e ".[export,test,openvino,bench,kernels,triton]"
+  pip_q -e ".[export,test,bench,kernels,triton]"
   "$PY" -c "import torch, soraedge" || { echo "setup failed: torch or soraedge not importable" >&2; exit 1; }
 }
 

@@ -20,7 +20,8 @@ import numpy as np
 
 from .dit_step import (SCENARIOS, build_scenario_model, export_scenario_dit, scenario_inputs,
                        scenario_options)
-from .e2e import machine, versions
+from ..runtime.machine import machine
+from .e2e import versions
 from .report import result_options, save
 
 PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
@@ -29,7 +30,7 @@ PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", 
 def run(scenario: str, threads: int, repeats: int, provider: str, log=print) -> dict:
     import onnxruntime as ort
 
-    from ..export.attention_rewrite import rewrite_file
+    from ..target.attention_rewrite import rewrite_file
 
     cfg, lat, feeds = scenario_inputs(scenario)
     with tempfile.TemporaryDirectory(prefix="bench-mha-") as tmp:

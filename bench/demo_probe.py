@@ -22,7 +22,9 @@ from pathlib import Path
 import click
 import numpy as np
 
-from .e2e import machine, versions
+from ..runtime.machine import machine
+
+from .e2e import versions
 from .report import result_options, save
 
 
@@ -61,10 +63,10 @@ def accuracy_by_split(videos, prompts) -> dict:
 
 def run(seeds: int, precisions, threads: int, steps: int | None, weights: Path | None = None,
         backends=("ort",), log=print) -> dict:
-    from ..calib.config import CalibConfig
+    from ..precision.calib.config import CalibConfig
     from ..demo.toy_world import TRAIN_SCENES
     from ..export.build import ExportConfig, run_export
-    from ..export.quality_gate import psnr
+    from ..precision.quality_gate import psnr
 
     prompts = prompt_set(seeds)
     rows = {}

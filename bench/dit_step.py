@@ -1,7 +1,7 @@
 """DiT step latency, side by side in one run: PyTorch eager (the reference; and in bf16 where OpenVINO reports the
 CPU has it, as diffusers loads it), ONNX Runtime fp32 (the portable graph and its CPU graph with
 MultiHeadAttention), OpenVINO fp32/bf16 (compiled for the shape, as the pipeline runs it), and the int8-dynamic DiT
-(int8 linear weights, activations quantized at run time: export/int8_dynamic.py) on both.
+(int8 linear weights, activations quantized at run time: precision/int8_dynamic.py) on both.
 
 Same weights (a Wan-architecture transformer built from a fixed seed), same inputs, same thread count; the ONNX
 engines are timed in turn (bench/dit_step.time_interleaved). Reports the median and p95 of repeats after warm-up,
@@ -22,7 +22,9 @@ from pathlib import Path
 import click
 import numpy as np
 
-from .e2e import machine, versions
+from ..runtime.machine import machine
+
+from .e2e import versions
 from .flops import wan_dit_flops
 from .matmul_peak import best_peak, matmul_peak
 from .report import result_options, save
@@ -38,6 +40,9 @@ SCENARIOS = {
     "wan-1.3b-4layers-1280tok": dict(model=dict(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960,
                                                 num_layers=4, text_dim=4096), frames=17, height=256, width=256,
                                      text_len=512, batch=2),
+    # Wan2.1-T2V-1.3B's whole transformer configuration (30 layers), the GPU verification's DiT
+    "wan-1.3b-1280tok": dict(model=dict(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=30,
+                                        text_dim=4096), frames=17, height=256, width=256, text_len=512, batch=2),
     "tiny": dict(model=dict(num_attention_heads=2, attention_head_dim=12, ffn_dim=32, num_layers=2, text_dim=32),
                  frames=5, height=32, width=48, text_len=16, batch=2),
 }
@@ -144,9 +149,9 @@ def eager_bf16(transformer_dir: Path, args: list):
 def run(scenario: str, threads: int, repeats: int, compile_peer: bool = False, log=print) -> dict:
     import torch
 
-    from ..export.attention_rewrite import rewrite_file
-    from ..export.int8_dynamic import quantize_linear_weights
-    from ..export.precision import FP16_ISLANDS
+    from ..target.attention_rewrite import rewrite_file
+    from ..precision.int8_dynamic import quantize_linear_weights
+    from ..precision.convert import FP16_ISLANDS
     from ..runtime.backends import open_engine
     from ..runtime.backends import openvino as ov_backend
 

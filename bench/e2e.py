@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ import numpy as np
 from ..runtime.errors import SoraError
 from .flops import wan_dit_flops
 from .matmul_peak import best_peak, matmul_peak
+from ..runtime.machine import machine
 from ..runtime.memory import PeakRss
 
 PEERS = ("ort-fp32", "openvino-fp32", "openvino-bf16", "ort-cuda-fp32")
@@ -52,21 +52,9 @@ def _summary(values: list[float]) -> dict:
 
 
 def _psnr(a: np.ndarray, b: np.ndarray) -> float:
-    from ..export.quality_gate import psnr
+    from ..precision.quality_gate import psnr
 
     return psnr(a, b)
-
-
-def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        cpu = next(ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                   if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    from ..runtime.cuda_info import gpu
-
-    return {"cpu": cpu, "cores": os.cpu_count(), "arch": platform.machine(), "gpu": gpu()}
 
 
 def versions() -> dict:
@@ -104,7 +92,7 @@ def _available_peers(peers) -> list[tuple[str, str]]:
 
 def _built_for(engine_dir: Path, backend: str, tmp: Path) -> Path:
     """`engine_dir`, or for a GPU backend a build of it for this GPU (the two-step path's second step) in tmp."""
-    from ..export.build_target import TargetConfig, build_from_engines
+    from ..target.build import TargetConfig, build_from_engines
     from ..runtime.gpu_target import GPU_BACKENDS
     from ..runtime.manifest import load_manifest
 

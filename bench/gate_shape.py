@@ -1,6 +1,6 @@
 """Does the quality gate's small shape flatter bf16? The gate's measurement repeated at growing shapes and steps.
 
-The export's quality gate (export/quality_gate.py) generates at the default shape scaled down to at most
+The export's quality gate (precision/quality_gate.py) generates at the default shape scaled down to at most
 MAX_GATE_TOKENS, for GATE_STEPS steps, and `--precision auto` ships OpenVINO's bf16 execution on its verdict. Here
 the same measurement (the gate's prompts and initial latents; final frames' PSNR of OpenVINO bf16 against the fp32
 ONNX Runtime engines) runs at each `--size` and `--steps`, on fp32 engines exported here from the built-in `demo`
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import click
 
-from .e2e import machine
+from ..runtime.machine import machine
 from .report import result_options, save
 
 MODELS = {"demo": {}, "bench-384": {"frames": 17, "height": 256, "width": 256}}  # export defaults per model
@@ -41,7 +41,7 @@ def export_fp32(model: str, root: Path, threads: int) -> Path:
 def run(model: str, sizes: list[tuple[int, int]], steps: list[int], threads: int, log) -> dict:
     import openvino
 
-    from ..export.quality_gate import GATE_PROMPTS, GATE_STEPS, MAX_GATE_TOKENS, gate_size, latent_tokens, prompt_psnr
+    from ..precision.quality_gate import GATE_PROMPTS, GATE_STEPS, MAX_GATE_TOKENS, gate_size, latent_tokens, prompt_psnr
     from ..runtime.pipeline import Pipeline
 
     with tempfile.TemporaryDirectory() as tmp:

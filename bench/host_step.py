@@ -19,7 +19,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from .e2e import machine
+from ..runtime.machine import machine
 from .report import result_options, save
 
 # (frames, height, width) -> latents [1, 16, (F-1)/4+1, H/8, W/8]; tokens after the 1x2x2 patch

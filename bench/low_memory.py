@@ -42,7 +42,8 @@ print(json.dumps({"stage_peak_mb": r.memory_mb, "vm_hwm_mb": hwm / 1024, "timing
 def run(height: int, width: int, frames: int, steps: int, threads: int, log=print) -> dict:
     from ..export.build import ExportConfig, run_export
     from ..export.tiny_wan import build_tiny_wan
-    from .e2e import machine, versions
+    from ..runtime.machine import machine
+    from .e2e import versions
 
     with tempfile.TemporaryDirectory(prefix="bench-lowmem-") as tmp:
         tmp = Path(tmp)

@@ -6,7 +6,7 @@ bench/results/ort_profile_<tag>.json and .md.
 
     python -m soraedge.bench.ort_profile [--scenario wan-384x6-1280tok] [--threads 2] [--runs 3] [--graph mha]
 
-`--graph mha` profiles ONNX Runtime's CPU graph (MultiHeadAttention, export/attention_rewrite.py), the one the
+`--graph mha` profiles ONNX Runtime's CPU graph (MultiHeadAttention, target/attention_rewrite.py), the one the
 export keeps where it is faster; `portable` the ONNX `Attention` graph every backend reads.
 """
 
@@ -27,7 +27,7 @@ from .report import result_options, save
 def profile(scenario: str, threads: int, runs: int, opt_level: str = "all", graph: str = "portable") -> dict:
     import onnxruntime as ort
 
-    from ..export.attention_rewrite import rewrite_file
+    from ..target.attention_rewrite import rewrite_file
 
     cfg, lat, feeds = scenario_inputs(scenario)
     with tempfile.TemporaryDirectory() as tmp:

@@ -24,9 +24,10 @@ from pathlib import Path
 import click
 import numpy as np
 
-from ..calib.config import CalibConfig
+from ..precision.calib.config import CalibConfig
 from .dit_step import time_calls, time_interleaved
-from .e2e import machine, versions
+from ..runtime.machine import machine
+from .e2e import versions
 from .report import result_options, save
 
 SHAPE = {"frames": 17, "height": 256, "width": 256}
@@ -88,7 +89,7 @@ def run(threads: int, repeats: int, steps: int, variants: list[str], log=print, 
     import torch
     from diffusers import WanTransformer3DModel
 
-    from ..export.quality_gate import psnr
+    from ..precision.quality_gate import psnr
     from ..export.tiny_wan import build_tiny_wan
     from ..runtime.manifest import load_manifest
     from ..runtime.pipeline import Pipeline

@@ -17,7 +17,9 @@ from pathlib import Path
 import click
 import numpy as np
 
-from .e2e import machine, versions
+from ..runtime.machine import machine
+
+from .e2e import versions
 from .report import result_options, save
 
 PROMPTS = ("a yellow circle moving left on a black background", "a blue triangle shrinking on a black background",
@@ -28,7 +30,7 @@ MIN_PSNR = 30.0
 
 def run(steps: int, threads: int, thresholds, engines: Path | None = None, log=print) -> dict:
     from ..export.build import ExportConfig, run_export
-    from ..export.quality_gate import psnr
+    from ..precision.quality_gate import psnr
     from ..runtime.pipeline import Pipeline
 
     with tempfile.TemporaryDirectory(prefix="bench-step-cache-") as tmp:

@@ -78,7 +78,7 @@ def measure(height: int, width: int, frames: list[int], threads: int, tile: int 
     base = rows[0]["vm_hwm_mb"]
     for r in rows:
         r["vs_first"] = r["vm_hwm_mb"] / base
-    from .e2e import machine
+    from ..runtime.machine import machine
 
     return {"machine": machine(), "threads": threads, "height": height, "width": width,
             "vae": "AutoencoderKLWan defaults (Wan2.1 VAE configuration), random weights, fp32, ONNX Runtime CPU",

@@ -19,7 +19,9 @@ from pathlib import Path
 import click
 import numpy as np
 
-from .e2e import machine, versions
+from ..runtime.machine import machine
+
+from .e2e import versions
 from .report import result_options, save
 
 
@@ -44,7 +46,7 @@ def _conv_flops(vae, z) -> float:
 def run(height: int, width: int, frames: int, threads: int, log=print) -> dict:
     import torch
 
-    from ..export.quality_gate import psnr
+    from ..precision.quality_gate import psnr
     from ..runtime.backends import open_engine
     from ..runtime.backends import openvino as ov
     from ..runtime.vae_decode import ChunkedVaeDecoder

@@ -48,3 +48,44 @@ def cli_errors(fn):
             logger.removeHandler(handler)
 
     return wrapper
+
+
+def trt_options(fn):
+    """The --trt-* options of a native TensorRT build (--backend tensorrt), handed to the command as one `trt`
+    (target/trt_target.TrtOptions)."""
+    options = [
+        click.option("--trt-attention", type=click.Choice(["native", "plugin", "int8"]), default="native",
+                     show_default=True, help="--backend tensorrt: native leaves attention to TensorRT's fusion; "
+                     "plugin / int8 replace every DiT attention with this project's Triton flash / INT8 attention "
+                     "plugin (TensorRT >= 10.9; an fp16 DiT)."),
+        click.option("--trt-workspace-mb", type=int, help="--backend tensorrt: builder workspace limit."),
+        click.option("--trt-tactic-memory-mb", type=int, help="--backend tensorrt: tactic memory limit (Jetson "
+                     "builds that run out of unified memory)."),
+        click.option("--trt-opt-level", type=click.IntRange(0, 5), default=3, show_default=True,
+                     help="--backend tensorrt: builder optimization level."),
+        click.option("--trt-version-compatible", is_flag=True, help="--backend tensorrt: plans that later TensorRT "
+                     "versions of the same major version also run."),
+        click.option("--trt-hardware-compatible", is_flag=True,
+                     help="--backend tensorrt: plans that run on any Ampere or newer GPU."),
+    ]
+
+    @functools.wraps(fn)
+    def wrapper(*args, trt_attention, trt_workspace_mb, trt_tactic_memory_mb, trt_opt_level, trt_version_compatible,
+                trt_hardware_compatible, **kwargs):
+        from ..target.trt_build import BuildSettings
+        from ..target.trt_target import TrtOptions
+
+        trt = TrtOptions(trt_attention, BuildSettings(trt_workspace_mb, trt_tactic_memory_mb, trt_opt_level,
+                                                      trt_version_compatible, trt_hardware_compatible))
+        return fn(*args, trt=trt, **kwargs)
+
+    for option in reversed(options):
+        wrapper = option(wrapper)
+    return wrapper
+
+
+def written(report) -> None:
+    """The line a build prints when it wrote something (a reused build prints its own)."""
+    if not report.reused:
+        stages = ", ".join(f"{k} {v:.1f}s" for k, v in report.seconds.items())
+        click.echo(f"engines written to {report.out} ({stages})")

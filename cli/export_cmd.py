@@ -1,7 +1,7 @@
 """sora-export MODEL -o DIR: a diffusers Wan2.1 directory (or `demo`) -> an engine directory (fp32/fp16/int8).
 
 MODEL may also be an engine directory: then only its runtime target is built (the second step of the two-step
-path, export/build_target.py; no torch needed).
+path, target/build.py; no torch needed).
 """
 
 from __future__ import annotations
@@ -30,7 +30,9 @@ FIRST_LAST = {"auto": None, "keep": True, "quantize": False}  # --int8-first-las
 @click.option("--max-sequence-length", type=click.IntRange(2, 4096),
               help="Text tokens per prompt. Default: the model's (512 for Wan2.1, 32 for the demo).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing, different engine directory.")
-@click.option("--skip-parity", is_flag=True, help="Do not run the ONNX-vs-PyTorch check after export.")
+@click.option("--skip-parity", is_flag=True,
+              help="Skip the parity gate (each ONNX graph against its PyTorch module, refused above 1e-3 relative "
+                   "error), for models too large to hold twice in memory.")
 @click.option("--backend", type=click.Choice(["auto", "ort", "openvino", "ort-cuda", "ort-trt", "tensorrt"]),
               default="auto", show_default=True,
               help="Runtime target. CPU: auto times one DiT step on ort and openvino and keeps the fastest. GPU, "
@@ -72,7 +74,7 @@ FIRST_LAST = {"auto": None, "keep": True, "quantize": False}  # --int8-first-las
 @click.option("--calib-percentile", type=float, default=99.999, show_default=True,
               help="For --calib-method percentile.")
 @click.option("--calib-prompts", type=click.Path(path_type=Path), help="Calibration prompts, one per line "
-              "[default: the shipped calib/prompts.txt].")
+              "[default: the shipped precision/calib/prompts.txt].")
 @click.option("--calib-prompt-count", type=int, default=4, show_default=True, help="Prompts of the file to run.")
 @click.option("--calib-steps", type=int, default=8, show_default=True, help="Sampler steps per calibration prompt.")
 @click.option("--smooth-alpha", type=float, default=0.8, show_default=True,
@@ -94,8 +96,8 @@ def main(model, out, frames, max_frames, height, width, attention, max_sequence_
          int8_first_last_blocks, int8_activations, threads):
     """Export MODEL (a diffusers-format Wan2.1-T2V directory, or the built-in `demo`) to OUT, or build OUT for a
     target from MODEL when MODEL is an engine directory."""
-    from ..export.trt_build import BuildSettings
-    from ..export.trt_target import TrtOptions
+    from ..target.trt_build import BuildSettings
+    from ..target.trt_target import TrtOptions
 
     trt = TrtOptions(trt_attention, BuildSettings(trt_workspace_mb, trt_tactic_memory_mb, trt_opt_level,
                                                   trt_version_compatible, trt_hardware_compatible))
@@ -103,7 +105,7 @@ def main(model, out, frames, max_frames, height, width, attention, max_sequence_
         _build_target(Path(model), out, backend, precision, threads, overwrite, trt)
         return
     try:
-        from ..calib.config import CalibConfig
+        from ..precision.calib.config import CalibConfig
         from ..export.build import ExportConfig, run_export
         from ..export.dit import AttentionForm
     except ImportError as e:
@@ -140,7 +142,7 @@ TARGET_OPTIONS = {"model", "out", "backend", "precision", "threads", "overwrite"
 
 def _build_target(source: Path, out: Path, backend: str, precision: str, threads: int | None, overwrite: bool,
                   trt) -> None:
-    from ..export.build_target import TargetConfig, build_from_engines
+    from ..target.build import TargetConfig, build_from_engines
     from ..runtime.errors import SoraError
 
     ctx = click.get_current_context()

@@ -4,7 +4,7 @@
                                          [--steps N] [--guidance G] [--seed S] [--height H --width W --frames F]
 
 `generate` is the library form (the test of a real server uses it). Needs `tritonclient[grpc]` (the `triton`
-extra); the request's tensors are the ones runtime/triton_bls.py declares.
+extra); the request's tensors are the ones serve/bls.py declares.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from ..runtime.triton_bls import REQUEST_INPUTS
+from ..serve.bls import REQUEST_INPUTS
 from .common import cli_errors
 
 

@@ -1,4 +1,4 @@
-"""sora-triton: an engine directory -> a Triton Inference Server model repository (export/triton_repo.py)."""
+"""sora-triton: an engine directory -> a Triton Inference Server model repository (serve/repository.py)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from .common import cli_errors
 @cli_errors
 def main(engines, repo, prefix, instances, kind, python_engines, overwrite):
     """Write a Triton model repository serving the engines in ENGINES and a sampler model that runs them."""
-    from ..export.triton_repo import write_triton_repo
+    from ..serve.repository import write_triton_repo
 
     models = write_triton_repo(engines, repo, prefix, instances, kind, python_engines, overwrite)
     click.echo(f"wrote {repo}: sampler model {prefix!r} over {', '.join(models.values())}")

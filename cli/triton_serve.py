@@ -8,7 +8,7 @@ What it takes to run that binary outside pytriton (found here, Python 3.11): its
 Python's minor version copied into a backend folder of its own (pytriton ships one stub per version), the wheel's
 bundled libraries on LD_LIBRARY_PATH, and this interpreter's site-packages on PYTHONPATH. The stub embeds the
 system's libpython and its standard library (3.11.2 on Debian 12) and ignores PYTHONPATH itself; the generated
-model.py files add it to sys.path (runtime/triton_bls.py). `start_server` is what the server test uses.
+model.py files add it to sys.path (serve/bls.py). `start_server` is what the server test uses.
 """
 
 from __future__ import annotations

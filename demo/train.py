@@ -33,7 +33,7 @@ import click
 import numpy as np
 import torch
 
-from ..bench.e2e import machine
+from ..runtime.machine import machine
 from .text_encoder import TEXT_LEN, encode_prompts
 from .toy_world import FRAMES, TRAIN_SCENES, render, sample
 

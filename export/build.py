@@ -21,26 +21,29 @@ from pathlib import Path
 from typing import Callable
 
 from .. import __version__
-from ..calib.config import CalibConfig
+from ..precision.calib.config import CalibConfig
 from ..runtime.errors import SoraError
 from ..runtime.gpu_target import GPU_BACKENDS, target
 from ..runtime.manifest import sha256_file, write_manifest
 from ..runtime.spec import Dim
 from ..runtime.validate import check_frames, check_size, check_threads
 from .checkpoint import WanCheckpoint, read_checkpoint, read_json
-from .choose_backend import build_runtime, check_request, cpu_only, openvino_unsupported
+from ..target.choose import build_runtime, check_request, cpu_only, openvino_unsupported
 from .dit import AttentionForm, DiTReference, dit_spec, load_dit
 from .dit_probe import FirstBlockProbe, ProbeReference, probe_spec
-from .gated_choice import gate_target
-from .precision import convert_engines, execution_of, plan_precision
-from .staging import ExportReport, build_keys, check_destination, commit, up_to_date
-from .trt_target import TrtOptions
+from ..target.gated_choice import gate_target
+from ..precision.convert import convert_engines, execution_of, plan_precision
+from ..target.staging import ExportReport, build_keys, check_destination, commit, up_to_date
+from ..target.trt_target import TrtOptions
 from .text_encoder import load_text_encoder, text_encoder_spec
 from .vae import load_vae_decoders, vae_specs
 
 # WanPipeline.__call__ defaults; the demo model records its own.
 WAN_DEFAULTS = {"height": 480, "width": 832, "frames": 81, "steps": 50, "guidance": 5.0, "negative_prompt": "",
                 "fps": 16, "max_sequence_length": 512}
+# The parity gate: fp32 graphs measure 1e-7 to 5e-6 relative against PyTorch (the tiny test models, the demo, the
+# Wan2.1-1.3B transformer configuration); a wrong graph is off by far more than this.
+PARITY_MAX_REL = 1e-3
 MAX_SIDE = 1280  # largest height/width the engines accept (TensorRT profile max); ORT CPU itself has no limit
 
 
@@ -60,7 +63,7 @@ class ExportConfig:
     onnx_only: bool = False  # stop after the portable ONNX (and the quality gate on the CPU): build no target
     # Default precision of every component: auto (fp32 graphs; on a CPU, bf16 execution where 10% faster and it
     # passes the gate) | fp32 | fp16 | int8 | int8-dynamic (graphs) | bf16 (fp32 graphs run in bf16 by OpenVINO).
-    # export/precision.py says what each component offers.
+    # precision/convert.py says what each component offers.
     precision: str = "auto"
     component_precision: tuple[tuple[str, str], ...] = ()  # per-component overrides: (("text_encoder", "int4"),)
     min_psnr: float | None = None  # the gate's threshold; default by what ships (30 dB 8-bit/bf16, 40 dB fp16)
@@ -85,7 +88,7 @@ def _source_digest() -> str:
     so a changed exporter rebuilds an export made by the old code at the same package version."""
     root = Path(__file__).resolve().parent.parent
     h = hashlib.sha256()
-    for sub in ("export", "calib", "runtime", "demo", "kernels"):
+    for sub in ("export", "precision", "target", "runtime", "demo", "kernels"):
         for f in sorted((root / sub).rglob("*.py")):
             h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes())
     return h.hexdigest()[:16]
@@ -126,7 +129,17 @@ def _export_component(name, module, reference, spec, tmp, opset, sample, probes,
         report.seconds[f"parity_{name}"] = time.perf_counter() - t0
         log(f"  {name}: max abs error vs PyTorch {entry['parity']['max_abs']:.2e} "
             f"(rel {entry['parity']['max_rel']:.2e}) on shapes {[p['sizes'] for p in entry['parity']['probes']]}")
+        check_parity(name, entry["parity"])
     return entry
+
+
+def check_parity(name: str, parity: dict) -> None:
+    """The parity gate: an fp32 graph whose outputs differ from PyTorch's by more than PARITY_MAX_REL (relative to
+    the largest reference value, worst output and probe shape) is a wrong export, and nothing is written."""
+    if not parity["max_rel"] <= PARITY_MAX_REL:  # NaN fails too
+        raise SoraError(f"{name}: the ONNX graph differs from PyTorch by {parity['max_rel']:.2e} relative (max abs "
+                        f"{parity['max_abs']:.2e}), above the fp32 tolerance {PARITY_MAX_REL:.0e}: refusing to ship "
+                        f"it (nothing was written)")
 
 
 def _export_into(ck: WanCheckpoint, cfg: ExportConfig, defaults: dict, tmp: Path, report: ExportReport,
@@ -181,9 +194,9 @@ def _export_into(ck: WanCheckpoint, cfg: ExportConfig, defaults: dict, tmp: Path
         engines[spec.name] = _export_component(spec.name, module, module, spec, tmp, cfg.attention.opset,
                                                {"h": 4, "w": 6}, [{"h": 3, "w": 5}], cfg, report, log)
     if cfg.check_parity:
-        engines[specs[1].name]["decode_parity"] = _chunked_decode_parity(vae, specs, tmp, ck.latent_channels)
-        log(f"  chunked decode vs diffusers' decode: max abs error "
-            f"{engines[specs[1].name]['decode_parity']['max_abs']:.2e}")
+        decode = engines[specs[1].name]["decode_parity"] = _chunked_decode_parity(vae, specs, tmp, ck.latent_channels)
+        log(f"  chunked decode vs diffusers' decode: max abs error {decode['max_abs']:.2e}")
+        check_parity("the chunked VAE decode", decode)
     vae_engines = {"first": specs[0].name, "step": specs[1].name}
     return engines, vae_engines, d_model
 
@@ -295,6 +308,10 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = lambda s: None) -
         if not cfg.onnx_only:
             # fail before minutes of export, not after
             check_request(cfg.backend, execution, no_openvino, cpu_only(plan))
+            if cfg.backend == "tensorrt":
+                from ..target.trt_build import check_plugin_precision
+
+                check_plugin_precision(cfg.trt.attention, plan.get("transformer", "fp32"))
         options = {k: v for k, v in asdict(cfg).items() if k not in ("model", "out", "overwrite", "check_parity",
                                                                      "threads", "calib", "component_precision",
                                                                      "min_psnr", "trt")}
@@ -392,8 +409,8 @@ def _attention_form(cfg: ExportConfig) -> AttentionForm:
     pass needs), refusing a form that cannot work there."""
     if cfg.backend != "tensorrt":
         return cfg.attention or AttentionForm.ONNX
-    from .trt_build import attention_graph
-    from .trt_target import require_tensorrt
+    from ..target.trt_build import attention_graph
+    from ..target.trt_target import require_tensorrt
 
     need = attention_graph(require_tensorrt(), cfg.trt.attention, cfg.attention.value if cfg.attention else None)
     return cfg.attention or AttentionForm(need)
@@ -401,7 +418,7 @@ def _attention_form(cfg: ExportConfig) -> AttentionForm:
 
 def _dit_int8(cfg: ExportConfig, ref: Path, work: Path):
     def build(src: Path, dst: Path) -> dict:
-        from ..calib.dit_int8 import quantize_dit
+        from ..precision.calib.dit_int8 import quantize_dit
 
         return quantize_dit(ref, src, dst, cfg.calib, work, cfg.threads)
 

@@ -21,10 +21,14 @@ Triton >= 3.3 appends two hidden pointer parameters to every kernel: a global sc
 TensorRT's launch passes only inputs, scalars and outputs. `strip_hidden_params` removes the two declarations from
 the PTX entry, and refuses when the kernel actually uses them (scratch size > 0).
 
-Not verified on TensorRT: TensorRT cannot be installed on this project's machines (see README).
-"""
+`tensorrt.plugin` validates the decorated functions by their annotations at registration (`issubclass` on each
+parameter's, a `tuple[...]` of four for `aot_impl`'s return), so this module keeps its annotations evaluated: it
+has no `from __future__ import annotations`, and `plugin_functions` builds the three functions with the real
+classes of the module it is given. Registering again in one process only re-points the kernels at the new
+architecture: `tensorrt.plugin` refuses a second definition of a name.
 
-from __future__ import annotations
+Not verified on TensorRT: TensorRT cannot be installed on this project's machines (docs/verification.md).
+"""
 
 import math
 import re
@@ -102,41 +106,67 @@ def compile_attention(dtype: str, head_dim: int, tactic: int, arch: tuple[int, i
     return CompiledAttention(md.name, ptx.encode(), md.num_warps * 32, md.shared, tile["BLOCK_M"])
 
 
+# plugin name -> the architecture its kernels compile for; read when TensorRT asks for a kernel, so registering
+# again for another GPU in the same process re-points the plugin instead of defining it twice
+_ARCH: dict[str, tuple[int, int]] = {}
+
+
 def register_plugins(arch: tuple[int, int]) -> None:
     """Register both plugins with TensorRT's plugin registry, their kernels compiled for sm_{arch} (the build GPU)."""
-    for plugin in KERNELS:
-        _register(plugin, arch)
-
-
-def _register(plugin: str, arch: tuple[int, int]) -> None:
-    import tensorrt as trt
     import tensorrt.plugin as trtp
 
-    plugin_id = f"{NAMESPACE}::{plugin}"
-    names = {trt.float16: "fp16", trt.bfloat16: "bf16"}
+    for plugin in KERNELS:
+        first = plugin not in _ARCH
+        _ARCH[plugin] = arch
+        if first:
+            desc, autotune, aot = plugin_functions(trtp, plugin)
+            plugin_id = f"{NAMESPACE}::{plugin}"
+            trtp.register(plugin_id)(desc)
+            trtp.autotune(plugin_id)(autotune)
+            trtp.aot_impl(plugin_id)(aot)
 
-    @trtp.register(plugin_id)
-    def _desc(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc) -> trtp.TensorDesc:
+
+def constant_value(expr) -> int:
+    """A build-time constant dimension of a `tensorrt.plugin` shape expression (a property in some releases, a
+    method in others)."""
+    if not expr.is_constant:
+        raise ValueError("the attention plugin needs a static head dimension")
+    value = expr.constant_value
+    return int(value() if callable(value) else value)
+
+
+def plugin_functions(trtp, plugin: str):
+    """The register, autotune and aot_impl functions of one plugin, annotated with `trtp`'s classes as
+    `tensorrt.plugin`'s validator requires."""
+    TensorDesc, Combination = trtp.TensorDesc, trtp.AutoTuneCombination  # noqa: N806 (class aliases)
+    LaunchParams, SymIntExprs = trtp.KernelLaunchParams, trtp.SymIntExprs  # noqa: N806
+
+    def desc(q: TensorDesc, k: TensorDesc, v: TensorDesc) -> TensorDesc:
         return q.like()  # [B, L, H, D], q's dtype
 
-    @trtp.autotune(plugin_id)
-    def _autotune(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, outputs):
+    def autotune(q: TensorDesc, k: TensorDesc, v: TensorDesc, outputs: tuple[TensorDesc]) -> list[Combination]:
         combos = []
         for t in ("FP16", "BF16"):
-            c = trtp.AutoTuneCombination(", ".join([t] * 4), "LINEAR")
+            c = Combination(", ".join([t] * 4), "LINEAR")
             c.tactics(list(TILES))
             combos.append(c)
         return combos
 
-    @trtp.aot_impl(plugin_id)
-    def _aot(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, outputs, tactic: int):
-        head_dim = int(q.shape_expr[3])  # static in every DiT graph
-        compiled = compile_attention(names[q.dtype], head_dim, tactic, arch, plugin)
+    def aot(q: TensorDesc, k: TensorDesc, v: TensorDesc, outputs: tuple[TensorDesc], tactic: int
+            ) -> tuple[bytes, bytes, LaunchParams, SymIntExprs]:
+        import tensorrt as trt
+
+        dtype = {trt.float16: "fp16", trt.bfloat16: "bf16"}[q.dtype]
+        compiled = compile_attention(dtype, constant_value(q.shape_expr[3]), tactic, _ARCH[plugin], plugin)
         batch, length, heads = q.shape_expr[0], q.shape_expr[1], q.shape_expr[2]
-        launch = trtp.KernelLaunchParams()
+        launch = LaunchParams()
         launch.grid_x = trtp.cdiv(length, compiled.block_m)
         launch.grid_y = batch * heads
         launch.block_x = compiled.threads
         launch.shared_mem = compiled.shared_mem
-        scalars = trtp.SymIntExprs.from_tuple([trtp.SymInt32(e) for e in (length, k.shape_expr[1], heads)])
+        scalars = SymIntExprs(len(SCALARS))
+        for i, e in enumerate((length, k.shape_expr[1], heads)):  # L, S, H: SCALARS' order
+            scalars[i] = trtp.SymInt32(e)
         return compiled.name.encode(), compiled.ptx, launch, scalars
+
+    return desc, autotune, aot

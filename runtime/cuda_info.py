@@ -1,8 +1,9 @@
 """What this machine's NVIDIA GPU and CUDA stack are, read through the driver's own C libraries (ctypes; no torch).
 
 `gpu()` asks libcuda for the device's name, compute capability and memory and the driver's CUDA version; NVML adds
-the driver's version string. `device_memory_used()` reads NVML's used-memory counter (what memory.PeakDevice
-samples). `ort_cuda()` says whether this onnxruntime can run CUDA and which CUDA/cuDNN it was built against. On a
+the driver's version string. `device_memory_used()` reads NVML's used-memory counter of the same physical device
+(matched by PCI bus id), or the driver's free/total memory where there is no NVML (Jetson); memory.PeakDevice
+samples it. `ort_cuda()` says whether this onnxruntime can run CUDA and which CUDA/cuDNN it was built against. On a
 machine without a GPU every function returns None (or an empty answer); none raises. Not for: deciding whether an
 engine directory may run here (runtime/gpu_target.py does that).
 """
@@ -75,17 +76,60 @@ class _NvmlMemory(ctypes.Structure):
     _fields_ = [("total", ctypes.c_ulonglong), ("free", ctypes.c_ulonglong), ("used", ctypes.c_ulonglong)]
 
 
+def _device(device_id: int):
+    """libcuda's handle of device `device_id` as this process numbers it (after CUDA_VISIBLE_DEVICES), or None."""
+    cuda = _libcuda()
+    dev = ctypes.c_int()
+    if cuda is None or cuda.cuDeviceGet(ctypes.byref(dev), device_id) != 0:
+        return None
+    return dev
+
+
+@functools.lru_cache(maxsize=None)
+def _nvml_handle(device_id: int):
+    """NVML's handle of the same physical device. NVML numbers every GPU of the machine and ignores
+    CUDA_VISIBLE_DEVICES, so the two are matched by PCI bus id, never by index."""
+    nvml, dev = _nvml(), _device(device_id)
+    if nvml is None or dev is None:
+        return None
+    bus = ctypes.create_string_buffer(32)
+    handle = ctypes.c_void_p()
+    if _libcuda().cuDeviceGetPCIBusId(bus, 32, dev) != 0:
+        return None
+    if nvml.nvmlDeviceGetHandleByPciBusId_v2(bus, ctypes.byref(handle)) != 0:
+        return None
+    return handle
+
+
+@functools.lru_cache(maxsize=None)
+def _primary_context(device_id: int):
+    """The device's primary context (the one ONNX Runtime and TensorRT use), retained for the process."""
+    dev = _device(device_id)
+    ctx = ctypes.c_void_p()
+    if dev is None or _libcuda().cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev) != 0:
+        return None
+    return ctx
+
+
 def device_memory_used(device_id: int = 0) -> int | None:
-    """Bytes in use on the device (every process), or None without NVML. Sampled, it can go down between stages."""
-    nvml = _nvml()
-    if nvml is None:
+    """Bytes in use on the device (every process), or None without a GPU. NVML where it exists; on Jetson, which
+    has no NVML, the driver's free/total memory of the device. Sampled, it can go down between stages."""
+    handle = _nvml_handle(device_id)
+    if handle is not None:
+        mem = _NvmlMemory()
+        if _nvml().nvmlDeviceGetMemoryInfo(handle, ctypes.byref(mem)) == 0:
+            return int(mem.used)
+    ctx = _primary_context(device_id)
+    if ctx is None:
         return None
-    handle, mem = ctypes.c_void_p(), _NvmlMemory()
-    if nvml.nvmlDeviceGetHandleByIndex_v2(device_id, ctypes.byref(handle)) != 0:
+    cuda, free, total, popped = _libcuda(), ctypes.c_size_t(), ctypes.c_size_t(), ctypes.c_void_p()
+    if cuda.cuCtxPushCurrent_v2(ctx) != 0:
         return None
-    if nvml.nvmlDeviceGetMemoryInfo(handle, ctypes.byref(mem)) != 0:
-        return None
-    return int(mem.used)
+    try:
+        ok = cuda.cuMemGetInfo_v2(ctypes.byref(free), ctypes.byref(total)) == 0
+    finally:
+        cuda.cuCtxPopCurrent_v2(ctypes.byref(popped))
+    return int(total.value - free.value) if ok else None
 
 
 def ort_cuda() -> dict:

@@ -6,8 +6,8 @@ capability and memory, the driver, and the onnxruntime/CUDA/cuDNN versions. Befo
 and gives the command that rebuilds the directory here. The ONNX files stay portable: the CPU backends never check.
 
 What must match: the compute capability (kernels and the measured precision choice are per architecture), the
-onnxruntime major.minor, and the CUDA and cuDNN major versions. The driver must support the CUDA version the
-build used. A different GPU name with the same compute capability (an H100 PCIe and an H100 SXM) is allowed.
+onnxruntime major.minor, and the CUDA and cuDNN major versions. The driver must support the CUDA major version the
+build used (CUDA's minor-version compatibility covers the rest). A different GPU name with the same compute capability (an H100 PCIe and an H100 SXM) is allowed.
 Native TensorRT plans also need the TensorRT version they were built with, or, for a version-compatible build, the
 same major version at least as new. Plans built hardware-compatible (Ampere and newer) skip the compute-capability
 check on GPUs of compute capability 8.0 or higher.
@@ -101,7 +101,9 @@ def mismatches(recorded: dict, current: dict) -> list[str]:
     for lib, label in (("cuda", "CUDA"), ("cudnn", "cuDNN")):
         if recorded.get(lib) and current[lib] and _major(recorded[lib]) != _major(current[lib]):
             out.append(f"onnxruntime here uses {label} {current[lib]}, built with {recorded[lib]}")
-    if current["cuda"] and current["driver_cuda"] and _num(current["driver_cuda"]) < _num(current["cuda"])[:2]:
+    if current["cuda"] and current["driver_cuda"] and _num(current["driver_cuda"])[:1] < _num(current["cuda"])[:1]:
+        # CUDA's minor-version compatibility: a build for 13.y runs on a driver for any 13.x (ONNX Runtime's CUDA
+        # provider documents it); a newer major needs a newer driver
         out.append(f"the driver supports CUDA up to {current['driver_cuda']}, onnxruntime needs {current['cuda']}")
     return out
 

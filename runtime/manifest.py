@@ -88,7 +88,7 @@ class Manifest:
 
     def path_for(self, engine: str, backend: str) -> Path:
         """The file `backend` runs for `engine`: the TensorRT plan, ONNX Runtime's CPU graph where the export wrote
-        one (export/choose_backend.py: the DiT with ONNX Runtime's MultiHeadAttention), else the portable ONNX."""
+        one (target/choose.py: the DiT with ONNX Runtime's MultiHeadAttention), else the portable ONNX."""
         if backend == "tensorrt":
             return self.plan_path(engine)
         ort_file = self.data["engines"][engine].get("ort_cpu_file")

@@ -79,7 +79,7 @@ class PeakRss(PeakSampler):
 
 
 class PeakDevice(PeakSampler):
-    """Peak used memory of GPU 0 (all processes on it), or None where there is no NVML."""
+    """Peak used memory of GPU 0 (all processes on it; runtime/cuda_info.py), or None without a GPU."""
 
     def __init__(self, interval_s: float = 0.005):
         super().__init__(device_memory_used, interval_s)

@@ -62,7 +62,7 @@ class Pipeline:
     Engines open on first use. With `low_memory`, each stage opens its engines and releases them when it ends, so
     only one stage is resident at a time. With a `prompt_cache` folder, embeddings of prompts seen before are read
     from disk and the text encoder is not even loaded. `open_with(name, spec)`, when given, supplies the engines
-    instead of a local backend (the Triton model runs them as BLS calls to the server's models: runtime/triton_bls.py).
+    instead of a local backend (the Triton model runs them as BLS calls to the server's models: serve/bls.py).
     A GPU backend runs only a directory built for this GPU (runtime/gpu_target.py). `cuda_graph` replays the DiT
     step as a CUDA graph there; `cfg_batch=False` runs the two guidance branches as two DiT calls instead of one
     batch of 2 (less activation memory, usually slower).

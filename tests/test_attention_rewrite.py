@@ -1,4 +1,4 @@
-"""The Attention -> contrib MultiHeadAttention rewrite (export/attention_rewrite.py) on a real exported DiT.
+"""The Attention -> contrib MultiHeadAttention rewrite (target/attention_rewrite.py) on a real exported DiT.
 
 Every attention layer (self and cross, in every block) is replaced, and ONNX Runtime's output on the rewritten
 graph stays within fp32 tolerance of the original on inputs drawn from the engine spec at a non-export size. The
@@ -14,8 +14,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from soraedge.export.attention_rewrite import rewrite_file
-from soraedge.export.choose_backend import ORT_CPU_DIT
+from soraedge.target.attention_rewrite import rewrite_file
+from soraedge.target.choose import ORT_CPU_DIT
 from soraedge.runtime.manifest import load_manifest
 from soraedge.runtime.pipeline import Pipeline
 from soraedge.runtime.spec import EngineSpec

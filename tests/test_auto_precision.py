@@ -1,5 +1,5 @@
 """`--precision auto` (the default): fp32 graphs, and on a CPU with bf16 the execution precision that the DiT step
-timings and the quality gate choose (export/gated_choice.py): bf16 where its step beats the fastest fp32 one by
+timings and the quality gate choose (target/gated_choice.py): bf16 where its step beats the fastest fp32 one by
 BF16_MIN_SPEEDUP and it passes the gate. A bf16 choice that fails the gate falls back to the fastest fp32
 candidate; an explicit bf16 that fails it is refused. Real exports, real gate runs."""
 
@@ -7,9 +7,9 @@ import pytest
 
 from conftest import TEST_SIZE
 from soraedge.export.build import ExportConfig, run_export
-from soraedge.export.choose_backend import BF16_MIN_SPEEDUP
-from soraedge.export.gated_choice import gate_target
-from soraedge.export.precision import plan_precision
+from soraedge.target.choose import BF16_MIN_SPEEDUP
+from soraedge.target.gated_choice import gate_target
+from soraedge.precision.convert import plan_precision
 from soraedge.runtime.backends import openvino as ov_backend
 from soraedge.runtime.errors import SoraError
 from soraedge.runtime.manifest import load_manifest

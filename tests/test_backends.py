@@ -11,7 +11,7 @@ from conftest import TEST_SIZE
 from soraedge.cli.export_cmd import main as export_main
 from soraedge.cli.run_cmd import main as run_main
 from soraedge.export.build import ExportConfig, run_export
-from soraedge.export.choose_backend import MAX_REPEATS, MIN_TIMING_S
+from soraedge.target.timing import MAX_REPEATS, MIN_TIMING_S
 from soraedge.runtime.backends import openvino as ov_backend
 from soraedge.runtime.errors import SoraError
 from soraedge.runtime.manifest import load_manifest

@@ -115,7 +115,7 @@ def test_ctrl_c_during_export_leaves_old_engines_intact(tiny_model, engine_copy)
 def test_a_swallowed_ctrl_c_still_stops_the_commit(tmp_path):
     """A KeyboardInterrupt raised where Python ignores exceptions (a __del__ here, importlib's lock callback in the
     wild) is printed and lost; the build must still not rename its result into place."""
-    from soraedge.export.staging import commit
+    from soraedge.target.staging import commit
     from soraedge.runtime.interrupts import remembered_interrupts
 
     class InterruptedWhileDeleted:

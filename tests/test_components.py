@@ -5,6 +5,8 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import TEST_SIZE
+
 from soraedge.runtime.backends.ort import OrtEngine
 from soraedge.runtime.manifest import load_manifest
 
@@ -190,3 +192,29 @@ def test_half_split_refuses_another_norm_width():
                            norm_q=torch.nn.RMSNorm(2), norm_k=torch.nn.RMSNorm(2))
     with pytest.raises(SoraError, match="unsupported query/key norm over 2 channels"):
         to_half_split(attn)
+
+
+def test_parity_gate_refuses_a_graph_that_differs_from_pytorch(tiny_model, tmp_path, monkeypatch):
+    """A DiT whose exported module carries one perturbed weight (its reference, diffusers' own model, does not): the
+    export fails at the parity gate, names the component and the measured error, and writes nothing."""
+    from soraedge.export import build
+    from soraedge.runtime.errors import SoraError
+
+    real = build.load_dit
+
+    def perturbed(root, form):
+        dit = real(root, form)
+        with torch.no_grad():
+            dit.transformer.proj_out.weight.add_(0.05)
+        return dit
+
+    monkeypatch.setattr(build, "load_dit", perturbed)
+    out = tmp_path / "e"
+    size = TEST_SIZE["tiny-a"]
+    with pytest.raises(SoraError, match=r"transformer: the ONNX graph differs from PyTorch by \S+ relative.*1e-03"):
+        build.run_export(build.ExportConfig(model=str(tiny_model("tiny-a")), out=out, frames=size["frames"],
+                                            height=size["height"], width=size["width"], precision="fp32"))
+    assert not out.exists() and not list(tmp_path.glob(".e*"))
+    build.check_parity("control", {"max_rel": 9e-4, "max_abs": 1.0})
+    with pytest.raises(SoraError):
+        build.check_parity("nan", {"max_rel": float("nan"), "max_abs": float("nan")})

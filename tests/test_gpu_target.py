@@ -29,6 +29,7 @@ def here(**changes):
     ({"cuda": "12.8", "driver_cuda": "12.8"}, "CUDA 12.8, built with 13.0"),
     ({"cudnn": "8.9"}, "cuDNN 8.9, built with 9.13"),
     ({"driver_cuda": "12.9"}, "the driver supports CUDA up to 12.9, onnxruntime needs 13.0"),
+    ({"cuda": "13.1", "driver_cuda": "13.0"}, None),  # CUDA minor-version compatibility (a 13.1 wheel, 13.0 driver)
     ({"name": None, "compute_capability": None}, "no CUDA GPU is visible here"),
     ({"cuda_provider": False}, "has no CUDA provider"),
 ])

@@ -1,4 +1,4 @@
-"""The int8-dynamic DiT (export/int8_dynamic.py) against the fp32 engines, themselves checked against PyTorch: every
+"""The int8-dynamic DiT (precision/int8_dynamic.py) against the fp32 engines, themselves checked against PyTorch: every
 linear layer outside the fp32 islands reads an int8 weight through DequantizeLinear that reproduces the fp32 weight
 to half a quantization step; the engines pass the quality gate without calibration and generate within bounds of the
 fp32 engines on ONNX Runtime and OpenVINO; OpenVINO keeps those weights int8 with its run-time activation
@@ -10,10 +10,10 @@ import pytest
 from onnx import numpy_helper
 
 from soraedge.export.build import ExportConfig, run_export
-from soraedge.export.build_target import TargetConfig, build_from_engines
-from soraedge.export.graph_scopes import in_modules, node_module
-from soraedge.export.precision import FP16_ISLANDS, plan_precision
-from soraedge.export.quality_gate import psnr
+from soraedge.target.build import TargetConfig, build_from_engines
+from soraedge.precision.graph_scopes import in_modules, node_module
+from soraedge.precision.convert import FP16_ISLANDS, plan_precision
+from soraedge.precision.quality_gate import psnr
 from soraedge.runtime.backends.openvino import ACTIVATION_GROUP
 from soraedge.runtime.backends.openvino import available as openvino_available
 from soraedge.runtime.errors import SoraError
@@ -84,7 +84,7 @@ def test_passes_the_gate_and_generates_close_to_fp32(dynamic_engines, tiny_engin
         assert np.isfinite(frames).all() and score >= 40.0
 
 
-@pytest.mark.skipif(not openvino_available(), reason="OpenVINO is not installed (pip install 'soraedge[openvino]')")
+@pytest.mark.skipif(not openvino_available(), reason="OpenVINO is not installed (no wheel for this platform)")
 def test_openvino_keeps_the_weights_int8(dynamic_engines):
     pipe = Pipeline.load(dynamic_engines, backend="openvino", precision="fp32")
     engine = pipe.engine("transformer")

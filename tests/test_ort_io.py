@@ -74,7 +74,7 @@ needs_cuda = pytest.mark.skipif(not target()["cuda_provider"] or target()["name"
 @needs_cuda
 @pytest.mark.parametrize("cuda_graph", [False, True])
 def test_ort_cuda_matches_the_cpu_engines(tiny_engines, tmp_path, cuda_graph):
-    from soraedge.export.build_target import TargetConfig, build_from_engines
+    from soraedge.target.build import TargetConfig, build_from_engines
 
     cpu = tiny_engines("tiny-a")
     gpu = tmp_path / "cuda"

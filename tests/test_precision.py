@@ -9,14 +9,14 @@ import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
 
-from soraedge.calib.config import CalibConfig
-from soraedge.calib.smoothquant import smooth_linears
-from soraedge.calib.trajectories import collect_dit_inputs
+from soraedge.precision.calib.config import CalibConfig
+from soraedge.precision.calib.smoothquant import smooth_linears
+from soraedge.precision.calib.trajectories import collect_dit_inputs
 from soraedge.cli.export_cmd import main as export_main
 from soraedge.export.build import ExportConfig, run_export
-from soraedge.export.graph_scopes import in_modules, node_module
-from soraedge.export.precision import default_min_psnr, plan_precision
-from soraedge.export.quality_gate import psnr
+from soraedge.precision.graph_scopes import in_modules, node_module
+from soraedge.precision.convert import default_min_psnr, plan_precision
+from soraedge.precision.quality_gate import psnr
 from soraedge.runtime.backends.openvino import available as openvino_available
 from soraedge.runtime.errors import SoraError
 from soraedge.runtime.manifest import load_manifest
@@ -69,7 +69,7 @@ def test_reduced_engines_run_and_pass_the_gate(kind, plan, threshold, reduced_en
     assert score >= threshold
 
 
-@pytest.mark.skipif(not openvino_available(), reason="OpenVINO is not installed (pip install 'soraedge[openvino]')")
+@pytest.mark.skipif(not openvino_available(), reason="OpenVINO is not installed (no wheel for this platform)")
 def test_int8_engines_run_on_openvino(reduced_engines, tiny_engines):
     """The same Q/DQ DiT and weight-only (MatMulNBits) text encoder on OpenVINO, which runs the linears as u8 x i8
     kernels: within the gate of the fp32 engines, and close to ONNX Runtime running the same files."""
@@ -216,7 +216,7 @@ def test_smoothquant_preserves_the_function(tiny_engines, tmp_path, unfoldable):
 def _muls_on_latent_tensors(model):
     """The Mul nodes smoothing added on tensors computed from the latents (full activation passes), each paired
     with the node that reads it."""
-    from soraedge.calib.scale_folding import _reachable
+    from soraedge.precision.calib.scale_folding import _reachable
 
     big = _reachable(model.graph, {"hidden_states"})
     frontier = {n.output[0] for n in model.graph.node if n.op_type == "Mul" and "_smoothed_" in n.name and

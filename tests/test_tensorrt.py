@@ -15,11 +15,11 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from soraedge.export.attention_plugin import to_plugin
-from soraedge.export.attention_rewrite import match_attention
-from soraedge.export.trt_build import (FORBIDDEN_FLAGS, BuildSettings, attention_graph, builder_plan, capabilities,
-                                       timing_cache_name)
-from soraedge.kernels.trt_plugin import FLASH, INT8, NAMESPACE, strip_hidden_params
+from soraedge.target.attention_plugin import to_plugin
+from soraedge.target.attention_rewrite import match_attention
+from soraedge.target.trt_build import (FORBIDDEN_FLAGS, BuildSettings, attention_graph, builder_plan, capabilities,
+                                       plugin_arch, timing_cache_name)
+from soraedge.kernels.trt_plugin import FLASH, INT8, NAMESPACE, constant_value, plugin_functions, strip_hidden_params
 from soraedge.runtime.errors import SoraError
 from soraedge.runtime.gpu_target import mismatches, tensorrt_version
 from soraedge.runtime.manifest import load_manifest
@@ -92,10 +92,35 @@ def test_builder_plan_refusals(dit_spec):
         builder_plan(dit_spec, BuildSettings(), "8.6.1")
 
 
-def test_timing_cache_is_per_gpu_and_version():
-    h100 = {"compute_capability": "9.0"}
-    assert timing_cache_name(h100, "10.14.1.48") == "timing-sm90-trt10.14.cache"
-    assert timing_cache_name({"compute_capability": "8.7"}, "10.3.0") != timing_cache_name(h100, "10.3.0")
+def test_timing_cache_is_per_gpu_model_and_version():
+    h100 = {"compute_capability": "9.0", "name": "NVIDIA H100 80GB HBM3"}
+    h200 = {"compute_capability": "9.0", "name": "NVIDIA H200"}
+    assert timing_cache_name(h100, "10.14.1.48") == "timing-sm90-NVIDIA-H100-80GB-HBM3-trt10.14.cache"
+    assert timing_cache_name(h100, "11.1.0") != timing_cache_name(h200, "11.1.0")  # one architecture, two GPUs
+    assert timing_cache_name({"compute_capability": "8.7", "name": "Orin"}, "10.3.0") != \
+        timing_cache_name(h100, "10.3.0")
+
+
+def test_fp32_graphs_build_without_tf32(dit_spec):
+    plan = builder_plan(dit_spec, BuildSettings(), "11.1.0")
+    assert plan["cleared_flags"] == ["TF32"] and "TF32" not in plan["builder_flags"]
+
+
+@pytest.mark.parametrize("attention, dit, hardware, arch, expect", [
+    ("native", "fp32", True, (9, 0), None),
+    ("plugin", "fp16", False, (9, 0), (9, 0)),
+    ("plugin", "fp16", True, (8, 6), (8, 0)),  # PTX for sm_80 loads on every Ampere-or-newer GPU the plan targets
+    ("plugin", "fp32", False, (9, 0), "strongly typed network, which cannot insert casts; this DiT is fp32"),
+    ("int8", "int8", False, (8, 7), "this DiT is int8"),
+    ("plugin", "fp16", True, (9, 0), "with --trt-hardware-compatible on sm_90"),
+])
+def test_plugin_builds_that_cannot_work_are_refused(attention, dit, hardware, arch, expect):
+    settings = BuildSettings(hardware_compatible=hardware)
+    if isinstance(expect, str):
+        with pytest.raises(SoraError, match=re.escape(expect)):
+            plugin_arch(attention, dit, settings, arch)
+    else:
+        assert plugin_arch(attention, dit, settings, arch) == expect
 
 
 # -- the build record ----------------------------------------------------------------------------------------------
@@ -197,6 +222,69 @@ def test_plugin_kernels_compile_to_ptx_with_the_plugin_calling_convention(plugin
     assert compiled["grid"] == [-(-4680 // TILES[1]["BLOCK_M"]), 24]
 
 
+class _PluginApi:
+    """The classes `tensorrt.plugin` annotates with, as empty classes: what its validator checks is which class
+    each annotation names, and TensorRT cannot be installed here."""
+
+    class TensorDesc: ...
+
+    class AutoTuneCombination: ...
+
+    class KernelLaunchParams: ...
+
+    class SymIntExprs: ...
+
+
+@pytest.mark.parametrize("plugin", [FLASH, INT8])
+def test_plugin_functions_pass_tensorrt_plugins_registration_checks(plugin):
+    """TensorRT's `tensorrt.plugin` (_validate.py, 10.9 to 11.x) calls issubclass on every annotation at
+    @register, requires `outputs: tuple[TensorDesc]` and `tactic: int`, and an aot_impl return annotation that is a
+    4-tuple (str|bytes, str|bytes, KernelLaunchParams, SymIntExprs). String annotations (a module with
+    `from __future__ import annotations`) fail all of these."""
+    import inspect
+    import typing
+
+    api = _PluginApi
+    desc, autotune, aot = plugin_functions(api, plugin)
+    for fn, names in ((desc, ["q", "k", "v"]), (autotune, ["q", "k", "v", "outputs"]),
+                      (aot, ["q", "k", "v", "outputs", "tactic"])):
+        sig = inspect.signature(fn)
+        assert list(sig.parameters) == names
+        for name in ("q", "k", "v"):
+            annotation = sig.parameters[name].annotation
+            assert inspect.isclass(annotation) and issubclass(annotation, api.TensorDesc)
+        if "outputs" in names:
+            outputs = sig.parameters["outputs"].annotation
+            assert typing.get_origin(outputs) is tuple and issubclass(typing.get_args(outputs)[0], api.TensorDesc)
+    assert issubclass(inspect.signature(desc).return_annotation, api.TensorDesc)
+    tuned = inspect.signature(autotune).return_annotation
+    assert typing.get_origin(tuned) is list and issubclass(typing.get_args(tuned)[0], api.AutoTuneCombination)
+    assert inspect.signature(aot).parameters["tactic"].annotation is int
+    ret = inspect.signature(aot).return_annotation
+    assert typing.get_origin(ret) is tuple and len(typing.get_args(ret)) == 4
+    name, ptx, launch, scalars = typing.get_args(ret)
+    assert name in (str, bytes) and ptx in (str, bytes)
+    assert issubclass(launch, api.KernelLaunchParams) and issubclass(scalars, api.SymIntExprs)
+
+
+def test_a_static_head_dim_is_read_as_the_expressions_constant():
+    class AsProperty:
+        is_constant, constant_value = True, 128
+
+    class AsMethod:
+        is_constant = True
+
+        def constant_value(self):
+            return 64
+
+    class Dynamic:
+        is_constant = False
+
+    assert constant_value(AsProperty()) == 128 and constant_value(AsMethod()) == 64
+    with pytest.raises(ValueError, match="static head dimension"):
+        constant_value(Dynamic())
+
+
 def test_hidden_parameters_are_stripped_only_when_unused():
     ptx = (".entry k(\n\t.param .u64 k_param_0,\n\t.param .u64 k_param_1,\n\t.param .u64 k_param_2\n)\n{\n"
            "\tld.param.b64 %rd1, [k_param_0];\n}\n")
@@ -216,8 +304,8 @@ needs_tensorrt = pytest.mark.skipif(tensorrt_version() is None,
 @needs_tensorrt
 @pytest.mark.parametrize("attention", ["native", "plugin", "int8"])
 def test_tensorrt_plans_match_the_cpu_engines(tiny_engines, tmp_path, attention):
-    from soraedge.export.build_target import TargetConfig, build_from_engines
-    from soraedge.export.trt_target import TrtOptions
+    from soraedge.target.build import TargetConfig, build_from_engines
+    from soraedge.target.trt_target import TrtOptions
     from soraedge.runtime.pipeline import Pipeline
 
     if attention != "native":

@@ -17,11 +17,11 @@ from click.testing import CliRunner
 from conftest import TEST_SIZE
 
 from soraedge.cli.triton_cmd import main as triton_main
-from soraedge.export.triton_repo import TRITON_TYPES, write_triton_repo
+from soraedge.serve.repository import TRITON_TYPES, write_triton_repo
 from soraedge.runtime.errors import SoraError
 from soraedge.runtime.manifest import load_manifest, sha256_file
 from soraedge.runtime.spec import EngineSpec
-from soraedge.runtime.triton_bls import REQUEST_INPUTS, RESPONSE_OUTPUTS, batch_dim, request_arguments
+from soraedge.serve.bls import REQUEST_INPUTS, RESPONSE_OUTPUTS, batch_dim, request_arguments
 
 
 def _parse(path: Path):

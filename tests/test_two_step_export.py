@@ -1,5 +1,5 @@
 """The two-step path: export portable ONNX on one machine (--onnx-only), build the runtime target from it on another
-(`sora-export ONNX_DIR -o ENGINE_DIR --backend B`, export/build_target.py), without torch. The GPU target's build is
+(`sora-export ONNX_DIR -o ENGINE_DIR --backend B`, target/build.py), without torch. The GPU target's build is
 covered in tests/test_ort_io.py (needs a GPU); here the CPU target exercises the same file handling."""
 
 import shutil
@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from soraedge.cli.export_cmd import main as export_main
-from soraedge.export.choose_backend import ORT_CPU_DIT
+from soraedge.target.choose import ORT_CPU_DIT
 from soraedge.runtime.backends import openvino as ov_backend
 from soraedge.runtime.manifest import load_manifest
 from soraedge.runtime.pipeline import Pipeline

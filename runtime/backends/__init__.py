@@ -42,8 +42,8 @@ def open_engine(backend: str, path: Path, spec: EngineSpec, threads: int | None 
     if backend == "ort-trt":
         from .ort_io import OrtIoEngine, tensorrt_provider
 
-        return OrtIoEngine(path, spec, "cuda", threads=threads, arena=arena,
-                           provider=tensorrt_provider(cache_dir, cuda_graph=cuda_graph))
+        return OrtIoEngine(path, spec, "cuda", threads=threads, arena=arena, cuda_graph=cuda_graph,
+                           provider=tensorrt_provider(cache_dir, spec, cuda_graph=cuda_graph))
     if backend == "tensorrt":
         from .trt import TrtEngine
 

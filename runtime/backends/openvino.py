@@ -1,10 +1,10 @@
-"""OpenVINO backend (optional extra `soraedge[openvino]`): compiles the exported ONNX files for the CPU.
+"""OpenVINO backend (installed with soraedge where OpenVINO has wheels): compiles the exported ONNX files for the CPU.
 
 fp32 or bf16 execution (bf16 only where the CPU reports it; whether bf16 ships is decided by the quality gate at
 export). Compiled models are cached under the engine directory in a folder named by the ONNX file's content hash
 and the precision, so a changed model never meets a stale blob.
 
-Linear layers whose weights the graph stores as int8 (the `int8-dynamic` DiT: export/int8_dynamic.py) stay int8 in
+Linear layers whose weights the graph stores as int8 (the `int8-dynamic` DiT: precision/int8_dynamic.py) stay int8 in
 memory, and OpenVINO quantizes their activations at run time per group of `ACTIVATION_GROUP` input channels of each
 token, then multiplies on the CPU's integer dot-product instructions. The setting does nothing to float weights.
 """
@@ -30,7 +30,7 @@ def _core():
     try:
         import openvino as ov
     except ImportError:
-        raise SoraError("the openvino backend needs OpenVINO: pip install 'soraedge[openvino]'") from None
+        raise SoraError("the openvino backend needs OpenVINO: pip install openvino") from None
     return ov.Core()
 
 

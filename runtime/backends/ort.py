@@ -11,6 +11,35 @@ from ..errors import SoraError
 from ..spec import EngineSpec
 
 
+_GPU_LIBRARIES_LOADED = False
+
+
+def load_gpu_libraries() -> None:
+    """Load the CUDA, cuDNN and cuBLAS libraries the GPU providers link against, once per process
+    (`onnxruntime.preload_dlls`, onnxruntime >= 1.21: from NVIDIA's pip packages where installed, else the system's
+    search path). A torch-free process needs this: nothing else has loaded them, and without them ONNX Runtime
+    drops the CUDA provider and runs on the CPU."""
+    global _GPU_LIBRARIES_LOADED
+    if not _GPU_LIBRARIES_LOADED and hasattr(ort, "preload_dlls"):
+        ort.preload_dlls()
+    _GPU_LIBRARIES_LOADED = True
+
+
+def provider_name(provider: str | tuple[str, dict]) -> str:
+    return provider if isinstance(provider, str) else provider[0]
+
+
+def check_providers(asked: list, running: list[str], model: str) -> None:
+    """ONNX Runtime falls back to the next provider, down to the CPU, when one cannot load (a missing CUDA or
+    TensorRT library): the session must run on the provider asked for first, or the run is refused."""
+    want = provider_name(asked[0])
+    if not running or running[0] != want:
+        raise SoraError(f"ONNX Runtime could not use {want} for {model} (the session runs on "
+                        f"{', '.join(running) or 'nothing'}): its libraries did not load (CUDA, cuDNN"
+                        f"{', TensorRT' if want.startswith('Tensorrt') else ''}); check the GPU build of onnxruntime "
+                        f"and the CUDA libraries it was built for")
+
+
 class OrtEngine:
     """A session over one ONNX model. Call with keyword inputs: `engine(...)` the first output, `.run` all."""
 
@@ -25,10 +54,14 @@ class OrtEngine:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             so.intra_op_num_threads = threads
+        providers = providers or ["CPUExecutionProvider"]
+        if provider_name(providers[0]) != "CPUExecutionProvider":
+            load_gpu_libraries()
         try:
-            self.session = ort.InferenceSession(str(path), so, providers=providers or ["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(str(path), so, providers=providers)
         except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
             raise SoraError(f"ONNX Runtime could not load {path.name}: {str(e).splitlines()[0]}") from None
+        check_providers(providers, self.session.get_providers(), path.name)
         self.spec = spec
 
     def __call__(self, **feeds: np.ndarray) -> np.ndarray:

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from ..errors import SoraError
 from ..spec import EngineSpec
 from .ort import OrtEngine
 
@@ -48,27 +49,39 @@ def cuda_provider(device_id: int = 0, cuda_graph: bool = False) -> tuple[str, di
         # The arena grows by what is asked for instead of doubling, so the peak device memory of a generation is
         # close to what it needs (the edge-memory budget); the sizes are the same every step anyway.
         "arena_extend_strategy": "kSameAsRequested",
+        # TF32 is on by default for fp32 MatMul/Conv: an fp32 graph runs in fp32 (reduced precision is in the graph)
+        "use_tf32": "0",
     })
 
 
-def tensorrt_provider(cache_dir: Path, device_id: int = 0, cuda_graph: bool = False) -> tuple[str, dict]:
+def tensorrt_provider(cache_dir: Path, spec: EngineSpec, device_id: int = 0, cuda_graph: bool = False
+                      ) -> tuple[str, dict]:
     """ONNX Runtime's TensorRT provider with its engine and timing caches in `cache_dir` (this user's cache, named by
-    the ONNX file's content hash, so a changed model never meets a stale engine: runtime/user_cache.py). No
-    trt_fp16_enable / trt_int8_enable: precision is in the graph (casts, Q/DQ). Option names:
-    https://onnxruntime.ai/docs/execution-providers/TensorRT-ExecutionProvider.html#configurations"""
+    the ONNX file's content hash, so a changed model never meets a stale engine: runtime/user_cache.py), and one
+    optimization profile over the spec's min/opt/max shapes, so a new size within them reuses the engine instead of
+    rebuilding it for minutes. No trt_fp16_enable / trt_int8_enable: precision is in the graph (casts, Q/DQ).
+    Option names: https://onnxruntime.ai/docs/execution-providers/TensorRT-ExecutionProvider.html#configurations"""
     cache_dir.mkdir(parents=True, exist_ok=True)
+    profile = spec.trt_profile()
+
+    def shapes(i: int) -> str:  # "name:1x16x21x60x104,other:..."
+        return ",".join(f"{name}:{'x'.join(str(d) for d in dims[i])}" for name, dims in profile.items())
+
     return ("TensorrtExecutionProvider", {
         "device_id": str(device_id),
         "trt_engine_cache_enable": "True", "trt_engine_cache_path": str(cache_dir),
         "trt_timing_cache_enable": "True", "trt_timing_cache_path": str(cache_dir),
         "trt_cuda_graph_enable": "True" if cuda_graph else "False",
+        "trt_profile_min_shapes": shapes(0), "trt_profile_opt_shapes": shapes(1), "trt_profile_max_shapes": shapes(2),
     })
 
 
 class OrtIoEngine(OrtEngine):
     """`engine(**feeds)` returns the first output, `.run(**feeds)` returns every output in spec order; the feeds are
     host arrays, checked against the spec. `device` is "cpu" or "cuda"; `provider` puts another GPU provider (the
-    TensorRT one) in front of CUDA's, which then runs what it does not take."""
+    TensorRT one) in front of CUDA's, which then runs what it does not take. With `cuda_graph`, CUDA's provider
+    captures one graph per input shape (by graph id); the TensorRT provider captures one per session, so a second
+    shape is refused there, and no slot is ever evicted while its buffers' addresses live in a graph."""
 
     def __init__(self, path: Path, spec: EngineSpec, device: str = "cpu", device_id: int = 0,
                  threads: int | None = None, cuda_graph: bool = False, arena: bool = True,
@@ -81,6 +94,7 @@ class OrtIoEngine(OrtEngine):
             cuda_graph = False  # a CPU-provider feature does not exist
         super().__init__(path, spec, threads, providers, arena)
         self.device, self.device_id, self.cuda_graph = device, device_id, cuda_graph
+        self.one_graph = cuda_graph and provider is not None
         self._slots: OrderedDict[tuple, _Slot] = OrderedDict()
         self.uploads = 0  # input copies made (a test checks that read-only inputs are not copied again)
 
@@ -100,11 +114,15 @@ class OrtIoEngine(OrtEngine):
         for name, value in outputs.items():
             binding.bind_ortvalue_output(name, value)
         options = ort.RunOptions()
-        if self.cuda_graph:
+        if self.one_graph and self._slots:
+            raise SoraError(f"{self.spec.name}: ONNX Runtime's TensorRT provider captured its one CUDA graph for "
+                            f"shape {next(iter(self._slots))}; shape {key} needs a new session (--no-cuda-graph "
+                            f"runs every shape)")
+        if self.cuda_graph and not self.one_graph:
             # One captured graph per shape: ids are 1, 2, ... (onnxruntime_test_python_cudagraph.py uses the same
             # "gpu_graph_id" run option; graph ids need onnxruntime >= 1.17).
             options.add_run_config_entry("gpu_graph_id", str(len(self._slots) + 1))
-        elif len(self._slots) >= MAX_SLOTS:
+        elif not self.cuda_graph and len(self._slots) >= MAX_SLOTS:
             self._slots.popitem(last=False)
         slot = _Slot(binding, inputs, outputs, options)
         self._slots[key] = slot

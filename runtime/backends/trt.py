@@ -4,7 +4,8 @@ torch: device memory and streams come from cuda-python.
 - Deserialize a plan (`engine_host_code_allowed` for version-compatible plans), one execution context per engine
   with user-managed activation memory.
 - Activation memory is shared: the engines of a pipeline run one after another, so one device buffer sized to the
-  largest engine's need serves them all (`ActivationPool`); a larger engine grows it and re-points every context.
+  largest engine's need serves them all (`ActivationPool`); a larger engine grows it and re-points every context,
+  dropping the CUDA graphs captured against the old buffer.
 - Per input shape, a slot holds the input and output buffers (output shapes from the engine spec), and every
   tensor address is set once, when the slot is made. A call copies the inputs in, runs `execute_async_v3` (or
   replays the CUDA graph captured for that slot, for the DiT), and copies the outputs back.
@@ -13,7 +14,7 @@ API references: https://docs.nvidia.com/deeplearning/tensorrt/latest/_static/pyt
 (set_device_memory(memory, size) since 10.1; before it the `device_memory` attribute),
 .../Core/Engine.html (create_execution_context(strategy), device_memory_size_v2 since 10.1),
 and the CUDA-graph section of the TensorRT developer guide (run enqueueV3 once before capturing).
-Not run by this project: TensorRT cannot be installed on its machines (README, "What was verified where").
+Not run by this project: TensorRT cannot be installed on its machines (docs/verification.md).
 """
 
 from __future__ import annotations
@@ -47,24 +48,30 @@ def _check(result):
 
 
 class ActivationPool:
-    """One device buffer for the activations of every engine of a process, grown to the largest need."""
+    """One device buffer for the activations of every engine of a process, grown to the largest need.
 
-    def __init__(self):
-        self.ptr, self.size, self.contexts = 0, 0, []
+    Growing frees the old buffer, so every attached engine is told the new address (`point_at`): its context is
+    re-pointed, and any CUDA graph it captured, which holds the old address, is destroyed and captured again on the
+    next call. `alloc`/`free` are cudaMalloc/cudaFree unless given."""
 
-    def attach(self, context, need: int) -> None:
-        cudart = _cudart()
+    def __init__(self, alloc=None, free=None):
+        self.ptr, self.size, self.owners = 0, 0, []
+        self._alloc = alloc or (lambda n: _check(_cudart().cudaMalloc(n)))
+        self._free = free or (lambda ptr: _check(_cudart().cudaFree(ptr)))
+
+    def attach(self, owner, need: int) -> None:
+        """`owner.point_at(ptr, size)` is called now and whenever the buffer moves."""
         if need > self.size:
             if self.ptr:
-                _check(cudart.cudaFree(self.ptr))
-            self.ptr, self.size = _check(cudart.cudaMalloc(need)), need
-            for c in self.contexts:
-                _set_device_memory(c, self.ptr, self.size)
-        self.contexts.append(context)
-        _set_device_memory(context, self.ptr, self.size)
+                self._free(self.ptr)
+            self.ptr, self.size = self._alloc(need), need
+            for o in self.owners:
+                o.point_at(self.ptr, self.size)
+        self.owners.append(owner)
+        owner.point_at(self.ptr, self.size)
 
-    def detach(self, context) -> None:
-        self.contexts = [c for c in self.contexts if c is not context]
+    def detach(self, owner) -> None:
+        self.owners = [o for o in self.owners if o is not owner]
 
 
 def _set_device_memory(context, ptr: int, size: int) -> None:
@@ -72,6 +79,14 @@ def _set_device_memory(context, ptr: int, size: int) -> None:
         context.set_device_memory(ptr, size)
     else:
         context.device_memory = ptr
+
+
+def activation_bytes(engine) -> int:
+    """What the engine's context needs for its activations at any profile: `device_memory_size_v2` (TensorRT >=
+    10.1; 0 is a valid answer), else the older `device_memory_size`."""
+    if hasattr(engine, "device_memory_size_v2"):
+        return engine.device_memory_size_v2
+    return engine.device_memory_size
 
 
 POOL = ActivationPool()
@@ -91,11 +106,19 @@ class TrtEngine:
             raise SoraError(f"TensorRT could not load {Path(path).name}: built by another TensorRT version or GPU? "
                             f"rebuild it with sora-export")
         self.context = self.engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
-        need = getattr(self.engine, "device_memory_size_v2", None) or self.engine.device_memory_size
-        pool.attach(self.context, need)
         self.stream = _check(self.cudart.cudaStreamCreate())
         self.slots: dict[tuple, dict] = {}  # input shapes -> {"buffers": {name: (ptr, shape, dtype)}, "graph"}
         self._bound = None  # the slot the context's shapes and addresses point at
+        pool.attach(self, activation_bytes(self.engine))
+
+    def point_at(self, ptr: int, size: int) -> None:
+        """The activation buffer moved (ActivationPool): re-point the context; captured graphs hold the old address,
+        so they are destroyed and captured again on their next call."""
+        _set_device_memory(self.context, ptr, size)
+        for slot in self.slots.values():
+            if slot["graph"] is not None:
+                self.cudart.cudaGraphExecDestroy(slot["graph"])
+                slot["graph"] = None
 
     def _slot(self, feeds: dict[str, np.ndarray]) -> dict:
         key = tuple(feeds[n].shape for n in self.spec.input_names)
@@ -113,9 +136,11 @@ class TrtEngine:
     def _bind(self, slot: dict) -> None:
         """Point the context at this slot's shapes and buffers (once per slot switch, not per call)."""
         for name, (ptr, shape, _) in slot["buffers"].items():
-            if name in self.spec.input_names:
-                self.context.set_input_shape(name, shape)
-            self.context.set_tensor_address(name, ptr)
+            if name in self.spec.input_names and not self.context.set_input_shape(name, shape):
+                raise SoraError(f"TensorRT refused shape {tuple(shape)} for {self.spec.name}.{name}: outside the "
+                                f"plan's optimization profile? rebuild it with sora-export for this size")
+            if not self.context.set_tensor_address(name, ptr):
+                raise SoraError(f"TensorRT refused the address of {self.spec.name}.{name}")
 
     def run(self, **feeds: np.ndarray) -> list[np.ndarray]:
         self.spec.bind(feeds)
@@ -134,11 +159,7 @@ class TrtEngine:
             if not self.context.execute_async_v3(self.stream):
                 raise SoraError(f"TensorRT failed to run {self.spec.name}")
             if self.cuda_graph:  # captured after one ordinary run, as the developer guide asks
-                _check(rt.cudaStreamBeginCapture(self.stream,
-                                                 rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal))
-                self.context.execute_async_v3(self.stream)
-                graph = _check(rt.cudaStreamEndCapture(self.stream))
-                slot["graph"] = _check(rt.cudaGraphInstantiate(graph, 0))
+                slot["graph"] = self._capture()
         outputs = []
         for name in self.spec.output_names:
             ptr, shape, dtype = slot["buffers"][name]
@@ -148,13 +169,30 @@ class TrtEngine:
         _check(rt.cudaStreamSynchronize(self.stream))
         return outputs
 
+    def _capture(self):
+        """One enqueue captured into a CUDA graph and instantiated; a capture that failed is an error, never a graph
+        that silently leaves the outputs as they were."""
+        rt = self.cudart
+        _check(rt.cudaStreamBeginCapture(self.stream, rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal))
+        ok = self.context.execute_async_v3(self.stream)
+        graph = _check(rt.cudaStreamEndCapture(self.stream))  # always end the capture, even after a failure
+        try:
+            if not ok:
+                raise SoraError(f"TensorRT failed to run {self.spec.name} while capturing its CUDA graph; run with "
+                                f"--no-cuda-graph")
+            return _check(rt.cudaGraphInstantiate(graph, 0))
+        finally:
+            rt.cudaGraphDestroy(graph)  # the executable graph keeps what it needs
+
     def __call__(self, **feeds: np.ndarray) -> np.ndarray:
         return self.run(**feeds)[0]
 
     def __del__(self):
         try:
-            self.pool.detach(self.context)
+            self.pool.detach(self)
             for slot in self.slots.values():
+                if slot["graph"] is not None:
+                    self.cudart.cudaGraphExecDestroy(slot["graph"])
                 for ptr, _, _ in slot["buffers"].values():
                     self.cudart.cudaFree(ptr)
         except Exception:  # interpreter shutdown: CUDA may already be gone

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..runtime.pipeline import Pipeline
+from ...runtime.pipeline import Pipeline
 
 
 def collect_dit_inputs(engine_dir: Path, prompts: list[str], steps: int, height: int, width: int, frames: int,

@@ -1,4 +1,4 @@
-"""The Triton Inference Server side of a model repository (export/triton_repo.py writes it): the Python models.
+"""The Triton Inference Server side of a model repository (serve/repository.py writes it): the Python models.
 
 Inside `tritonserver`'s Python backend, `SamplerModel` loads the engine directory's metadata (manifest, tokenizer,
 scheduler config; no ONNX files) from its version folder and builds the runtime's own `Pipeline` with
@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import SoraError
-from .spec import EngineSpec
+from ..runtime.errors import SoraError
+from ..runtime.spec import EngineSpec
 
 PIPELINE_FOLDER = "pipeline"  # in the sampler model's version folder: manifest.json, tokenizer/, scheduler/
 # (name, Triton data type, numpy dtype, required): one element each; absent = the engine directory's default (seed 0).
@@ -62,7 +62,7 @@ def request_arguments(values: dict[str, np.ndarray | None]) -> dict:
     return args
 
 
-MODEL_PY = '''"""Triton Python-backend entry point: {what} (soraedge/runtime/triton_bls.py)."""
+MODEL_PY = '''"""Triton Python-backend entry point: {what} (soraedge/serve/bls.py)."""
 import os
 import site
 
@@ -71,7 +71,7 @@ import site
 for path in filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep)):
     site.addsitedir(path)
 
-from soraedge.runtime.triton_bls import {cls} as TritonPythonModel  # noqa: E402,F401
+from soraedge.serve.bls import {cls} as TritonPythonModel  # noqa: E402,F401
 '''
 
 
@@ -116,8 +116,8 @@ class SamplerModel:
     def initialize(self, args: dict) -> None:
         import triton_python_backend_utils as pb_utils
 
-        from .manifest import load_manifest
-        from .pipeline import Pipeline
+        from ..runtime.manifest import load_manifest
+        from ..runtime.pipeline import Pipeline
 
         self._pb = pb_utils
         config = json.loads(args["model_config"])
@@ -129,7 +129,7 @@ class SamplerModel:
                                                                                              pb_utils))
 
     def execute(self, requests) -> list:
-        from .video import to_uint8
+        from ..runtime.video import to_uint8
 
         pb = self._pb
         responses = []
@@ -156,7 +156,7 @@ class EngineModel:
     def initialize(self, args: dict) -> None:
         import triton_python_backend_utils as pb_utils
 
-        from .backends import open_engine
+        from ..runtime.backends import open_engine
 
         self._pb = pb_utils
         params = json.loads(args["model_config"])["parameters"]

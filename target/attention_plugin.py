@@ -1,6 +1,6 @@
 """Graph pass: every attention of the DiT -> one node of this project's TensorRT plugin (kernels/trt_plugin.py).
 
-The pattern is the one export/attention_rewrite.py matches: Transpose x3 -> ONNX `Attention` -> Transpose. It
+The pattern is the one target/attention_rewrite.py matches: Transpose x3 -> ONNX `Attention` -> Transpose. It
 becomes one node, op type = the plugin's name, in the plugin's own domain, carrying `plugin_namespace` and
 `plugin_version` attributes. TensorRT's ONNX parser imports a node it does not know as the registered plugin of
 that name and namespace. The plugin takes the [B, L, H, D] q/k/v the projections produce and returns

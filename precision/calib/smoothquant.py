@@ -4,10 +4,10 @@ For a linear layer y = x W (x [..., K], W [K, N]) a few input channels of x carr
 activation scale coarse for every other channel. With s_j = max|x_j|^alpha / max|W_j,:|^(1-alpha),
 y = (x / s) (diag(s) W): the activation gets easier to quantize, the weight (quantized per output channel) a bit
 harder. Linear layers that read the same tensor (q/k/v of one attention) share one s; their weights are rescaled in
-place, and 1/s is folded into whatever produces the input (calib/scale_folding.py: the normalization's modulation,
+place, and 1/s is folded into whatever produces the input (precision/calib/scale_folding.py: the normalization's modulation,
 the value projection before an attention), so no pass over the activation is added. An input that does not fold
 (the FFN's second linear, after GELU) gets the Mul (default) or stays unsmoothed (`smooth_unfoldable="skip"`).
-The statistics come from the same calibration samples as the activation ranges (calib/trajectories.py).
+The statistics come from the same calibration samples as the activation ranges (precision/calib/trajectories.py).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ..export.fp16 import save_with_external_data
+from ..fp16 import save_with_external_data
 from .scale_folding import ScaleFolder
 
 
@@ -75,10 +75,10 @@ def activation_absmax(model_path: Path, tensors: list[str], samples: list[dict[s
 def smooth_linears(src: Path, dst: Path, samples: list[dict[str, np.ndarray]], alpha: float, exclude: set[str],
                    threads: int | None = None, latent_inputs: tuple[str, ...] = ("hidden_states",),
                    unfoldable: str = "mul") -> dict:
-    """Write `dst`: `src` with every linear group smoothed whose input folds (calib/scale_folding.py), and the
+    """Write `dst`: `src` with every linear group smoothed whose input folds (precision/calib/scale_folding.py), and the
     others with a Mul on their input (`unfoldable="mul"`) or left as they are ("skip"). Checks on the first sample
     that the function is unchanged. Returns a summary for the manifest."""
-    from ..runtime.errors import SoraError
+    from ...runtime.errors import SoraError
 
     model = onnx.load(str(src))
     groups = _linear_groups(model, exclude)

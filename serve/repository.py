@@ -6,7 +6,7 @@ models that run the ONNX files on the runtime's ONNX Runtime backend, for server
 backend, such as the one in the `nvidia-pytriton` wheel), each config derived from the engine's
 EngineSpec: names, data types, dims (-1 where dynamic), and `max_batch_size` only where one dimension leads every
 input and output (then that axis leaves `dims` and the server may batch requests along it). Plus one Python-backend
-model, `<prefix>`, that runs the runtime's sampler with BLS calls to them (runtime/triton_bls.py); its version
+model, `<prefix>`, that runs the runtime's sampler with BLS calls to them (serve/bls.py); its version
 folder holds the engine directory's manifest, tokenizer and scheduler config, and its config names the engine
 models. Engine files are hard-linked where the filesystem allows (copied otherwise). The repository is written to
 a temporary folder beside `repo` and renamed into place, so a failed write leaves nothing half-built; its marker
@@ -27,10 +27,9 @@ from pathlib import Path
 from ..runtime.errors import SoraError
 from ..runtime.interrupts import raise_if_interrupted
 from ..runtime.manifest import MANIFEST, Manifest, load_manifest
-from ..runtime.safe_files import inside, output_lock
+from ..runtime.safe_files import inside, link_or_copy, output_lock
 from ..runtime.spec import EngineSpec
-from ..runtime.triton_bls import MODEL_PY, PIPELINE_FOLDER, REQUEST_INPUTS, RESPONSE_OUTPUTS, batch_dim
-from .staging import link_or_copy
+from .bls import MODEL_PY, PIPELINE_FOLDER, REQUEST_INPUTS, RESPONSE_OUTPUTS, batch_dim
 
 TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64", "int32": "TYPE_INT32"}
 KINDS = {"cpu": "KIND_CPU", "gpu": "KIND_GPU"}

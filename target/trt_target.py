@@ -1,10 +1,10 @@
 """The `tensorrt` runtime target: build a native plan for every engine of a directory on this GPU.
 
-Called by export/choose_backend.py's `build_runtime`, from a full export or from the second step of the two-step
-path. It checks that this TensorRT can take the directory's ONNX (export/trt_build.py's version rules). With
+Called by target/choose.py's `build_runtime`, from a full export or from the second step of the two-step
+path. It checks that this TensorRT can take the directory's ONNX (target/trt_build.py's version rules). With
 `--trt-attention plugin|int8` it registers the fused attention plugins for this GPU's architecture
 (kernels/trt_plugin.py) and writes `transformer.plugin.onnx` beside the portable graph
-(export/attention_plugin.py). It then builds `<engine>.plan` for each engine, with the timing cache kept under
+(target/attention_plugin.py). It then builds `<engine>.plan` for each engine, with the timing cache kept under
 `trt/` per GPU and TensorRT version, and times the DiT step with and without a CUDA graph. It returns the manifest's
 runtime and gpu sections and the new per-engine entries (plan file and builder plan). Not run by this project:
 TensorRT cannot be installed on its machines.
@@ -19,7 +19,8 @@ from typing import Callable
 from ..runtime import gpu_target
 from ..runtime.errors import SoraError
 from ..runtime.manifest import load_manifest
-from .trt_build import BuildSettings, attention_graph, build_engine, builder_plan, capabilities, timing_cache_name
+from .trt_build import (BuildSettings, attention_graph, build_engine, builder_plan, capabilities, plugin_arch,
+                        timing_cache_name)
 
 TRT_ATTENTION = ("native", "plugin", "int8")
 
@@ -51,7 +52,7 @@ def require_tensorrt() -> str:
 def trt_runtime(engine_dir: Path, options: TrtOptions, threads: int | None, log: Callable[[str], None]
                 ) -> tuple[dict, dict, dict]:
     """(runtime, gpu, {engine: manifest entry additions}) after building every plan into `engine_dir`."""
-    from .choose_backend import time_dit_step
+    from .timing import time_dit_step
 
     version = require_tensorrt()
     if options.attention not in TRT_ATTENTION:
@@ -60,7 +61,8 @@ def trt_runtime(engine_dir: Path, options: TrtOptions, threads: int | None, log:
     attention_graph(version, options.attention, manifest.data.get("attention"))
     gpu = {"backend": "tensorrt", **gpu_target.target(), "version_compatible": options.settings.version_compatible,
            "hardware_compatible": options.settings.hardware_compatible}
-    arch = tuple(int(x) for x in gpu["compute_capability"].split("."))
+    arch = plugin_arch(options.attention, manifest.precision.get("transformer", "fp32"), options.settings,
+                       tuple(int(x) for x in gpu["compute_capability"].split(".")))
     (engine_dir / "trt").mkdir(exist_ok=True)
     cache = engine_dir / "trt" / timing_cache_name(gpu, version)
     sources = {name: manifest.engine_path(name) for name in manifest.engine_names}

@@ -6,7 +6,7 @@ verified against its manifest and linked (or copied) into a staged directory. Th
 on a CPU the backend is chosen by timing, on a GPU the GPU is recorded (runtime/gpu_target.py). Finally the stage is
 renamed into place. The graphs' precision and shapes come from ONNX_DIR unchanged. `precision` is the execution
 precision: where ONNX_DIR's graphs are fp32, `auto` (the default) also times OpenVINO's bf16 execution on a CPU with
-bf16 and ships it when 10% faster and it passes the quality gate against ONNX_DIR itself (export/gated_choice.py);
+bf16 and ships it when 10% faster and it passes the quality gate against ONNX_DIR itself (target/gated_choice.py);
 reduced graphs run fp32 and keep the gate's result measured when they were made. No torch and no checkpoint are
 needed, so this runs on the device itself.
 """
@@ -23,12 +23,13 @@ from typing import Callable
 from .. import __version__
 from ..runtime.errors import SoraError
 from ..runtime.gpu_target import GPU_BACKENDS, target
+from ..runtime.machine import cpu_name
 from ..runtime.manifest import TARGET_FILE_KEYS, load_manifest, write_manifest
-from ..runtime.safe_files import inside
+from ..runtime.safe_files import inside, link_or_copy
 from ..runtime.validate import check_threads
-from .choose_backend import build_runtime, check_request, cpu_only, openvino_unsupported
+from .choose import build_runtime, check_request, cpu_only, openvino_unsupported
 from .gated_choice import gate_target
-from .staging import ExportReport, build_keys, check_destination, commit, link_or_copy, up_to_date
+from .staging import ExportReport, build_keys, check_destination, commit, up_to_date
 from .trt_target import TrtOptions
 
 
@@ -48,7 +49,7 @@ def _target_keys(src, backend: str, execution: str, trt: dict | None) -> tuple[s
     (cache key, inputs key: staging.build_keys)."""
     import onnxruntime
 
-    machine = target() if backend in GPU_BACKENDS else {"machine": platform.machine(), "cpu": platform.processor()}
+    machine = target() if backend in GPU_BACKENDS else {"machine": platform.machine(), "cpu": cpu_name()}
     return build_keys({"source": {rel: meta["sha256"] for rel, meta in src.data["files"].items()},
                        "backend": backend, "execution": execution, "machine": machine, "trt": trt},
                       {"soraedge": __version__, "onnxruntime": onnxruntime.__version__})

@@ -1,8 +1,8 @@
 """The quality gate over what a target build ships, and the fallback that makes bf16 a safe default.
 
-The target build (export/choose_backend.py) picks by measurement among the (backend, execution precision)
+The target build (target/choose.py) picks by measurement among the (backend, execution precision)
 pairs the request leaves open: the fastest, with bf16 only where it beats the fastest fp32 step by a margin.
-`gate_target` then measures what would ship against the fp32 reference engines (export/quality_gate.py) whenever
+`gate_target` then measures what would ship against the fp32 reference engines (precision/quality_gate.py) whenever
 it is not fp32 throughout: reduced graphs (fp16, int8, int8-dynamic, weight-only) or bf16 execution.
 - Asked for explicitly (`--precision bf16`, a reduced graph), a failed gate refuses the export: nothing is written.
 - Chosen by `--precision auto` for its speed, bf16 execution that fails the gate is set aside: the fastest
@@ -15,9 +15,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from .choose_backend import fastest
-from .precision import default_min_psnr
-from .quality_gate import check_quality, measure_quality
+from .choose import fastest
+from ..precision.convert import default_min_psnr
+from ..precision.quality_gate import check_quality, measure_quality
 
 
 def gate_target(reference: Path, stage: Path, runtime: dict, plan: dict[str, str], min_psnr: float | None,

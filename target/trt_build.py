@@ -12,8 +12,8 @@ configuration as data, and the build itself.
   (`EngineSpec.trt_profile`). The plan also carries the workspace and tactic-memory limits (engine builds on Jetson
   run out of unified memory), the builder optimization level, and optional version- and hardware-compatible builds.
 - `build_engine(onnx, plan, timing_cache)`: parses the ONNX from its file (so external weights load), applies the
-  plan, and builds. The timing cache is read from and written back to the engine directory, one file per GPU and
-  TensorRT version.
+  plan, and builds. The timing cache is read from and written back to the engine directory, one file per GPU model
+  and TensorRT version; a cache TensorRT rejects is replaced, not silently ignored.
 
 API references (TensorRT Python API, 10.x/11.x):
 https://docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/infer/Core/BuilderConfig.html,
@@ -97,6 +97,8 @@ def builder_plan(spec: EngineSpec, settings: BuildSettings, version: str) -> dic
     plan = {
         "network_flags": ["STRONGLY_TYPED"],
         "builder_flags": ["VERSION_COMPATIBLE"] if settings.version_compatible else [],
+        # TF32 is on by default; an fp32 graph runs in fp32 (precision lives in the graph, not in the builder)
+        "cleared_flags": ["TF32"],
         "hardware_compatibility_level": "AMPERE_PLUS" if settings.hardware_compatible else None,
         "memory_pool_limits": pools,
         "optimization_level": settings.optimization_level,
@@ -107,9 +109,38 @@ def builder_plan(spec: EngineSpec, settings: BuildSettings, version: str) -> dic
 
 
 def timing_cache_name(gpu: dict, version: str) -> str:
-    """One timing cache per GPU architecture and TensorRT version (tactic timings do not carry across either)."""
+    """One timing cache per GPU model and TensorRT version: tactic timings carry across neither, nor across two
+    GPUs of one architecture (an H100 and an H200 are both sm_90 and time differently)."""
     cc = str(gpu.get("compute_capability", "unknown")).replace(".", "")
-    return f"timing-sm{cc}-trt{parse_version(version)[0]}.{parse_version(version)[1]}.cache"
+    model = re.sub(r"[^A-Za-z0-9]+", "-", str(gpu.get("name") or "unknown")).strip("-")
+    major, minor = parse_version(version)
+    return f"timing-sm{cc}-{model}-trt{major}.{minor}.cache"
+
+
+def check_plugin_precision(attention: str, dit_precision: str) -> None:
+    if attention != "native" and dit_precision != "fp16":
+        raise SoraError(f"--trt-attention {attention} runs fp16/bf16 kernels inside a strongly typed network, which "
+                        f"cannot insert casts; this DiT is {dit_precision}: export it with --dit-precision fp16, or "
+                        f"use --trt-attention native")
+
+
+def plugin_arch(attention: str, dit_precision: str, settings: BuildSettings, arch: tuple[int, int]
+                ) -> tuple[int, int] | None:
+    """The architecture the attention plugin's kernels compile for, or None without the plugin; refuses what
+    cannot build. The plugins take fp16/bf16 tensors and a strongly typed network cannot insert casts, so the DiT
+    must carry fp16 activations. A hardware-compatible plan runs on any GPU from Ampere (sm_80) up, so its kernels
+    compile for sm_80, whose PTX every later GPU loads; on Hopper and newer, Triton's kernels use sm_90a features
+    that PTX for sm_80 gives up, so that combination is refused rather than built slower than asked."""
+    if attention == "native":
+        return None
+    check_plugin_precision(attention, dit_precision)
+    if settings.hardware_compatible:
+        if arch >= (9, 0):
+            raise SoraError(f"--trt-attention {attention} with --trt-hardware-compatible on sm_{arch[0]}{arch[1]}: "
+                            f"the plugin's kernels are built for this GPU's architecture and would not load on "
+                            f"older ones; drop one of the two")
+        return (8, 0)
+    return arch
 
 
 def apply_plan(trt, builder, plan: dict):
@@ -120,6 +151,8 @@ def apply_plan(trt, builder, plan: dict):
     config.builder_optimization_level = plan["optimization_level"]
     for flag in plan["builder_flags"]:
         config.set_flag(getattr(trt.BuilderFlag, flag))
+    for flag in plan["cleared_flags"]:
+        config.clear_flag(getattr(trt.BuilderFlag, flag))
     if plan["hardware_compatibility_level"]:
         config.hardware_compatibility_level = getattr(trt.HardwareCompatibilityLevel,
                                                       plan["hardware_compatibility_level"])
@@ -147,7 +180,9 @@ def build_engine(onnx_path: Path, plan: dict, timing_cache: Path, log: Callable[
         raise SoraError(f"TensorRT could not parse {onnx_path.name}: {errors}")
     config = apply_plan(trt, builder, plan)
     cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    if not config.set_timing_cache(cache, ignore_mismatch=False):  # made on another device or TensorRT
+        log(f"  the timing cache {timing_cache.name} does not match this GPU or TensorRT: starting a new one")
+        config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
     log(f"  building {onnx_path.stem} with TensorRT {trt.__version__} ...")
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:

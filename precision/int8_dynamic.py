@@ -12,7 +12,7 @@ memory and, with dynamic quantization on (runtime/backends/openvino.py), quantiz
 group of input channels at run time and multiplies on the CPU's integer dot-product instructions. ONNX Runtime fuses
 the pattern into its 8-bit `MatMulNBits` with int8 compute, measured no faster than its fp32 step at bench-384's
 width and 1.15x at the 1.3B layers' (bench/results/dit_step_cpu-*-s11.md). GPU targets refuse it
-(export/choose_backend.py: `cpu_only`).
+(target/choose.py: `cpu_only`).
 """
 
 from __future__ import annotations

@@ -27,12 +27,12 @@ class CalibConfig:
     # FIRST_LAST_MIN_BLOCKS blocks (Wan2.1 has 30 or 40; in a 2-block model nothing would be left to quantize)
     keep_first_last_blocks: bool | None = None
     activations: str = "u8"  # u8: asymmetric (ONNX Runtime CPU's fast path) | s8: symmetric (TensorRT's form)
-    prompts_file: Path | None = None  # default: calib/prompts.txt
+    prompts_file: Path | None = None  # default: precision/calib/prompts.txt
     prompts: int = 4  # how many prompts of the file to run
     steps: int = 8  # sampler steps per prompt: the schedule from t=1000 to 0, every step recorded
 
     def __post_init__(self):
-        from ..runtime.errors import SoraError
+        from ...runtime.errors import SoraError
 
         if self.method not in METHODS:
             raise SoraError(f"calibration method {self.method!r} unknown (known: {', '.join(METHODS)})")
@@ -48,7 +48,7 @@ class CalibConfig:
             raise SoraError("calibration needs at least 1 prompt and 1 step")
 
     def read_prompts(self) -> list[str]:
-        from ..runtime.errors import SoraError
+        from ...runtime.errors import SoraError
 
         path = Path(self.prompts_file) if self.prompts_file else SHIPPED_PROMPTS
         try:

@@ -2,12 +2,12 @@
 
 Precision lives in the ONNX graph (FP16 casts, INT8 Q/DQ, weight-only MatMulNBits, the int8-dynamic DiT's
 DequantizeLinear weights), never in builder flags, so one file serves ONNX Runtime and TensorRT alike (the
-int8-dynamic DiT is a CPU precision: export/int8_dynamic.py). `--precision` is the default for every component; a
+int8-dynamic DiT is a CPU precision: precision/int8_dynamic.py). `--precision` is the default for every component; a
 component that does not offer it falls back to fp32 with the reason recorded (and an explicit per-component request
 that it cannot honour is refused). `bf16` is different: the graphs stay fp32 and OpenVINO executes them in bf16.
 `auto` (the default) also keeps the graphs fp32 and leaves the execution precision to the target build: on a CPU
 with bf16 it ships bf16 where that is measured at least 10% faster and passes the quality gate, else fp32
-(export/gated_choice.py).
+(target/gated_choice.py).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..runtime.errors import SoraError
-from .staging import link_or_copy
+from ..runtime.safe_files import link_or_copy
 
 COMPONENTS = ("transformer", "text_encoder", "vae")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8", "int8-dynamic")  # what --precision takes

@@ -8,7 +8,7 @@ checked against PyTorch at export) and the candidate engines each generate; the 
 - the cosine similarity of the candidate text encoder's embeddings to the reference's,
 at a shape capped near 2K tokens and a few steps, so the gate takes seconds to minutes on 2 CPU cores. Below the
 PSNR threshold, or with any NaN/Inf, the record does not pass, and `check_quality` raises SoraError: the export then
-writes nothing (export/gated_choice.py decides when a failed gate refuses and when it falls back to fp32).
+writes nothing (target/gated_choice.py decides when a failed gate refuses and when it falls back to fp32).
 """
 
 from __future__ import annotations

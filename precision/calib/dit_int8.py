@@ -1,6 +1,6 @@
 """Build the INT8 DiT of an export: trajectories -> (SmoothQuant) -> Q/DQ, with the float layers chosen by module.
 
-Called by export/build.py through export/precision.py with the fp32 engine directory already written, so the
+Called by export/build.py through precision/convert.py with the fp32 engine directory already written, so the
 calibration runs the real fp32 pipeline. Calibration happens at the quality gate's shape (the default size
 capped near 2K tokens) and the default frame count, over `CalibConfig.steps` steps of each calibration prompt.
 """
@@ -12,9 +12,9 @@ from pathlib import Path
 
 import onnx
 
-from ..export.graph_scopes import node_module, nodes_in_modules
-from ..export.quality_gate import gate_size
-from ..runtime.pipeline import Pipeline
+from ..graph_scopes import node_module, nodes_in_modules
+from ..quality_gate import gate_size
+from ...runtime.pipeline import Pipeline
 from .config import FIRST_LAST_MIN_BLOCKS, CalibConfig
 from .qdq import QUANTIZED_OPS, quantize_qdq
 from .smoothquant import smooth_linears

@@ -3,7 +3,7 @@
 The text encoder is the largest model a user carries (umT5-XXL: ~11 GB in bf16, more than the 1.3B DiT) and runs
 once per prompt, so its weights matter more than its speed. Activations stay fp32; each MatMul's weight becomes
 blocks of `block_size` values with one fp32 scale each. The quality check is the cosine of the embeddings against
-the fp32 encoder (export/quality_gate.py). `MatMulNBits` is an ONNX Runtime contrib op: these graphs run on ONNX
+the fp32 encoder (precision/quality_gate.py). `MatMulNBits` is an ONNX Runtime contrib op: these graphs run on ONNX
 Runtime (CPU, CUDA), not on OpenVINO or TensorRT.
 """
 

@@ -3,7 +3,7 @@
 onnxruntime's `transformers.float16` converter turns initializers and ops to fp16 and inserts Casts at the
 boundaries of the nodes it is told to keep (it does not clamp weights to 1e4 as onnxconverter-common's default
 does). Inputs and outputs stay fp32 (`keep_io_types`), so the runtime, the engine spec and the VAE's cache slots do
-not change with precision. Which nodes stay fp32 is per component (`FP16_ISLANDS` in export/precision.py): op
+not change with precision. Which nodes stay fp32 is per component (`FP16_ISLANDS` in precision/convert.py): op
 types where overflow or cancellation lives (normalisations, softmax, sin/cos) and module prefixes (timestep
 embedding, RoPE, final projection).
 """

@@ -1,6 +1,6 @@
 """Writing an engine directory safely: check the destination, stage beside it, rename into place. Torch-free.
 
-Every build (a full export in export/build.py, a target build from existing ONNX in export/build_target.py) writes
+Every build (a full export in export/build.py, a target build from existing ONNX in target/build.py) writes
 into a temporary sibling directory and renames it into place at the end, so an interrupted or failed build never
 leaves a half-written engine directory, and an existing one is moved aside only once its replacement is complete.
 A folder is replaced only when it is an engine directory of ours (`is_engine_dir`), holds no file its manifest does
@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -30,14 +28,6 @@ class ExportReport:
     out: Path
     reused: bool
     seconds: dict[str, float] = field(default_factory=dict)
-
-
-def link_or_copy(src: Path, dst: Path) -> None:
-    """A hard link where the filesystem allows (same content, no copy), else a copy."""
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
 
 
 def check_destination(out: Path, source: Path | None = None) -> None:

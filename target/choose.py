@@ -8,74 +8,28 @@ MultiHeadAttention (its CPU flash attention) and keeps that graph beside the por
 step with and without CUDA graphs. With execution precision `auto` (the default), OpenVINO's bf16 execution is a
 candidate too where the CPU has bf16, chosen when its step is at least BF16_MIN_SPEEDUP times faster than the
 fastest fp32 candidate's (timing noise is not worth bf16's error). Reduced precision (bf16 execution,
-fp16/int8 graphs) is then checked by the quality gate on the chosen target (export/gated_choice.py), which falls
+fp16/int8 graphs) is then checked by the quality gate on the chosen target (target/gated_choice.py), which falls
 back to the fastest fp32 candidate when an `auto` choice of bf16 fails it. Torch-free: it also runs in the second
-step of the two-step path (export/build_target.py), on the device.
+step of the two-step path (target/build.py), on the device.
 """
 
 from __future__ import annotations
 
 import platform
-import time
 from pathlib import Path
 from typing import Callable
-
-import numpy as np
 
 from ..runtime import gpu_target
 from ..runtime.backends import openvino as ov_backend
 from ..runtime.errors import SoraError
-from ..runtime.manifest import Manifest, load_manifest
-from ..runtime.memory import PeakDevice
-from ..runtime.pipeline import Pipeline
+from ..runtime.machine import cpu_name
+from ..runtime.manifest import load_manifest
+from .timing import time_dit_step
 
 CPU_BACKENDS = ("auto", "ort", "openvino")
 
-MAX_TIMING_TOKENS = 2048
-# A step is timed at least `repeats` times and until MIN_TIMING_S of steps were measured (at most MAX_REPEATS): a
-# small model's 1-2 ms step is decided by its median over many calls, not by three samples of scheduler noise.
-MIN_TIMING_S = 0.2
-MAX_REPEATS = 200
 BF16_MIN_SPEEDUP = 1.1  # `auto`: what bf16 execution must gain over the fastest fp32 step to be chosen
 ORT_CPU_DIT = "transformer.ort-cpu.onnx"  # the DiT graph ONNX Runtime's CPU provider runs, where faster
-
-
-def _timing_sizes(spec, patch) -> dict[str, int]:
-    sizes = spec.sizes("opt")
-    while sizes["f"] * sizes["h"] * sizes["w"] // (patch[1] * patch[2]) > MAX_TIMING_TOKENS:
-        if sizes["f"] > 1:
-            sizes["f"] = (sizes["f"] + 1) // 2
-        else:
-            sizes["h"] = max(patch[1], sizes["h"] // 2 // patch[1] * patch[1])
-            sizes["w"] = max(patch[2], sizes["w"] // 2 // patch[2] * patch[2])
-    return sizes
-
-
-def time_dit_step(engine_dir: Path | Manifest, backend: str, precision: str, threads: int | None, repeats: int = 3,
-                  cuda_graph: bool = False) -> dict:
-    """Median seconds of one DiT call (CFG batch of 2) after two warm-ups (a CUDA graph is captured in them), over
-    at least `repeats` calls and MIN_TIMING_S of them; the load time, and the peak GPU memory where a GPU backend
-    runs."""
-    t0 = time.perf_counter()
-    manifest = engine_dir if isinstance(engine_dir, Manifest) else load_manifest(engine_dir, verify=False)
-    with PeakDevice() as dev:
-        pipe = Pipeline(manifest, threads=threads, backend=backend, precision=precision, cuda_graph=cuda_graph)
-        denoiser = pipe.denoiser  # opens (and on OpenVINO compiles) the DiT engine
-        load_s = time.perf_counter() - t0
-        spec = denoiser.engine.spec
-        sizes = _timing_sizes(spec, pipe.config["patch_size"])
-        feeds = spec.sample_inputs(seed=0, **sizes)
-        times = []
-        for i in range(MAX_REPEATS + 2):
-            if len(times) >= repeats and sum(times) >= MIN_TIMING_S:
-                break
-            t0 = time.perf_counter()
-            denoiser(feeds["hidden_states"], feeds["timestep"], feeds["encoder_hidden_states"])
-            if i >= 2:
-                times.append(time.perf_counter() - t0)
-    tokens = sizes["f"] * sizes["h"] * sizes["w"] // (pipe.config["patch_size"][1] * pipe.config["patch_size"][2])
-    return {"step_s": float(np.median(times)), "repeats": len(times), "load_s": load_s, "sizes": sizes,
-            "tokens": tokens, "device_peak_mb": dev.peak_mb}
 
 
 # OpenVINO reads ONNX Runtime's MatMulNBits (the weight-only text encoder) since before 2026.4: checked with 2026.4
@@ -139,7 +93,7 @@ def build_runtime(engine_dir: Path, backend: str, precision: str, threads: int |
                   openvino_unsupported: str | None = None, trt=None) -> tuple[dict, dict | None, dict]:
     """The manifest's (runtime, gpu) sections for `backend` (a GPU target, or the CPU backend chosen here) and the
     additions to its engine entries (TensorRT's plan files, ONNX Runtime's CPU graph of the DiT). `trt`:
-    export/trt_target.TrtOptions."""
+    target/trt_target.TrtOptions."""
     if backend == "tensorrt":
         from .trt_target import TrtOptions, trt_runtime
 
@@ -175,7 +129,7 @@ def check_request(backend: str, precision: str, openvino_unsupported: str | None
         if precision == "bf16" or (precision == "auto" and backend != "ort" and has_bf16):
             candidates.append(("openvino", "bf16"))
     elif backend == "openvino" or precision == "bf16":
-        raise SoraError("--backend openvino / --precision bf16 need OpenVINO: pip install 'soraedge[openvino]'")
+        raise SoraError("--backend openvino / --precision bf16 need OpenVINO: pip install openvino")
     return candidates
 
 
@@ -192,7 +146,7 @@ def choose_runtime(engine_dir: Path, backend: str, precision: str, threads: int 
             f"({timings[f'{b}-{p}']['tokens']} tokens, CFG batch 2)")
         if b == "ort":
             added, ort_attention = ort_cpu_graph(engine_dir, threads, timings, log)
-    runtime = {"timings": timings, "threads": threads, "machine": platform.machine(), "cpu": platform.processor(),
+    runtime = {"timings": timings, "threads": threads, "machine": platform.machine(), "cpu": cpu_name(),
                "ort_attention": ort_attention}
     if openvino_unsupported:
         runtime["openvino_skipped"] = openvino_unsupported
@@ -245,7 +199,7 @@ def _step(runtime: dict, candidate) -> float:
 def ort_cpu_graph(engine_dir: Path, threads: int | None, timings: dict,
                   log: Callable[[str], None]) -> tuple[dict, dict]:
     """Write ONNX Runtime's CPU graph of the DiT (the attentions as MultiHeadAttention, which runs MLAS's flash
-    attention: export/attention_rewrite.py) beside the portable one, sharing its weights, and keep it if its step is
+    attention: target/attention_rewrite.py) beside the portable one, sharing its weights, and keep it if its step is
     faster than timings["ort-fp32"] (which then becomes its time). Returns the engine entry additions ({} when not
     kept; the file is then removed) and the record of both timings for the manifest."""
     from .attention_rewrite import rewrite_file

@@ -1,0 +1,1 @@
+"""Serving: the Triton Inference Server repository and its sampler model. No torch."""

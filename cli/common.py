@@ -89,3 +89,21 @@ def written(report) -> None:
     if not report.reused:
         stages = ", ".join(f"{k} {v:.1f}s" for k, v in report.seconds.items())
         click.echo(f"engines written to {report.out} ({stages})")
+
+
+def sectioned(sections: dict[str, str]):
+    """A click Command class whose --help lists options in sections ({option name: section title}; the rest under
+    "Options", which comes first), so the few options that matter are seen before the many that tune."""
+
+    class SectionedCommand(click.Command):
+        def format_options(self, ctx, formatter):
+            groups: dict[str, list] = {"Options": []}
+            for param in self.get_params(ctx):
+                record = None if isinstance(param, click.Argument) else param.get_help_record(ctx)
+                if record:
+                    groups.setdefault(sections.get(param.name, "Options"), []).append(record)
+            for title, rows in groups.items():
+                with formatter.section(title):
+                    formatter.write_dl(rows)
+
+    return SectionedCommand

@@ -1,7 +1,6 @@
 """sora-export MODEL -o DIR: a diffusers Wan2.1 directory (or `demo`) -> an engine directory (fp32/fp16/int8).
 
-MODEL may also be an engine directory: then only its runtime target is built (the second step of the two-step
-path, target/build.py; no torch needed).
+The runtime target of an already exported directory is sora-build's job (cli/build_cmd.py).
 """
 
 from __future__ import annotations
@@ -10,12 +9,24 @@ from pathlib import Path
 
 import click
 
-from .common import cli_errors
+from .common import cli_errors, sectioned, trt_options, written
 
 FIRST_LAST = {"auto": None, "keep": True, "quantize": False}  # --int8-first-last-blocks -> CalibConfig
+_PRECISION = "Per-component precision and the quality gate"
+_CALIB = "INT8 calibration (--precision int8)"
+_TRT = "TensorRT (--backend tensorrt)"
+_DETAIL = "Export details"
+SECTIONS = {"dit_precision": _PRECISION, "text_encoder_precision": _PRECISION, "vae_precision": _PRECISION,
+            "min_psnr": _PRECISION, **{n: _CALIB for n in ("calib_method", "calib_percentile", "calib_prompts",
+                                                         "calib_prompt_count", "calib_steps", "smooth_alpha",
+                                                         "smooth_unfoldable", "int8_first_last_blocks",
+                                                         "int8_activations")},
+            **{n: _TRT for n in ("trt_attention", "trt_workspace_mb", "trt_tactic_memory_mb", "trt_opt_level",
+                                 "trt_version_compatible", "trt_hardware_compatible")},
+            "attention": _DETAIL, "max_sequence_length": _DETAIL, "skip_parity": _DETAIL}
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=sectioned(SECTIONS), context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("model")
 @click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path), help="Engine directory to write.")
 @click.option("--frames", type=int, help="Default frame count (4k+1) recorded for sora-run.")
@@ -38,28 +49,14 @@ FIRST_LAST = {"auto": None, "keep": True, "quantize": False}  # --int8-first-las
               help="Runtime target. CPU: auto times one DiT step on ort and openvino and keeps the fastest. GPU, "
                    "built for this machine's GPU and recorded in the manifest (sora-run refuses another): ort-cuda "
                    "(ONNX Runtime CUDA), ort-trt (ONNX Runtime's TensorRT provider), tensorrt (native plans).")
-@click.option("--trt-attention", type=click.Choice(["native", "plugin", "int8"]), default="native",
-              show_default=True, help="--backend tensorrt: native leaves attention to TensorRT's fusion; plugin / "
-              "int8 replace every DiT attention with this project's Triton flash / INT8 attention plugin (TensorRT "
-              ">= 10.9).")
-@click.option("--trt-workspace-mb", type=int, help="--backend tensorrt: builder workspace limit.")
-@click.option("--trt-tactic-memory-mb", type=int,
-              help="--backend tensorrt: tactic memory limit (Jetson builds that run out of unified memory).")
-@click.option("--trt-opt-level", type=click.IntRange(0, 5), default=3, show_default=True,
-              help="--backend tensorrt: builder optimization level.")
-@click.option("--trt-version-compatible", is_flag=True, help="--backend tensorrt: plans that later TensorRT "
-              "versions of the same major version also run.")
-@click.option("--trt-hardware-compatible", is_flag=True,
-              help="--backend tensorrt: plans that run on any Ampere or newer GPU.")
 @click.option("--onnx-only", is_flag=True,
               help="Stop after the portable ONNX (precision conversion and quality gate included); build the target "
-                   "later, e.g. on the device: sora-export ONNX_DIR -o ENGINE_DIR --backend ort-cuda.")
+                   "later, e.g. on the device: sora-build ONNX_DIR -o ENGINE_DIR --backend ort-cuda.")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "int8", "int8-dynamic", "bf16"]),
               default="auto", show_default=True,
               help="Default precision of every component (fp16/int8 live in the ONNX graphs; bf16 = fp32 graphs run "
               "in bf16 by OpenVINO; auto = fp32 graphs, run in bf16 where that is measured 10% faster on this CPU "
-              "and passes the quality gate, else fp32). Reduced precision must pass the quality gate. For an engine "
-              "directory MODEL: the execution precision (auto, fp32 or bf16).")
+              "and passes the quality gate, else fp32). Reduced precision must pass the quality gate.")
 @click.option("--dit-precision", type=click.Choice(["fp32", "fp16", "int8", "int8-dynamic"]),
               help="Override for the DiT. int8-dynamic: int8 weights, activations quantized at run time by OpenVINO "
               "(CPU targets; no calibration; combines with --precision bf16).")
@@ -87,30 +84,25 @@ FIRST_LAST = {"auto": None, "keep": True, "quantize": False}  # --int8-first-las
 @click.option("--int8-activations", type=click.Choice(["u8", "s8"]), default="u8", show_default=True,
               help="u8: asymmetric, ONNX Runtime CPU's integer fast path; s8: symmetric, what TensorRT requires.")
 @click.option("--threads", type=int, help="Threads for calibration, backend timing and gate (default: all cores).")
+@trt_options
 @cli_errors
 def main(model, out, frames, max_frames, height, width, attention, max_sequence_length, overwrite, skip_parity, backend,
-         trt_attention, trt_workspace_mb, trt_tactic_memory_mb, trt_opt_level, trt_version_compatible,
-         trt_hardware_compatible, onnx_only, precision, dit_precision, text_encoder_precision, vae_precision, min_psnr,
+         trt, onnx_only, precision, dit_precision, text_encoder_precision, vae_precision, min_psnr,
          calib_method, calib_percentile, calib_prompts, calib_prompt_count, calib_steps, smooth_alpha,
          smooth_unfoldable,
          int8_first_last_blocks, int8_activations, threads):
-    """Export MODEL (a diffusers-format Wan2.1-T2V directory, or the built-in `demo`) to OUT, or build OUT for a
-    target from MODEL when MODEL is an engine directory."""
-    from ..target.trt_build import BuildSettings
-    from ..target.trt_target import TrtOptions
+    """Export MODEL (a diffusers-format Wan2.1-T2V directory, or the built-in `demo`) to OUT."""
+    from ..runtime.errors import SoraError
+    from ..runtime.manifest import MANIFEST
 
-    trt = TrtOptions(trt_attention, BuildSettings(trt_workspace_mb, trt_tactic_memory_mb, trt_opt_level,
-                                                  trt_version_compatible, trt_hardware_compatible))
-    if (Path(model) / "manifest.json").is_file():
-        _build_target(Path(model), out, backend, precision, threads, overwrite, trt)
-        return
+    if (Path(model) / MANIFEST).is_file():
+        raise SoraError(f"{model} is an engine directory, already exported: build its runtime target with "
+                        f"sora-build {model} -o DIR --backend ... (export from the model to change its graphs)")
     try:
         from ..precision.calib.config import CalibConfig
         from ..export.build import ExportConfig, run_export
         from ..export.dit import AttentionForm
     except ImportError as e:
-        from ..runtime.errors import SoraError
-
         raise SoraError(f"the export toolchain is not installed ({e.name}): pip install 'soraedge[export]'") from None
     cfg = ExportConfig(model=model, out=out, frames=frames, max_frames=max_frames, height=height, width=width,
                        attention=AttentionForm(attention) if attention else None,
@@ -127,32 +119,7 @@ def main(model, out, frames, max_frames, height, width, attention, max_sequence_
                                          prompts=calib_prompt_count, steps=calib_steps,
                                          keep_first_last_blocks=FIRST_LAST[int8_first_last_blocks],
                                          activations=int8_activations))
-    _written(run_export(cfg, log=click.echo))
-
-
-def _written(report) -> None:
-    if not report.reused:
-        stages = ", ".join(f"{k} {v:.1f}s" for k, v in report.seconds.items())
-        click.echo(f"engines written to {report.out} ({stages})")
-
-
-TARGET_OPTIONS = {"model", "out", "backend", "precision", "threads", "overwrite", "trt_attention", "trt_workspace_mb",
-                  "trt_tactic_memory_mb", "trt_opt_level", "trt_version_compatible", "trt_hardware_compatible"}
-
-
-def _build_target(source: Path, out: Path, backend: str, precision: str, threads: int | None, overwrite: bool,
-                  trt) -> None:
-    from ..target.build import TargetConfig, build_from_engines
-    from ..runtime.errors import SoraError
-
-    ctx = click.get_current_context()
-    fixed = sorted(f"--{n.replace('_', '-')}" for n in ctx.params if n not in TARGET_OPTIONS
-                   and ctx.get_parameter_source(n) != click.core.ParameterSource.DEFAULT)
-    if fixed:
-        raise SoraError(f"{source} is an engine directory: only its target is built from it, so {', '.join(fixed)} "
-                        f"cannot change (they are fixed when the ONNX is exported; export from the model to change "
-                        f"them)")
-    _written(build_from_engines(TargetConfig(source, out, backend, threads, overwrite, trt, precision), log=click.echo))
+    written(run_export(cfg, log=click.echo))
 
 
 if __name__ == "__main__":

@@ -304,7 +304,7 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = lambda s: None) -
         no_openvino = openvino_unsupported(plan)
         if cfg.onnx_only and (cfg.backend != "auto" or execution == "bf16"):
             raise SoraError("--onnx-only builds no runtime target: drop --backend and bf16 (build the target later "
-                            "with sora-export ONNX_DIR -o ENGINE_DIR --backend ...)")
+                            "with sora-build ONNX_DIR -o ENGINE_DIR --backend ...)")
         if not cfg.onnx_only:
             # fail before minutes of export, not after
             check_request(cfg.backend, execution, no_openvino, cpu_only(plan))

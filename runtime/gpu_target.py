@@ -109,7 +109,7 @@ def mismatches(recorded: dict, current: dict) -> list[str]:
 
 
 def rebuild_command(engine_dir, backend: str) -> str:
-    return f"sora-export {engine_dir} -o {engine_dir} --backend {backend} --overwrite"
+    return f"sora-build {engine_dir} -o {engine_dir} --backend {backend} --overwrite"
 
 
 def check_target(recorded: dict | None, backend: str, engine_dir, current: dict | None = None) -> None:

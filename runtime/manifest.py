@@ -100,7 +100,7 @@ class Manifest:
         """The engine's TensorRT plan (directories built with --backend tensorrt)."""
         plan = self.data["engines"][engine].get("plan")
         if plan is None:
-            raise SoraError(f"{self.root} has no TensorRT plan for {engine}: build one with sora-export {self.root} "
+            raise SoraError(f"{self.root} has no TensorRT plan for {engine}: build one with sora-build {self.root} "
                             f"-o NEW_DIR --backend tensorrt")
         return self._engine_file(engine, plan)
 

@@ -1,6 +1,6 @@
 """The second step of the two-step path: build an engine directory for a target from an existing one's ONNX.
 
-`sora-export ONNX_DIR -o ENGINE_DIR --backend B`, where ONNX_DIR is any engine directory: typically the portable
+`sora-build ONNX_DIR -o ENGINE_DIR --backend B`, where ONNX_DIR is any engine directory: typically the portable
 output of `sora-export MODEL -o ONNX_DIR --onnx-only` on a workstation, carried to the device. ONNX_DIR's files are
 verified against its manifest and linked (or copied) into a staged directory. The target is then built and measured:
 on a CPU the backend is chosen by timing, on a GPU the GPU is recorded (runtime/gpu_target.py). Finally the stage is

@@ -67,7 +67,7 @@ def require_gpu(backend: str) -> None:
     why = gpu_target.missing(gpu_target.target(), backend)
     if why:
         raise SoraError(f"--backend {backend} builds engines for this machine's GPU, but {why}; export portable ONNX "
-                        f"here with --onnx-only, then on the GPU machine: sora-export ONNX_DIR -o ENGINE_DIR "
+                        f"here with --onnx-only, then on the GPU machine: sora-build ONNX_DIR -o ENGINE_DIR "
                         f"--backend {backend}")
 
 

@@ -42,7 +42,7 @@ def require_tensorrt() -> str:
     why = gpu_target.missing(gpu_target.target(), "tensorrt")
     if why:
         raise SoraError(f"--backend tensorrt builds plans on this machine's GPU, but {why}; export portable ONNX here "
-                        f"with --onnx-only and build on the device: sora-export ONNX_DIR -o ENGINE_DIR --backend "
+                        f"with --onnx-only and build on the device: sora-build ONNX_DIR -o ENGINE_DIR --backend "
                         f"tensorrt")
     version = gpu_target.tensorrt_version()
     capabilities(version)  # refuses versions older than 10.3

@@ -47,13 +47,13 @@ def test_refusal_names_the_build_and_the_rebuild_command():
     msg = str(e.value)
     assert "\n" not in msg
     assert "built for NVIDIA H100 80GB HBM3 (compute capability 9.0, onnxruntime 1.31.0, CUDA 13.0)" in msg
-    assert "rebuild it here with: sora-export engines/wan -o engines/wan --backend ort-cuda --overwrite" in msg
+    assert "rebuild it here with: sora-build engines/wan -o engines/wan --backend ort-cuda --overwrite" in msg
     assert "--backend ort" in msg  # the CPU way out
     check_target(H100, "ort-cuda", "engines/wan", current=here())  # the same machine passes
 
 
 def test_portable_directory_is_not_a_gpu_build():
-    with pytest.raises(SoraError, match="is portable ONNX, not built for ort-cuda: build it with: sora-export e -o e "
+    with pytest.raises(SoraError, match="is portable ONNX, not built for ort-cuda: build it with: sora-build e -o e "
                                         "--backend ort-cuda --overwrite"):
         check_target(None, "ort-cuda", "e", current=here())
 

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from soraedge.cli.build_cmd import main as build_main
 from soraedge.cli.export_cmd import main as export_main
 from soraedge.cli.run_cmd import main as run_main
 from soraedge.cli.triton_cmd import main as triton_main
@@ -94,7 +95,7 @@ def test_target_build_from_a_traversing_manifest_writes_nothing_outside(world, t
     evil, victim = world
     before = _tree(victim)
     _traversing_file(evil, victim, how)
-    _fails(export_main, [evil, "-o", tmp_path / "out", "--backend", "ort"], "refusing it")
+    _fails(build_main, [evil, "-o", tmp_path / "out", "--backend", "ort"], "refusing it")
     assert _tree(victim) == before
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
@@ -179,7 +180,7 @@ def test_rebuilding_an_engine_dir_never_deletes_a_users_renders_inside_it(engine
     (engine_copy / "renders").mkdir()
     (engine_copy / "renders" / "clip.mp4").write_bytes(b"a render")
     before = _tree(engine_copy)
-    _fails(export_main, [engine_copy, "-o", engine_copy, "--backend", "ort", "--overwrite"],
+    _fails(build_main, [engine_copy, "-o", engine_copy, "--backend", "ort", "--overwrite"],
            "not part of its engines (renders/clip.mp4)")
     assert _tree(engine_copy) == before
 
@@ -229,7 +230,7 @@ def test_two_concurrent_exports_with_different_options_never_both_write(tiny_eng
     """Two real target builds to one folder at once (ONNX Runtime and OpenVINO): one writes, the other is refused
     in one line, whichever finishes first."""
     out = tmp_path / "out"
-    procs = [subprocess.Popen([sys.executable, "-m", "soraedge.cli.export_cmd", str(tiny_engines("tiny-a")), "-o",
+    procs = [subprocess.Popen([sys.executable, "-m", "soraedge.cli.build_cmd", str(tiny_engines("tiny-a")), "-o",
                                str(out), "--backend", b, "--precision", "fp32", "--threads", "1"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for b in ("ort", "openvino")]
     results = [p.communicate(timeout=300) + (p.returncode,) for p in procs]

@@ -1,5 +1,5 @@
 """The two-step path: export portable ONNX on one machine (--onnx-only), build the runtime target from it on another
-(`sora-export ONNX_DIR -o ENGINE_DIR --backend B`, target/build.py), without torch. The GPU target's build is
+(`sora-build ONNX_DIR -o ENGINE_DIR --backend B`, target/build.py), without torch. The GPU target's build is
 covered in tests/test_ort_io.py (needs a GPU); here the CPU target exercises the same file handling."""
 
 import shutil
@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from soraedge.cli.build_cmd import main as build_main
 from soraedge.cli.export_cmd import main as export_main
 from soraedge.target.choose import ORT_CPU_DIT
 from soraedge.runtime.backends import openvino as ov_backend
@@ -26,7 +27,7 @@ BUILD_WITHOUT_TORCH = textwrap.dedent("""
                 raise ImportError("torch is blocked in this test")
 
     sys.meta_path.insert(0, BlockTorch())
-    from soraedge.cli.export_cmd import main
+    from soraedge.cli.build_cmd import main
     main(sys.argv[1:])
 """)
 
@@ -75,10 +76,11 @@ def test_onnx_only_then_build_the_target_elsewhere(tiny_model, tmp_path):
 
     fixed = CliRunner().invoke(export_main, [str(onnx), "-o", str(tmp_path / "x"), "--max-frames", "9",
                                              "--frames", "9"])
-    assert fixed.exit_code == 2 and "--frames, --max-frames cannot change" in fixed.output
-    graphs = CliRunner().invoke(export_main, [str(onnx), "-o", str(tmp_path / "x"), "--precision", "fp16"])
-    assert graphs.exit_code == 2 and "here --precision is the execution precision (auto, fp32 or bf16)" in \
-        graphs.output and "Traceback" not in graphs.output
+    assert fixed.exit_code == 2 and "is an engine directory, already exported: build its runtime target with " \
+        "sora-build" in fixed.output and "Traceback" not in fixed.output
+    graphs = CliRunner().invoke(build_main, [str(onnx), "-o", str(tmp_path / "x"), "--precision", "fp16"])
+    assert graphs.exit_code == 2 and "'fp16' is not one of 'auto', 'fp32', 'bf16'" in graphs.output
+    assert "Traceback" not in graphs.output
     assert not (tmp_path / "x").exists()
 
     broken = tmp_path / "broken"
@@ -113,5 +115,5 @@ def test_the_target_step_gates_bf16_against_its_fp32_source_without_torch(engine
     assert (runtime["backend"], runtime["precision"]) == ("openvino", "bf16")
     assert runtime["quality_gate"]["passed"] and runtime["quality_gate"]["execution_precision"] == "bf16"
     refused = _cli(engine_copy, "-o", tmp_path / "x", "--precision", "int8")
-    assert refused.returncode == 2 and "here --precision is the execution precision" in refused.stderr
+    assert refused.returncode == 2 and "'int8' is not one of 'auto', 'fp32', 'bf16'" in refused.stderr
     assert "Traceback" not in refused.stderr and not (tmp_path / "x").exists()

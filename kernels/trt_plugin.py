@@ -116,14 +116,13 @@ def register_plugins(arch: tuple[int, int]) -> None:
     import tensorrt.plugin as trtp
 
     for plugin in KERNELS:
-        first = plugin not in _ARCH
-        _ARCH[plugin] = arch
-        if first:
+        if plugin not in _ARCH:
             desc, autotune, aot = plugin_functions(trtp, plugin)
             plugin_id = f"{NAMESPACE}::{plugin}"
             trtp.register(plugin_id)(desc)
             trtp.autotune(plugin_id)(autotune)
             trtp.aot_impl(plugin_id)(aot)
+        _ARCH[plugin] = arch  # read when TensorRT asks for the kernel, at build time
 
 
 def constant_value(expr) -> int:

@@ -4,7 +4,7 @@ The text encoder is the largest model a user carries (umT5-XXL: ~11 GB in bf16, 
 once per prompt, so its weights matter more than its speed. Activations stay fp32; each MatMul's weight becomes
 blocks of `block_size` values with one fp32 scale each. The quality check is the cosine of the embeddings against
 the fp32 encoder (precision/quality_gate.py). `MatMulNBits` is an ONNX Runtime contrib op: these graphs run on ONNX
-Runtime (CPU, CUDA), not on OpenVINO or TensorRT.
+Runtime (CPU, CUDA) and on OpenVINO from 2026.4 (target/choose.py's OPENVINO_READS_MATMULNBITS), not on TensorRT.
 """
 
 from __future__ import annotations

@@ -82,8 +82,11 @@ class Manifest:
         return self._engine_file(engine, self.data["engines"][engine]["file"])
 
     def _engine_file(self, engine: str, rel: str) -> Path:
-        if rel + ".data" in self.data["files"]:
-            self.file(rel + ".data")
+        """`rel` and the weights it reads, re-checked: its own external data, or the portable graph's, which ONNX
+        Runtime's CPU graph of the DiT shares."""
+        for data in dict.fromkeys((rel + ".data", self.data["engines"][engine]["file"] + ".data")):
+            if data in self.data["files"]:
+                self.file(data)
         return self.file(rel)
 
     def path_for(self, engine: str, backend: str) -> Path:

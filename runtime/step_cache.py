@@ -17,9 +17,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-# On the trained demo at 30 steps (bench/results/step_cache_cpu.md): 0.06 skips 1.61x of the DiT evaluations at
-# 32.6 dB worst-prompt PSNR; 0.08 is the largest measured threshold >= 30 dB (31.6 dB), 0.1 falls to 28.7 dB.
-# (The earlier random-weight demo kept >= 30 dB up to 0.5: random weights flatter caching.)
+# Measured on the trained demo over thresholds (bench/results/step_cache_cpu.md, docs/step-caching.md): 0.06
+# keeps a margin over 30 dB worst-prompt PSNR there; the right threshold is model-specific.
 DEFAULT_THRESHOLD = 0.06
 
 

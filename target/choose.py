@@ -34,7 +34,7 @@ ORT_CPU_DIT = "transformer.ort-cpu.onnx"  # the DiT graph ONNX Runtime's CPU pro
 
 # OpenVINO reads ONNX Runtime's MatMulNBits (the weight-only text encoder) since before 2026.4: checked with 2026.4
 # on the tiny export (embedding cosine against fp32: int8 0.99981, int4 0.98705; ONNX Runtime: 0.99995, 0.98775).
-# Earlier versions were not checked and are not trusted with it.
+# Older versions are not checked and not trusted with it.
 OPENVINO_READS_MATMULNBITS = (2026, 4)
 
 

@@ -73,3 +73,23 @@ def engine_copy(tiny_engines, tmp_path):
     dst = tmp_path / "engines"
     shutil.copytree(tiny_engines("tiny-a"), dst)
     return dst
+
+
+def fails_one_line(cli, args, *expect) -> str:
+    """Invoke a CLI that must refuse: exit 2, no traceback, exactly one `error:` line holding every `expect`."""
+    from click.testing import CliRunner
+
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    out = result.output.strip()
+    assert result.exit_code == 2, (result.exit_code, out, result.exception)
+    assert "Traceback" not in out
+    lines = [ln for ln in out.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, out
+    for e in expect:
+        assert e in lines[0], lines[0]
+    return lines[0]
+
+
+def run_args(engines, tmp_path, *extra, out="v.npy") -> list:
+    """sora-run's arguments for one quick generation into tmp_path/out."""
+    return ["--engines", engines, "--prompt", "a cat", "--steps", "1", "-o", tmp_path / out, *extra]

@@ -13,21 +13,13 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from conftest import fails_one_line, run_args
+
 from soraedge.cli.export_cmd import main as export_main
 from soraedge.cli.run_cmd import main as run_main
 from soraedge.runtime.manifest import CACHE_DIR, load_manifest
 
 
-def _fails(cli, args, *expect):
-    result = CliRunner().invoke(cli, args)
-    out = result.output.strip()
-    assert result.exit_code == 2, (result.exit_code, out)
-    assert "Traceback" not in out
-    lines = [ln for ln in out.splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1, out
-    for e in expect:
-        assert e in lines[0], lines[0]
-    return lines[0]
 
 
 def _snapshot(d: Path) -> dict:
@@ -39,12 +31,12 @@ def _snapshot(d: Path) -> dict:
 
 # -- sora-export ---------------------------------------------------------------------------------------------------
 def test_export_model_missing(tmp_path):
-    _fails(export_main, [str(tmp_path / "nope"), "-o", str(tmp_path / "e")], "neither a directory nor a built-in")
+    fails_one_line(export_main, [str(tmp_path / "nope"), "-o", str(tmp_path / "e")], "neither a directory nor a built-in")
 
 
 def test_export_not_a_pipeline(tmp_path):
     (tmp_path / "m").mkdir()
-    _fails(export_main, [str(tmp_path / "m"), "-o", str(tmp_path / "e")], "model_index.json is missing")
+    fails_one_line(export_main, [str(tmp_path / "m"), "-o", str(tmp_path / "e")], "model_index.json is missing")
 
 
 @pytest.mark.parametrize("damage,expect", [
@@ -60,7 +52,7 @@ def test_export_refuses_unsupported(tiny_model, tmp_path, damage, expect):
     d = tmp_path / "model"
     shutil.copytree(tiny_model("tiny-a"), d)
     damage(d)
-    _fails(export_main, [str(d), "-o", str(tmp_path / "e")], expect)
+    fails_one_line(export_main, [str(d), "-o", str(tmp_path / "e")], expect)
     assert not (tmp_path / "e").exists()
 
 
@@ -75,13 +67,13 @@ def _edit(path: Path, **changes):
     (["--height", "100"], "height=100 is not a multiple of 16 (nearest valid: 96 or 112)"),
 ])
 def test_export_bad_sizes(tiny_model, tmp_path, args, expect):
-    _fails(export_main, [str(tiny_model("tiny-a")), "-o", str(tmp_path / "e"), *args], expect)
+    fails_one_line(export_main, [str(tiny_model("tiny-a")), "-o", str(tmp_path / "e"), *args], expect)
     assert not (tmp_path / "e").exists()
 
 
 def test_export_refuses_to_replace_a_different_engine_dir(tiny_model, engine_copy):
     before = _snapshot(engine_copy)
-    _fails(export_main, [str(tiny_model("tiny-b")), "-o", str(engine_copy)], "--overwrite")
+    fails_one_line(export_main, [str(tiny_model("tiny-b")), "-o", str(engine_copy)], "--overwrite")
     assert _snapshot(engine_copy) == before
 
 
@@ -89,7 +81,7 @@ def test_export_refuses_non_engine_dir(tmp_path):
     out = tmp_path / "precious"
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
-    _fails(export_main, ["demo", "-o", str(out)], "not an engine directory")
+    fails_one_line(export_main, ["demo", "-o", str(out)], "not an engine directory")
     assert (out / "notes.txt").read_text() == "keep me"
 
 
@@ -134,22 +126,20 @@ def test_a_swallowed_ctrl_c_still_stops_the_commit(tmp_path):
 
 
 # -- sora-run ------------------------------------------------------------------------------------------------------
-def _run(engines, tmp_path, *extra, out="v.npy"):
-    return ["--engines", str(engines), "--prompt", "a cat", "--steps", "1", "-o", str(tmp_path / out), *extra]
 
 
 def test_run_engine_dir_missing(tmp_path):
-    _fails(run_main, _run(tmp_path / "none", tmp_path), "does not exist")
+    fails_one_line(run_main, run_args(tmp_path / "none", tmp_path), "does not exist")
 
 
 def test_run_manifest_missing(engine_copy, tmp_path):
     (engine_copy / "manifest.json").unlink()
-    _fails(run_main, _run(engine_copy, tmp_path), "no manifest.json")
+    fails_one_line(run_main, run_args(engine_copy, tmp_path), "no manifest.json")
 
 
 def test_run_manifest_unreadable(engine_copy, tmp_path):
     (engine_copy / "manifest.json").write_text("{ not json")
-    _fails(run_main, _run(engine_copy, tmp_path), "unreadable or malformed")
+    fails_one_line(run_main, run_args(engine_copy, tmp_path), "unreadable or malformed")
 
 
 @pytest.mark.parametrize("how", ["truncate", "replace"])
@@ -161,7 +151,7 @@ def test_run_hash_mismatch(engine_copy, tmp_path, how):
         blob = bytearray(data.read_bytes())
         blob[10] ^= 0xFF
         data.write_bytes(bytes(blob))
-    _fails(run_main, _run(engine_copy, tmp_path), "does not match its manifest hash")
+    fails_one_line(run_main, run_args(engine_copy, tmp_path), "does not match its manifest hash")
 
 
 @pytest.mark.parametrize("args,expect", [
@@ -171,10 +161,19 @@ def test_run_hash_mismatch(engine_copy, tmp_path, how):
     (["--frames", "89"], "outside the exported range: f=23"),
     (["--steps", "0"], "need at least 1 step"),
     (["--guidance", "-1"], "guidance must be >= 0"),
+    (["--guidance", "inf"], "guidance=inf: guidance must be >= 0 and <= 100"),
+    (["--guidance", "nan"], "guidance=nan"),
+    (["--guidance", "101"], "<= 100"),
+    (["--steps", "100000"], "at most 1000"),
+    (["--seed", "-1"], "seed=-1"),
+    (["--height", "0"], "height=0 is not a multiple of 16"),
+    (["--frames", "0"], "frames=0 is not of the form 4k+1"),
+    (["--threads", "0"], "threads=0: need at least 1"),
 ])
 def test_run_bad_arguments(tiny_engines, tmp_path, args, expect):
-    _fails(run_main, _run(tiny_engines("tiny-a"), tmp_path, *args), expect)
-    assert not (tmp_path / "v.npy").exists()
+    """Refused before any compute, nothing written (0 is an error, never "the default")."""
+    fails_one_line(run_main, run_args(tiny_engines("tiny-a"), tmp_path, *args), expect)
+    assert not list(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("latents,expect", [
@@ -183,13 +182,13 @@ def test_run_bad_arguments(tiny_engines, tmp_path, args, expect):
 ])
 def test_run_bad_latents(tiny_engines, tmp_path, latents, expect):
     np.save(tmp_path / "noise.npy", latents)
-    _fails(run_main, _run(tiny_engines("tiny-a"), tmp_path, "--latents", str(tmp_path / "noise.npy")), expect)
+    fails_one_line(run_main, run_args(tiny_engines("tiny-a"), tmp_path, "--latents", str(tmp_path / "noise.npy")), expect)
 
 
 def test_run_bad_output_paths(tiny_engines, tmp_path):
     eng = tiny_engines("tiny-a")
-    _fails(run_main, _run(eng, tmp_path, out="v.avi"), "unknown extension")
-    _fails(run_main, _run(eng, tmp_path, out="missing/v.mp4"), "does not exist")
+    fails_one_line(run_main, run_args(eng, tmp_path, out="v.avi"), "unknown extension")
+    fails_one_line(run_main, run_args(eng, tmp_path, out="missing/v.mp4"), "does not exist")
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root can write to any folder, so an unwritable folder cannot be made")
@@ -197,7 +196,7 @@ def test_run_output_folder_not_writable(tiny_engines, tmp_path):
     ro = tmp_path / "ro"
     ro.mkdir()
     ro.chmod(0o500)
-    _fails(run_main, _run(tiny_engines("tiny-a"), ro), "not writable")
+    fails_one_line(run_main, run_args(tiny_engines("tiny-a"), ro), "not writable")
 
 
 def test_overlong_prompt_is_truncated_with_a_warning(tiny_engines, tmp_path):

@@ -20,6 +20,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from conftest import fails_one_line, run_args
+
 from soraedge.cli.build_cmd import main as build_main
 from soraedge.cli.export_cmd import main as export_main
 from soraedge.cli.run_cmd import main as run_main
@@ -32,16 +34,6 @@ from soraedge.runtime.prompt_cache import PromptCache
 from soraedge.runtime.user_cache import cache_home
 
 
-def _fails(cli, args, *expect):
-    result = CliRunner().invoke(cli, [str(a) for a in args])
-    out = result.output.strip()
-    assert result.exit_code == 2, (result.exit_code, out, result.exception)
-    assert "Traceback" not in out
-    lines = [ln for ln in out.splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1, out
-    for e in expect:
-        assert e in lines[0], lines[0]
-    return lines[0]
 
 
 def _tree(d: Path) -> dict[str, str]:
@@ -95,7 +87,7 @@ def test_target_build_from_a_traversing_manifest_writes_nothing_outside(world, t
     evil, victim = world
     before = _tree(victim)
     _traversing_file(evil, victim, how)
-    _fails(build_main, [evil, "-o", tmp_path / "out", "--backend", "ort"], "refusing it")
+    fails_one_line(build_main, [evil, "-o", tmp_path / "out", "--backend", "ort"], "refusing it")
     assert _tree(victim) == before
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
@@ -109,13 +101,13 @@ def test_triton_repo_from_a_traversing_pipeline_path_writes_nothing_outside(worl
     evil, victim = world
     before = _tree(victim)
     _edit_manifest(evil, lambda d: d["pipeline"].update({key: value}))
-    _fails(triton_main, [evil, "-o", tmp_path / "repo"], expect)
+    fails_one_line(triton_main, [evil, "-o", tmp_path / "repo"], expect)
     assert _tree(victim) == before and not (tmp_path / "repo").exists()
 
 
 def test_triton_prefix_follows_model_name_rules(tiny_engines, tmp_path):
     repo = tmp_path / "a" / "repo"
-    _fails(triton_main, [tiny_engines("tiny-a"), "-o", repo, "--prefix", "../../x"], "not a valid model name")
+    fails_one_line(triton_main, [tiny_engines("tiny-a"), "-o", repo, "--prefix", "../../x"], "not a valid model name")
     assert not (tmp_path / "a").exists() and not (tmp_path / "x").exists()
 
 
@@ -131,7 +123,7 @@ def test_triton_prefix_follows_model_name_rules(tiny_engines, tmp_path):
 ])
 def test_malformed_or_traversing_manifest_is_refused_at_load(engine_copy, tmp_path, edit, expect):
     _edit_manifest(engine_copy, edit)
-    _fails(run_main, ["--engines", engine_copy, "--prompt", "a cat", "--steps", "1", "-o", tmp_path / "v.npy"], expect)
+    fails_one_line(run_main, ["--engines", engine_copy, "--prompt", "a cat", "--steps", "1", "-o", tmp_path / "v.npy"], expect)
     assert not (tmp_path / "v.npy").exists()
 
 
@@ -153,14 +145,38 @@ def test_compiled_models_live_in_the_users_cache_never_in_the_engine_dir(engine_
 
 def test_an_engine_swapped_after_load_is_checked_when_opened(engine_copy):
     pipe = Pipeline.load(engine_copy)  # verified; the DiT opens lazily, at the first step
-    graph = pipe.manifest.path_for("transformer", pipe.backend)  # the file this backend runs
-    data = graph.with_name(graph.name + ".data")
+    # the weights of whichever DiT graph this backend runs (ONNX Runtime's CPU graph shares the portable one's)
+    data = engine_copy / (pipe.manifest.data["engines"]["transformer"]["file"] + ".data")
     blob = bytearray(data.read_bytes())
     blob[10] ^= 0xFF
     data.unlink()  # a new file (new inode) with other bytes, as a swap would make
     data.write_bytes(bytes(blob))
     with pytest.raises(SoraError, match="does not match its manifest hash"):
         pipe("a cat", steps=1, seed=0)
+
+
+def test_the_shared_weights_of_the_ort_cpu_graph_are_checked_when_it_opens(engine_copy):
+    """ONNX Runtime's CPU graph of the DiT (transformer.ort-cpu.onnx) reads the portable graph's weights file: a
+    swap of that file after load is caught when this graph opens, not only when the portable one does."""
+    from soraedge.target.attention_rewrite import rewrite_file
+    from soraedge.target.choose import ORT_CPU_DIT
+
+    rewrite_file(engine_copy / "transformer.onnx", engine_copy / ORT_CPU_DIT)
+
+    def point_at_ort_graph(d):
+        d["engines"]["transformer"]["ort_cpu_file"] = ORT_CPU_DIT
+        d["files"][ORT_CPU_DIT] = {"sha256": hashlib.sha256((engine_copy / ORT_CPU_DIT).read_bytes()).hexdigest(),
+                                   "bytes": (engine_copy / ORT_CPU_DIT).stat().st_size}
+
+    _edit_manifest(engine_copy, point_at_ort_graph)
+    m = load_manifest(engine_copy)
+    data = engine_copy / "transformer.onnx.data"
+    blob = bytearray(data.read_bytes())
+    blob[10] ^= 0xFF
+    data.unlink()
+    data.write_bytes(bytes(blob))
+    with pytest.raises(SoraError, match="transformer.onnx.data does not match its manifest hash"):
+        m.path_for("transformer", "ort")
 
 
 # -- ownership before deletion -------------------------------------------------------------------------------------
@@ -171,7 +187,7 @@ def test_overwrite_never_replaces_a_users_folder_with_a_manifest(tiny_model, tmp
     (app / MANIFEST).write_text(manifest_text)
     (app / "index.html").write_text("<html>mine</html>")
     before = _tree(app)
-    _fails(export_main, [tiny_model("tiny-a"), "-o", app, "--overwrite"], "is not an engine directory",
+    fails_one_line(export_main, [tiny_model("tiny-a"), "-o", app, "--overwrite"], "is not an engine directory",
            "index.html")
     assert _tree(app) == before
 
@@ -180,7 +196,7 @@ def test_rebuilding_an_engine_dir_never_deletes_a_users_renders_inside_it(engine
     (engine_copy / "renders").mkdir()
     (engine_copy / "renders" / "clip.mp4").write_bytes(b"a render")
     before = _tree(engine_copy)
-    _fails(build_main, [engine_copy, "-o", engine_copy, "--backend", "ort", "--overwrite"],
+    fails_one_line(build_main, [engine_copy, "-o", engine_copy, "--backend", "ort", "--overwrite"],
            "not part of its engines (renders/clip.mp4)")
     assert _tree(engine_copy) == before
 
@@ -188,7 +204,7 @@ def test_rebuilding_an_engine_dir_never_deletes_a_users_renders_inside_it(engine
 def test_the_output_never_holds_the_source(engine_copy, tiny_model, tmp_path):
     shutil.copytree(tiny_model("tiny-a"), engine_copy / "model")
     before = _tree(engine_copy)
-    _fails(export_main, [engine_copy / "model", "-o", engine_copy, "--overwrite"], "holds the source")
+    fails_one_line(export_main, [engine_copy / "model", "-o", engine_copy, "--overwrite"], "holds the source")
     assert _tree(engine_copy) == before
 
 
@@ -201,7 +217,7 @@ def test_triton_overwrite_replaces_only_its_own_repositories(tiny_engines, engin
         target.mkdir()
         (target / "a.txt").write_text("mine")
     before = _tree(tmp_path)
-    _fails(triton_main, [tiny_engines("tiny-a"), "-o", target, "--overwrite"])
+    fails_one_line(triton_main, [tiny_engines("tiny-a"), "-o", target, "--overwrite"])
     assert _tree(tmp_path) == before  # nothing changed, no hidden `.notes.txt.old` either
 
 
@@ -242,38 +258,21 @@ def test_two_concurrent_exports_with_different_options_never_both_write(tiny_eng
 
 
 # -- numbers -------------------------------------------------------------------------------------------------------
-def _run(engines, tmp_path, *extra, out="v.npy"):
-    return ["--engines", engines, "--prompt", "a cat", "--steps", "1", "-o", tmp_path / out, *extra]
-
-
-@pytest.mark.parametrize("args,expect", [
-    (["--guidance", "inf"], "guidance=inf: guidance must be >= 0 and <= 100"),
-    (["--guidance", "nan"], "guidance=nan"),
-    (["--guidance", "101"], "<= 100"),
-    (["--steps", "100000"], "at most 1000"),
-    (["--seed", "-1"], "seed=-1"),
-    (["--height", "0"], "height=0 is not a multiple of 16"),
-    (["--frames", "0"], "frames=0 is not of the form 4k+1"),
-    (["--threads", "0"], "threads=0: need at least 1"),
-])
-def test_run_refuses_bad_numbers_before_compute(tiny_engines, tmp_path, args, expect):
-    _fails(run_main, _run(tiny_engines("tiny-a"), tmp_path, *args), expect)
-    assert not list(tmp_path.iterdir())
 
 
 def test_run_refuses_non_finite_latents(tiny_engines, tmp_path):
     noise = np.zeros((1, 16, 2, 4, 6), np.float32)
     noise[0, 0, 0, 0, 0] = np.nan
     np.save(tmp_path / "noise.npy", noise)
-    _fails(run_main, _run(tiny_engines("tiny-a"), tmp_path, "--latents", tmp_path / "noise.npy"), "NaN or inf")
+    fails_one_line(run_main, run_args(tiny_engines("tiny-a"), tmp_path, "--latents", tmp_path / "noise.npy"), "NaN or inf")
     assert not (tmp_path / "v.npy").exists()
 
 
 def test_run_refuses_a_prompt_that_is_not_utf8(tiny_engines, tmp_path):
     # what click hands over for the bytes b"\xff" on a UTF-8 system (surrogateescape)
-    args = _run(tiny_engines("tiny-a"), tmp_path)
+    args = run_args(tiny_engines("tiny-a"), tmp_path)
     args[3] = "a cat \udcff"
-    _fails(run_main, args, "prompt is not valid UTF-8")
+    fails_one_line(run_main, args, "prompt is not valid UTF-8")
     assert not (tmp_path / "v.npy").exists()
 
 
@@ -303,9 +302,9 @@ def _with_scheduler(engine_copy: Path, **changes) -> None:
     ({"flow_shift": float("nan")}, "flow_shift=nan is invalid"),
     ({"num_train_timesteps": 0}, "num_train_timesteps=0 is invalid"),
 ])
-def test_scheduler_values_are_validated_at_run(engine_copy, tmp_path, changes, expect):
+def test_scheduler_values_are_validated_atrun_args(engine_copy, tmp_path, changes, expect):
     _with_scheduler(engine_copy, **changes)
-    _fails(run_main, _run(engine_copy, tmp_path), expect)
+    fails_one_line(run_main, run_args(engine_copy, tmp_path), expect)
     assert not (tmp_path / "v.npy").exists()
 
 
@@ -318,7 +317,7 @@ def test_scheduler_values_are_validated_at_export(tiny_model, tmp_path, changes,
     shutil.copytree(tiny_model("tiny-a"), model)
     path = model / "scheduler" / "scheduler_config.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
-    _fails(export_main, [model, "-o", tmp_path / "e"], expect)
+    fails_one_line(export_main, [model, "-o", tmp_path / "e"], expect)
     assert not (tmp_path / "e").exists()
 
 
@@ -344,7 +343,7 @@ def _model_copy(tiny_model, tmp_path) -> Path:
 def test_a_malformed_checkpoint_is_one_line_before_any_allocation(tiny_model, tmp_path, damage, expect):
     model = _model_copy(tiny_model, tmp_path)
     damage(model)
-    _fails(export_main, [model, "-o", tmp_path / "e"], expect)
+    fails_one_line(export_main, [model, "-o", tmp_path / "e"], expect)
     assert not (tmp_path / "e").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
@@ -365,7 +364,7 @@ def test_a_planted_symlink_at_the_old_temp_name_is_never_followed(tiny_engines, 
     victim.write_text("keep")
     for pid in {os.getpid(), os.getppid()}:
         (shared / f".clip.tmp{pid}.npy").symlink_to(victim)
-    result = CliRunner().invoke(run_main, [str(a) for a in _run(tiny_engines("tiny-a"), shared, out="clip.npy")])
+    result = CliRunner().invoke(run_main, [str(a) for a in run_args(tiny_engines("tiny-a"), shared, out="clip.npy")])
     assert result.exit_code == 0, result.output
     assert victim.read_text() == "keep"
     assert np.load(shared / "clip.npy").shape[-1] == 3
@@ -387,7 +386,7 @@ def small_fs(tmp_path):
 
 def test_disk_full_is_one_line_and_leaves_no_temp_file(tiny_engines, small_fs, tmp_path):
     # 5 frames of 32x48 float32 are 92 KB: more than the 64 KiB file system holds
-    _fails(run_main, _run(tiny_engines("tiny-a"), small_fs), "No space left on device")
+    fails_one_line(run_main, run_args(tiny_engines("tiny-a"), small_fs), "No space left on device")
     assert not list(small_fs.iterdir())
 
 
@@ -398,8 +397,8 @@ def test_a_read_only_file_system_is_one_line(tiny_engines, tiny_model, tmp_path)
                                            capture_output=True).returncode:
         pytest.skip("mounting a read-only tmpfs needs root and a kernel that allows it here")
     try:
-        _fails(run_main, _run(tiny_engines("tiny-a"), ro), "is not writable")
-        _fails(export_main, [tiny_model("tiny-a"), "-o", ro / "e"], "Read-only file system")
+        fails_one_line(run_main, run_args(tiny_engines("tiny-a"), ro), "is not writable")
+        fails_one_line(export_main, [tiny_model("tiny-a"), "-o", ro / "e"], "Read-only file system")
         assert not list(ro.iterdir())
     finally:
         subprocess.run(["umount", "-l", str(ro)], check=False)
@@ -413,7 +412,7 @@ def test_output_over_a_bind_mount_is_one_line(tiny_engines, tmp_path):
     if os.geteuid() != 0 or subprocess.run(["mount", "--bind", str(src), str(out)], capture_output=True).returncode:
         pytest.skip("bind mounts need root and a kernel that allows them here")
     try:
-        _fails(run_main, _run(tiny_engines("tiny-a"), tmp_path), "Device or resource busy")
+        fails_one_line(run_main, run_args(tiny_engines("tiny-a"), tmp_path), "Device or resource busy")
         assert sorted(p.name for p in tmp_path.iterdir()) == ["src", "v.npy"]
     finally:
         subprocess.run(["umount", "-l", str(out)], check=False)

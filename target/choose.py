@@ -158,7 +158,7 @@ def choose_runtime(engine_dir: Path, backend: str, precision: str, threads: int 
     runtime["asked"] = {"backend": backend, "precision": precision}
     if precision == "auto":
         runtime["bf16_min_speedup"] = BF16_MIN_SPEEDUP
-    runtime["backend"], runtime["precision"] = _choose(runtime)
+    runtime["backend"], runtime["precision"] = choose([tuple(c) for c in runtime["candidates"]], steps_of(runtime))
     why = "fastest measured" if len(runtime["candidates"]) > 1 else "asked for"
     if runtime["precision"] == "bf16" and precision == "auto":
         why = f"at least {BF16_MIN_SPEEDUP}x the fastest fp32 step"
@@ -166,34 +166,36 @@ def choose_runtime(engine_dir: Path, backend: str, precision: str, threads: int 
     return runtime, added
 
 
-def _choose(runtime: dict) -> tuple[str, str]:
-    """The fastest fp32 candidate, unless a bf16 one is BF16_MIN_SPEEDUP times faster (or is all there is)."""
-    exact = [c for c in runtime["candidates"] if c[1] == "fp32"]
-    bf16 = [c for c in runtime["candidates"] if c[1] == "bf16"]
+def choose(candidates: list[tuple[str, str]], step_s: dict[tuple[str, str], float],
+           rejected: frozenset[tuple[str, str]] = frozenset()) -> tuple[str, str]:
+    """The rule, in one place: among the (backend, execution precision) candidates the quality gate has not
+    rejected, the fastest fp32 one, unless a bf16 one's DiT step is at least BF16_MIN_SPEEDUP times faster (timing
+    noise is not worth bf16's error) or bf16 is all there is. `step_s`: each candidate's measured step. Pure: the
+    target build measures, this decides, the gate's rejection decides again (target/gated_choice.py)."""
+    left = [c for c in candidates if c not in rejected]
+    if not left:
+        raise SoraError(f"every candidate was rejected: {', '.join(f'{b} {p}' for b, p in candidates)}")
+    exact = [c for c in left if c[1] == "fp32"]
+    bf16 = [c for c in left if c[1] == "bf16"]
     if not exact:
-        return fastest(runtime, bf16)
-    best = fastest(runtime, exact)
+        return min(bf16, key=step_s.__getitem__)
+    best = min(exact, key=step_s.__getitem__)
     if bf16:
-        quick = fastest(runtime, bf16)
-        if _step(runtime, quick) * BF16_MIN_SPEEDUP <= _step(runtime, best):
+        quick = min(bf16, key=step_s.__getitem__)
+        if step_s[quick] * BF16_MIN_SPEEDUP <= step_s[best]:
             return quick
     return best
+
+
+def steps_of(runtime: dict) -> dict[tuple[str, str], float]:
+    """{(backend, precision): DiT step seconds} from a manifest runtime section's timings."""
+    return {tuple(c): runtime["timings"][f"{c[0]}-{c[1]}"]["step_s"] for c in runtime["candidates"]}
 
 
 def _ms(seconds: float) -> str:
     """A step time for the log: whole milliseconds, two decimals below 10 ms (a tiny model's step is under 1 ms)."""
     ms = seconds * 1000
     return f"{ms:.0f} ms" if ms >= 10 else f"{ms:.2f} ms"
-
-
-def fastest(runtime: dict, candidates: list) -> tuple[str, str]:
-    """The (backend, precision) of `candidates` with the shortest DiT step in `runtime["timings"]`."""
-    b, p = min(candidates, key=lambda c: _step(runtime, c))
-    return b, p
-
-
-def _step(runtime: dict, candidate) -> float:
-    return runtime["timings"][f"{candidate[0]}-{candidate[1]}"]["step_s"]
 
 
 def ort_cpu_graph(engine_dir: Path, threads: int | None, timings: dict,

@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from .choose import fastest
+from .choose import choose, steps_of
 from ..precision.convert import default_min_psnr
 from ..precision.quality_gate import check_quality, measure_quality
 
@@ -32,8 +32,9 @@ def gate_target(reference: Path, stage: Path, runtime: dict, plan: dict[str, str
     gate = _measure(reference, stage, runtime, plan, min_psnr, threads, log)
     if not gate["passed"] and runtime.get("asked", {}).get("precision") == "auto" and runtime["precision"] != "fp32":
         runtime["rejected"] = {"backend": runtime["backend"], "precision": runtime["precision"], "quality_gate": gate}
-        runtime["backend"], runtime["precision"] = fastest(runtime, [c for c in runtime["candidates"]
-                                                                     if c[1] == "fp32"])
+        candidates = [tuple(c) for c in runtime["candidates"]]
+        runtime["backend"], runtime["precision"] = choose(
+            candidates, steps_of(runtime), rejected=frozenset(c for c in candidates if c[1] != "fp32"))
         log(f"  {gate['backend']} {gate['execution_precision']} fails the gate: shipping the fastest fp32 "
             f"candidate, {runtime['backend']} {runtime['precision']}")
         if not reduced:

@@ -103,6 +103,10 @@ class OrtIoEngine(OrtEngine):
         if key in self._slots:
             self._slots.move_to_end(key)
             return self._slots[key]
+        if self.one_graph and self._slots:
+            raise SoraError(f"{self.spec.name}: ONNX Runtime's TensorRT provider captured its one CUDA graph for "
+                            f"shape {next(iter(self._slots))}; shape {key} needs a new session (--no-cuda-graph "
+                            f"runs every shape)")
         binding = self.session.io_binding()
         inputs = {t.name: ort.OrtValue.ortvalue_from_shape_and_type(feeds[t.name].shape, t.np_dtype, self.device,
                                                                      self.device_id) for t in self.spec.inputs}
@@ -114,10 +118,6 @@ class OrtIoEngine(OrtEngine):
         for name, value in outputs.items():
             binding.bind_ortvalue_output(name, value)
         options = ort.RunOptions()
-        if self.one_graph and self._slots:
-            raise SoraError(f"{self.spec.name}: ONNX Runtime's TensorRT provider captured its one CUDA graph for "
-                            f"shape {next(iter(self._slots))}; shape {key} needs a new session (--no-cuda-graph "
-                            f"runs every shape)")
         if self.cuda_graph and not self.one_graph:
             # One captured graph per shape: ids are 1, 2, ... (onnxruntime_test_python_cudagraph.py uses the same
             # "gpu_graph_id" run option; graph ids need onnxruntime >= 1.17).

@@ -6,7 +6,7 @@ address) when it grows."""
 import pytest
 
 from soraedge.runtime.backends.ort import OrtEngine, check_providers
-from soraedge.runtime.backends.ort_io import tensorrt_provider
+from soraedge.runtime.backends.ort_io import cuda_provider, tensorrt_provider
 from soraedge.runtime.backends.trt import ActivationPool, activation_bytes
 from soraedge.runtime.errors import SoraError
 from soraedge.runtime.manifest import load_manifest
@@ -50,6 +50,11 @@ def test_the_tensorrt_provider_gets_the_specs_profile_and_graph_setting(tiny_eng
         assert set(parsed) == set(profile) == set(spec.input_names)
         assert all(tuple(int(d) for d in parsed[n].split("x")) == profile[n][i] for n in parsed)
     assert profile["hidden_states"][0] != profile["hidden_states"][2]  # a real range, not one shape
+
+
+def test_fp32_graphs_run_in_fp32_on_the_cuda_provider():
+    name, options = cuda_provider(cuda_graph=True)
+    assert name == "CUDAExecutionProvider" and options["use_tf32"] == "0" and options["enable_cuda_graph"] == "1"
 
 
 class _Owner:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..runtime.errors import SoraError
-from ..runtime.spec import Dim, EngineSpec, TensorSpec
+from ..runtime.spec import Dim, EngineSpec, RunSettings, TensorSpec
 
 
 class AttentionForm(str, enum.Enum):
@@ -44,6 +44,7 @@ def dit_spec(tcfg: dict, text_len: int, lat_frames: Dim, lat_h: Dim, lat_w: Dim,
         ),
         outputs=(TensorSpec("noise_pred", "float32", ("b", c_out, "f", "h", "w")),),
         dims=(Dim("b", 1, max_batch, max_batch), lat_frames, lat_h, lat_w),
+        run=RunSettings(static_shapes=1, cuda_graph=True),  # one shape for every step of a generation
     )
 
 

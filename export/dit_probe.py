@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ..runtime.spec import Dim, EngineSpec, TensorSpec
+from ..runtime.spec import Dim, EngineSpec, RunSettings, TensorSpec
 
 
 def probe_spec(tcfg: dict, lat_frames: Dim, lat_h: Dim, lat_w: Dim, max_batch: int = 2) -> EngineSpec:
@@ -23,6 +23,8 @@ def probe_spec(tcfg: dict, lat_frames: Dim, lat_h: Dim, lat_w: Dim, max_batch: i
                 TensorSpec("timestep", "float32", ("b",))),
         outputs=(TensorSpec("modulated_input", "float32", ("b", f"f*(h//{ph})*(w//{pw})", dim)),),
         dims=(Dim("b", 1, max_batch, max_batch), lat_frames, lat_h, lat_w),
+        # tiny, and called between DiT steps (measured on the demo: +70% denoise time with a 2-thread pool of its own)
+        run=RunSettings(one_thread=True),
     )
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from ..runtime.spec import Dim, EngineSpec, TensorSpec
+from ..runtime.spec import Dim, EngineSpec, RunSettings, TensorSpec
 
 CACHE_T = 2  # frames of history each causal conv keeps (diffusers' CACHE_T)
 
@@ -35,16 +35,17 @@ def vae_specs(z_dim: int, scale_s: int, scale_t: int, slots: list[tuple[int, int
                      for i, (c, k) in enumerate(slots))
 
     latent = TensorSpec("latents", "float32", (1, z_dim, 1, "h", "w"))
+    run = RunSettings(arena=False, static_shapes=2)
     first = EngineSpec(
         name="vae_decoder_first", inputs=(latent,),
         outputs=(TensorSpec("video", "float32", (1, 3, 1, f"{scale_s}*h", f"{scale_s}*w")),
                  *cache_specs("out_")),
-        dims=(lat_h, lat_w))
+        dims=(lat_h, lat_w), run=run)
     step = EngineSpec(
         name="vae_decoder_step", inputs=(latent, *cache_specs("in_")),
         outputs=(TensorSpec("video", "float32", (1, 3, scale_t, f"{scale_s}*h", f"{scale_s}*w")),
                  *cache_specs("out_")),
-        dims=(lat_h, lat_w))
+        dims=(lat_h, lat_w), run=run)
     return first, step
 
 

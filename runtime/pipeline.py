@@ -118,13 +118,11 @@ class Pipeline:
         cache = None  # compiled models: this user's, keyed by content (runtime/user_cache.py)
         if self.backend != "ort":
             cache = compiled_cache(self.backend, name, self.manifest.content_key(name), self.precision)
-        # The probe runs between DiT steps: a thread pool of its own would spin-wait after each call and take the
-        # cores from the DiT (measured on the demo: +70% denoise time with 2 threads); it is tiny, so 1 thread.
-        threads = 1 if name == "dit_probe" else self.threads
-        vae = name in (self.config["vae"]["first"], self.config["vae"]["step"])
-        return open_engine(self.backend, self.manifest.path_for(name, self.backend), self.manifest.spec(name), threads,
-                           self.precision, cache, arena=not vae, cuda_graph=self.cuda_graph and name == "transformer",
-                           static_shapes=2 if vae else 1 if name == "transformer" else 0)
+        spec = self.manifest.spec(name)
+        run = spec.run  # this engine's settings, recorded at export (runtime/spec.py's RunSettings)
+        return open_engine(self.backend, self.manifest.path_for(name, self.backend), spec,
+                           1 if run.one_thread else self.threads, self.precision, cache, arena=run.arena,
+                           cuda_graph=self.cuda_graph and run.cuda_graph, static_shapes=run.static_shapes)
 
     def engine(self, name: str):
         """The engine `name`, opened on first use; kept open unless low_memory."""

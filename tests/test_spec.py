@@ -44,3 +44,17 @@ def test_bind_refuses_out_of_range_and_off_multiple():
         SPEC.bind({"x": np.zeros((1, 4, 5, 3), np.float32), "c": np.zeros((1, 2, 10, 6), np.float32)})
     with pytest.raises(ValueError):
         Dim("bad", 1, 3, 2)
+
+
+def test_run_settings_are_recorded_at_export_and_read_back(tiny_engines):
+    """How each engine is opened (threads, arena, per-shape compiles, CUDA graphs) travels in its manifest entry."""
+    from soraedge.runtime.manifest import load_manifest
+    from soraedge.runtime.spec import RunSettings
+
+    m = load_manifest(tiny_engines("tiny-a"))
+    assert m.spec("dit_probe").run == RunSettings(one_thread=True)
+    assert m.spec("transformer").run == RunSettings(static_shapes=1, cuda_graph=True)
+    assert m.spec("vae_decoder_first").run == m.spec("vae_decoder_step").run == RunSettings(arena=False,
+                                                                                             static_shapes=2)
+    assert m.spec("text_encoder").run == RunSettings()
+    assert EngineSpec.from_dict(m.spec("dit_probe").to_dict()) == m.spec("dit_probe")

@@ -58,7 +58,7 @@ BOUNDS = {
 # calls carrying wheel parts run the torch-only stages; the last one carries the last part and .gpu/small.
 CALLS = {0: [("env", 30), ("kernels", 120)], 1: [("plugin", 60)], 2: [], 3: [],
          4: [("install", 60), ("ort", 45), ("pipeline", 120), ("dit_torch", 240), ("dit_ort", 75)]}
-STAGES = ("env", "kernels", "plugin", "dit_torch", "install", "ort", "pipeline", "dit_ort")
+STAGES = ("env", "kernels", "plugin", "install", "ort", "pipeline", "dit_torch", "dit_ort")  # as the calls run them
 
 
 def _sha256(path: Path) -> str:
@@ -164,7 +164,8 @@ def stage_env(ctx: dict) -> dict:
 
     return {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
             "gpu": cuda_info.gpu(), "torch_sees_gpu": torch.cuda.is_available(),
-            "device_memory_used_mb": (cuda_info.device_memory_used() or 0) / 2**20, "passed": True}
+            "device_memory_used_mb": (cuda_info.device_memory_used() or 0) / 2**20,
+            "installed_wheels_on_path": str(ctx["home"] / "site") in sys.path, "passed": True}
 
 
 def stage_install(ctx: dict) -> dict:
@@ -207,7 +208,8 @@ def stage_ort(ctx: dict) -> dict:
         ref = cpu(**feeds)
         errs.append(float(np.abs(gpu(**feeds) - ref).max() / np.abs(ref).max()))
         graph_errs.append(float(np.abs(graph(**feeds) - plain(**feeds)).max() / np.abs(ref).max()))
-    return {"onnxruntime": ort.__version__, "available": ort.get_available_providers(),
+    return {"onnxruntime": ort.__version__, "onnxruntime_from": str(Path(ort.__file__).parent),
+            "available": ort.get_available_providers(),
             "session_providers": gpu.session.get_providers(), "max_rel_vs_cpu": max(errs),
             "graph_vs_plain_max_rel": max(graph_errs),
             "passed": max(errs) <= BOUNDS["ort_vs_cpu_max_rel"] and max(graph_errs) <= BOUNDS["graph_vs_plain_max_rel"]}
@@ -451,20 +453,16 @@ def run_stages(stages: list[tuple[str, int]], out: Path, home: Path, dry_run: bo
     """Each stage in a process of its own under its timeout; results in out/<stage>.json and home/results."""
     out.mkdir(parents=True, exist_ok=True)
     (home / "results").mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ)
-    site = home / "site"
-    if site.is_dir():
-        env["PYTHONPATH"] = os.pathsep.join([str(site), env.get("PYTHONPATH", "")])
-    if dry_run:
-        env.setdefault("CUDA_VISIBLE_DEVICES", "")
     results = {}
     for name, timeout in stages:
         _log(f"stage {name} (timeout {timeout} s) ...")
+        env = _stage_env(home, dry_run)  # per stage: the install stage creates home/site for the ones after it
         cmd = [sys.executable, "-m", "soraedge.bench.gpu_verify", "stage", name, "--home", str(home),
                "--out", str(out)] + (["--dry-run"] if dry_run else [])
-        stage_env = dict(env, TRITON_INTERPRET="1") if dry_run and name == "kernels" else env
+        if dry_run and name == "kernels":
+            env["TRITON_INTERPRET"] = "1"
         try:
-            subprocess.run(cmd, env=stage_env, timeout=timeout, check=False)
+            subprocess.run(cmd, env=env, timeout=timeout, check=False)
             results[name] = json.loads((out / f"{name}.json").read_text())
         except subprocess.TimeoutExpired:
             results[name] = {"passed": False, "error": f"timed out after {timeout} s"}
@@ -474,6 +472,17 @@ def run_stages(stages: list[tuple[str, int]], out: Path, home: Path, dry_run: bo
         _log(f"  {name}: {'passed' if results[name].get('passed') else 'FAILED'} "
              f"{results[name].get('error', '')}")
     return results
+
+
+def _stage_env(home: Path, dry_run: bool) -> dict:
+    """The environment of one stage's process: the installed wheels (home/site) first on the path, once there."""
+    env = dict(os.environ)
+    site = home / "site"
+    if site.is_dir():
+        env["PYTHONPATH"] = os.pathsep.join([str(site), env.get("PYTHONPATH", "")])
+    if dry_run:
+        env.setdefault("CUDA_VISIBLE_DEVICES", "")
+    return env
 
 
 def summarize(out: Path, home: Path, dry_run: bool) -> dict:

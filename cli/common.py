@@ -1,5 +1,7 @@
-"""What every CLI shares: SoraError and OSError (disk full, read-only, busy, ...) -> one line on stderr and exit 2;
-Ctrl-C -> exit 130, SIGTERM -> 143 (after every cleanup ran); warnings as lines."""
+"""What the CLIs share: `cli_errors` (SoraError and OSError (disk full, read-only, busy, ...) -> one line on stderr
+and exit 2; Ctrl-C -> exit 130, SIGTERM -> 143 (after every cleanup ran); warnings as lines), the --trt-* options of
+sora-export and sora-build (`trt_options`), the line a build prints (`written`), and --help in sections
+(`sectioned`)."""
 
 from __future__ import annotations
 

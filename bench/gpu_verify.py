@@ -42,6 +42,8 @@ from pathlib import Path
 import click
 import numpy as np
 
+from ..runtime.manifest import sha256_file
+
 PREP = Path(".gpu")  # under the repository root; `.gitignore` lists it
 DEVICE_HOME = Path(tempfile.gettempdir()) / "soraedge-gpu"  # on the GPU machine, kept between calls
 ORT_GPU = "onnxruntime-gpu==1.31.1"  # CUDA 13 build, for the image's torch 2.11+cu130 libraries
@@ -59,14 +61,6 @@ BOUNDS = {
 CALLS = {0: [("env", 30), ("kernels", 120)], 1: [("plugin", 60)], 2: [], 3: [],
          4: [("install", 60), ("ort", 45), ("pipeline", 120), ("dit_torch", 240), ("dit_ort", 75)]}
 STAGES = ("env", "kernels", "plugin", "install", "ort", "pipeline", "dit_torch", "dit_ort")  # as the calls run them
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _log(msg: str) -> None:
@@ -92,7 +86,7 @@ def prepare(prep: Path, part_mib: int) -> dict:
         if w != big:
             shutil.copy2(w, small / "wheels" / w.name)
     _tiny_engines(small / "engines")
-    manifest = {"wheel": big.name, "bytes": big.stat().st_size, "sha256": _sha256(big), "parts": parts,
+    manifest = {"wheel": big.name, "bytes": big.stat().st_size, "sha256": sha256_file(big), "parts": parts,
                 "small": sorted(p.name for p in (small / "wheels").iterdir())}
     (small / "parts.json").write_text(json.dumps(manifest, indent=2))
     if len(parts) != len(CALLS):
@@ -152,7 +146,7 @@ def _join(home: Path) -> Path:
             if hashlib.sha256(data).hexdigest() != part["sha256"]:
                 raise RuntimeError(f"part {path.name} is damaged (sha256 differs)")
             out.write(data)
-    if _sha256(wheel) != manifest["sha256"]:
+    if sha256_file(wheel) != manifest["sha256"]:
         raise RuntimeError(f"the joined {wheel.name} differs from the one prepared")
     return wheel
 
@@ -218,6 +212,8 @@ def stage_ort(ctx: dict) -> dict:
 def stage_pipeline(ctx: dict) -> dict:
     """The tiny pipeline built for ORT-CUDA by the product's own target step (timings with and without graphs),
     then generations at two shapes, twice each, graphs off and on, against the CPU engines (PSNR)."""
+    from ..precision.quality_gate import psnr
+    from ..runtime.manifest import load_manifest
     from ..runtime.pipeline import Pipeline
     from ..target.build import TargetConfig, build_from_engines
 
@@ -225,20 +221,17 @@ def stage_pipeline(ctx: dict) -> dict:
     backend = "ort" if ctx["dry_run"] else "ort-cuda"
     built = ctx["home"] / f"engines-{backend}"
     report = build_from_engines(TargetConfig(source=src, out=built, backend=backend, overwrite=True), log=_log)
+    cases = [(height, width, seed) for height, width in ((32, 48), (48, 32)) for seed in (0, 1)]
     cpu = Pipeline.load(src, backend="ort")
+    refs = {c: cpu("a red fox", height=c[0], width=c[1], frames=5, steps=3, seed=c[2]).frames for c in cases}
     rows = []
     for graph in (False, True):
         pipe = Pipeline.load(built, cuda_graph=graph)
-        for height, width in ((32, 48), (48, 32)):
-            for seed in (0, 1):
-                ref = cpu("a red fox", height=height, width=width, frames=5, steps=3, seed=seed).frames
-                got = pipe("a red fox", height=height, width=width, frames=5, steps=3, seed=seed)
-                mse = float(np.mean((got.frames - ref) ** 2))
-                rows.append({"cuda_graph": graph, "size": [height, width], "seed": seed,
-                             "psnr_db": float("inf") if mse == 0 else 10 * math.log10(1 / mse),
-                             "denoise_s": got.timings.get("denoise"), "device_mb": got.device_memory_mb})
-    from ..runtime.manifest import load_manifest
-
+        for height, width, seed in cases:  # two shapes, each generated twice in one pipeline
+            got = pipe("a red fox", height=height, width=width, frames=5, steps=3, seed=seed)
+            rows.append({"cuda_graph": graph, "size": [height, width], "seed": seed,
+                         "psnr_db": psnr(got.frames, refs[height, width, seed]),
+                         "denoise_s": got.timings.get("denoise"), "device_mb": got.device_memory_mb})
     worst = min(r["psnr_db"] for r in rows)
     return {"backend": backend, "build_seconds": report.seconds, "timings": load_manifest(built).runtime.get(
         "timings"), "generations": rows, "worst_psnr_db": worst, "passed": worst >= BOUNDS["pipeline_psnr_db"]}
@@ -250,6 +243,7 @@ def _attention_inputs(torch, b, length, h, d, device, seed=0):
 
 
 def _cosine(a, b) -> float:
+    """precision/quality_gate.cosine for torch tensors where they are (32K-token attention outputs stay on the GPU)."""
     a, b = a.double().flatten(), b.double().flatten()
     return float((a @ b) / (a.norm() * b.norm()))
 
@@ -272,7 +266,8 @@ def stage_kernels(ctx: dict) -> dict:
             ref = sdpa(q.float(), k.float(), v.float())
             ours = flash_attention(q, k, v)
             theirs = sdpa(q, k, v)
-        row = {"shape": [b, h, length, d], "cosine_triton": _cosine(ours, ref), "cosine_sdpa_fp16": _cosine(theirs, ref)}
+        row = {"shape": [b, h, length, d], "cosine_triton": _cosine(ours, ref),
+               "cosine_sdpa_fp16": _cosine(theirs, ref)}
         if not ctx["dry_run"]:
             flops = 4 * b * h * length * length * d
             for name, fn in (("triton", lambda: flash_attention(q, k, v)), ("sdpa", lambda: sdpa(q, k, v))):
@@ -356,6 +351,7 @@ def stage_dit_torch(ctx: dict) -> dict:
     from diffusers import WanTransformer3DModel
 
     from ..precision.convert import FP16_ISLANDS
+    from ..precision.quality_gate import cosine
     from ..precision.fp16 import convert_fp16
     from .dit_step import build_scenario_model, export_scenario_dit
 
@@ -387,7 +383,7 @@ def stage_dit_torch(ctx: dict) -> dict:
     times = _cuda_times(torch, bf16, 10) if not ctx["dry_run"] else []
     np.save(work / "ref_fp32.npy", ref)
     (work / "spec.json").write_text(json.dumps(spec.to_dict()))
-    cos = _cosine(out, torch.from_numpy(ref))
+    cos = cosine(out.numpy(), ref)
     return {"scenario": scenario, "tokens": lat[2] * lat[3] * lat[4] // 4, "export_s": export_s,
             "torch_bf16_ms": float(np.median(times)) * 1e3 if times else None, "cosine_torch_bf16": cos,
             "passed": cos >= BOUNDS["dit_cosine"]}
@@ -412,6 +408,7 @@ def stage_dit_ort(ctx: dict) -> dict:
     """The same DiT call on ONNX Runtime CUDA fp16 (IO binding; inputs read-only, so they are uploaded once as the
     sampler's embeddings are), with and without a CUDA graph, against dit_torch's fp32 output. ONNX Runtime's call
     synchronizes, so it is timed by the wall clock around it (its output download, 0.7 MB, included)."""
+    from ..precision.quality_gate import cosine
     from ..runtime.backends.ort_io import OrtIoEngine
     from ..runtime.spec import EngineSpec
 
@@ -433,8 +430,7 @@ def stage_dit_ort(ctx: dict) -> dict:
             times.append(time.perf_counter() - t0)
         rows[f"ort-cuda-fp16{'-graph' if graph else ''}"] = {
             "ms": float(np.median(times)) * 1e3, "uploads": engine.uploads,
-            "cosine_vs_torch_fp32": float(np.dot(out.ravel().astype(np.float64), ref.ravel()) /
-                                          (np.linalg.norm(out) * np.linalg.norm(ref)))}
+            "cosine_vs_torch_fp32": cosine(out, ref)}
     return {"scenario": scenario, "rows": rows,
             "passed": all(r["cosine_vs_torch_fp32"] >= BOUNDS["dit_cosine"] for r in rows.values())}
 

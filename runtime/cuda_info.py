@@ -49,14 +49,12 @@ def _version(v: int) -> str:
 @functools.lru_cache(maxsize=None)
 def gpu(device_id: int = 0) -> dict | None:
     """{name, compute_capability "9.0", memory_mb, driver_cuda "13.0", driver "580.65"} of one device, or None."""
-    cuda = _libcuda()
-    if cuda is None:
+    dev = _device(device_id)
+    if dev is None:
         return None
-    dev, major, minor, ver = ctypes.c_int(), ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
+    cuda, major, minor, ver = _libcuda(), ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
     name = ctypes.create_string_buffer(256)
     mem = ctypes.c_size_t()
-    if cuda.cuDeviceGet(ctypes.byref(dev), device_id) != 0:
-        return None
     cuda.cuDeviceGetName(name, 256, dev)
     cuda.cuDeviceGetAttribute(ctypes.byref(major), _CU_ATTR_CC_MAJOR, dev)
     cuda.cuDeviceGetAttribute(ctypes.byref(minor), _CU_ATTR_CC_MINOR, dev)

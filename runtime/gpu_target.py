@@ -7,7 +7,8 @@ and gives the command that rebuilds the directory here. The ONNX files stay port
 
 What must match: the compute capability (kernels and the measured precision choice are per architecture), the
 onnxruntime major.minor, and the CUDA and cuDNN major versions. The driver must support the CUDA major version the
-build used (CUDA's minor-version compatibility covers the rest). A different GPU name with the same compute capability (an H100 PCIe and an H100 SXM) is allowed.
+build used (CUDA's minor-version compatibility covers the rest). A different GPU name with the same compute
+capability (an H100 PCIe and an H100 SXM) is allowed.
 Native TensorRT plans also need the TensorRT version they were built with, or, for a version-compatible build, the
 same major version at least as new. Plans built hardware-compatible (Ampere and newer) skip the compute-capability
 check on GPUs of compute capability 8.0 or higher.

@@ -16,7 +16,7 @@ def _prepared(tmp_path, size=3_000_000, part=1 << 20):
     big.write_bytes(np.random.default_rng(0).bytes(size))
     parts = gv.split(big, prep, part)
     (prep / "small").mkdir(parents=True)
-    (prep / "small" / "parts.json").write_text(json.dumps({"wheel": big.name, "sha256": gv._sha256(big),
+    (prep / "small" / "parts.json").write_text(json.dumps({"wheel": big.name, "sha256": gv.sha256_file(big),
                                                            "parts": parts}))
     return prep, home, big, parts
 

@@ -123,7 +123,7 @@ def test_triton_prefix_follows_model_name_rules(tiny_engines, tmp_path):
 ])
 def test_malformed_or_traversing_manifest_is_refused_at_load(engine_copy, tmp_path, edit, expect):
     _edit_manifest(engine_copy, edit)
-    fails_one_line(run_main, ["--engines", engine_copy, "--prompt", "a cat", "--steps", "1", "-o", tmp_path / "v.npy"], expect)
+    fails_one_line(run_main, run_args(engine_copy, tmp_path), expect)
     assert not (tmp_path / "v.npy").exists()
 
 
@@ -264,7 +264,8 @@ def test_run_refuses_non_finite_latents(tiny_engines, tmp_path):
     noise = np.zeros((1, 16, 2, 4, 6), np.float32)
     noise[0, 0, 0, 0, 0] = np.nan
     np.save(tmp_path / "noise.npy", noise)
-    fails_one_line(run_main, run_args(tiny_engines("tiny-a"), tmp_path, "--latents", tmp_path / "noise.npy"), "NaN or inf")
+    fails_one_line(run_main, run_args(tiny_engines("tiny-a"), tmp_path, "--latents", tmp_path / "noise.npy"),
+                   "NaN or inf")
     assert not (tmp_path / "v.npy").exists()
 
 

@@ -19,6 +19,7 @@ from typing import Callable
 
 import numpy as np
 
+from ..runtime.choices import AUTO, Backend, Target
 from ..runtime.errors import SoraError
 from .flops import wan_dit_flops
 from .matmul_peak import best_peak, matmul_peak
@@ -75,29 +76,24 @@ def versions() -> dict:
     return v
 
 
-def _available_peers(peers) -> list[tuple[str, str]]:
+def _available_peers(peers) -> list[Target]:
+    """The peers this machine runs: the CPU targets a build here would time (target/choose.py's candidates), and
+    the GPU ones where a usable GPU is present."""
     from ..runtime import gpu_target
-    from ..runtime.backends import openvino as ov
+    from ..target.choose import check_request
 
-    out = []
-    for p in peers:
-        backend, precision = p.rsplit("-", 1)
-        if backend == "openvino" and (not ov.available() or (precision == "bf16" and not ov.cpu_info()["bf16"])):
-            continue
-        if backend in gpu_target.GPU_BACKENDS and gpu_target.missing(gpu_target.target()):
-            continue
-        out.append((backend, precision))
-    return out
+    cpu = check_request(AUTO, AUTO)
+    targets = [Target.of(*p.rsplit("-", 1)) for p in peers]
+    return [t for t in targets if (not gpu_target.missing(gpu_target.target()) if t.backend.gpu else t in cpu)]
 
 
 def _built_for(engine_dir: Path, backend: str, tmp: Path) -> Path:
     """`engine_dir`, or for a GPU backend a build of it for this GPU (the two-step path's second step) in tmp."""
     from ..target.build import TargetConfig, build_from_engines
-    from ..runtime.gpu_target import GPU_BACKENDS
     from ..runtime.manifest import load_manifest
 
     gpu = load_manifest(engine_dir, verify=False).data.get("gpu")
-    if backend not in GPU_BACKENDS or (gpu or {}).get("backend") == backend:
+    if not Backend(backend).gpu or (gpu or {}).get("backend") == backend:
         return engine_dir
     out = tmp / f"{engine_dir.name}-{backend}"
     build_from_engines(TargetConfig(engine_dir, out, backend))  # reused when already built in this run

@@ -192,19 +192,18 @@ def shipped(engines: Path) -> list[tuple[str, str]]:
 
 
 def peers(variant: str) -> list[tuple[str, str]]:
-    """(backend, execution precision) pairs that run a variant's engines: ONNX Runtime always; OpenVINO fp32 where
-    installed, and bf16 execution of the fp32 and int8 graphs where the CPU has bf16."""
-    from ..runtime.backends import openvino
+    """(backend, execution precision) pairs that run a variant's engines: the CPU candidates of a target build here
+    (target/choose.py), bf16 execution only over fp32 and int8 graphs, and only it for a variant built for it."""
+    from ..runtime.choices import AUTO, Execution, Graph
+    from ..target.choose import check_request
 
-    out = [("ort", "fp32")]
-    if openvino.available():
-        out.append(("openvino", "fp32"))
-        graph = VARIANTS[variant].get("precision", "fp32")
-        if openvino.cpu_info()["bf16"] and graph in ("fp32", "int8", "int8-dynamic", "bf16"):
-            out.append(("openvino", "bf16"))
-    if VARIANTS[variant].get("precision") == "bf16":  # built for bf16 execution: only that is of interest
-        out = [("openvino", "bf16")] if ("openvino", "bf16") in out else []
-    return out
+    graph = VARIANTS[variant].get("precision", Graph.FP32)
+    found = check_request(AUTO, AUTO)
+    if graph == Execution.BF16:
+        found = [t for t in found if t.precision == Execution.BF16]
+    elif graph == Graph.FP16:
+        found = [t for t in found if t.precision == Execution.FP32]
+    return [(t.backend, t.precision) for t in found]
 
 
 def to_markdown(r: dict) -> str:

@@ -52,6 +52,11 @@ def cli_errors(fn):
     return wrapper
 
 
+def choice(*values) -> click.Choice:
+    """A click choice among names of runtime/choices.py (as their text: click would offer an enum's member names)."""
+    return click.Choice([str(v) for v in values])
+
+
 def trt_options(fn):
     """The --trt-* options of a native TensorRT build (--backend tensorrt), handed to the command as one `trt`
     (target/trt_target.TrtOptions)."""

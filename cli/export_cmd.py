@@ -9,7 +9,10 @@ from pathlib import Path
 
 import click
 
-from .common import cli_errors, sectioned, trt_options, written
+from ..precision.convert import OFFERED
+from ..runtime.choices import AUTO, BACKENDS, PRECISION_REQUESTS
+from ..target.choose import BF16_MIN_SPEEDUP
+from .common import choice, cli_errors, sectioned, trt_options, written
 
 FIRST_LAST = {"auto": None, "keep": True, "quantize": False}  # --int8-first-last-blocks -> CalibConfig
 _PRECISION = "Per-component precision and the quality gate"
@@ -44,7 +47,7 @@ SECTIONS = {"dit_precision": _PRECISION, "text_encoder_precision": _PRECISION, "
 @click.option("--skip-parity", is_flag=True,
               help="Skip the parity gate (each ONNX graph against its PyTorch module, refused above 1e-3 relative "
                    "error), for models too large to hold twice in memory.")
-@click.option("--backend", type=click.Choice(["auto", "ort", "openvino", "ort-cuda", "ort-trt", "tensorrt"]),
+@click.option("--backend", type=choice(AUTO, *BACKENDS),
               default="auto", show_default=True,
               help="Runtime target. CPU: auto times one DiT step on ort and openvino and keeps the fastest. GPU, "
                    "built for this machine's GPU and recorded in the manifest (sora-run refuses another): ort-cuda "
@@ -52,17 +55,18 @@ SECTIONS = {"dit_precision": _PRECISION, "text_encoder_precision": _PRECISION, "
 @click.option("--onnx-only", is_flag=True,
               help="Stop after the portable ONNX (precision conversion and quality gate included); build the target "
                    "later, e.g. on the device: sora-build ONNX_DIR -o ENGINE_DIR --backend ort-cuda.")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "int8", "int8-dynamic", "bf16"]),
+@click.option("--precision", type=choice(*PRECISION_REQUESTS),
               default="auto", show_default=True,
               help="Default precision of every component (fp16/int8 live in the ONNX graphs; bf16 = fp32 graphs run "
-              "in bf16 by OpenVINO; auto = fp32 graphs, run in bf16 where that is measured 10% faster on this CPU "
-              "and passes the quality gate, else fp32). Reduced precision must pass the quality gate.")
-@click.option("--dit-precision", type=click.Choice(["fp32", "fp16", "int8", "int8-dynamic"]),
+              f"in bf16 by OpenVINO; auto = fp32 graphs, run in bf16 where that is measured at least "
+              f"{BF16_MIN_SPEEDUP}x faster on this CPU and passes the quality gate, else fp32). Reduced precision "
+              f"must pass the quality gate.")
+@click.option("--dit-precision", type=choice(*OFFERED["transformer"]),
               help="Override for the DiT. int8-dynamic: int8 weights, activations quantized at run time by OpenVINO "
               "(CPU targets; no calibration; combines with --precision bf16).")
-@click.option("--text-encoder-precision", type=click.Choice(["fp32", "int8", "int4"]),
+@click.option("--text-encoder-precision", type=choice(*OFFERED["text_encoder"]),
               help="Override for the text encoder (int8/int4: weight-only).")
-@click.option("--vae-precision", type=click.Choice(["fp32", "fp16"]), help="Override for the VAE decoder.")
+@click.option("--vae-precision", type=choice(*OFFERED["vae"]), help="Override for the VAE decoder.")
 @click.option("--min-psnr", type=float,
               help="Quality gate: least final-frame PSNR against fp32, in dB [default: 30 with 8-bit or bf16, 40 "
                    "with fp16].")

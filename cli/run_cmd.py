@@ -7,8 +7,9 @@ from pathlib import Path
 import click
 import numpy as np
 
+from ..runtime.choices import BACKENDS, EXECUTIONS
 from ..runtime.step_cache import DEFAULT_THRESHOLD
-from .common import cli_errors
+from .common import choice, cli_errors
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -26,13 +27,13 @@ from .common import cli_errors
 @click.option("--latents", "latents_file", type=click.Path(path_type=Path),
               help="Initial noise as .npy: float32 [1, C, (F-1)//4+1, H//8, W//8], as WanPipeline's latents.")
 @click.option("--threads", type=int, help="Backend threads (default: all cores).")
-@click.option("--backend", type=click.Choice(["ort", "openvino", "ort-cuda", "ort-trt", "tensorrt"]),
+@click.option("--backend", type=choice(*BACKENDS),
               help="Default: the one chosen at export. The GPU backends run only engines built for this GPU.")
 @click.option("--cfg", "cfg_mode", type=click.Choice(["batch", "split"]), default="batch", show_default=True,
               help="Guidance branches as one DiT batch of 2, or as two calls (less activation memory).")
 @click.option("--no-cuda-graph", is_flag=True, help="GPU backends: launch the DiT's kernels one by one instead of "
               "replaying a captured CUDA graph.")
-@click.option("--precision", type=click.Choice(["fp32", "bf16"]), help="Default: the one chosen at export.")
+@click.option("--precision", type=choice(*EXECUTIONS), help="Default: the one chosen at export.")
 @click.option("--low-memory", is_flag=True,
               help="Keep one stage resident at a time: load each engine for its stage and release it after.")
 @click.option("--prompt-cache", "prompt_cache", type=click.Path(path_type=Path),

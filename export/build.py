@@ -22,9 +22,10 @@ from typing import Callable
 
 from .. import __version__
 from ..precision.calib.config import CalibConfig
+from ..runtime.choices import AUTO, GPU_BACKENDS, Backend, Execution, Graph
 from ..runtime.errors import SoraError
-from ..runtime.gpu_target import GPU_BACKENDS, target
-from ..runtime.manifest import sha256_file, write_manifest
+from ..runtime.gpu_target import target
+from ..runtime.manifest import Manifest, sha256_file, staged
 from ..runtime.spec import Dim
 from ..runtime.validate import check_frames, check_size, check_threads
 from .checkpoint import WanCheckpoint, read_checkpoint, read_json
@@ -61,8 +62,8 @@ class ExportConfig:
     check_parity: bool = True
     backend: str = "auto"  # "auto" (fastest CPU backend measured here) | "ort" | "openvino" | "ort-cuda" (this GPU)
     onnx_only: bool = False  # stop after the portable ONNX (and the quality gate on the CPU): build no target
-    # Default precision of every component: auto (fp32 graphs; on a CPU, bf16 execution where 10% faster and it
-    # passes the gate) | fp32 | fp16 | int8 | int8-dynamic (graphs) | bf16 (fp32 graphs run in bf16 by OpenVINO).
+    # Default precision of every component: auto (fp32 graphs, the execution precision left to the target build)
+    # | fp32 | fp16 | int8 | int8-dynamic (graphs) | bf16 (fp32 graphs run in bf16 by OpenVINO).
     # precision/convert.py says what each component offers.
     precision: str = "auto"
     component_precision: tuple[tuple[str, str], ...] = ()  # per-component overrides: (("text_encoder", "int4"),)
@@ -302,20 +303,20 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = lambda s: None) -
         plan, notes = plan_precision(cfg.precision, dict(cfg.component_precision))
         execution = execution_of(cfg.precision)  # fp32, bf16, or auto: decided with the target
         no_openvino = openvino_unsupported(plan)
-        if cfg.onnx_only and (cfg.backend != "auto" or execution == "bf16"):
+        if cfg.onnx_only and (cfg.backend != AUTO or execution == Execution.BF16):
             raise SoraError("--onnx-only builds no runtime target: drop --backend and bf16 (build the target later "
                             "with sora-build ONNX_DIR -o ENGINE_DIR --backend ...)")
         if not cfg.onnx_only:
             # fail before minutes of export, not after
             check_request(cfg.backend, execution, no_openvino, cpu_only(plan))
-            if cfg.backend == "tensorrt":
+            if cfg.backend == Backend.TENSORRT:
                 from ..target.trt_build import check_plugin_precision
 
-                check_plugin_precision(cfg.trt.attention, plan.get("transformer", "fp32"))
+                check_plugin_precision(cfg.trt.attention, plan.get("transformer", Graph.FP32))
         options = {k: v for k, v in asdict(cfg).items() if k not in ("model", "out", "overwrite", "check_parity",
                                                                      "threads", "calib", "component_precision",
                                                                      "min_psnr", "trt")}
-        if cfg.backend == "tensorrt":
+        if cfg.backend == Backend.TENSORRT:
             options["trt"] = asdict(cfg.trt)
         options.update(attention=cfg.attention.value, defaults=defaults, plan=plan, min_psnr=cfg.min_psnr)
         if cfg.backend in GPU_BACKENDS:
@@ -329,7 +330,7 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = lambda s: None) -
             report.reused = True
             return report
 
-        reduced = any(p != "fp32" for p in plan.values())
+        reduced = any(p != Graph.FP32 for p in plan.values())
         stage = work / "engine"
         ref = work / "fp32" if reduced else stage  # the fp32 export: the reference for calibration and the gate
         ref.mkdir()
@@ -360,13 +361,14 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = lambda s: None) -
             "source": source,
             "created_unix": int(time.time()),
             "versions": versions,
-            "precision": {c: "fp32" for c in plan},
+            "precision": {c: Graph.FP32 for c in plan},
             "attention": cfg.attention.value,
             "gpu": None,  # portable ONNX, not built for a particular GPU
             "pipeline": pipeline,
             "engines": engines,
         }
-        files = write_manifest(ref, body)["files"]  # the engines run from it while the backend is chosen
+        # in memory until the directory is complete: calibration, the target's timings and the gate run from it
+        manifest = reference = staged(ref, body)
         if reduced:
             t0 = time.perf_counter()
             log(f"converting to {', '.join(f'{c} {p}' for c, p in plan.items())} ...")
@@ -375,28 +377,23 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = lambda s: None) -
             stage.mkdir()
             for d in ("tokenizer", "scheduler"):
                 shutil.copytree(ref / d, stage / d)
-            converted = convert_engines(ref, stage, engines, plan, _dit_int8(cfg, ref, work), log)
-            body["engines"] = {name: {**entry, **converted[name]} for name, entry in engines.items()}
-            body["precision"], body["precision_notes"] = plan, notes
-            files = write_manifest(stage, body)["files"]
+            converted = convert_engines(ref, stage, engines, plan, _dit_int8(cfg, reference, work), log)
+            manifest = staged(stage, {**body, "precision": plan, "precision_notes": notes,
+                                      "engines": {n: {**e, **converted[n]} for n, e in engines.items()}})
             report.seconds["convert_precision"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         if cfg.onnx_only:
-            body["runtime"] = {"backend": "ort", "precision": "fp32", "onnx_only": True}
+            manifest = manifest.updated(runtime={"backend": Backend.ORT, "precision": Execution.FP32,
+                                                 "onnx_only": True})
         else:
             log("building the runtime target (timing the DiT step) ...")
-            body["runtime"], body["gpu"], added = build_runtime(stage, cfg.backend, execution, cfg.threads, log,
-                                                                no_openvino, cfg.trt)
-            for name, entry in added.items():
-                body["engines"][name] = {**body["engines"][name], **entry}
-            if added:  # files the target added (plans, ONNX Runtime's CPU graph): hashed with the rest
-                files = write_manifest(stage, body)["files"]
-            write_manifest(stage, body, files)  # the gate's pipeline reads the target it runs on
+            manifest = build_runtime(manifest, cfg.backend, execution, cfg.threads, log, no_openvino, cfg.trt)
             report.seconds["build_target"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        if gate_target(ref, stage, body["runtime"], plan, cfg.min_psnr, cfg.threads, log):
+        runtime = gate_target(reference, manifest, manifest.runtime, plan, cfg.min_psnr, cfg.threads, log)
+        if "quality_gate" in runtime:
             report.seconds["quality_gate"] = time.perf_counter() - t0
-        write_manifest(stage, body, files)  # same files: no re-hash
+        manifest.updated(runtime=runtime).write()  # once, complete: then swapped into place
         if not commit(stage, out, work, key, inputs_key, cfg.overwrite, log):
             log(f"{out} was written meanwhile by another export of this model with these options: keeping it")
             report.reused = True
@@ -407,7 +404,7 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = lambda s: None) -
 def _attention_form(cfg: ExportConfig) -> AttentionForm:
     """The DiT's ONNX attention form: as asked, or for --backend tensorrt what its version parses (and the plugin
     pass needs), refusing a form that cannot work there."""
-    if cfg.backend != "tensorrt":
+    if cfg.backend != Backend.TENSORRT:
         return cfg.attention or AttentionForm.ONNX
     from ..target.trt_build import attention_graph
     from ..target.trt_target import require_tensorrt
@@ -416,7 +413,7 @@ def _attention_form(cfg: ExportConfig) -> AttentionForm:
     return cfg.attention or AttentionForm(need)
 
 
-def _dit_int8(cfg: ExportConfig, ref: Path, work: Path):
+def _dit_int8(cfg: ExportConfig, ref: Manifest, work: Path):
     def build(src: Path, dst: Path) -> dict:
         from ..precision.calib.dit_int8 import quantize_dit
 

@@ -5,9 +5,8 @@ DequantizeLinear weights), never in builder flags, so one file serves ONNX Runti
 int8-dynamic DiT is a CPU precision: precision/int8_dynamic.py). `--precision` is the default for every component; a
 component that does not offer it falls back to fp32 with the reason recorded (and an explicit per-component request
 that it cannot honour is refused). `bf16` is different: the graphs stay fp32 and OpenVINO executes them in bf16.
-`auto` (the default) also keeps the graphs fp32 and leaves the execution precision to the target build: on a CPU
-with bf16 it ships bf16 where that is measured at least 10% faster and passes the quality gate, else fp32
-(target/gated_choice.py).
+`auto` (the default) also keeps the graphs fp32 and leaves the execution precision to the target build
+(target/choose.py's `choose`, then the quality gate: target/gated_choice.py).
 """
 
 from __future__ import annotations
@@ -15,14 +14,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
+from ..runtime.choices import AUTO, PRECISION_REQUESTS, Execution, Graph
 from ..runtime.errors import SoraError
 from ..runtime.safe_files import link_or_copy
 
 COMPONENTS = ("transformer", "text_encoder", "vae")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8", "int8-dynamic")  # what --precision takes
-EXECUTION = ("auto", "bf16")  # --precision values that are execution precisions over fp32 graphs
-OFFERED = {"transformer": ("fp32", "fp16", "int8", "int8-dynamic"), "text_encoder": ("fp32", "int8", "int4"),
-           "vae": ("fp32", "fp16")}
+EXECUTION = (AUTO, Execution.BF16)  # --precision values that are execution precisions over fp32 graphs
+OFFERED = {"transformer": (Graph.FP32, Graph.FP16, Graph.INT8, Graph.INT8_DYNAMIC),
+           "text_encoder": (Graph.FP32, Graph.INT8, Graph.INT4), "vae": (Graph.FP32, Graph.FP16)}
 WHY_NOT = {
     ("text_encoder", "fp16"): "umT5's feed-forward outputs overflow fp16 (transformers keeps its `wo` layers in fp32 "
                               "and clamps hidden states for this reason); weight-only int8/int4 saves more memory "
@@ -54,9 +53,9 @@ def component_of(engine: str) -> str:
 
 def plan_precision(default: str, overrides: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
     """({component: graph precision}, {component: why it differs from the default})."""
-    if default not in PRECISIONS:
-        raise SoraError(f"precision {default!r} unknown (known: {', '.join(PRECISIONS)})")
-    graph_default = "fp32" if default in EXECUTION else default
+    if default not in PRECISION_REQUESTS:
+        raise SoraError(f"precision {default!r} unknown (known: {', '.join(PRECISION_REQUESTS)})")
+    graph_default = Graph.FP32 if default in EXECUTION else Graph(default)
     plan, notes = {}, {}
     for c in COMPONENTS:
         asked = overrides.get(c)
@@ -64,10 +63,10 @@ def plan_precision(default: str, overrides: dict[str, str]) -> tuple[dict[str, s
             why = WHY_NOT.get((c, asked), "")
             raise SoraError(f"{c} cannot be {asked} (offered: {', '.join(OFFERED[c])})" + (f": {why}" if why else ""))
         if asked is None and graph_default not in OFFERED[c]:
-            plan[c] = "fp32"
+            plan[c] = Graph.FP32
             notes[c] = f"{graph_default} not offered: {WHY_NOT[(c, graph_default)]}"
         else:
-            plan[c] = asked or graph_default
+            plan[c] = Graph(asked) if asked else graph_default
     for c in overrides:
         if c not in COMPONENTS:
             raise SoraError(f"unknown component {c!r} (known: {', '.join(COMPONENTS)})")
@@ -76,7 +75,7 @@ def plan_precision(default: str, overrides: dict[str, str]) -> tuple[dict[str, s
 
 def execution_of(default: str) -> str:
     """The execution precision a --precision value asks for: bf16, auto (decided at the target build) or fp32."""
-    return default if default in EXECUTION else "fp32"
+    return default if default in EXECUTION else Execution.FP32
 
 
 def default_min_psnr(plan: dict[str, str], execution: str) -> float:
@@ -100,18 +99,18 @@ def convert_engines(ref: Path, stage: Path, engines: dict, plan: dict[str, str],
     out = {}
     for name, entry in engines.items():
         comp = component_of(name)
-        p = plan.get(comp, "fp32")  # the step-cache probe stays fp32: it is tiny and decides what is skipped
+        p = plan.get(comp, Graph.FP32)  # the step-cache probe stays fp32: it is tiny and decides what is skipped
         src, dst = ref / entry["file"], stage / entry["file"]
-        if p == "fp32":
+        if p == Graph.FP32:
             for f in (src, src.with_name(src.name + ".data")):
                 if f.exists():
                     link_or_copy(f, stage / f.name)
             out[name] = {"precision": p}
             continue
         log(f"  {name}: {p} ...")
-        if p == "fp16":
+        if p == Graph.FP16:
             detail = convert_fp16(src, dst, *FP16_ISLANDS[comp])
-        elif p == "int8-dynamic":  # its linears outside the FP16 islands' modules; no calibration
+        elif p == Graph.INT8_DYNAMIC:  # its linears outside the FP16 islands' modules; no calibration
             detail = quantize_linear_weights(src, dst, FP16_ISLANDS[comp][1])
         elif comp == "text_encoder":
             detail = quantize_weights(src, dst, p)

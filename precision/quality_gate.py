@@ -17,7 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..runtime.choices import Backend, Execution
 from ..runtime.errors import SoraError
+from ..runtime.manifest import Manifest
 from ..runtime.pipeline import Pipeline
 
 GATE_PROMPTS = ("a red fox runs along the beach at sunset", "a small boat drifts on a calm lake at night")
@@ -67,11 +69,11 @@ def prompt_psnr(ref: Pipeline, cand: Pipeline, index: int, height: int, width: i
     return psnr(b, a) if np.isfinite(b).all() else float("nan")
 
 
-def measure_quality(reference: Path, candidate: Path, backend: str, precision: str, min_psnr: float,
+def measure_quality(reference: Path | Manifest, candidate: Path | Manifest, backend: str, precision: str, min_psnr: float,
                     threads: int | None) -> dict:
     """Measure `candidate` engines on (backend, execution precision) against fp32 `reference` engines; the record's
     `passed` says whether they meet `min_psnr` and MIN_TEXT_COSINE (check_quality raises where they do not)."""
-    ref = Pipeline.load(reference, threads=threads, verify=False, backend="ort", precision="fp32")
+    ref = Pipeline.load(reference, threads=threads, verify=False, backend=Backend.ORT, precision=Execution.FP32)
     cand = Pipeline.load(candidate, threads=threads, verify=False, backend=backend, precision=precision)
     h, w = gate_size(ref)
     frames = ref.defaults["frames"]

@@ -19,8 +19,6 @@ from __future__ import annotations
 from . import cuda_info
 from .errors import SoraError
 
-GPU_BACKENDS = ("ort-cuda", "ort-trt", "tensorrt")
-
 
 def tensorrt_version() -> str | None:
     try:

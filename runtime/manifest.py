@@ -1,7 +1,9 @@
 """manifest.json: what an engine directory holds, and the checks that refuse a directory that is not what it says.
 
 An engine directory is trusted because its files hash to what its manifest records, never because files with the
-right names exist. `write_manifest` is called by export; `load_manifest` by every runtime entry point.
+right names exist. A build holds the manifest it is making in memory (`staged`, then `Manifest.updated` as the
+target adds files and sections: the build's timings, calibration and quality gate run from it) and writes it once,
+when the directory is complete (`Manifest.write`); `load_manifest` is how every runtime entry point reads one.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import re
 import time
 from pathlib import Path
 
+from .choices import Backend, Execution, Graph
 from .errors import SoraError
 from .safe_files import atomic_write_text, inside
 from .spec import EngineSpec
@@ -32,21 +35,24 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def hash_tree(root: Path) -> dict[str, dict]:
-    """{relative path: {sha256, bytes}} for every file under root except the manifest and backend caches."""
+def hash_tree(root: Path, known: dict[str, dict] | None = None) -> dict[str, dict]:
+    """{relative path: {sha256, bytes}} for every file under root except the manifest and backend caches; files in
+    `known` keep the hashes recorded there (they were hashed when written and are not changed afterwards)."""
     files = {}
     for p in sorted(root.rglob("*")):
         if p.is_file() and p.name != MANIFEST and p.relative_to(root).parts[0] != CACHE_DIR:
-            files[p.relative_to(root).as_posix()] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+            rel = p.relative_to(root).as_posix()
+            files[rel] = (known or {}).get(rel) or {"sha256": sha256_file(p), "bytes": p.stat().st_size}
     return files
 
 
-def write_manifest(root: Path, body: dict, files: dict | None = None) -> dict:
-    """Write root/manifest.json; `files` reuses hashes already taken of an unchanged tree (default: hash it)."""
-    manifest = {"schema": SCHEMA, "format_version": FORMAT_VERSION, **body,
-                "files": files if files is not None else hash_tree(root)}
-    atomic_write_text(root / MANIFEST, json.dumps(manifest, indent=2, sort_keys=False) + "\n")
-    return manifest
+def staged(root: Path, body: dict, files: dict[str, dict] | None = None) -> Manifest:
+    """The manifest of an engine directory being built in `root`, held in memory and checked like one read from
+    disk. `files`: hashes already taken (default: hash the tree)."""
+    data = {"schema": SCHEMA, "format_version": FORMAT_VERSION, **body,
+            "files": files if files is not None else hash_tree(root)}
+    _check_structure(root, data)
+    return Manifest(root, data)
 
 
 # Engine-entry keys naming files a runtime target adds beside the portable ONNX (built for one target, not carried
@@ -62,6 +68,20 @@ class Manifest:
         self.root = root
         self.data = data
         self.verified = verified or {}  # relative path -> stat identity of the file when its hash was checked
+
+    def updated(self, engines: dict[str, dict] | None = None, **sections) -> Manifest:
+        """A new manifest (this one is left as it was): `sections` replaced, each engine's entry extended by
+        `engines[name]`, and the files written into `root` since this one was made hashed and listed."""
+        data = {**self.data, **sections}
+        if engines:
+            data["engines"] = {n: {**e, **engines.get(n, {})} for n, e in self.data["engines"].items()}
+        data["files"] = hash_tree(self.root, self.data["files"])
+        _check_structure(self.root, data)
+        return Manifest(self.root, data)
+
+    def write(self) -> None:
+        """Write root/manifest.json atomically: the last step of a build."""
+        atomic_write_text(self.root / MANIFEST, json.dumps(self.data, indent=2, sort_keys=False) + "\n")
 
     @property
     def config(self) -> dict:
@@ -116,13 +136,13 @@ class Manifest:
     @property
     def runtime(self) -> dict:
         """The backend and precision chosen at export (ONNX Runtime fp32 for directories that record none)."""
-        return self.data.get("runtime") or {"backend": "ort", "precision": "fp32"}
+        return self.data.get("runtime") or {"backend": Backend.ORT, "precision": Execution.FP32}
 
     @property
     def precision(self) -> dict[str, str]:
         """Graph precision per component ({"transformer": "int8", ...}); directories from before per-component
         precision record one string for all."""
-        p = self.data.get("precision", "fp32")
+        p = self.data.get("precision", Graph.FP32)
         return dict(p) if isinstance(p, dict) else {c: p for c in ("transformer", "text_encoder", "vae")}
 
     @property

@@ -18,9 +18,10 @@ from typing import Callable
 
 import numpy as np
 
-from .backends import BACKENDS, PRECISIONS, EngineDenoiser, open_engine
+from .backends import EngineDenoiser, open_engine
+from .choices import BACKENDS, EXECUTIONS, GPU_BACKENDS, Backend, Execution
 from .errors import SoraError
-from .gpu_target import GPU_BACKENDS, check_target
+from .gpu_target import check_target
 from .manifest import Manifest, load_manifest
 from .memory import PeakDevice, PeakRss
 from .prompt_cache import PromptCache
@@ -84,13 +85,13 @@ class Pipeline:
         chosen = manifest.runtime
         if backend is None and chosen["backend"] == "openvino" and not _openvino_available():
             log.warning("these engines were tuned for OpenVINO, which is not installed; running on ONNX Runtime")
-            chosen = {"backend": "ort", "precision": "fp32"}
+            chosen = {"backend": Backend.ORT, "precision": Execution.FP32}
         self.backend = backend or chosen["backend"]
-        self.precision = precision or (chosen["precision"] if self.backend == chosen["backend"] else "fp32")
+        self.precision = precision or (chosen["precision"] if self.backend == chosen["backend"] else Execution.FP32)
         if self.backend not in BACKENDS:
             raise SoraError(f"unknown backend {self.backend!r} (known: {', '.join(BACKENDS)})")
-        if self.precision not in PRECISIONS:
-            raise SoraError(f"unknown precision {self.precision!r} (known: {', '.join(PRECISIONS)})")
+        if self.precision not in EXECUTIONS:
+            raise SoraError(f"unknown precision {self.precision!r} (known: {', '.join(EXECUTIONS)})")
         if self.backend in GPU_BACKENDS and open_with is None:
             check_target(manifest.data.get("gpu"), self.backend, manifest.root)
         self._engines: dict[str, object] = {}
@@ -109,7 +110,9 @@ class Pipeline:
     def load(cls, engine_dir, threads: int | None = None, verify: bool = True, backend: str | None = None,
              precision: str | None = None, low_memory: bool = False, prompt_cache: Path | None = None,
              cuda_graph: bool = True, cfg_batch: bool = True) -> Pipeline:
-        return cls(load_manifest(engine_dir, verify=verify), threads, backend, precision, low_memory, prompt_cache,
+        """`engine_dir`: a directory, read and verified here, or a Manifest already read (or being built)."""
+        manifest = engine_dir if isinstance(engine_dir, Manifest) else load_manifest(engine_dir, verify=verify)
+        return cls(manifest, threads, backend, precision, low_memory, prompt_cache,
                    cuda_graph=cuda_graph, cfg_batch=cfg_batch)
 
     def _open(self, name: str):

@@ -6,8 +6,8 @@ verified against its manifest and linked (or copied) into a staged directory. Th
 on a CPU the backend is chosen by timing, on a GPU the GPU is recorded (runtime/gpu_target.py). Finally the stage is
 renamed into place. The graphs' precision and shapes come from ONNX_DIR unchanged. `precision` is the execution
 precision: where ONNX_DIR's graphs are fp32, `auto` (the default) also times OpenVINO's bf16 execution on a CPU with
-bf16 and ships it when 10% faster and it passes the quality gate against ONNX_DIR itself (target/gated_choice.py);
-reduced graphs run fp32 and keep the gate's result measured when they were made. No torch and no checkpoint are
+bf16, chosen by target/choose.py's rule and gated against ONNX_DIR itself (target/gated_choice.py); reduced graphs
+run fp32 and keep the gate's result measured when they were made. No torch and no checkpoint are
 needed, so this runs on the device itself.
 """
 
@@ -22,9 +22,10 @@ from typing import Callable
 
 from .. import __version__
 from ..runtime.errors import SoraError
-from ..runtime.gpu_target import GPU_BACKENDS, target
+from ..runtime.choices import AUTO, EXECUTIONS, GPU_BACKENDS, Backend, Execution, Graph
+from ..runtime.gpu_target import target
 from ..runtime.machine import cpu_name
-from ..runtime.manifest import TARGET_FILE_KEYS, load_manifest, write_manifest
+from ..runtime.manifest import TARGET_FILE_KEYS, load_manifest, staged
 from ..runtime.safe_files import inside, link_or_copy
 from ..runtime.validate import check_threads
 from .choose import build_runtime, check_request, cpu_only, openvino_unsupported
@@ -68,7 +69,7 @@ def build_from_engines(cfg: TargetConfig, log: Callable[[str], None] = lambda s:
     report = ExportReport(out=out, reused=False)
     t_all = time.perf_counter()
     key, inputs_key = _target_keys(src, cfg.backend, execution,
-                                   asdict(cfg.trt) if cfg.backend == "tensorrt" else None)
+                                   asdict(cfg.trt) if cfg.backend == Backend.TENSORRT else None)
     if up_to_date(out, key, inputs_key, cfg.overwrite, log):
         log(f"{out} is already built from these engines for {cfg.backend} on this machine (cache key {key[:12]})")
         report.reused = True
@@ -91,21 +92,21 @@ def build_from_engines(cfg: TargetConfig, log: Callable[[str], None] = lambda s:
                            for n, e in src.data["engines"].items()}
         body.update(cache_key=key, inputs_key=inputs_key, created_unix=int(time.time()), gpu=None,
                     built_from={"path": str(src.root.resolve()), "cache_key": src.data.get("cache_key")})
-        files = write_manifest(stage, {**body, "runtime": src.runtime}, carried)["files"]
+        # in memory until the directory is complete: the target's timings and the gate run from it
+        manifest = staged(stage, {**body, "runtime": src.runtime}, carried)
         t0 = time.perf_counter()
         log(f"building the runtime target {cfg.backend} (timing the DiT step) ...")
-        body["runtime"], body["gpu"], added = build_runtime(stage, cfg.backend, execution, cfg.threads, log,
-                                                            no_openvino, cfg.trt)
-        for name, entry in added.items():
-            body["engines"][name] = {**body["engines"][name], **entry}
+        manifest = build_runtime(manifest, cfg.backend, execution, cfg.threads, log, no_openvino, cfg.trt)
         report.seconds["build_target"] = time.perf_counter() - t0
+        runtime = manifest.runtime
         if _fp32_graphs(src):  # the source is the fp32 reference of a bf16 choice
             t0 = time.perf_counter()
-            if gate_target(src.root, stage, body["runtime"], src.precision, None, cfg.threads, log):
+            runtime = gate_target(src, manifest, runtime, src.precision, None, cfg.threads, log)
+            if "quality_gate" in runtime:
                 report.seconds["quality_gate"] = time.perf_counter() - t0
         elif "quality_gate" in src.runtime:  # measured at the ONNX step, on the backend it names
-            body["runtime"]["quality_gate"] = src.runtime["quality_gate"]
-        write_manifest(stage, body, None if added else files)  # new files (plans, ORT's CPU graph) hashed too
+            runtime = {**runtime, "quality_gate": src.runtime["quality_gate"]}
+        manifest.updated(runtime=runtime).write()  # once, complete: then swapped into place
         if not commit(stage, out, work, key, inputs_key, cfg.overwrite, log):
             log(f"{out} was written meanwhile by another build of these engines for {cfg.backend}: keeping it")
             report.reused = True
@@ -114,19 +115,19 @@ def build_from_engines(cfg: TargetConfig, log: Callable[[str], None] = lambda s:
 
 
 def _fp32_graphs(src) -> bool:
-    return all(p == "fp32" for p in src.precision.values())
+    return all(p == Graph.FP32 for p in src.precision.values())
 
 
 def _execution(precision: str, src) -> str:
     """The execution precision to build for: as asked where the source's graphs are fp32 (they are the gate's
     reference), else fp32 (`auto`) or refused (`bf16`)."""
-    if precision not in ("auto", "fp32", "bf16"):
+    if precision not in (AUTO, *EXECUTIONS):
         raise SoraError(f"{src.root} is an engine directory: its graphs' precision is fixed when the ONNX is exported, "
                         f"and here --precision is the execution precision (auto, fp32 or bf16), not {precision}")
     if _fp32_graphs(src):
         return precision
-    if precision == "bf16":
-        reduced = ", ".join(f"{p} {c}" for c, p in src.precision.items() if p != "fp32")
+    if precision == Execution.BF16:
+        reduced = ", ".join(f"{p} {c}" for c, p in src.precision.items() if p != Graph.FP32)
         raise SoraError(f"bf16 execution is gated against fp32 engines, and {src.root} holds {reduced}: export from "
                         f"the model with --precision bf16 to gate both together")
-    return "fp32"
+    return Execution.FP32

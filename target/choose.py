@@ -1,6 +1,6 @@
 """Build the runtime target of an engine directory: pick the CPU backend by measurement, or record the GPU.
 
-`build_runtime` returns the manifest's `runtime` and `gpu` sections. On a CPU target, `choose_runtime` times one
+`build_runtime` returns the manifest with its `runtime` and `gpu` sections (and the files the target adds). On a CPU target, `choose_runtime` times one
 DiT step (CFG batch of 2 at the engine's tuning shape, capped near 2K tokens) on each available backend and records
 the timings, the CPU and the winner; for ONNX Runtime it also times the DiT rewritten with ONNX Runtime's
 MultiHeadAttention (its CPU flash attention) and keeps that graph beside the portable one when faster. On
@@ -16,17 +16,15 @@ step of the two-step path (target/build.py), on the device.
 from __future__ import annotations
 
 import platform
-from pathlib import Path
 from typing import Callable
 
 from ..runtime import gpu_target
 from ..runtime.backends import openvino as ov_backend
+from ..runtime.choices import AUTO, GPU_BACKENDS, Backend, Execution, Graph, Target
 from ..runtime.errors import SoraError
 from ..runtime.machine import cpu_name
-from ..runtime.manifest import load_manifest
+from ..runtime.manifest import Manifest
 from .timing import time_dit_step
-
-CPU_BACKENDS = ("auto", "ort", "openvino")
 
 BF16_MIN_SPEEDUP = 1.1  # `auto`: what bf16 execution must gain over the fastest fp32 step to be chosen
 ORT_CPU_DIT = "transformer.ort-cpu.onnx"  # the DiT graph ONNX Runtime's CPU provider runs, where faster
@@ -40,7 +38,7 @@ OPENVINO_READS_MATMULNBITS = (2026, 4)
 
 def openvino_unsupported(precision: dict[str, str]) -> str | None:
     """Why engines at this per-component precision cannot run on this machine's OpenVINO, or None."""
-    if precision.get("text_encoder") in ("int8", "int4") and ov_backend.available():
+    if precision.get("text_encoder") in (Graph.INT8, Graph.INT4) and ov_backend.available():
         version = ov_backend.version()
         if version < OPENVINO_READS_MATMULNBITS:
             return (f"the weight-only text encoder (ONNX Runtime's MatMulNBits) is checked on OpenVINO "
@@ -51,7 +49,7 @@ def openvino_unsupported(precision: dict[str, str]) -> str | None:
 
 def cpu_only(precision: dict[str, str]) -> str | None:
     """Why engines at this per-component precision are for a CPU target only, or None."""
-    if precision.get("transformer") == "int8-dynamic":
+    if precision.get("transformer") == Graph.INT8_DYNAMIC:
         return ("the int8-dynamic DiT is a CPU precision (OpenVINO's CPU plugin quantizes its activations at run "
                 "time); for a GPU use --dit-precision int8 (Q/DQ) or fp16")
     return None
@@ -59,7 +57,7 @@ def cpu_only(precision: dict[str, str]) -> str | None:
 
 def require_gpu(backend: str) -> None:
     """Refuse a GPU target on a machine that cannot build it, before any export work."""
-    if backend == "tensorrt":
+    if backend == Backend.TENSORRT:
         from .trt_target import require_tensorrt
 
         require_tensorrt()
@@ -71,81 +69,79 @@ def require_gpu(backend: str) -> None:
                         f"--backend {backend}")
 
 
-def gpu_runtime(engine_dir: Path, backend: str, threads: int | None, log: Callable[[str], None]) -> tuple[dict, dict]:
-    """(runtime, gpu) sections for a GPU target: the GPU record, and the DiT step with and without CUDA graphs."""
+def gpu_runtime(manifest: Manifest, backend: str, threads: int | None, log: Callable[[str], None]) -> Manifest:
+    """`manifest` for a GPU target: the GPU record, and the DiT step with and without CUDA graphs."""
     require_gpu(backend)
     gpu = {"backend": backend, **gpu_target.target()}
-    manifest = load_manifest(engine_dir, verify=False)
-    manifest.data["gpu"] = gpu  # in memory: the timing pipeline checks the record like sora-run will
+    manifest = manifest.updated(gpu=gpu)  # the timing pipeline checks the record like sora-run will
     timings = {}
     for graph in (False, True):
         key = f"{backend}{'-cuda-graph' if graph else ''}"
-        timings[key] = time_dit_step(manifest, backend, "fp32", threads, cuda_graph=graph)
+        timings[key] = time_dit_step(manifest, backend, Execution.FP32, threads, cuda_graph=graph)
         log(f"  DiT step on {gpu['name']}{' with a CUDA graph' if graph else ''}: "
             f"{timings[key]['step_s'] * 1000:.1f} ms ({timings[key]['tokens']} tokens, CFG batch 2, peak device "
             f"memory {timings[key]['device_peak_mb'] or 0:.0f} MB)")
     log(f"  runtime: {backend} on {gpu['name']} (compute capability {gpu['compute_capability']}, onnxruntime "
         f"{gpu['onnxruntime']}, CUDA {gpu['cuda']}, cuDNN {gpu['cudnn']}, driver {gpu['driver']})")
-    return {"backend": backend, "precision": "fp32", "timings": timings, "threads": threads}, gpu
+    return manifest.updated(runtime={"backend": backend, "precision": Execution.FP32, "timings": timings,
+                                     "threads": threads})
 
 
-def build_runtime(engine_dir: Path, backend: str, precision: str, threads: int | None, log: Callable[[str], None],
-                  openvino_unsupported: str | None = None, trt=None) -> tuple[dict, dict | None, dict]:
-    """The manifest's (runtime, gpu) sections for `backend` (a GPU target, or the CPU backend chosen here) and the
-    additions to its engine entries (TensorRT's plan files, ONNX Runtime's CPU graph of the DiT). `trt`:
-    target/trt_target.TrtOptions."""
-    if backend == "tensorrt":
+def build_runtime(manifest: Manifest, backend: str, precision: str, threads: int | None, log: Callable[[str], None],
+                  openvino_unsupported: str | None = None, trt=None) -> Manifest:
+    """`manifest` (an engine directory being built) with the runtime and gpu sections for `backend` (a GPU target,
+    or the CPU backend chosen here) and what the target adds to its engines (TensorRT's plan files, ONNX Runtime's
+    CPU graph of the DiT), hashed. `trt`: target/trt_target.TrtOptions."""
+    if backend == Backend.TENSORRT:
         from .trt_target import TrtOptions, trt_runtime
 
-        return trt_runtime(engine_dir, trt or TrtOptions(), threads, log)
-    if backend in gpu_target.GPU_BACKENDS:
-        return (*gpu_runtime(engine_dir, backend, threads, log), {})
-    runtime, added = choose_runtime(engine_dir, backend, precision, threads, log, openvino_unsupported)
-    return runtime, None, added
+        return trt_runtime(manifest, trt or TrtOptions(), threads, log)
+    if backend in GPU_BACKENDS:
+        return gpu_runtime(manifest, backend, threads, log)
+    return choose_runtime(manifest, backend, precision, threads, log, openvino_unsupported).updated(gpu=None)
 
 
 def check_request(backend: str, precision: str, openvino_unsupported: str | None = None,
-                  cpu_only: str | None = None) -> list[tuple[str, str]]:
-    """Refuse an impossible backend/precision request (before any export work); returns the (backend, precision)
-    pairs worth timing. `cpu_only`: why the engines are for a CPU target only (see `cpu_only`)."""
-    if backend in gpu_target.GPU_BACKENDS:
+                  cpu_only: str | None = None) -> list[Target]:
+    """Refuse an impossible backend/precision request (before any export work); returns the targets worth timing.
+    `cpu_only`: why the engines are for a CPU target only (see `cpu_only`)."""
+    if backend in GPU_BACKENDS:
         if cpu_only:
             raise SoraError(f"--backend {backend}: {cpu_only}")
-        if precision not in ("fp32", "auto"):  # a GPU target runs the precision its graphs carry
+        if precision not in (Execution.FP32, AUTO):  # a GPU target runs the precision its graphs carry
             raise SoraError(f"{precision} execution is OpenVINO's on the CPU; --backend {backend} runs the precision "
                             f"the graphs carry (--precision fp16 or int8)")
         require_gpu(backend)
-        return [(backend, "fp32")]
-    if precision == "bf16" and backend == "ort":
+        return [Target.of(backend, Execution.FP32)]
+    if precision == Execution.BF16 and backend == Backend.ORT:
         raise SoraError("bf16 runs on OpenVINO here; ONNX Runtime engines are fp32: drop --backend ort or use fp32")
-    if openvino_unsupported and (backend == "openvino" or precision == "bf16"):
+    if openvino_unsupported and (backend == Backend.OPENVINO or precision == Execution.BF16):
         raise SoraError(f"these engines cannot run on OpenVINO: {openvino_unsupported}")
-    candidates = [("ort", "fp32")]
+    candidates = [Target(Backend.ORT, Execution.FP32)]
     if ov_backend.available() and not openvino_unsupported:
-        candidates.append(("openvino", "fp32"))
+        candidates.append(Target(Backend.OPENVINO, Execution.FP32))
         has_bf16 = ov_backend.cpu_info()["bf16"]
-        if precision == "bf16" and not has_bf16:
+        if precision == Execution.BF16 and not has_bf16:
             raise SoraError("this CPU has no bf16 support: use --precision fp32 or auto")
-        if precision == "bf16" or (precision == "auto" and backend != "ort" and has_bf16):
-            candidates.append(("openvino", "bf16"))
-    elif backend == "openvino" or precision == "bf16":
+        if precision == Execution.BF16 or (precision == AUTO and backend != Backend.ORT and has_bf16):
+            candidates.append(Target(Backend.OPENVINO, Execution.BF16))
+    elif backend == Backend.OPENVINO or precision == Execution.BF16:
         raise SoraError("--backend openvino / --precision bf16 need OpenVINO: pip install openvino")
     return candidates
 
 
-def choose_runtime(engine_dir: Path, backend: str, precision: str, threads: int | None,
-                   log: Callable[[str], None], openvino_unsupported: str | None = None) -> tuple[dict, dict]:
-    """Measure and decide; returns the manifest's `runtime` section and the additions to its engine entries (ONNX
-    Runtime's CPU graph of the DiT, where it was faster). `openvino_unsupported` says why the engines cannot run on
-    OpenVINO, which takes it out of the running."""
+def choose_runtime(manifest: Manifest, backend: str, precision: str, threads: int | None,
+                   log: Callable[[str], None], openvino_unsupported: str | None = None) -> Manifest:
+    """Measure and decide; returns `manifest` with its `runtime` section (and ONNX Runtime's CPU graph of the DiT,
+    where it was faster). `openvino_unsupported` says why the engines cannot run on OpenVINO, which takes it out of
+    the running."""
     candidates = check_request(backend, precision, openvino_unsupported)
-    timings, added, ort_attention = {}, {}, None
-    for b, p in candidates:
-        timings[f"{b}-{p}"] = time_dit_step(engine_dir, b, p, threads)
-        log(f"  DiT step on {b} {p}: {_ms(timings[f'{b}-{p}']['step_s'])} "
-            f"({timings[f'{b}-{p}']['tokens']} tokens, CFG batch 2)")
-        if b == "ort":
-            added, ort_attention = ort_cpu_graph(engine_dir, threads, timings, log)
+    timings, ort_attention = {}, None
+    for c in candidates:
+        timings[c.key] = time_dit_step(manifest, c.backend, c.precision, threads)
+        log(f"  DiT step on {c}: {_ms(timings[c.key]['step_s'])} ({timings[c.key]['tokens']} tokens, CFG batch 2)")
+        if c.backend == Backend.ORT:
+            manifest, ort_attention = ort_cpu_graph(manifest, threads, timings, log)
     runtime = {"timings": timings, "threads": threads, "machine": platform.machine(), "cpu": cpu_name(),
                "ort_attention": ort_attention}
     if openvino_unsupported:
@@ -154,29 +150,30 @@ def choose_runtime(engine_dir: Path, backend: str, precision: str, threads: int 
         info = ov_backend.cpu_info()
         runtime["cpu"], runtime["openvino"] = info["cpu"], info["openvino"]
     # what the request leaves open (backend auto, precision auto), decided by the timings
-    runtime["candidates"] = [list(c) for c in candidates if backend in ("auto", c[0]) and precision in ("auto", c[1])]
+    left = [c for c in candidates if backend in (AUTO, c.backend) and precision in (AUTO, c.precision)]
+    runtime["candidates"] = [[c.backend, c.precision] for c in left]
     runtime["asked"] = {"backend": backend, "precision": precision}
-    if precision == "auto":
+    if precision == AUTO:
         runtime["bf16_min_speedup"] = BF16_MIN_SPEEDUP
-    runtime["backend"], runtime["precision"] = choose([tuple(c) for c in runtime["candidates"]], steps_of(runtime))
-    why = "fastest measured" if len(runtime["candidates"]) > 1 else "asked for"
-    if runtime["precision"] == "bf16" and precision == "auto":
+    chosen = choose(left, steps_of(runtime))
+    runtime["backend"], runtime["precision"] = chosen.backend, chosen.precision
+    why = "fastest measured" if len(left) > 1 else "asked for"
+    if chosen.precision == Execution.BF16 and precision == AUTO:
         why = f"at least {BF16_MIN_SPEEDUP}x the fastest fp32 step"
-    log(f"  runtime: {runtime['backend']} {runtime['precision']} ({why})")
-    return runtime, added
+    log(f"  runtime: {chosen} ({why})")
+    return manifest.updated(runtime=runtime)
 
 
-def choose(candidates: list[tuple[str, str]], step_s: dict[tuple[str, str], float],
-           rejected: frozenset[tuple[str, str]] = frozenset()) -> tuple[str, str]:
-    """The rule, in one place: among the (backend, execution precision) candidates the quality gate has not
-    rejected, the fastest fp32 one, unless a bf16 one's DiT step is at least BF16_MIN_SPEEDUP times faster (timing
-    noise is not worth bf16's error) or bf16 is all there is. `step_s`: each candidate's measured step. Pure: the
-    target build measures, this decides, the gate's rejection decides again (target/gated_choice.py)."""
+def choose(candidates: list[Target], step_s: dict[Target, float], rejected: frozenset[Target] = frozenset()) -> Target:
+    """The rule, in one place: among the candidates the quality gate has not rejected, the fastest fp32 one, unless
+    a bf16 one's DiT step is at least BF16_MIN_SPEEDUP times faster (timing noise is not worth bf16's error) or bf16
+    is all there is. `step_s`: each candidate's measured step. Pure: the target build measures, this decides, the
+    gate's rejection decides again (target/gated_choice.py)."""
     left = [c for c in candidates if c not in rejected]
     if not left:
-        raise SoraError(f"every candidate was rejected: {', '.join(f'{b} {p}' for b, p in candidates)}")
-    exact = [c for c in left if c[1] == "fp32"]
-    bf16 = [c for c in left if c[1] == "bf16"]
+        raise SoraError(f"every candidate was rejected: {', '.join(map(str, candidates))}")
+    exact = [c for c in left if c.precision == Execution.FP32]
+    bf16 = [c for c in left if c.precision == Execution.BF16]
     if not exact:
         return min(bf16, key=step_s.__getitem__)
     best = min(exact, key=step_s.__getitem__)
@@ -187,9 +184,14 @@ def choose(candidates: list[tuple[str, str]], step_s: dict[tuple[str, str], floa
     return best
 
 
-def steps_of(runtime: dict) -> dict[tuple[str, str], float]:
-    """{(backend, precision): DiT step seconds} from a manifest runtime section's timings."""
-    return {tuple(c): runtime["timings"][f"{c[0]}-{c[1]}"]["step_s"] for c in runtime["candidates"]}
+def candidates_of(runtime: dict) -> list[Target]:
+    """The candidates a manifest runtime section records."""
+    return [Target.of(*c) for c in runtime["candidates"]]
+
+
+def steps_of(runtime: dict) -> dict[Target, float]:
+    """{candidate: DiT step seconds} from a manifest runtime section's timings."""
+    return {c: runtime["timings"][c.key]["step_s"] for c in candidates_of(runtime)}
 
 
 def _ms(seconds: float) -> str:
@@ -198,27 +200,26 @@ def _ms(seconds: float) -> str:
     return f"{ms:.0f} ms" if ms >= 10 else f"{ms:.2f} ms"
 
 
-def ort_cpu_graph(engine_dir: Path, threads: int | None, timings: dict,
-                  log: Callable[[str], None]) -> tuple[dict, dict]:
+def ort_cpu_graph(manifest: Manifest, threads: int | None, timings: dict,
+                  log: Callable[[str], None]) -> tuple[Manifest, dict]:
     """Write ONNX Runtime's CPU graph of the DiT (the attentions as MultiHeadAttention, which runs MLAS's flash
     attention: target/attention_rewrite.py) beside the portable one, sharing its weights, and keep it if its step is
-    faster than timings["ort-fp32"] (which then becomes its time). Returns the engine entry additions ({} when not
-    kept; the file is then removed) and the record of both timings for the manifest."""
+    faster than timings["ort-fp32"] (which then becomes its time). Returns the manifest with it where kept (else
+    `manifest`, and the file is removed) and the record of both timings for the manifest."""
     from .attention_rewrite import rewrite_file
 
-    manifest = load_manifest(engine_dir, verify=False)
     src = manifest.engine_path("transformer")
     dst = src.with_name(ORT_CPU_DIT)
     record = {"onnx_attention_step_s": timings["ort-fp32"]["step_s"]}
     if not rewrite_file(src, dst).replaced:
         dst.unlink(missing_ok=True)
-        return {}, {**record, "graph": "Attention", "why": "no attention matched the rewrite"}
-    manifest.data["engines"]["transformer"]["ort_cpu_file"] = dst.name  # in memory: the timing pipeline opens it
-    mha = time_dit_step(manifest, "ort", "fp32", threads)
+        return manifest, {**record, "graph": "Attention", "why": "no attention matched the rewrite"}
+    with_mha = manifest.updated(engines={"transformer": {"ort_cpu_file": dst.name}})
+    mha = time_dit_step(with_mha, Backend.ORT, Execution.FP32, threads)
     record["multihead_attention_step_s"] = mha["step_s"]
     log(f"  DiT step on ort fp32 with MultiHeadAttention: {_ms(mha['step_s'])}")
     if mha["step_s"] >= timings["ort-fp32"]["step_s"]:
         dst.unlink()
-        return {}, {**record, "graph": "Attention"}
+        return manifest, {**record, "graph": "Attention"}
     timings["ort-fp32"] = mha
-    return {"transformer": {"ort_cpu_file": dst.name}}, {**record, "graph": "MultiHeadAttention"}
+    return with_mha, {**record, "graph": "MultiHeadAttention"}

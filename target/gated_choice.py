@@ -1,8 +1,7 @@
 """The quality gate over what a target build ships, and the fallback that makes bf16 a safe default.
 
-The target build (target/choose.py) picks by measurement among the (backend, execution precision)
-pairs the request leaves open: the fastest, with bf16 only where it beats the fastest fp32 step by a margin.
-`gate_target` then measures what would ship against the fp32 reference engines (precision/quality_gate.py) whenever
+The target build picks by measurement among the (backend, execution precision) pairs the request leaves open
+(target/choose.py's `choose`). `gate_target` then measures what would ship against the fp32 reference engines (precision/quality_gate.py) whenever
 it is not fp32 throughout: reduced graphs (fp16, int8, int8-dynamic, weight-only) or bf16 execution.
 - Asked for explicitly (`--precision bf16`, a reduced graph), a failed gate refuses the export: nothing is written.
 - Chosen by `--precision auto` for its speed, bf16 execution that fails the gate is set aside: the fastest
@@ -15,35 +14,40 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from .choose import choose, steps_of
+from ..runtime.manifest import Manifest
+
+from .choose import candidates_of, choose, steps_of
+from ..runtime.choices import AUTO, Execution, Graph
 from ..precision.convert import default_min_psnr
 from ..precision.quality_gate import check_quality, measure_quality
 
 
-def gate_target(reference: Path, stage: Path, runtime: dict, plan: dict[str, str], min_psnr: float | None,
-                threads: int | None, log: Callable[[str], None]) -> dict | None:
-    """Gate `stage` as `runtime` (the manifest's runtime section, updated in place) would run it, against the fp32
-    engines at `reference`. `plan`: the graphs' precision per component; `min_psnr`: the threshold asked for (None:
-    the default for what ships). Returns the gate's record (also stored in `runtime`), or None when everything is
-    fp32. Raises SoraError when what must ship fails."""
-    reduced = [f"{p} {c}" for c, p in plan.items() if p != "fp32"]
-    if not reduced and runtime["precision"] == "fp32":
-        return None
+def gate_target(reference: Path | Manifest, stage: Path | Manifest, runtime: dict, plan: dict[str, str],
+                min_psnr: float | None, threads: int | None, log: Callable[[str], None]) -> dict:
+    """Gate `stage` as `runtime` (the manifest's runtime section) would run it, against the fp32 engines at
+    `reference`. `plan`: the graphs' precision per component; `min_psnr`: the threshold asked for (None: the default
+    for what ships). Returns the runtime section that ships: with the gate's record as "quality_gate" (none when
+    everything is fp32) and, where an `auto` choice of bf16 failed, the fp32 fallback and the rejected choice.
+    Raises SoraError when what must ship fails."""
+    reduced = [f"{p} {c}" for c, p in plan.items() if p != Graph.FP32]
+    if not reduced and runtime["precision"] == Execution.FP32:
+        return runtime
     gate = _measure(reference, stage, runtime, plan, min_psnr, threads, log)
-    if not gate["passed"] and runtime.get("asked", {}).get("precision") == "auto" and runtime["precision"] != "fp32":
-        runtime["rejected"] = {"backend": runtime["backend"], "precision": runtime["precision"], "quality_gate": gate}
-        candidates = [tuple(c) for c in runtime["candidates"]]
-        runtime["backend"], runtime["precision"] = choose(
-            candidates, steps_of(runtime), rejected=frozenset(c for c in candidates if c[1] != "fp32"))
+    if (not gate["passed"] and runtime.get("asked", {}).get("precision") == AUTO
+            and runtime["precision"] != Execution.FP32):
+        candidates = candidates_of(runtime)
+        chosen = choose(candidates, steps_of(runtime),
+                        rejected=frozenset(c for c in candidates if c.precision != Execution.FP32))
+        runtime = {**runtime, "backend": chosen.backend, "precision": chosen.precision,
+                   "rejected": {"backend": runtime["backend"], "precision": runtime["precision"], "quality_gate": gate}}
         log(f"  {gate['backend']} {gate['execution_precision']} fails the gate: shipping the fastest fp32 "
-            f"candidate, {runtime['backend']} {runtime['precision']}")
+            f"candidate, {chosen}")
         if not reduced:
-            return None
+            return runtime
         gate = _measure(reference, stage, runtime, plan, min_psnr, threads, log)
-    label = ", ".join(reduced + ([f"{runtime['precision']} execution"] if runtime["precision"] != "fp32" else []))
-    check_quality(gate, label)
-    runtime["quality_gate"] = gate
-    return gate
+    execution = [f"{runtime['precision']} execution"] if runtime["precision"] != Execution.FP32 else []
+    check_quality(gate, ", ".join(reduced + execution))
+    return {**runtime, "quality_gate": gate}
 
 
 def _measure(reference, stage, runtime, plan, min_psnr, threads, log) -> dict:

@@ -5,8 +5,8 @@ path. It checks that this TensorRT can take the directory's ONNX (target/trt_bui
 `--trt-attention plugin|int8` it registers the fused attention plugins for this GPU's architecture
 (kernels/trt_plugin.py) and writes `transformer.plugin.onnx` beside the portable graph
 (target/attention_plugin.py). It then builds `<engine>.plan` for each engine, with the timing cache kept under
-`trt/` per GPU and TensorRT version, and times the DiT step with and without a CUDA graph. It returns the manifest's
-runtime and gpu sections and the new per-engine entries (plan file and builder plan). Not run by this project:
+`trt/` per GPU and TensorRT version, and times the DiT step with and without a CUDA graph. It returns the manifest
+with its runtime and gpu sections and the new per-engine entries (plan file and builder plan). Not run by this project:
 TensorRT cannot be installed on its machines.
 """
 
@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Callable
 
 from ..runtime import gpu_target
+from ..runtime.choices import Backend, Execution, Graph
 from ..runtime.errors import SoraError
-from ..runtime.manifest import load_manifest
+from ..runtime.manifest import Manifest
 from .trt_build import (BuildSettings, attention_graph, build_engine, builder_plan, capabilities, plugin_arch,
                         timing_cache_name)
 
@@ -39,7 +40,7 @@ def _unlink(path: Path) -> None:
 
 def require_tensorrt() -> str:
     """The installed TensorRT version, or a one-line refusal."""
-    why = gpu_target.missing(gpu_target.target(), "tensorrt")
+    why = gpu_target.missing(gpu_target.target(), Backend.TENSORRT)
     if why:
         raise SoraError(f"--backend tensorrt builds plans on this machine's GPU, but {why}; export portable ONNX here "
                         f"with --onnx-only and build on the device: sora-build ONNX_DIR -o ENGINE_DIR --backend "
@@ -49,19 +50,20 @@ def require_tensorrt() -> str:
     return version
 
 
-def trt_runtime(engine_dir: Path, options: TrtOptions, threads: int | None, log: Callable[[str], None]
-                ) -> tuple[dict, dict, dict]:
-    """(runtime, gpu, {engine: manifest entry additions}) after building every plan into `engine_dir`."""
+def trt_runtime(manifest: Manifest, options: TrtOptions, threads: int | None, log: Callable[[str], None]
+                ) -> Manifest:
+    """`manifest` with its runtime and gpu sections and every engine's plan, after building the plans into its
+    directory."""
     from .timing import time_dit_step
 
     version = require_tensorrt()
     if options.attention not in TRT_ATTENTION:
         raise SoraError(f"unknown --trt-attention {options.attention!r} (known: {', '.join(TRT_ATTENTION)})")
-    manifest = load_manifest(engine_dir, verify=False)
+    engine_dir = manifest.root
     attention_graph(version, options.attention, manifest.data.get("attention"))
-    gpu = {"backend": "tensorrt", **gpu_target.target(), "version_compatible": options.settings.version_compatible,
+    gpu = {"backend": Backend.TENSORRT, **gpu_target.target(), "version_compatible": options.settings.version_compatible,
            "hardware_compatible": options.settings.hardware_compatible}
-    arch = plugin_arch(options.attention, manifest.precision.get("transformer", "fp32"), options.settings,
+    arch = plugin_arch(options.attention, manifest.precision.get("transformer", Graph.FP32), options.settings,
                        tuple(int(x) for x in gpu["compute_capability"].split(".")))
     (engine_dir / "trt").mkdir(exist_ok=True)
     cache = engine_dir / "trt" / timing_cache_name(gpu, version)
@@ -85,14 +87,13 @@ def trt_runtime(engine_dir: Path, options: TrtOptions, threads: int | None, log:
         _unlink(engine_dir / f"{name}.plan")
         (engine_dir / f"{name}.plan").write_bytes(data)
         entries[name] = {"plan": f"{name}.plan", "trt_build": {"source": src.name, "builder": plan}}
-        manifest.data["engines"][name].update(entries[name])
-    manifest.data["gpu"] = gpu  # in memory: the timing pipeline checks the record like sora-run will
+    manifest = manifest.updated(engines=entries, gpu=gpu)  # the timing pipeline checks the record like sora-run
     timings = {}
     for graph in (False, True):
         key = f"tensorrt{'-cuda-graph' if graph else ''}"
-        timings[key] = time_dit_step(manifest, "tensorrt", "fp32", threads, cuda_graph=graph)
+        timings[key] = time_dit_step(manifest, Backend.TENSORRT, Execution.FP32, threads, cuda_graph=graph)
         log(f"  DiT step, TensorRT {version}{' with a CUDA graph' if graph else ''}: "
             f"{timings[key]['step_s'] * 1000:.1f} ms ({timings[key]['tokens']} tokens, CFG batch 2)")
-    runtime = {"backend": "tensorrt", "precision": "fp32", "tensorrt": version, "attention": options.attention,
+    runtime = {"backend": Backend.TENSORRT, "precision": Execution.FP32, "tensorrt": version, "attention": options.attention,
                "build_settings": options.settings.to_dict(), "timings": timings}
-    return runtime, gpu, entries
+    return manifest.updated(runtime=runtime)

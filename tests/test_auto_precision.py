@@ -71,16 +71,17 @@ def _bf16_won(asked: str) -> dict:
 def test_a_bf16_choice_that_fails_the_gate_falls_back_and_an_asked_one_is_refused(tiny_engines):
     engines = tiny_engines("tiny-a")  # fp32 graphs: the reference and the candidate are the same files
     plan = load_manifest(engines).precision
-    runtime = _bf16_won("auto")
-    assert gate_target(engines, engines, runtime, plan, 200.0, 2, print) is None  # fp32 ships: nothing to gate
+    runtime = gate_target(engines, engines, _bf16_won("auto"), plan, 200.0, 2, print)
+    assert "quality_gate" not in runtime  # fp32 ships: nothing to gate
     assert (runtime["backend"], runtime["precision"]) == ("openvino", "fp32")  # the fastest fp32 candidate
     rejected = runtime["rejected"]
     assert (rejected["backend"], rejected["precision"]) == ("openvino", "bf16")
     assert not rejected["quality_gate"]["passed"] and 20.0 < min(rejected["quality_gate"]["psnr_db"]) < 200.0
 
-    runtime = _bf16_won("auto")
-    gate = gate_target(engines, engines, runtime, plan, None, 2, print)  # the default threshold: 30 dB for bf16
-    assert gate["passed"] and gate["min_psnr_db"] == 30.0 and runtime["quality_gate"] is gate
+    asked = _bf16_won("auto")
+    runtime = gate_target(engines, engines, asked, plan, None, 2, print)  # the default threshold: 30 dB for bf16
+    gate = runtime["quality_gate"]
+    assert gate["passed"] and gate["min_psnr_db"] == 30.0 and "quality_gate" not in asked  # a new record
     assert (runtime["backend"], runtime["precision"]) == ("openvino", "bf16") and "rejected" not in runtime
 
     with pytest.raises(SoraError, match="bf16 execution on openvino fails the quality gate"):
@@ -95,10 +96,10 @@ def test_a_failed_bf16_choice_over_reduced_graphs_gates_the_fp32_fallback_too(dy
     reference = tiny_engines("tiny-a")
     plan = load_manifest(dynamic_engines).precision
     assert plan["transformer"] == "int8-dynamic"
-    runtime = _bf16_won("auto")
-    gate = gate_target(reference, dynamic_engines, runtime, plan, 55.0, 2, print)
+    runtime = gate_target(reference, dynamic_engines, _bf16_won("auto"), plan, 55.0, 2, print)
     assert (runtime["backend"], runtime["precision"]) == ("openvino", "fp32")
     assert not runtime["rejected"]["quality_gate"]["passed"]
-    assert gate["passed"] and gate["execution_precision"] == "fp32" and runtime["quality_gate"] is gate
+    gate = runtime["quality_gate"]
+    assert gate["passed"] and gate["execution_precision"] == "fp32"
     with pytest.raises(SoraError, match="int8-dynamic transformer on openvino fails the quality gate"):
         gate_target(reference, dynamic_engines, _bf16_won("auto"), plan, 100.0, 2, print)

@@ -2,10 +2,11 @@
 
 import pytest
 
+from soraedge.runtime.choices import Target
 from soraedge.runtime.errors import SoraError
 from soraedge.target.choose import BF16_MIN_SPEEDUP, choose
 
-ORT, OV, OV_BF16 = ("ort", "fp32"), ("openvino", "fp32"), ("openvino", "bf16")
+ORT, OV, OV_BF16 = Target.of("ort", "fp32"), Target.of("openvino", "fp32"), Target.of("openvino", "bf16")
 
 
 @pytest.mark.parametrize("steps, rejected, expect", [

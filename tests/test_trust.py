@@ -28,7 +28,7 @@ from soraedge.cli.run_cmd import main as run_main
 from soraedge.cli.triton_cmd import main as triton_main
 from soraedge.target.staging import commit
 from soraedge.runtime.errors import SoraError
-from soraedge.runtime.manifest import MANIFEST, load_manifest, write_manifest
+from soraedge.runtime.manifest import MANIFEST, load_manifest, staged
 from soraedge.runtime.pipeline import Pipeline
 from soraedge.runtime.prompt_cache import PromptCache
 from soraedge.runtime.user_cache import cache_home
@@ -232,7 +232,7 @@ def test_a_concurrent_different_build_is_not_replaced_without_overwrite(tiny_eng
         shutil.copytree(tiny_engines("tiny-a"), d)
         body = json.loads((d / MANIFEST).read_text())
         files = body.pop("files")
-        write_manifest(d, {**body, "cache_key": key, "inputs_key": key, "source": name}, files)
+        staged(d, {**body, "cache_key": key, "inputs_key": key, "source": name}, files).write()
         return d
 
     assert commit(stage("first", "k1"), out, work, "k1", "k1", overwrite=False)
@@ -294,7 +294,7 @@ def _with_scheduler(engine_copy: Path, **changes) -> None:
     body = json.loads((engine_copy / MANIFEST).read_text())
     for k in ("schema", "format_version", "files"):
         body.pop(k)
-    write_manifest(engine_copy, body)  # re-hashed: the directory is consistent, only the value is bad
+    staged(engine_copy, body).write()  # re-hashed: the directory is consistent, only the value is bad
 
 
 @pytest.mark.parametrize("changes,expect", [

@@ -14,6 +14,8 @@ import onnx
 
 from ..graph_scopes import node_module, nodes_in_modules
 from ..quality_gate import gate_size
+from ...runtime.choices import Backend, Execution
+from ...runtime.manifest import Manifest
 from ...runtime.pipeline import Pipeline
 from .config import FIRST_LAST_MIN_BLOCKS, CalibConfig
 from .qdq import QUANTIZED_OPS, quantize_qdq
@@ -33,9 +35,11 @@ def kept_modules(model: onnx.ModelProto, cfg: CalibConfig) -> tuple[str, ...]:
     return keep
 
 
-def quantize_dit(ref_dir: Path, src: Path, dst: Path, cfg: CalibConfig, work: Path, threads: int | None) -> dict:
-    """Write the INT8 DiT `dst` from the fp32 `src` of the engine directory `ref_dir`. Returns the manifest detail."""
-    pipe = Pipeline.load(ref_dir, threads=threads, verify=False, backend="ort", precision="fp32")
+def quantize_dit(ref_dir: Path | Manifest, src: Path, dst: Path, cfg: CalibConfig, work: Path,
+                 threads: int | None) -> dict:
+    """Write the INT8 DiT `dst` from the fp32 `src` of the engine directory `ref_dir` (or its manifest). Returns the
+    manifest detail."""
+    pipe = Pipeline.load(ref_dir, threads=threads, verify=False, backend=Backend.ORT, precision=Execution.FP32)
     h, w = gate_size(pipe)
     frames = pipe.defaults["frames"]
     del pipe

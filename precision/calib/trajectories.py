@@ -12,13 +12,15 @@ from pathlib import Path
 
 import numpy as np
 
+from ...runtime.choices import Backend, Execution
+from ...runtime.manifest import Manifest
 from ...runtime.pipeline import Pipeline
 
 
-def collect_dit_inputs(engine_dir: Path, prompts: list[str], steps: int, height: int, width: int, frames: int,
+def collect_dit_inputs(engine_dir: Path | Manifest, prompts: list[str], steps: int, height: int, width: int, frames: int,
                        threads: int | None = None, seed: int = 0) -> list[dict[str, np.ndarray]]:
     """[{hidden_states [B,C,f,h,w], timestep [B], encoder_hidden_states [B,L,D]}] over prompts x steps."""
-    pipe = Pipeline.load(engine_dir, threads=threads, verify=False, backend="ort", precision="fp32")
+    pipe = Pipeline.load(engine_dir, threads=threads, verify=False, backend=Backend.ORT, precision=Execution.FP32)
     samples: list[dict[str, np.ndarray]] = []
     for i, prompt in enumerate(prompts):
         pipe(prompt, height=height, width=width, frames=frames, steps=steps, seed=seed + i, output_type="latent",

@@ -15,40 +15,38 @@ from typing import Callable
 
 import numpy as np
 
+from ..choices import BACKENDS, Backend, Execution
 from ..errors import SoraError
 from ..spec import EngineSpec
 
-BACKENDS = ("ort", "openvino", "ort-cuda", "ort-trt", "tensorrt")
-PRECISIONS = ("fp32", "bf16")
 
-
-def open_engine(backend: str, path: Path, spec: EngineSpec, threads: int | None = None, precision: str = "fp32",
-                cache_dir: Path | None = None, arena: bool = True, cuda_graph: bool = False,
+def open_engine(backend: str, path: Path, spec: EngineSpec, threads: int | None = None,
+                precision: str = Execution.FP32, cache_dir: Path | None = None, arena: bool = True, cuda_graph: bool = False,
                 static_shapes: int = 0):
     """`arena=False` lets ONNX Runtime return large buffers instead of keeping its CPU arena (the VAE decoder).
     `static_shapes=N` has OpenVINO compile per input shape, keeping N (backends/openvino.py says why).
     `cuda_graph` captures and replays the engine per shape on `ort-cuda` (the DiT: same shape every step)."""
-    if backend != "openvino" and precision != "fp32":
+    if backend != Backend.OPENVINO and precision != Execution.FP32:
         raise SoraError(f"the {backend} backend runs the graphs at the precision they carry; execution precision "
                         f"{precision} is OpenVINO's (fp16/int8 are chosen at export)")
-    if backend == "ort":
+    if backend == Backend.ORT:
         from .ort import OrtEngine
 
         return OrtEngine(path, spec, threads, arena=arena)
-    if backend == "ort-cuda":
+    if backend == Backend.ORT_CUDA:
         from .ort_io import OrtIoEngine
 
         return OrtIoEngine(path, spec, "cuda", threads=threads, cuda_graph=cuda_graph, arena=arena)
-    if backend == "ort-trt":
+    if backend == Backend.ORT_TRT:
         from .ort_io import OrtIoEngine, tensorrt_provider
 
         return OrtIoEngine(path, spec, "cuda", threads=threads, arena=arena, cuda_graph=cuda_graph,
                            provider=tensorrt_provider(cache_dir, spec, cuda_graph=cuda_graph))
-    if backend == "tensorrt":
+    if backend == Backend.TENSORRT:
         from .trt import TrtEngine
 
         return TrtEngine(path, spec, cuda_graph=cuda_graph)
-    if backend == "openvino":
+    if backend == Backend.OPENVINO:
         from .openvino import OvEngine
 
         return OvEngine(path, spec, threads, precision, cache_dir, static_shapes=static_shapes)

@@ -15,10 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
+from ..choices import Execution
 from ..errors import SoraError
 from ..spec import EngineSpec
 
-_HINT = {"fp32": "f32", "bf16": "bf16"}
+_HINT = {Execution.FP32: "f32", Execution.BF16: "bf16"}
 # Input channels per activation scale in OpenVINO's dynamic quantization (its default: 32). Measured on the int8-dynamic
 # DiT, 2 threads, 1280 tokens, CFG batch 2, fp32 execution, step seconds for group 32/64/128/256: 1.217/1.114/1.069/
 # 1.096 at Wan2.1-1.3B's layer shape (4 layers), 0.223/0.210/0.210 (32/64/128) at bench-384; single-step PSNR
@@ -67,7 +68,7 @@ class OvEngine:
       the INT8 QDQ graph 0.205 s against 0.225 s) for 0.5-0.8 s of compile per shape. The DiT keeps one shape: a
       second compiled copy of its weights would double its memory."""
 
-    def __init__(self, path: Path, spec: EngineSpec, threads: int | None = None, precision: str = "fp32",
+    def __init__(self, path: Path, spec: EngineSpec, threads: int | None = None, precision: str = Execution.FP32,
                  cache_dir: Path | None = None, static_shapes: int = 0):
         if precision not in _HINT:
             raise SoraError(f"openvino precision {precision!r} is not supported (use fp32 or bf16)")

@@ -46,7 +46,8 @@ SECTIONS = {"dit_precision": _PRECISION, "text_encoder_precision": _PRECISION, "
 @click.option("--overwrite", is_flag=True, help="Replace an existing, different engine directory.")
 @click.option("--skip-parity", is_flag=True,
               help="Skip the parity gate (each ONNX graph against its PyTorch module, refused above 1e-3 relative "
-                   "error), for models too large to hold twice in memory.")
+                   "error; a model too large to hold twice in memory is checked on a copy with its first 2 "
+                   "layers).")
 @click.option("--backend", type=choice(AUTO, *BACKENDS),
               default="auto", show_default=True,
               help="Runtime target. CPU: auto times one DiT step on ort and openvino and keeps the fastest. GPU, "

@@ -30,7 +30,7 @@ from ..runtime.spec import Dim
 from ..runtime.validate import check_frames, check_size, check_threads
 from .checkpoint import WanCheckpoint, read_checkpoint, read_json
 from ..target.choose import build_runtime, check_request, cpu_only, openvino_unsupported
-from .dit import AttentionForm, DiTReference, dit_spec, load_dit
+from .dit import AttentionForm, dit_spec, load_dit, load_reference_dit
 from .dit_probe import FirstBlockProbe, ProbeReference, probe_spec
 from ..target.gated_choice import gate_target
 from ..precision.convert import convert_engines, execution_of, plan_precision
@@ -115,21 +115,52 @@ def _quiet():
     return stack
 
 
-def _export_component(name, module, reference, spec, tmp, opset, sample, probes, cfg, report, log):
+@dataclass(frozen=True)
+class ParitySource:
+    """How a component's exported graph is checked against PyTorch: the whole graph against `reference()` where
+    one fp32 copy of the model beside ONNX Runtime's fits in memory, else a copy with fewer layers (`reduced`:
+    the weightless module and its reference, both built with `reduced_config` from the same checkpoint), exported
+    the same way and checked whole. `params`: the component's parameter count."""
+
+    reference: Callable[[], object]
+    params: int
+    reduced: tuple[Callable[[], object], Callable[[], object]] | None = None
+    reduced_config: dict | None = None
+
+    def whole_fits(self) -> bool:
+        from ..runtime.memory import available_bytes
+
+        available = available_bytes()
+        return self.reduced is None or available is None or 3 * 4 * self.params <= available
+
+
+def _export_component(name, module, parity: ParitySource, checkpoint, spec, tmp, opset, sample, probes, cfg, report,
+                      log):
     from .onnx_export import export_onnx, parity_check
 
     t0 = time.perf_counter()
     log(f"exporting {name} ...")
     with _quiet():
-        export_onnx(module, spec, tmp / f"{name}.onnx", opset, sample)
+        export_onnx(module, spec, tmp / f"{name}.onnx", opset, sample, checkpoint)
     report.seconds[f"export_{name}"] = time.perf_counter() - t0
     entry = {"file": f"{name}.onnx", "spec": spec.to_dict(), "opset": opset}
     if cfg.check_parity:
         t0 = time.perf_counter()
-        entry["parity"] = parity_check(reference, spec, tmp / f"{name}.onnx", probes)
+        if parity.whole_fits():
+            entry["parity"] = {**parity_check(parity.reference(), spec, tmp / f"{name}.onnx", probes),
+                               "method": "whole graph"}
+        else:
+            with tempfile.TemporaryDirectory(prefix=f".parity-{name}-", dir=tmp.parent) as scratch:
+                small, reference = Path(scratch) / f"{name}.onnx", parity.reduced[1]()
+                with _quiet():
+                    export_onnx(parity.reduced[0](), spec, small, opset, sample, checkpoint)
+                entry["parity"] = {**parity_check(reference, spec, small, probes),
+                                   "method": f"a copy with {parity.reduced_config} (the whole model does not fit "
+                                             f"twice in memory)"}
         report.seconds[f"parity_{name}"] = time.perf_counter() - t0
         log(f"  {name}: max abs error vs PyTorch {entry['parity']['max_abs']:.2e} "
-            f"(rel {entry['parity']['max_rel']:.2e}) on shapes {[p['sizes'] for p in entry['parity']['probes']]}")
+            f"(rel {entry['parity']['max_rel']:.2e}) on shapes {[p['sizes'] for p in entry['parity']['probes']]}"
+            f" ({entry['parity']['method']})")
         check_parity(name, entry["parity"])
     return entry
 
@@ -143,10 +174,14 @@ def check_parity(name: str, parity: dict) -> None:
                         f"it (nothing was written)")
 
 
-def _export_into(ck: WanCheckpoint, cfg: ExportConfig, defaults: dict, tmp: Path, report: ExportReport,
-                 log) -> tuple[dict, dict, int]:
-    """Export every component into `tmp`; returns (engine manifest entries, the VAE engine names, d_model)."""
-    from diffusers import WanTransformer3DModel
+REDUCED_LAYERS = 2  # the parity copy of a model too large to check whole: its first layers, same widths
+
+
+def _export_into(ck: WanCheckpoint, cfg: ExportConfig, defaults: dict, params: dict[str, int], tmp: Path,
+                 report: ExportReport, log) -> tuple[dict, dict, int]:
+    """Export every component into `tmp`, each traced weightless and its weights streamed from the checkpoint
+    (export/streaming.py); returns (engine manifest entries, the VAE engine names, d_model)."""
+    from .streaming import CheckpointTensors
 
     s, t = ck.vae_scale_spatial, ck.vae_scale_temporal
     p_t, p_h, p_w = ck.patch
@@ -161,86 +196,99 @@ def _export_into(ck: WanCheckpoint, cfg: ExportConfig, defaults: dict, tmp: Path
     engines = {}
 
     # Text encoder
-    te = load_text_encoder(ck.root, ck.text_encoder_class)
+    te = load_text_encoder(ck.root, ck.text_encoder_class, weights=False)
     d_model = te.encoder.config.hidden_size  # T5: d_model, BERT: hidden_size (transformers maps both)
     spec = text_encoder_spec(d_model, cfg.max_sequence_length)
+    fewer = {"num_hidden_layers": min(REDUCED_LAYERS, te.encoder.config.num_hidden_layers)}  # T5 maps it too
+    parity = ParitySource(lambda: load_text_encoder(ck.root, ck.text_encoder_class), params["text_encoder"],
+                          (lambda: load_text_encoder(ck.root, ck.text_encoder_class, False, **fewer),
+                           lambda: load_text_encoder(ck.root, ck.text_encoder_class, **fewer)), fewer)
     engines["text_encoder"] = _export_component(
-        "text_encoder", te, te, spec, tmp, cfg.attention.opset, {"b": 2, "s": min(8, cfg.max_sequence_length)},
+        "text_encoder", te, parity, CheckpointTensors(ck.root / "text_encoder"), spec, tmp, cfg.attention.opset,
+        {"b": 2, "s": min(8, cfg.max_sequence_length)},
         [{"b": 1, "s": cfg.max_sequence_length}, {"b": 2, "s": min(5, cfg.max_sequence_length)}], cfg, report, log)
     del te
 
     # DiT: the exported module carries the export-time rewrites; the reference is diffusers' own model.
-    dit = load_dit(ck.root, cfg.attention)
-    reference = DiTReference(
-        WanTransformer3DModel.from_pretrained(ck.root / "transformer", use_safetensors=True).eval())
+    dit = load_dit(ck.root, cfg.attention, weights=False)
+    weights = CheckpointTensors(ck.root / "transformer")
+    fewer = {"num_layers": min(REDUCED_LAYERS, ck.transformer_config["num_layers"])}
     spec = dit_spec(ck.transformer_config, cfg.max_sequence_length, f_dim, h_dim, w_dim)
+    sample = {"b": 2, "f": 2, "h": 2 * p_h, "w": 3 * p_w}
+    parity = ParitySource(lambda: load_reference_dit(ck.root), params["transformer"],
+                          (lambda: load_dit(ck.root, cfg.attention, False, **fewer),
+                           lambda: load_reference_dit(ck.root, **fewer)), fewer)
     engines["transformer"] = _export_component(
-        "transformer", dit, reference, spec, tmp, cfg.attention.opset,
-        {"b": 2, "f": 2, "h": 2 * p_h, "w": 3 * p_w},
+        "transformer", dit, parity, weights, spec, tmp, cfg.attention.opset, sample,
         [{"b": 1, "f": 3, "h": 3 * p_h, "w": 2 * p_w}, {"b": 2, "f": 1, "h": p_h, "w": 4 * p_w}], cfg, report, log)
-    # The step-cache probe: the DiT's first block's modulated input, a small engine of its own.
+    # The step-cache probe: the DiT's first block's modulated input, a small engine of its own (its reference is
+    # diffusers' model with one layer: all the probe reads).
+    one = {"num_layers": 1}
     engines["dit_probe"] = _export_component(
-        "dit_probe", FirstBlockProbe(dit.transformer), ProbeReference(reference.model),
-        probe_spec(ck.transformer_config, f_dim, h_dim, w_dim), tmp, cfg.attention.opset,
-        {"b": 2, "f": 2, "h": 2 * p_h, "w": 3 * p_w}, [{"b": 1, "f": 3, "h": 3 * p_h, "w": 2 * p_w}], cfg, report,
-        log)
-    del dit, reference
+        "dit_probe", FirstBlockProbe(dit.transformer),
+        ParitySource(lambda: ProbeReference(load_reference_dit(ck.root, **one).model), 0), weights,
+        probe_spec(ck.transformer_config, f_dim, h_dim, w_dim), tmp, cfg.attention.opset, sample,
+        [{"b": 1, "f": 3, "h": 3 * p_h, "w": 2 * p_w}], cfg, report, log)
+    del dit
 
     # VAE: the chunked causal decoder (first frame, then one latent frame per step), checked graph by graph and
     # then as the runtime runs it against diffusers' whole-clip decode.
-    first, step, slots, vae = load_vae_decoders(ck.root)
+    first, step, slots, _ = load_vae_decoders(ck.root, weights=False)
+    weights = CheckpointTensors(ck.root / "vae")
     lat_hw = [Dim(n, 1, defaults[k] // s, lat_max) for n, k in (("h", "height"), ("w", "width"))]
     specs = vae_specs(ck.latent_channels, s, t, slots, *lat_hw)
-    for module, spec in zip((first, step), specs):
-        engines[spec.name] = _export_component(spec.name, module, module, spec, tmp, cfg.attention.opset,
-                                               {"h": 4, "w": 6}, [{"h": 3, "w": 5}], cfg, report, log)
+    references = (None, None, None, None)
+    if cfg.check_parity:  # small: checked whole
+        references = load_vae_decoders(ck.root)
+    for module, reference, spec in zip((first, step), references[:2], specs):
+        engines[spec.name] = _export_component(spec.name, module, ParitySource(lambda r=reference: r, 0), weights,
+                                               spec, tmp, cfg.attention.opset, {"h": 4, "w": 6}, [{"h": 3, "w": 5}],
+                                               cfg, report, log)
     if cfg.check_parity:
-        decode = engines[specs[1].name]["decode_parity"] = _chunked_decode_parity(vae, specs, tmp, ck.latent_channels)
+        decode = engines[specs[1].name]["decode_parity"] = _chunked_decode_parity(references[3], specs, tmp,
+                                                                                  ck.latent_channels)
         log(f"  chunked decode vs diffusers' decode: max abs error {decode['max_abs']:.2e}")
         check_parity("the chunked VAE decode", decode)
     vae_engines = {"first": specs[0].name, "step": specs[1].name}
     return engines, vae_engines, d_model
 
 
-def _check_sizes(ck: WanCheckpoint) -> None:
-    """Before any weight is loaded: each component's safetensors are well formed (export/weights.py), its config
-    describes a model that can be built (on the meta device: no memory), that model's parameters are the ones the
-    weights hold, and one fp32 copy of it fits in this machine's available memory. A config with huge dimensions
-    is then one line instead of an allocation of hundreds of GB."""
-    import torch
+def _check_sizes(ck: WanCheckpoint) -> dict[str, int]:
+    """Before any weight is read: each component's safetensors are well formed (export/weights.py), its config
+    describes a model that can be built (on the meta device: no memory), and that model's parameters are the ones the
+    weights hold, in number and shape. A config with huge dimensions is then one line instead of an export of
+    something else. Returns each component's parameter count."""
     import transformers
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
 
-    from ..runtime.memory import available_bytes
+    import torch
+
+    from .streaming import from_config
     from .weights import component_tensors
 
-    te_cls = getattr(transformers, ck.text_encoder_class)
-    builders = {
-        "text_encoder": lambda: te_cls._from_config(transformers.AutoConfig.from_pretrained(ck.root / "text_encoder")),
-        "transformer": lambda: WanTransformer3DModel.from_config(ck.transformer_config),
-        "vae": lambda: AutoencoderKLWan.from_config(ck.vae_config),
-    }
-    available = available_bytes()
-    for comp, build in builders.items():
+    classes = {"text_encoder": getattr(transformers, ck.text_encoder_class), "transformer": WanTransformer3DModel,
+               "vae": AutoencoderKLWan}
+    counts = {}
+    for comp, cls in classes.items():
         tensors = component_tensors(ck.root / comp)
         stored = sum(t.numel for t in tensors.values())
         try:
             with torch.device("meta"), _quiet():
-                model = build()
+                model = from_config(cls, ck.root / comp)
+        except SoraError:
+            raise
         except Exception as e:  # a config the library cannot build a model from: any of its exceptions
             raise SoraError(f"{ck.root / comp}/config.json describes no model that can be built "
                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
-        params = sum(p.numel() for p in model.parameters())
-        for name, t in model.state_dict().items():
-            if name in tensors and tuple(t.shape) != tensors[name].shape:
+        counts[comp] = params = sum(p.numel() for p in model.parameters())
+        for name, p in model.named_parameters():
+            if name in tensors and tuple(p.shape) != tensors[name].shape:
                 raise SoraError(f"{tensors[name].file}: {name} is {list(tensors[name].shape)}, but "
-                                f"{comp}/config.json makes it {list(t.shape)}")
+                                f"{comp}/config.json makes it {list(p.shape)}")
         if params > 2 * stored + 10**6:
             raise SoraError(f"{ck.root / comp}/config.json describes {params / 1e9:.2f}B parameters but its weights "
                             f"hold {stored / 1e9:.2f}B: the config does not belong to these weights")
-        if available is not None and 4 * params > available:
-            raise SoraError(f"{comp} has {params / 1e9:.2f}B parameters ({4 * params / 2**30:.1f} GiB in fp32), more "
-                            f"than this machine's {available / 2**30:.1f} GiB of available memory")
+    return counts
 
 
 def _chunked_decode_parity(vae, specs, tmp: Path, z_dim: int) -> dict:
@@ -288,7 +336,7 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = lambda s: None) -
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.build-", dir=out.parent) as work:
         work = Path(work)
         ck, defaults, source = _prepare_source(cfg, work)
-        _check_sizes(ck)
+        params = _check_sizes(ck)
         pad_token_id = _pad_token_id(ck)
         model_text_len = defaults.pop("max_sequence_length")
         cfg = replace(cfg, max_sequence_length=cfg.max_sequence_length or model_text_len,
@@ -334,7 +382,7 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = lambda s: None) -
         stage = work / "engine"
         ref = work / "fp32" if reduced else stage  # the fp32 export: the reference for calibration and the gate
         ref.mkdir()
-        engines, vae_engines, d_model = _export_into(ck, cfg, defaults, ref, report, log)
+        engines, vae_engines, d_model = _export_into(ck, cfg, defaults, params, ref, report, log)
         (ref / "tokenizer").mkdir()
         shutil.copy2(ck.tokenizer_file, ref / "tokenizer" / "tokenizer.json")
         (ref / "scheduler").mkdir()

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from ..runtime.errors import SoraError
 from ..runtime.spec import Dim, EngineSpec, RunSettings, TensorSpec
+from .streaming import is_weightless, load_model
 
 
 class AttentionForm(str, enum.Enum):
@@ -83,24 +84,32 @@ def half_split_order(heads: int, head_dim: int) -> torch.Tensor:
     return (torch.arange(heads)[:, None] * head_dim + within).flatten()
 
 
-def to_half_split(attn) -> None:
-    """Permute a self-attention's query and key output channels (Linear rows, biases, RMSNorm gains) into the
-    half-split layout, in place. q.k within a head is a sum over channels, so the scores are unchanged; an RMSNorm
-    across heads (or within one) takes a mean of squares, which a permutation leaves alone."""
+def half_split_orders(attn) -> dict[torch.nn.Parameter, torch.Tensor]:
+    """{parameter: row order} that puts a self-attention's query and key output channels (Linear rows, biases,
+    RMSNorm gains) in the half-split layout. q.k within a head is a sum over channels, so the scores are unchanged;
+    an RMSNorm across heads (or within one) takes a mean of squares, which a permutation leaves alone."""
     head_dim = attn.inner_dim // attn.heads
     order = half_split_order(attn.heads, head_dim)
     gain_order = {order.numel(): order, head_dim: half_split_order(1, head_dim)}  # norm across heads / per head
+    orders = {}
+    for proj, norm in ((attn.to_q, attn.norm_q), (attn.to_k, attn.norm_k)):
+        orders[proj.weight] = order
+        if proj.bias is not None:
+            orders[proj.bias] = order
+        weight = getattr(norm, "weight", None)
+        if weight is not None:
+            if weight.numel() not in gain_order:
+                raise SoraError(f"unsupported query/key norm over {weight.numel()} channels (expected "
+                                f"{order.numel()} across heads or {head_dim} per head)")
+            orders[weight] = gain_order[weight.numel()]
+    return orders
+
+
+def reorder_rows(orders: dict[torch.nn.Parameter, torch.Tensor]) -> None:
+    """Apply {parameter: row order} to parameters that hold their weights, in place."""
     with torch.no_grad():
-        for proj, norm in ((attn.to_q, attn.norm_q), (attn.to_k, attn.norm_k)):
-            proj.weight.copy_(proj.weight[order])
-            if proj.bias is not None:
-                proj.bias.copy_(proj.bias[order])
-            weight = getattr(norm, "weight", None)
-            if weight is not None:
-                if weight.numel() not in gain_order:
-                    raise SoraError(f"unsupported query/key norm over {weight.numel()} channels (expected "
-                                    f"{order.numel()} across heads or {head_dim} per head)")
-                weight.copy_(weight[gain_order[weight.numel()]])
+        for param, order in orders.items():
+            param.copy_(param[order])
 
 
 def _rotate(x, cos, sin):  # x [B, L, H, D] half-split, cos/sin [1, L, 1, D]
@@ -138,10 +147,15 @@ class DiTForExport(torch.nn.Module):
     def __init__(self, transformer, form: AttentionForm):
         super().__init__()
         transformer.rope = RotaryTables(transformer.rope)
+        orders = {}
         for block in transformer.blocks:
-            to_half_split(block.attn1)  # the only attention that takes the rotary embedding
+            orders.update(half_split_orders(block.attn1))  # the only attention that takes the rotary embedding
             block.attn1.set_processor(ExportAttnProcessor(form))
             block.attn2.set_processor(ExportAttnProcessor(form))
+        if is_weightless(transformer):
+            transformer.row_orders = orders  # applied as the weights stream into the ONNX (export/streaming.py)
+        else:
+            reorder_rows(orders)
         self.transformer = transformer
 
     def forward(self, hidden_states, timestep, encoder_hidden_states):
@@ -159,8 +173,12 @@ class DiTReference(torch.nn.Module):
         return self.model(hidden_states, timestep, encoder_hidden_states, return_dict=False)[0]
 
 
-def load_dit(root, form: AttentionForm) -> DiTForExport:
+def load_dit(root, form: AttentionForm, weights: bool = True, **overrides) -> DiTForExport:
+    """The DiT to export: weightless (export streams the weights) or with them; `overrides` change its config."""
+    return DiTForExport(load_reference_dit(root, weights, **overrides).model, form).eval()
+
+
+def load_reference_dit(root, weights: bool = True, **overrides) -> DiTReference:
     from diffusers import WanTransformer3DModel
 
-    model = WanTransformer3DModel.from_pretrained(root / "transformer", use_safetensors=True).eval()
-    return DiTForExport(model, form).eval()
+    return DiTReference(load_model(WanTransformer3DModel, root / "transformer", weights, **overrides)).eval()

@@ -40,6 +40,7 @@ class FirstBlockProbe(torch.nn.Module):
         self.act_fn = transformer.condition_embedder.act_fn
         self.time_proj = transformer.condition_embedder.time_proj
         self.block = transformer.blocks[0]
+        object.__setattr__(self, "checkpoint_model", transformer)  # its names are the checkpoint's (streaming)
 
     def forward(self, hidden_states, timestep):
         x = self.patch_embedding(hidden_states).flatten(2).transpose(1, 2)  # [B, N, D]

@@ -1,5 +1,9 @@
 """One export routine for every component: torch.onnx.export(dynamo=True) driven by the component's EngineSpec.
 
+A weightless module (export/streaming.py) is traced without its weights, which are then written from the
+checkpoint one tensor at a time; the exporter's optimizer runs after they are attached, as it does for a module
+with weights, so both give the same graph.
+
 The spec supplies the sample inputs, the exporter's dynamic shapes and the input/output names; afterwards the ONNX
 model is run in ONNX Runtime against the PyTorch module on shapes *different* from the export sample (so the
 dynamic axes are proven) and the worst error is returned for the manifest.
@@ -17,6 +21,7 @@ import torch
 
 from ..runtime.errors import SoraError
 from ..runtime.spec import EngineSpec
+from .streaming import CheckpointTensors, attach_checkpoint, fold_weight_transposes, is_weightless
 
 
 def torch_dynamic_shapes(spec: EngineSpec) -> tuple[dict[int, object], ...]:
@@ -47,8 +52,13 @@ def _group_varargs(module: torch.nn.Module, shapes: tuple) -> tuple:
     return shapes
 
 
-def export_onnx(module: torch.nn.Module, spec: EngineSpec, path: Path, opset: int, sizes: dict[str, int]) -> None:
-    """Trace `module` at the given sample sizes into `path` (+ `path.data` external weights)."""
+def export_onnx(module: torch.nn.Module, spec: EngineSpec, path: Path, opset: int, sizes: dict[str, int],
+                checkpoint: CheckpointTensors | None = None) -> None:
+    """Trace `module` at the given sample sizes into `path` (+ `path.data` external weights). A weightless module's
+    weights come from `checkpoint`, streamed."""
+    streamed = is_weightless(module)
+    if streamed and checkpoint is None:
+        raise SoraError(f"{spec.name}: a weightless module needs the checkpoint its weights stream from")
     feeds = spec.sample_inputs(seed=0, **sizes)
     args = tuple(torch.from_numpy(feeds[n]) for n in spec.input_names)
     with warnings.catch_warnings(), torch.no_grad():
@@ -57,10 +67,14 @@ def export_onnx(module: torch.nn.Module, spec: EngineSpec, path: Path, opset: in
         program = torch.onnx.export(
             module, args, dynamo=True, opset_version=opset, input_names=spec.input_names,
             output_names=spec.output_names, dynamic_shapes=_group_varargs(module, torch_dynamic_shapes(spec)),
-            optimize=True, verbose=False, report=False,
+            optimize=not streamed, verbose=False, report=False,
         )
-    if program is None:
-        raise SoraError(f"export of {spec.name} produced no ONNX program")
+        if program is None:
+            raise SoraError(f"export of {spec.name} produced no ONNX program")
+        if streamed:
+            attach_checkpoint(program.model, module, checkpoint)
+            fold_weight_transposes(program.model)
+            program.optimize()
     program.save(str(path), external_data=True)
 
 

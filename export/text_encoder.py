@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..runtime.spec import Dim, EngineSpec, TensorSpec
+from .streaming import load_model
 
 
 def text_encoder_spec(d_model: int, max_len: int, max_batch: int = 2) -> EngineSpec:
@@ -30,9 +31,9 @@ class TextEncoderForExport(torch.nn.Module):
         return self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
 
-def load_text_encoder(root, class_name: str) -> TextEncoderForExport:
+def load_text_encoder(root, class_name: str, weights: bool = True, **overrides) -> TextEncoderForExport:
+    """The text encoder: weightless (export streams the weights) or with them; `overrides` change its config."""
     import transformers
 
-    cls = getattr(transformers, class_name)
-    model = cls.from_pretrained(root / "text_encoder", use_safetensors=True).eval()
+    model = load_model(getattr(transformers, class_name), root / "text_encoder", weights, **overrides)
     return TextEncoderForExport(model).eval()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from ..runtime.spec import Dim, EngineSpec, RunSettings, TensorSpec
+from .streaming import load_model
 
 CACHE_T = 2  # frames of history each causal conv keeps (diffusers' CACHE_T)
 
@@ -89,12 +90,11 @@ class VaeDecoderStep(torch.nn.Module):
         return (video, *cache)
 
 
-def load_vae_decoders(root, probe_hw: tuple[int, int] = (4, 6)):
-    """(first module, step module, slots, the diffusers VAE). Slots, as (channels, spatial factor), are found by
-    running diffusers' decoder for two latent frames at a probe size."""
-    from diffusers import AutoencoderKLWan
-
-    vae = AutoencoderKLWan.from_pretrained(root / "vae", use_safetensors=True).eval()
+def load_vae_decoders(root, probe_hw: tuple[int, int] = (4, 6), weights: bool = True):
+    """(first module, step module, slots, the diffusers VAE), weightless (export streams the weights) or with them.
+    Slots, as (channels, spatial factor), are found by running diffusers' decoder for two latent frames at a probe
+    size (on fake weights too: only their shapes are read)."""
+    vae = load_vae(root, weights)
     h, w = probe_hw
     z = torch.zeros(1, vae.config.z_dim, 2, h, w)
     n_slots = sum(isinstance(m, torch.nn.Conv3d) for m in vae.decoder.modules())
@@ -110,6 +110,12 @@ def load_vae_decoders(root, probe_hw: tuple[int, int] = (4, 6)):
 
     first = VaeDecoderFirst(vae, [template(c, k) for c, k in slots]).eval()
     return first, VaeDecoderStep(vae).eval(), slots, vae
+
+
+def load_vae(root, weights: bool = True):
+    from diffusers import AutoencoderKLWan
+
+    return load_model(AutoencoderKLWan, root / "vae", weights)
 
 
 class VaeReference(torch.nn.Module):

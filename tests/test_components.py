@@ -147,11 +147,11 @@ def _interleaved_rotate(x, cos, sin):  # diffusers' Wan form: x [B, L, H, D], pa
 
 @pytest.mark.parametrize("norm_width", ["across heads", "per head"])
 def test_half_split_permutation_keeps_every_score(norm_width):
-    """to_half_split + the rotate-half form give the same q.k scores as the checkpoint's interleaved rotary, with
+    """The half-split row orders + the rotate-half form give the same q.k scores as the checkpoint's interleaved rotary, with
     the query/key RMSNorm across heads (Wan's) or within each head (applied after the head split)."""
     from types import SimpleNamespace
 
-    from soraedge.export.dit import _rotate, to_half_split
+    from soraedge.export.dit import _rotate, half_split_orders, reorder_rows
 
     torch.manual_seed(0)
     heads, head_dim, length = 3, 8, 5
@@ -175,7 +175,7 @@ def test_half_split_permutation_keeps_every_score(norm_width):
         q, k = (_interleaved_rotate(project(p, n), cos, sin) for p, n in ((attn.to_q, attn.norm_q),
                                                                           (attn.to_k, attn.norm_k)))
         before = torch.einsum("blhd,bshd->bhls", q, k)
-        to_half_split(attn)
+        reorder_rows(half_split_orders(attn))
         table = (torch.cat([cos, cos], -1)[None, :, None], torch.cat([sin, sin], -1)[None, :, None])  # [1, L, 1, D]
         q, k = (_rotate(project(p, n), *table) for p, n in ((attn.to_q, attn.norm_q), (attn.to_k, attn.norm_k)))
         after = torch.einsum("blhd,bshd->bhls", q, k)
@@ -185,30 +185,30 @@ def test_half_split_permutation_keeps_every_score(norm_width):
 def test_half_split_refuses_another_norm_width():
     from types import SimpleNamespace
 
-    from soraedge.export.dit import to_half_split
+    from soraedge.export.dit import half_split_orders
     from soraedge.runtime.errors import SoraError
 
     attn = SimpleNamespace(heads=2, inner_dim=8, to_q=torch.nn.Linear(8, 8), to_k=torch.nn.Linear(8, 8),
                            norm_q=torch.nn.RMSNorm(2), norm_k=torch.nn.RMSNorm(2))
     with pytest.raises(SoraError, match="unsupported query/key norm over 2 channels"):
-        to_half_split(attn)
+        half_split_orders(attn)
 
 
 def test_parity_gate_refuses_a_graph_that_differs_from_pytorch(tiny_model, tmp_path, monkeypatch):
-    """A DiT whose exported module carries one perturbed weight (its reference, diffusers' own model, does not): the
-    export fails at the parity gate, names the component and the measured error, and writes nothing."""
+    """A DiT whose PyTorch reference carries one perturbed weight (the graph streams the checkpoint's): the export
+    fails at the parity gate, names the component and the measured error, and writes nothing."""
     from soraedge.export import build
     from soraedge.runtime.errors import SoraError
 
-    real = build.load_dit
+    real = build.load_reference_dit
 
-    def perturbed(root, form):
-        dit = real(root, form)
+    def perturbed(root, weights=True, **overrides):
+        reference = real(root, weights, **overrides)
         with torch.no_grad():
-            dit.transformer.proj_out.weight.add_(0.05)
-        return dit
+            reference.model.proj_out.weight.add_(0.05)
+        return reference
 
-    monkeypatch.setattr(build, "load_dit", perturbed)
+    monkeypatch.setattr(build, "load_reference_dit", perturbed)
     out = tmp_path / "e"
     size = TEST_SIZE["tiny-a"]
     with pytest.raises(SoraError, match=r"transformer: the ONNX graph differs from PyTorch by \S+ relative.*1e-03"):

@@ -1,0 +1,168 @@
+"""Peak host memory and wall time of exporting a real-size component: streamed (traced weightless, the weights
+written from the checkpoint one tensor at a time: export/streaming.py) against loaded (the module built with its
+weights, then traced), side by side in one run.
+
+The checkpoint is written first with random weights in the real configuration, in the dtype and shards asked for,
+one shard at a time (its writer never holds the model). Each export runs in its own fresh process, so each
+high-water mark (VmHWM) is that export's alone; the parity check is measured separately as the export runs it for
+a model of this size (on a copy with fewer layers where the whole does not fit twice). Writes
+bench/results/export_memory_<tag>.json and .md.
+
+    python -m soraedge.bench.export_memory [--component transformer] [--dtype bf16] [--modes streamed,loaded]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import click
+
+from .report import result_options, save
+
+# The real configurations (config.json of Wan-AI/Wan2.1-T2V-1.3B-Diffusers and -14B-Diffusers' transformer).
+CONFIGS = {
+    "wan2.1-1.3b": dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16,
+                        out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30,
+                        cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024),
+    "wan2.1-14b": dict(patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16,
+                       out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40,
+                       cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024),
+}
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+SHARD_BYTES = 2 << 30
+
+CHILD = """
+import json, sys, time
+from pathlib import Path
+root, mode, parity = Path(sys.argv[1]), sys.argv[2], sys.argv[3] == "1"
+t0 = time.perf_counter()
+from soraedge.export.dit import AttentionForm, dit_spec, load_dit, load_reference_dit
+from soraedge.export.onnx_export import export_onnx, parity_check
+from soraedge.export.streaming import CheckpointTensors
+from soraedge.runtime.spec import Dim
+config = json.loads((root / "transformer" / "config.json").read_text())
+spec = dit_spec(config, 512, Dim("f", 1, 21, 21), Dim("h", 2, 60, 160, 2), Dim("w", 2, 104, 160, 2))
+out = root / f"{mode}.onnx"
+sample = {"b": 2, "f": 2, "h": 4, "w": 6}
+result = {}
+if parity:  # as the export checks a model this size: a copy with its first 2 layers, streamed, against PyTorch
+    fewer = {"num_layers": 2}
+    export_onnx(load_dit(root, AttentionForm.ONNX, False, **fewer), spec, out, 23, sample,
+                CheckpointTensors(root / "transformer"))
+    result["parity"] = parity_check(load_reference_dit(root, **fewer), spec, out, [{"b": 1, "f": 3, "h": 6, "w": 4}])
+else:
+    streamed = mode == "streamed"
+    export_onnx(load_dit(root, AttentionForm.ONNX, not streamed), spec, out, 23, sample,
+                CheckpointTensors(root / "transformer") if streamed else None)
+    result["onnx_bytes"] = sum(p.stat().st_size for p in root.glob(f"{mode}.onnx*"))
+for p in root.glob(f"{mode}.onnx*"):
+    p.unlink()
+hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM"))
+print(json.dumps({**result, "seconds": time.perf_counter() - t0, "vm_hwm_gb": hwm / 2**20}))
+"""
+
+
+def write_random_checkpoint(folder: Path, config: dict, dtype: str, seed: int = 0) -> dict:
+    """diffusers' WanTransformer3DModel `config` with random weights (normal, std 0.02; norms at 1) saved as
+    `dtype` safetensors in shards of about SHARD_BYTES with an index, one shard in memory at a time."""
+    import torch
+    from diffusers import WanTransformer3DModel
+    from safetensors.torch import save_file
+
+    from ..export.streaming import load_model
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps({"_class_name": "WanTransformer3DModel", **config}))
+    model = load_model(WanTransformer3DModel, folder, weights=False)  # shapes only
+    g = torch.Generator().manual_seed(seed)
+    shards, shard, size = [], {}, 0
+    for name, p in model.named_parameters():
+        t = torch.ones(p.shape) if name.endswith("norm_q.weight") or name.endswith("norm_k.weight") else \
+            torch.randn(p.shape, generator=g) * 0.02
+        shard[name] = t.to(getattr(torch, DTYPES[dtype]))
+        size += shard[name].numel() * shard[name].element_size()
+        if size >= SHARD_BYTES:
+            shards.append(shard)
+            _save(folder, shards, save_file)
+            shard, size = {}, 0
+    shards.append(shard)
+    _save(folder, shards, save_file, last=True)
+    return {"parameters": sum(p.numel() for p in model.parameters()), "shards": len(shards)}
+
+
+def _save(folder: Path, shards: list, save_file, last: bool = False) -> None:
+    """Write the newest shard; on the last, name them all n-of-N and write the index."""
+    i = len(shards)
+    save_file(shards[-1], folder / f"part-{i:05d}.safetensors")
+    shards[-1] = list(shards[-1])  # names only, from here on
+    if not last:
+        return
+    weight_map = {}
+    for j, names in enumerate(shards, 1):
+        final = f"diffusion_pytorch_model-{j:05d}-of-{len(shards):05d}.safetensors"
+        (folder / f"part-{j:05d}.safetensors").rename(folder / final)
+        weight_map.update({n: final for n in names})
+    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+def run_child(root: Path, mode: str, parity: bool) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(root), mode, "1" if parity else "0"], env=env,
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {"error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def to_markdown(r: dict) -> str:
+    lines = [f"### Export memory: {r['model']} transformer ({r['parameters'] / 1e9:.2f}B parameters, stored "
+             f"{r['dtype']} in {r['shards']} shards)", "",
+             f"{r['machine']['cpu']}, {r['machine']['cores']} cores, {r['machine']['memory_gb']:.0f} GB; fp32 "
+             f"ONNX written; each in a fresh process, peak = VmHWM; {r['date']}.", "",
+             "| Export | Peak host memory (GB) | Wall time (s) | Notes |", "|---|---|---|---|"]
+    for mode, m in r["runs"].items():
+        if "error" in m:
+            lines.append(f"| {mode} | - | - | failed: {m['error']} |")
+            continue
+        note = (f"parity max rel {m['parity']['max_rel']:.1e}" if "parity" in m
+                else f"{m['onnx_bytes'] / 2**30:.1f} GiB ONNX")
+        lines.append(f"| {mode} | {m['vm_hwm_gb']:.2f} | {m['seconds']:.0f} | {note} |")
+    return "\n".join(lines) + "\n"
+
+
+@click.command()
+@click.option("--model", type=click.Choice(sorted(CONFIGS)), default="wan2.1-1.3b", show_default=True)
+@click.option("--dtype", type=click.Choice(sorted(DTYPES)), default="bf16", show_default=True,
+              help="How the random checkpoint is stored.")
+@click.option("--modes", default="streamed,loaded,parity", show_default=True,
+              help="streamed, loaded (the module with its weights) and/or parity (the 2-layer copy check).")
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where the checkpoint and ONNX go (default: a temporary folder; needs disk for both).")
+@result_options("export_memory")
+def main(model, dtype, modes, workdir, tag, results):
+    from ..runtime.machine import machine
+
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        root = Path(tmp)
+        t0 = time.perf_counter()
+        info = write_random_checkpoint(root / "transformer", CONFIGS[model], dtype)
+        print(f"checkpoint written in {time.perf_counter() - t0:.0f} s: {info}")
+        runs = {}
+        for mode in modes.split(","):
+            runs[mode] = run_child(root, mode, mode == "parity")
+            print(mode, runs[mode])
+    meminfo = Path("/proc/meminfo").read_text().split()
+    result = {"model": model, "dtype": dtype, **info, "runs": runs, "date": time.strftime("%Y-%m-%d"),
+              "machine": {**machine(), "cores": os.cpu_count(), "memory_gb": int(meminfo[1]) / 2**20}}
+    save(results, "export_memory", tag, result, to_markdown(result))
+
+
+if __name__ == "__main__":
+    main()

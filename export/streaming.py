@@ -1,0 +1,212 @@
+"""Export with weights that take no memory: trace a component built with fake parameters, then write the ONNX
+external data straight from the checkpoint's safetensors, one tensor at a time.
+
+`weightless()` builds modules whose parameters are fake tensors (a shape and a dtype, no storage); buffers a module
+computes when built (RoPE's tables) stay real and are written from memory. The exporter traces the fake module as
+it would the real one; `attach_checkpoint` then gives each initializer that stands for a parameter a lazy value:
+its checkpoint tensor, read from the memory-mapped shard that holds it, converted to float32 whatever the checkpoint
+stored (bf16, fp16, fp32), with the export-time reordering of its rows applied where the model declares one
+(`row_orders`: export/dit.py's rotary layout). A transpose of such a weight (how the exporter writes a
+Linear) becomes a lazy transposed value instead of a node, as the exporter's own constant folding would make it.
+Saving reads, converts and writes one tensor at a time, so host memory is the largest tensor plus the trace.
+`load_model` builds the same models with their weights, read the same way: the PyTorch references of the parity
+check, whole or with fewer layers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import onnx_ir as ir
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode, is_fake
+
+from ..runtime.errors import SoraError
+from .weights import TensorInfo, component_tensors
+
+_NUMPY = {"F32": np.float32, "F16": np.float16, "F64": np.float64}
+
+
+@contextlib.contextmanager
+def weightless() -> Iterator[None]:
+    """Inside, every parameter a module registers is replaced by a fake tensor of its shape (float32 where it is
+    floating point): building a model of any size takes no memory, and its initialisation runs on nothing."""
+    mode = FakeTensorMode(allow_non_fake_inputs=True)  # the real buffers and inputs meet the fake weights in it
+    register = torch.nn.Module.register_parameter
+
+    def fake_parameter(self, name, param):
+        if param is not None and not is_fake(param):
+            dtype = torch.float32 if param.is_floating_point() else param.dtype  # the export's, not the config's
+            with mode:
+                param = torch.nn.Parameter(torch.empty(param.shape, dtype=dtype), param.requires_grad)
+        register(self, name, param)
+
+    torch.nn.Module.register_parameter = fake_parameter
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
+
+
+def is_weightless(module: torch.nn.Module) -> bool:
+    return any(is_fake(p) for p in module.parameters())
+
+
+class CheckpointTensors:
+    """One component's safetensors (a single file or shards named by an index), read one tensor at a time from the
+    memory-mapped file that holds it, as float32."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.tensors: dict[str, TensorInfo] = component_tensors(folder)  # headers and shards checked
+
+    def read(self, name: str) -> np.ndarray:
+        info = self.tensors[name]
+        stored = np.uint16 if info.dtype == "BF16" else _NUMPY.get(info.dtype)
+        if stored is None:
+            raise SoraError(f"{info.file}: {name} is stored as {info.dtype}, not a floating-point type")
+        array = np.fromfile(info.file, stored, info.numel, offset=info.begin).reshape(info.shape)
+        if info.dtype == "BF16":  # the high half of a float32
+            return (array.astype(np.uint32) << 16).view(np.float32)
+        return array.astype(np.float32, copy=False)
+
+
+def _checkpoint_name(aliases: list[str], tensors: dict[str, TensorInfo]) -> str | None:
+    """The checkpoint's name for a parameter known by `aliases` (its names in the export wrapper, tied weights
+    having several): the first alias, or a suffix of one after whole leading components (the wrapper's attribute
+    names), that the checkpoint holds."""
+    split = [alias.split(".") for alias in aliases]
+    for i in range(max(map(len, split))):  # the fewest leading components dropped, over every alias
+        for parts in split:
+            if i < len(parts) and ".".join(parts[i:]) in tensors:
+                return ".".join(parts[i:])
+    return None
+
+
+def attach_checkpoint(model: ir.Model, module: torch.nn.Module, checkpoint: CheckpointTensors) -> int:
+    """Give every initializer of `model` (traced from the weightless `module`) that stands for a parameter its
+    checkpoint tensor, lazily; returns how many. A wrapper that renames the model's parameters names the model as
+    its `checkpoint_model` attribute (not a submodule), whose names the checkpoint uses. A parameter the checkpoint does not hold, or holds in another
+    shape, is one line naming it."""
+    params: dict[int, torch.nn.Parameter] = {}
+    aliases: dict[int, list[str]] = defaultdict(list)
+    named = ([module.checkpoint_model] if hasattr(module, "checkpoint_model") else []) + [module]
+    for m in named:
+        for name, p in m.named_parameters(remove_duplicate=False):
+            params[id(p)] = p
+            aliases[id(p)].append(name)
+    orders = row_orders(module)
+    attached = 0
+    for value in model.graph.initializers.values():
+        raw = getattr(value.const_value, "raw", None)  # the exporter keeps the parameter itself
+        if raw is None or not is_fake(raw):
+            continue
+        param = params.get(id(raw))
+        names = aliases[id(raw)] if param is not None else [value.name]
+        key = _checkpoint_name(names, checkpoint.tensors)
+        if key is None:
+            raise SoraError(f"{checkpoint.folder}: no tensor for the model's parameter {names[0]} (the checkpoint "
+                            f"does not hold it under any of its names)")
+        info = checkpoint.tensors[key]
+        if tuple(info.shape) != tuple(raw.shape):
+            raise SoraError(f"{info.file}: {key} is {list(info.shape)}, the model's config makes it {list(raw.shape)}")
+        order = orders.get(param) if param is not None else None
+        value.const_value = ir.LazyTensor(_reader(checkpoint, key, order), dtype=ir.DataType.FLOAT,
+                                          shape=ir.Shape(list(raw.shape)), name=value.name)
+        attached += 1
+    return attached
+
+
+def row_orders(module: torch.nn.Module) -> dict[torch.nn.Parameter, np.ndarray]:
+    """{parameter: the order its checkpoint tensor's rows take in the export}, as declared by `row_orders`
+    attributes of `module`'s submodules."""
+    orders = {}
+    for m in module.modules():
+        orders.update(getattr(m, "row_orders", {}))
+    return orders
+
+
+def from_config(cls, folder: Path, **overrides) -> torch.nn.Module:
+    """`cls` built from the config in `folder` alone (with `overrides`), in whatever context the caller set up (the
+    meta device for a shape check, `weightless()` to export)."""
+    if hasattr(cls, "load_config"):  # diffusers
+        return cls.from_config({**cls.load_config(folder), **overrides})
+    import transformers
+
+    return cls._from_config(transformers.AutoConfig.from_pretrained(folder, **overrides))
+
+
+def load_model(cls, folder: Path, weights: bool = True, **overrides) -> torch.nn.Module:
+    """A diffusers or transformers model `cls` from a checkpoint folder, in eval mode: weightless (its config only;
+    export streams the weights) or with its checkpoint's weights as float32 whatever they are stored as. `overrides`
+    change its config (`num_layers=2`: the first two layers' weights of the same checkpoint)."""
+    with weightless():
+        model = from_config(cls, folder, **overrides)
+    if weights:
+        checkpoint = CheckpointTensors(folder)
+        aliases: dict[int, list[str]] = defaultdict(list)
+        for name, p in model.named_parameters(remove_duplicate=False):
+            aliases[id(p)].append(name)
+        state, read = {}, {}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            key = _checkpoint_name(aliases[id(p)], checkpoint.tensors)
+            if key is None:
+                raise SoraError(f"{folder}: no tensor for the model's parameter {name}")
+            if checkpoint.tensors[key].shape != tuple(p.shape):
+                raise SoraError(f"{checkpoint.tensors[key].file}: {key} is {list(checkpoint.tensors[key].shape)}, "
+                                f"the model's config makes it {list(p.shape)}")
+            if key not in read:  # tied weights: one tensor
+                read[key] = torch.from_numpy(checkpoint.read(key))
+            state[name] = read[key]
+        model.load_state_dict(state, strict=False, assign=True)  # buffers (computed when built) stay
+    return model.eval()
+
+
+def _reader(checkpoint: CheckpointTensors, key: str, order) -> Callable[[], ir.Tensor]:
+    def read() -> ir.Tensor:
+        array = checkpoint.read(key)
+        return ir.tensor(array if order is None else array[np.asarray(order)])
+
+    return read
+
+
+def fold_weight_transposes(model: ir.Model) -> int:
+    """Each Transpose whose input is a lazy initializer used by it alone becomes a lazy transposed initializer (the
+    exporter's constant folding would do the same, reading every weight into memory at once). Returns how many."""
+    graph = model.graph
+    folded = 0
+    for node in list(graph):
+        if node.op_type != "Transpose" or node.domain not in ("", "ai.onnx"):
+            continue
+        src = node.inputs[0]
+        if not (src is not None and src.is_initializer() and isinstance(src.const_value, ir.LazyTensor)
+                and len(src.uses()) == 1):
+            continue
+        perm_attr = node.attributes.get("perm")
+        perm = list(perm_attr.as_ints()) if perm_attr is not None else None
+        out = node.outputs[0]
+        if out.is_graph_output():
+            continue
+        lazy = src.const_value
+        shape = list(lazy.shape)
+        out_shape = [shape[i] for i in perm] if perm is not None else shape[::-1]
+        folded_value = ir.Value(name=out.name, shape=ir.Shape(out_shape), type=ir.TensorType(ir.DataType.FLOAT))
+        folded_value.const_value = ir.LazyTensor(_transposed(lazy, perm), dtype=ir.DataType.FLOAT,
+                                                 shape=ir.Shape(out_shape), name=out.name)
+        out.replace_all_uses_with(folded_value)
+        graph.remove(node, safe=True)
+        graph.initializers.pop(src.name)
+        graph.register_initializer(folded_value)
+        folded += 1
+    return folded
+
+
+def _transposed(lazy: ir.LazyTensor, perm) -> Callable[[], ir.Tensor]:
+    def read() -> ir.Tensor:
+        return ir.tensor(np.ascontiguousarray(np.transpose(lazy.numpy(), perm)))
+
+    return read

@@ -25,15 +25,8 @@ import click
 
 from .report import result_options, save
 
-# The real configurations (config.json of Wan-AI/Wan2.1-T2V-1.3B-Diffusers and -14B-Diffusers' transformer).
-CONFIGS = {
-    "wan2.1-1.3b": dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16,
-                        out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30,
-                        cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024),
-    "wan2.1-14b": dict(patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16,
-                       out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40,
-                       cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024),
-}
+from ..export.tiny_wan import REAL_DIT_CONFIGS
+
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 SHARD_BYTES = 2 << 30
 
@@ -81,35 +74,28 @@ def write_random_checkpoint(folder: Path, config: dict, dtype: str, seed: int = 
     (folder / "config.json").write_text(json.dumps({"_class_name": "WanTransformer3DModel", **config}))
     model = load_model(WanTransformer3DModel, folder, weights=False)  # shapes only
     g = torch.Generator().manual_seed(seed)
-    shards, shard, size = [], {}, 0
+    written: list[list[str]] = []  # each shard's tensor names, once it is on disk
+    shard, size = {}, 0
     for name, p in model.named_parameters():
-        t = torch.ones(p.shape) if name.endswith("norm_q.weight") or name.endswith("norm_k.weight") else \
+        t = torch.ones(p.shape) if name.endswith(("norm_q.weight", "norm_k.weight")) else \
             torch.randn(p.shape, generator=g) * 0.02
         shard[name] = t.to(getattr(torch, DTYPES[dtype]))
         size += shard[name].numel() * shard[name].element_size()
         if size >= SHARD_BYTES:
-            shards.append(shard)
-            _save(folder, shards, save_file)
+            save_file(shard, folder / f"part-{len(written) + 1:05d}.safetensors")
+            written.append(list(shard))
             shard, size = {}, 0
-    shards.append(shard)
-    _save(folder, shards, save_file, last=True)
-    return {"parameters": sum(p.numel() for p in model.parameters()), "shards": len(shards)}
-
-
-def _save(folder: Path, shards: list, save_file, last: bool = False) -> None:
-    """Write the newest shard; on the last, name them all n-of-N and write the index."""
-    i = len(shards)
-    save_file(shards[-1], folder / f"part-{i:05d}.safetensors")
-    shards[-1] = list(shards[-1])  # names only, from here on
-    if not last:
-        return
+    if shard:
+        save_file(shard, folder / f"part-{len(written) + 1:05d}.safetensors")
+        written.append(list(shard))
     weight_map = {}
-    for j, names in enumerate(shards, 1):
-        final = f"diffusion_pytorch_model-{j:05d}-of-{len(shards):05d}.safetensors"
-        (folder / f"part-{j:05d}.safetensors").rename(folder / final)
-        weight_map.update({n: final for n in names})
+    for i, names in enumerate(written, 1):  # named n-of-N once N is known, as diffusers names them
+        final = f"diffusion_pytorch_model-{i:05d}-of-{len(written):05d}.safetensors"
+        (folder / f"part-{i:05d}.safetensors").rename(folder / final)
+        weight_map.update(dict.fromkeys(names, final))
     (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(
         json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return {"parameters": sum(p.numel() for p in model.parameters()), "shards": len(written)}
 
 
 def run_child(root: Path, mode: str, parity: bool) -> dict:
@@ -138,7 +124,7 @@ def to_markdown(r: dict) -> str:
 
 
 @click.command()
-@click.option("--model", type=click.Choice(sorted(CONFIGS)), default="wan2.1-1.3b", show_default=True)
+@click.option("--model", type=click.Choice(sorted(REAL_DIT_CONFIGS)), default="wan2.1-1.3b", show_default=True)
 @click.option("--dtype", type=click.Choice(sorted(DTYPES)), default="bf16", show_default=True,
               help="How the random checkpoint is stored.")
 @click.option("--modes", default="streamed,loaded,parity", show_default=True,
@@ -152,7 +138,7 @@ def main(model, dtype, modes, workdir, tag, results):
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         root = Path(tmp)
         t0 = time.perf_counter()
-        info = write_random_checkpoint(root / "transformer", CONFIGS[model], dtype)
+        info = write_random_checkpoint(root / "transformer", REAL_DIT_CONFIGS[model], dtype)
         print(f"checkpoint written in {time.perf_counter() - t0:.0f} s: {info}")
         runs = {}
         for mode in modes.split(","):
@@ -160,7 +146,7 @@ def main(model, dtype, modes, workdir, tag, results):
             print(mode, runs[mode])
     meminfo = Path("/proc/meminfo").read_text().split()
     result = {"model": model, "dtype": dtype, **info, "runs": runs, "date": time.strftime("%Y-%m-%d"),
-              "machine": {**machine(), "cores": os.cpu_count(), "memory_gb": int(meminfo[1]) / 2**20}}
+              "machine": {**machine(), "memory_gb": int(meminfo[1]) / 2**20}}
     save(results, "export_memory", tag, result, to_markdown(result))
 
 

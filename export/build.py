@@ -258,10 +258,9 @@ def _check_sizes(ck: WanCheckpoint) -> dict[str, int]:
     describes a model that can be built (on the meta device: no memory), and that model's parameters are the ones the
     weights hold, in number and shape. A config with huge dimensions is then one line instead of an export of
     something else. Returns each component's parameter count."""
+    import torch
     import transformers
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
-
-    import torch
 
     from .streaming import from_config
     from .weights import component_tensors
@@ -275,8 +274,6 @@ def _check_sizes(ck: WanCheckpoint) -> dict[str, int]:
         try:
             with torch.device("meta"), _quiet():
                 model = from_config(cls, ck.root / comp)
-        except SoraError:
-            raise
         except Exception as e:  # a config the library cannot build a model from: any of its exceptions
             raise SoraError(f"{ck.root / comp}/config.json describes no model that can be built "
                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
@@ -289,6 +286,20 @@ def _check_sizes(ck: WanCheckpoint) -> dict[str, int]:
             raise SoraError(f"{ck.root / comp}/config.json describes {params / 1e9:.2f}B parameters but its weights "
                             f"hold {stored / 1e9:.2f}B: the config does not belong to these weights")
     return counts
+
+
+def _check_runs_here(params: dict[str, int]) -> None:
+    """The target build times the DiT and the gate runs the pipeline, each component in fp32 beside the others'
+    sessions: refuse a component whose fp32 copy alone exceeds this machine's available memory (export streams its
+    weights and needs no such copy: --onnx-only)."""
+    from ..runtime.memory import available_bytes
+
+    available = available_bytes()
+    for comp, n in params.items():
+        if available is not None and 4 * n > available:
+            raise SoraError(f"{comp} has {n / 1e9:.2f}B parameters ({4 * n / 2**30:.1f} GiB in fp32), more than this "
+                            f"machine's {available / 2**30:.1f} GiB of available memory: export the portable ONNX "
+                            f"with --onnx-only and build the target where it fits (sora-build)")
 
 
 def _chunked_decode_parity(vae, specs, tmp: Path, z_dim: int) -> dict:
@@ -356,6 +367,7 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = lambda s: None) -
                             "with sora-build ONNX_DIR -o ENGINE_DIR --backend ...)")
         if not cfg.onnx_only:
             # fail before minutes of export, not after
+            _check_runs_here(params)
             check_request(cfg.backend, execution, no_openvino, cpu_only(plan))
             if cfg.backend == Backend.TENSORRT:
                 from ..target.trt_build import check_plugin_precision

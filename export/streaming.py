@@ -4,7 +4,7 @@ external data straight from the checkpoint's safetensors, one tensor at a time.
 `weightless()` builds modules whose parameters are fake tensors (a shape and a dtype, no storage); buffers a module
 computes when built (RoPE's tables) stay real and are written from memory. The exporter traces the fake module as
 it would the real one; `attach_checkpoint` then gives each initializer that stands for a parameter a lazy value:
-its checkpoint tensor, read from the memory-mapped shard that holds it, converted to float32 whatever the checkpoint
+its checkpoint tensor, read from the shard that holds it (one positioned read of its bytes), converted to float32 whatever the checkpoint
 stored (bf16, fp16, fp32), with the export-time reordering of its rows applied where the model declares one
 (`row_orders`: export/dit.py's rotary layout). A transpose of such a weight (how the exporter writes a
 Linear) becomes a lazy transposed value instead of a node, as the exporter's own constant folding would make it.
@@ -58,7 +58,7 @@ def is_weightless(module: torch.nn.Module) -> bool:
 
 class CheckpointTensors:
     """One component's safetensors (a single file or shards named by an index), read one tensor at a time from the
-    memory-mapped file that holds it, as float32."""
+    file that holds it, as float32."""
 
     def __init__(self, folder: Path):
         self.folder = folder
@@ -87,18 +87,35 @@ def _checkpoint_name(aliases: list[str], tensors: dict[str, TensorInfo]) -> str 
     return None
 
 
-def attach_checkpoint(model: ir.Model, module: torch.nn.Module, checkpoint: CheckpointTensors) -> int:
-    """Give every initializer of `model` (traced from the weightless `module`) that stands for a parameter its
-    checkpoint tensor, lazily; returns how many. A wrapper that renames the model's parameters names the model as
-    its `checkpoint_model` attribute (not a submodule), whose names the checkpoint uses. A parameter the checkpoint does not hold, or holds in another
-    shape, is one line naming it."""
+def _aliases(*modules: torch.nn.Module) -> tuple[dict[int, torch.nn.Parameter], dict[int, list[str]]]:
+    """({id: parameter}, {id: its names}) over `modules`, in their order (tied weights have several names)."""
     params: dict[int, torch.nn.Parameter] = {}
     aliases: dict[int, list[str]] = defaultdict(list)
-    named = ([module.checkpoint_model] if hasattr(module, "checkpoint_model") else []) + [module]
-    for m in named:
+    for m in modules:
         for name, p in m.named_parameters(remove_duplicate=False):
             params[id(p)] = p
             aliases[id(p)].append(name)
+    return params, aliases
+
+
+def _resolve(checkpoint: CheckpointTensors, names: list[str], shape) -> str:
+    """The checkpoint's name of the parameter known by `names`, holding a tensor of `shape`; one line otherwise."""
+    key = _checkpoint_name(names, checkpoint.tensors)
+    if key is None:
+        raise SoraError(f"{checkpoint.folder}: no tensor for the model's parameter {names[0]} (the checkpoint does "
+                        f"not hold it under any of its names)")
+    info = checkpoint.tensors[key]
+    if tuple(info.shape) != tuple(shape):
+        raise SoraError(f"{info.file}: {key} is {list(info.shape)}, the model's config makes it {list(shape)}")
+    return key
+
+
+def attach_checkpoint(model: ir.Model, module: torch.nn.Module, checkpoint: CheckpointTensors) -> int:
+    """Give every initializer of `model` (traced from the weightless `module`) that stands for a parameter its
+    checkpoint tensor, lazily; returns how many. A wrapper that renames the model's parameters names the model as
+    its `checkpoint_model` attribute (not a submodule), whose names the checkpoint uses. A parameter the checkpoint
+    does not hold, or holds in another shape, is one line naming it."""
+    params, aliases = _aliases(*([module.checkpoint_model] if hasattr(module, "checkpoint_model") else []), module)
     orders = row_orders(module)
     attached = 0
     for value in model.graph.initializers.values():
@@ -106,14 +123,7 @@ def attach_checkpoint(model: ir.Model, module: torch.nn.Module, checkpoint: Chec
         if raw is None or not is_fake(raw):
             continue
         param = params.get(id(raw))
-        names = aliases[id(raw)] if param is not None else [value.name]
-        key = _checkpoint_name(names, checkpoint.tensors)
-        if key is None:
-            raise SoraError(f"{checkpoint.folder}: no tensor for the model's parameter {names[0]} (the checkpoint "
-                            f"does not hold it under any of its names)")
-        info = checkpoint.tensors[key]
-        if tuple(info.shape) != tuple(raw.shape):
-            raise SoraError(f"{info.file}: {key} is {list(info.shape)}, the model's config makes it {list(raw.shape)}")
+        key = _resolve(checkpoint, aliases[id(raw)] if param is not None else [value.name], raw.shape)
         order = orders.get(param) if param is not None else None
         value.const_value = ir.LazyTensor(_reader(checkpoint, key, order), dtype=ir.DataType.FLOAT,
                                           shape=ir.Shape(list(raw.shape)), name=value.name)
@@ -148,17 +158,10 @@ def load_model(cls, folder: Path, weights: bool = True, **overrides) -> torch.nn
         model = from_config(cls, folder, **overrides)
     if weights:
         checkpoint = CheckpointTensors(folder)
-        aliases: dict[int, list[str]] = defaultdict(list)
-        for name, p in model.named_parameters(remove_duplicate=False):
-            aliases[id(p)].append(name)
+        _, aliases = _aliases(model)
         state, read = {}, {}
         for name, p in model.named_parameters(remove_duplicate=False):
-            key = _checkpoint_name(aliases[id(p)], checkpoint.tensors)
-            if key is None:
-                raise SoraError(f"{folder}: no tensor for the model's parameter {name}")
-            if checkpoint.tensors[key].shape != tuple(p.shape):
-                raise SoraError(f"{checkpoint.tensors[key].file}: {key} is {list(checkpoint.tensors[key].shape)}, "
-                                f"the model's config makes it {list(p.shape)}")
+            key = _resolve(checkpoint, aliases[id(p)], p.shape)
             if key not in read:  # tied weights: one tensor
                 read[key] = torch.from_numpy(checkpoint.read(key))
             state[name] = read[key]

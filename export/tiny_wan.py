@@ -39,6 +39,17 @@ class TinyWanConfig:
     init_scale: float = 1.0  # multiplies the DiT's random weights
 
 
+# The real transformer configurations (config.json of Wan-AI/Wan2.1-T2V-1.3B-Diffusers and -14B-Diffusers), built
+# with random weights by the slow tests and the export-memory bench.
+REAL_DIT_CONFIGS = {
+    "wan2.1-1.3b": dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16,
+                        out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30,
+                        cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024),
+    "wan2.1-14b": dict(patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16,
+                       out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40,
+                       cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024),
+}
+
 TINY_CONFIGS = {
     # Two configurations that differ in every dimension (layers, heads, head dim, patch, text dim, latent
     # channels, VAE width) and in the scheduler.

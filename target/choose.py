@@ -98,7 +98,7 @@ def build_runtime(manifest: Manifest, backend: str, precision: str, threads: int
         return trt_runtime(manifest, trt or TrtOptions(), threads, log)
     if backend in GPU_BACKENDS:
         return gpu_runtime(manifest, backend, threads, log)
-    return choose_runtime(manifest, backend, precision, threads, log, openvino_unsupported).updated(gpu=None)
+    return choose_runtime(manifest, backend, precision, threads, log, openvino_unsupported)
 
 
 def check_request(backend: str, precision: str, openvino_unsupported: str | None = None,

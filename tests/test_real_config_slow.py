@@ -8,12 +8,10 @@ import torch
 
 from soraedge.export.dit import AttentionForm, DiTReference, dit_spec, load_dit
 from soraedge.export.onnx_export import export_onnx, parity_check
+from soraedge.export.tiny_wan import REAL_DIT_CONFIGS
 from soraedge.runtime.spec import Dim
 
-# transformer/config.json of Wan-AI/Wan2.1-T2V-1.3B-Diffusers
-WAN21_1_3B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16,
-                  out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
-                  qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
+WAN21_1_3B = REAL_DIT_CONFIGS["wan2.1-1.3b"]
 
 
 @pytest.mark.slow

@@ -61,26 +61,30 @@ print(json.dumps({**result, "seconds": time.perf_counter() - t0, "vm_hwm_gb": hw
 """
 
 
-def write_random_checkpoint(folder: Path, config: dict, dtype: str, seed: int = 0) -> dict:
-    """diffusers' WanTransformer3DModel `config` with random weights (normal, std 0.02; norms at 1) saved as
-    `dtype` safetensors in shards of about SHARD_BYTES with an index, one shard in memory at a time."""
+def write_random_checkpoint(folder: Path, cls, config: dict, dtype: str, prefix: str, seed: int = 0) -> dict:
+    """The diffusers or transformers model `cls` of `config` with random weights (normal, std 0.02; the scales of
+    normalisations 1) saved as `dtype` safetensors in shards of about SHARD_BYTES named `prefix`-0000i-of-0000n with
+    an index, as the public checkpoints are; one shard in memory at a time, each tensor drawn in `dtype`."""
     import torch
-    from diffusers import WanTransformer3DModel
     from safetensors.torch import save_file
 
     from ..export.streaming import load_model
 
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps({"_class_name": "WanTransformer3DModel", **config}))
-    model = load_model(WanTransformer3DModel, folder, weights=False)  # shapes only
+    header = {"_class_name": cls.__name__} if hasattr(cls, "load_config") else {"architectures": [cls.__name__]}
+    (folder / "config.json").write_text(json.dumps({**header, **config}))
+    model = load_model(cls, folder, weights=False)  # shapes only
     g = torch.Generator().manual_seed(seed)
+    torch_dtype = getattr(torch, DTYPES[dtype])
     written: list[list[str]] = []  # each shard's tensor names, once it is on disk
     shard, size = {}, 0
     for name, p in model.named_parameters():
-        t = torch.ones(p.shape) if name.endswith(("norm_q.weight", "norm_k.weight")) else \
-            torch.randn(p.shape, generator=g) * 0.02
-        shard[name] = t.to(getattr(torch, DTYPES[dtype]))
-        size += shard[name].numel() * shard[name].element_size()
+        if p.dim() == 1 and "norm" in name and name.endswith("weight"):
+            t = torch.ones(p.shape, dtype=torch_dtype)
+        else:
+            t = torch.randn(p.shape, generator=g, dtype=torch_dtype).mul_(0.02)
+        shard[name] = t
+        size += t.numel() * t.element_size()
         if size >= SHARD_BYTES:
             save_file(shard, folder / f"part-{len(written) + 1:05d}.safetensors")
             written.append(list(shard))
@@ -89,19 +93,18 @@ def write_random_checkpoint(folder: Path, config: dict, dtype: str, seed: int = 
         save_file(shard, folder / f"part-{len(written) + 1:05d}.safetensors")
         written.append(list(shard))
     weight_map = {}
-    for i, names in enumerate(written, 1):  # named n-of-N once N is known, as diffusers names them
-        final = f"diffusion_pytorch_model-{i:05d}-of-{len(written):05d}.safetensors"
+    for i, names in enumerate(written, 1):  # named n-of-N once N is known, as the libraries name them
+        final = f"{prefix}-{i:05d}-of-{len(written):05d}.safetensors"
         (folder / f"part-{i:05d}.safetensors").rename(folder / final)
         weight_map.update(dict.fromkeys(names, final))
-    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (folder / f"{prefix}.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     return {"parameters": sum(p.numel() for p in model.parameters()), "shards": len(written)}
 
 
-def run_child(root: Path, mode: str, parity: bool) -> dict:
+def run_child(root: Path, code: str, *args: str) -> dict:
+    """`code` in a fresh Python process with `root` and `args` as its argv; the JSON its last line prints."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(root), mode, "1" if parity else "0"], env=env,
-                          capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", code, str(root), *args], env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         return {"error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -133,16 +136,19 @@ def to_markdown(r: dict) -> str:
               help="Where the checkpoint and ONNX go (default: a temporary folder; needs disk for both).")
 @result_options("export_memory")
 def main(model, dtype, modes, workdir, tag, results):
+    from diffusers import WanTransformer3DModel
+
     from ..runtime.machine import machine
 
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         root = Path(tmp)
         t0 = time.perf_counter()
-        info = write_random_checkpoint(root / "transformer", REAL_DIT_CONFIGS[model], dtype)
+        info = write_random_checkpoint(root / "transformer", WanTransformer3DModel, REAL_DIT_CONFIGS[model], dtype,
+                                       "diffusion_pytorch_model")
         print(f"checkpoint written in {time.perf_counter() - t0:.0f} s: {info}")
         runs = {}
         for mode in modes.split(","):
-            runs[mode] = run_child(root, mode, mode == "parity")
+            runs[mode] = run_child(root, CHILD, mode, "1" if mode == "parity" else "0")
             print(mode, runs[mode])
     meminfo = Path("/proc/meminfo").read_text().split()
     result = {"model": model, "dtype": dtype, **info, "runs": runs, "date": time.strftime("%Y-%m-%d"),

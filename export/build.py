@@ -135,13 +135,21 @@ class ParitySource:
 
 
 def _export_component(name, module, parity: ParitySource, checkpoint, spec, tmp, opset, sample, probes, cfg, report,
-                      log):
+                      log, trace: dict):
+    """Trace `module` into tmp/name.onnx (or reuse the graph an earlier export traced from the same content:
+    export/trace_cache.py, keyed by `trace` and the component's own inputs), then check it against PyTorch."""
+    from . import trace_cache
     from .onnx_export import export_onnx, parity_check
 
     t0 = time.perf_counter()
-    log(f"exporting {name} ...")
-    with _quiet():
-        export_onnx(module, spec, tmp / f"{name}.onnx", opset, sample, checkpoint)
+    key = trace_cache.trace_key(**trace, component=name, spec=spec.to_dict(), opset=opset, sample=sample)
+    if trace_cache.reuse(key, tmp / f"{name}.onnx"):
+        log(f"{name}: the graph traced from this checkpoint by an earlier export (cache {key[:12]})")
+    else:
+        log(f"exporting {name} ...")
+        with _quiet():
+            export_onnx(module, spec, tmp / f"{name}.onnx", opset, sample, checkpoint)
+        trace_cache.store(key, tmp / f"{name}.onnx")
     report.seconds[f"export_{name}"] = time.perf_counter() - t0
     entry = {"file": f"{name}.onnx", "spec": spec.to_dict(), "opset": opset}
     if cfg.check_parity:
@@ -178,9 +186,10 @@ REDUCED_LAYERS = 2  # the parity copy of a model too large to check whole: its f
 
 
 def _export_into(ck: WanCheckpoint, cfg: ExportConfig, defaults: dict, params: dict[str, int], tmp: Path,
-                 report: ExportReport, log) -> tuple[dict, dict, int]:
+                 report: ExportReport, log, trace: dict) -> tuple[dict, dict, int]:
     """Export every component into `tmp`, each traced weightless and its weights streamed from the checkpoint
-    (export/streaming.py); returns (engine manifest entries, the VAE engine names, d_model)."""
+    (export/streaming.py), or its graph reused from an earlier trace of the same content (`trace`: the checkpoint's
+    digest, the attention form, the versions); returns (engine manifest entries, the VAE engine names, d_model)."""
     from .streaming import CheckpointTensors
 
     s, t = ck.vae_scale_spatial, ck.vae_scale_temporal
@@ -206,7 +215,8 @@ def _export_into(ck: WanCheckpoint, cfg: ExportConfig, defaults: dict, params: d
     engines["text_encoder"] = _export_component(
         "text_encoder", te, parity, CheckpointTensors(ck.root / "text_encoder"), spec, tmp, cfg.attention.opset,
         {"b": 2, "s": min(8, cfg.max_sequence_length)},
-        [{"b": 1, "s": cfg.max_sequence_length}, {"b": 2, "s": min(5, cfg.max_sequence_length)}], cfg, report, log)
+        [{"b": 1, "s": cfg.max_sequence_length}, {"b": 2, "s": min(5, cfg.max_sequence_length)}], cfg, report, log,
+        trace)
     del te
 
     # DiT: the exported module carries the export-time rewrites; the reference is diffusers' own model.
@@ -220,7 +230,8 @@ def _export_into(ck: WanCheckpoint, cfg: ExportConfig, defaults: dict, params: d
                            lambda: load_reference_dit(ck.root, **fewer)), fewer)
     engines["transformer"] = _export_component(
         "transformer", dit, parity, weights, spec, tmp, cfg.attention.opset, sample,
-        [{"b": 1, "f": 3, "h": 3 * p_h, "w": 2 * p_w}, {"b": 2, "f": 1, "h": p_h, "w": 4 * p_w}], cfg, report, log)
+        [{"b": 1, "f": 3, "h": 3 * p_h, "w": 2 * p_w}, {"b": 2, "f": 1, "h": p_h, "w": 4 * p_w}], cfg, report, log,
+        trace)
     # The step-cache probe: the DiT's first block's modulated input, a small engine of its own (its reference is
     # diffusers' model with one layer: all the probe reads).
     one = {"num_layers": 1}
@@ -228,7 +239,7 @@ def _export_into(ck: WanCheckpoint, cfg: ExportConfig, defaults: dict, params: d
         "dit_probe", FirstBlockProbe(dit.transformer),
         ParitySource(lambda: ProbeReference(load_reference_dit(ck.root, **one).model), 0), weights,
         probe_spec(ck.transformer_config, f_dim, h_dim, w_dim), tmp, cfg.attention.opset, sample,
-        [{"b": 1, "f": 3, "h": 3 * p_h, "w": 2 * p_w}], cfg, report, log)
+        [{"b": 1, "f": 3, "h": 3 * p_h, "w": 2 * p_w}], cfg, report, log, trace)
     del dit
 
     # VAE: the chunked causal decoder (first frame, then one latent frame per step), checked graph by graph and
@@ -243,7 +254,7 @@ def _export_into(ck: WanCheckpoint, cfg: ExportConfig, defaults: dict, params: d
     for module, reference, spec in zip((first, step), references[:2], specs):
         engines[spec.name] = _export_component(spec.name, module, ParitySource(lambda r=reference: r, 0), weights,
                                                spec, tmp, cfg.attention.opset, {"h": 4, "w": 6}, [{"h": 3, "w": 5}],
-                                               cfg, report, log)
+                                               cfg, report, log, trace)
     if cfg.check_parity:
         decode = engines[specs[1].name]["decode_parity"] = _chunked_decode_parity(references[3], specs, tmp,
                                                                                   ck.latent_channels)
@@ -384,7 +395,8 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = lambda s: None) -
         if plan["transformer"] == "int8":
             options["calib"] = {**cfg.calib.to_dict(), "prompts": cfg.calib.read_prompts()}
         versions = _versions()
-        key, inputs_key = build_keys({"checkpoint": _checkpoint_digest(ck), "options": options}, versions)
+        digest = _checkpoint_digest(ck)
+        key, inputs_key = build_keys({"checkpoint": digest, "options": options}, versions)
         if up_to_date(out, key, inputs_key, cfg.overwrite, log):
             log(f"{out} is already an up-to-date export of this model with these options (cache key {key[:12]})")
             report.reused = True
@@ -394,7 +406,9 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = lambda s: None) -
         stage = work / "engine"
         ref = work / "fp32" if reduced else stage  # the fp32 export: the reference for calibration and the gate
         ref.mkdir()
-        engines, vae_engines, d_model = _export_into(ck, cfg, defaults, params, ref, report, log)
+        engines, vae_engines, d_model = _export_into(ck, cfg, defaults, params, ref, report, log,
+                                                  {"checkpoint": digest, "attention": cfg.attention.value,
+                                                   "versions": versions})
         (ref / "tokenizer").mkdir()
         shutil.copy2(ck.tokenizer_file, ref / "tokenizer" / "tokenizer.json")
         (ref / "scheduler").mkdir()

@@ -10,7 +10,8 @@ stored (bf16, fp16, fp32), with the export-time reordering of its rows applied w
 Linear) becomes a lazy transposed value instead of a node, as the exporter's own constant folding would make it.
 Saving reads, converts and writes one tensor at a time, so host memory is the largest tensor plus the trace.
 `load_model` builds the same models with their weights, read the same way: the PyTorch references of the parity
-check, whole or with fewer layers.
+check, whole or with fewer layers; `blocks_streamed` runs a weightless model with each block's weights read as the
+block runs: a PyTorch reference at full size for a model that does not fit.
 """
 
 from __future__ import annotations
@@ -213,3 +214,43 @@ def _transposed(lazy: ir.LazyTensor, perm) -> Callable[[], ir.Tensor]:
         return ir.tensor(np.ascontiguousarray(np.transpose(lazy.numpy(), perm)))
 
     return read
+
+
+def _materialize(module: torch.nn.Module, checkpoint: CheckpointTensors, aliases: dict[int, list[str]],
+                 skip: frozenset[int] = frozenset()) -> list[tuple[torch.nn.Module, str, torch.nn.Parameter]]:
+    """Replace `module`'s fake parameters (but those in `skip`) by their checkpoint tensors; returns what to put
+    back."""
+    swapped = []
+    for sub in module.modules():
+        for name, p in list(sub._parameters.items()):
+            if p is not None and is_fake(p) and id(p) not in skip:
+                tensor = torch.from_numpy(checkpoint.read(_resolve(checkpoint, aliases[id(p)], p.shape)))
+                sub._parameters[name] = torch.nn.Parameter(tensor, requires_grad=False)
+                swapped.append((sub, name, p))
+    return swapped
+
+
+def _put_back(swapped: list[tuple[torch.nn.Module, str, torch.nn.Parameter]]) -> None:
+    for sub, name, p in swapped:
+        sub._parameters[name] = p
+
+
+@contextlib.contextmanager
+def blocks_streamed(model: torch.nn.Module, folder: Path, blocks: torch.nn.ModuleList) -> Iterator[torch.nn.Module]:
+    """The weightless `model` (load_model(..., weights=False)), run eagerly inside, with its weights read from the
+    checkpoint in `folder` as it runs: every parameter outside `blocks` on entry, each block's when the block
+    starts, released when it returns. Host memory is the weights outside the blocks plus one block: the PyTorch
+    reference of a model that does not fit, at full size."""
+    checkpoint = CheckpointTensors(folder)
+    _, aliases = _aliases(model)
+    held: dict[int, list] = {}
+    hooks = [h for b in blocks for h in (
+        b.register_forward_pre_hook(lambda m, args: held.__setitem__(id(m), _materialize(m, checkpoint, aliases))),
+        b.register_forward_hook(lambda m, args, out: _put_back(held.pop(id(m)))))]
+    outside = _materialize(model, checkpoint, aliases, frozenset(id(p) for p in blocks.parameters()))
+    try:
+        yield model
+    finally:
+        for h in hooks:
+            h.remove()
+        _put_back(outside)

@@ -49,6 +49,14 @@ REAL_DIT_CONFIGS = {
                        out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40,
                        cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024),
 }
+# The real text encoder (text_encoder/config.json of Wan2.1-T2V-*-Diffusers: google/umt5-xxl's encoder), for the
+# real-size text-encoder bench.
+REAL_TEXT_ENCODER_CONFIGS = {
+    "umt5-xxl": dict(model_type="umt5", vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24,
+                     num_decoder_layers=24, num_heads=64, relative_attention_num_buckets=32,
+                     relative_attention_max_distance=128, feed_forward_proj="gated-gelu", dense_act_fn="gelu_new",
+                     is_gated_act=True, layer_norm_epsilon=1e-6, tie_word_embeddings=False, scalable_attention=True),
+}
 
 TINY_CONFIGS = {
     # Two configurations that differ in every dimension (layers, heads, head dim, patch, text dim, latent

@@ -15,13 +15,14 @@ from pathlib import Path
 import onnx
 
 from .graph_scopes import nodes_in_modules
+from .tensor_files import load_model
 
 
 def convert_fp16(src: Path, dst: Path, keep_ops: tuple[str, ...], keep_modules: tuple[str, ...]) -> dict:
     """Write `dst` (+ dst.data): `src` in fp16 except `keep_ops` and nodes of `keep_modules`. Returns a summary."""
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
-    model = onnx.load(str(src))  # with external data
+    model = load_model(src)  # with its weights
     keep_ops = tuple(dict.fromkeys((*keep_ops, *DEFAULT_OP_BLOCK_LIST)))  # + ops without fp16 kernels (Range, ...)
     kept = set(nodes_in_modules(model, keep_modules)) | {n.name for n in model.graph.node if n.op_type in keep_ops}
     total = len(model.graph.node)

@@ -20,11 +20,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .fp16 import save_with_external_data
 from .graph_scopes import in_modules, node_module
+from .tensor_files import load_model
 
 
 def quantize_columns(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -37,7 +37,7 @@ def quantize_columns(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def quantize_linear_weights(src: Path, dst: Path, keep_modules: tuple[str, ...]) -> dict:
     """Write `dst`: `src` with its linear layers' weights int8 behind DequantizeLinear. Returns a summary."""
-    model = onnx.load(str(src))
+    model = load_model(src)
     inits = {t.name: t for t in model.graph.initializer}
     dequantized: dict[str, str] = {}  # fp32 weight name -> its DequantizeLinear output (a weight may be shared)
     nodes, quantized, kept, bytes_before, bytes_after = [], 0, 0, 0, 0

@@ -47,3 +47,35 @@ def test_changed_exporter_code_rebuilds_without_overwrite(tiny_model, engine_cop
     new = load_manifest(engine_copy).data
     assert new["versions"]["soraedge_source"] == "0" * 16
     assert new["inputs_key"] == old["inputs_key"] and new["cache_key"] != old["cache_key"]
+
+
+def test_traced_graphs_are_reused_by_content_and_a_changed_entry_is_traced_again(tiny_model, tiny_engines, tmp_path):
+    """Another export of the same checkpoint (other precision, other folder) reuses the graphs the fixture's export
+    traced (export/trace_cache.py): the same files, and parity is still checked. A cache entry whose file no longer
+    hashes as recorded is not used: that component is traced again."""
+    from soraedge.export import trace_cache
+    from soraedge.runtime.manifest import sha256_file
+
+    size = TEST_SIZE["tiny-a"]
+    reference = tiny_engines("tiny-a")
+    cfg = dict(model=str(tiny_model("tiny-a")), frames=size["frames"], height=size["height"], width=size["width"],
+               max_sequence_length=512, backend="ort", precision="fp32")
+    logged = []
+    report = run_export(ExportConfig(out=tmp_path / "a", **cfg), log=logged.append)
+    reused = [line.split(":")[0] for line in logged if "traced from this checkpoint by an earlier export" in line]
+    assert sorted(reused) == sorted(load_manifest(reference).data["engines"])
+    assert sum(report.seconds[f"export_{n}"] for n in reused) < 5
+    assert all("max abs error vs PyTorch" in line for line in logged if line.startswith("  ") and "rel" in line)
+    for name in ("transformer.onnx", "transformer.onnx.data"):
+        assert sha256_file(tmp_path / "a" / name) == sha256_file(reference / name)
+
+    # an entry changed on disk (replaced, so the fixture's hard-linked files stay as they are)
+    entries = [e for e in (trace_cache.cache_home() / "traces").iterdir() if (e / "dit_probe.onnx").exists()]
+    for e in entries:
+        data = (e / "dit_probe.onnx.data").read_bytes()
+        (e / "dit_probe.onnx.data").unlink()
+        (e / "dit_probe.onnx.data").write_bytes(data[:-4] + b"\0\0\0\0")
+    logged.clear()
+    run_export(ExportConfig(out=tmp_path / "b", **cfg), log=logged.append)
+    assert "exporting dit_probe ..." in logged
+    assert sha256_file(tmp_path / "b" / "dit_probe.onnx.data") == sha256_file(reference / "dit_probe.onnx.data")

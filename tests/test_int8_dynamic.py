@@ -14,6 +14,7 @@ from soraedge.target.build import TargetConfig, build_from_engines
 from soraedge.precision.graph_scopes import in_modules, node_module
 from soraedge.precision.convert import FP16_ISLANDS, plan_precision
 from soraedge.precision.quality_gate import psnr
+from soraedge.precision.tensor_files import load_model
 from soraedge.runtime.backends.openvino import ACTIVATION_GROUP
 from soraedge.runtime.backends.openvino import available as openvino_available
 from soraedge.runtime.errors import SoraError
@@ -44,8 +45,8 @@ def test_plan():
 
 def test_linear_weights_are_int8_outside_the_islands(dynamic_engines, tiny_engines):
     m = load_manifest(dynamic_engines)
-    model = onnx.load(str(m.root / m.data["engines"]["transformer"]["file"]))
-    ref = onnx.load(str(tiny_engines("tiny-a") / m.data["engines"]["transformer"]["file"]))
+    model = load_model(m.root / m.data["engines"]["transformer"]["file"])
+    ref = load_model(tiny_engines("tiny-a") / m.data["engines"]["transformer"]["file"])
     fp32 = {t.name: numpy_helper.to_array(t) for t in ref.graph.initializer}
     inits = {t.name: t for t in model.graph.initializer}
     producers = {o: n for n in model.graph.node for o in n.output}

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from soraedge.export.checkpoint import read_checkpoint
 from soraedge.export.dit import AttentionForm, dit_spec, load_dit
 from soraedge.export.onnx_export import export_onnx
-from soraedge.export.streaming import CheckpointTensors, is_weightless, load_model
+from soraedge.export.streaming import CheckpointTensors, blocks_streamed, is_weightless, load_model
 from soraedge.export.text_encoder import load_text_encoder, text_encoder_spec
 from soraedge.export.vae import load_vae_decoders, vae_specs
 from soraedge.runtime.errors import SoraError
@@ -177,6 +177,26 @@ def test_a_model_too_large_to_check_whole_is_checked_on_a_copy_with_fewer_layers
     entry = build._export_component("transformer", load_dit(root, AttentionForm.ONNX, False), parity,
                                     CheckpointTensors(root / "transformer"), spec, out, 23,
                                     {"b": 2, "f": 2, "h": 4, "w": 6}, [{"b": 1, "f": 3, "h": 6, "w": 4}],
-                                    build.ExportConfig(model=str(root), out=out), report, print)
+                                    build.ExportConfig(model=str(root), out=out), report, print,
+                                    {"checkpoint": str(tmp_path)})  # a key of its own: traced here
     assert entry["parity"]["method"].startswith("a copy with {'num_layers': 1}") and entry["parity"]["max_rel"] < 1e-4
     assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["transformer.onnx", "transformer.onnx.data"]
+
+
+def test_a_model_run_block_by_block_equals_it_loaded_whole(tiny_model):
+    """blocks_streamed: the weightless text encoder run with each block's weights read as the block runs computes
+    exactly what the model loaded with its weights computes, and holds no block's weights afterwards."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    root = tiny_model("tiny-b")
+    whole = load_text_encoder(root, "UMT5EncoderModel")
+    spec = text_encoder_spec(whole.encoder.config.d_model, 16)
+    feeds = [torch.from_numpy(v) for v in spec.sample_inputs(seed=3, b=2, s=7).values()]
+    streamed = load_text_encoder(root, "UMT5EncoderModel", weights=False)
+    blocks = streamed.encoder.encoder.block
+    with blocks_streamed(streamed, root / "text_encoder", blocks), torch.no_grad():
+        got = streamed(*feeds)
+        assert all(is_fake(p) for p in blocks.parameters())  # released after each block
+    with torch.no_grad():
+        assert torch.equal(got, whole(*feeds))
+    assert all(is_fake(p) for p in streamed.parameters())

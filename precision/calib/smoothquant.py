@@ -21,6 +21,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..fp16 import save_with_external_data
+from ..tensor_files import load_model
 from .scale_folding import ScaleFolder
 
 
@@ -80,7 +81,7 @@ def smooth_linears(src: Path, dst: Path, samples: list[dict[str, np.ndarray]], a
     that the function is unchanged. Returns a summary for the manifest."""
     from ...runtime.errors import SoraError
 
-    model = onnx.load(str(src))
+    model = load_model(src)
     groups = _linear_groups(model, exclude)
     folder = ScaleFolder(model, latent_inputs)
     plans = {x: plan for x, consumers in groups.items()

@@ -14,6 +14,7 @@ bench/results/export_memory_<tag>.json and .md.
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -62,7 +63,7 @@ print(json.dumps({**result, "seconds": time.perf_counter() - t0, "vm_hwm_gb": hw
 
 
 def write_random_checkpoint(folder: Path, cls, config: dict, dtype: str, prefix: str, seed: int = 0) -> dict:
-    """The diffusers or transformers model `cls` of `config` with random weights (normal, std 0.02; the scales of
+    """The diffusers or transformers model `cls` of `config` with random weights (normal, `_init_std`; the scales of
     normalisations 1) saved as `dtype` safetensors in shards of about SHARD_BYTES named `prefix`-0000i-of-0000n with
     an index, as the public checkpoints are; one shard in memory at a time, each tensor drawn in `dtype`."""
     import torch
@@ -82,7 +83,7 @@ def write_random_checkpoint(folder: Path, cls, config: dict, dtype: str, prefix:
         if p.dim() == 1 and "norm" in name and name.endswith("weight"):
             t = torch.ones(p.shape, dtype=torch_dtype)
         else:
-            t = torch.randn(p.shape, generator=g, dtype=torch_dtype).mul_(0.02)
+            t = torch.randn(p.shape, generator=g, dtype=torch_dtype).mul_(_init_std(name, p, config))
         shard[name] = t
         size += t.numel() * t.element_size()
         if size >= SHARD_BYTES:
@@ -99,6 +100,22 @@ def write_random_checkpoint(folder: Path, cls, config: dict, dtype: str, prefix:
         weight_map.update(dict.fromkeys(names, final))
     (folder / f"{prefix}.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     return {"parameters": sum(p.numel() for p in model.parameters()), "shards": len(written)}
+
+
+def _init_std(name: str, p, config: dict) -> float:
+    """The spread of a random weight, as the libraries initialise them, so that a random model of the real size
+    computes something tame (activations of unit scale, attention not saturated) rather than amplifying every
+    rounding error: token tables 1, weight matrices and convolutions fan_in^-1/2 (T5's query also d_kv^-1/2: T5
+    does not scale its attention scores), biases 0.02."""
+    if p.dim() == 1:
+        return 0.02
+    if "shared" in name or "embed_tokens" in name:
+        return 1.0
+    fan_in = math.prod(p.shape[1:]) if "relative_attention_bias" not in name else p.shape[1]
+    std = fan_in ** -0.5
+    if name.endswith("SelfAttention.q.weight"):
+        std *= config["d_kv"] ** -0.5
+    return std
 
 
 def run_child(root: Path, code: str, *args: str) -> dict:

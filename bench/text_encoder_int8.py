@@ -26,6 +26,7 @@ import click
 import numpy as np
 
 from ..export.tiny_wan import REAL_TEXT_ENCODER_CONFIGS
+from ..precision.quality_gate import token_cosines
 from .export_memory import run_child, write_random_checkpoint
 from .report import result_options, save
 
@@ -71,12 +72,6 @@ elif step == "reference":
 hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM"))
 print(json.dumps({**result, "seconds": time.perf_counter() - t0, "vm_hwm_gb": hwm / 2**20}))
 """
-
-
-def cosines(got: np.ndarray, ref: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Cosine similarity per real token (mask 1)."""
-    g, r = got[mask.astype(bool)], ref[mask.astype(bool)]
-    return (g * r).sum(-1) / (np.linalg.norm(g, axis=-1) * np.linalg.norm(r, axis=-1))
 
 
 def to_markdown(r: dict) -> str:
@@ -137,7 +132,7 @@ def main(model, bits, workdir, tag, results):
         for p in precisions:
             s = steps[f"encode {p}"] = run_child(root, STEPS, "encode", p)
             if "error" not in s and (root / "reference.npy").exists():
-                c = cosines(np.load(root / f"{p}.npy")[0], np.load(root / "reference.npy")[0], mask[0])
+                c = token_cosines(np.load(root / f"{p}.npy"), np.load(root / "reference.npy"), mask)
                 s.update(cosine_min=float(c.min()), cosine_mean=float(c.mean()))
             print(steps)
     meminfo = Path("/proc/meminfo").read_text().split()

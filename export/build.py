@@ -26,6 +26,7 @@ from ..runtime.choices import AUTO, GPU_BACKENDS, Backend, Execution, Graph
 from ..runtime.errors import SoraError
 from ..runtime.gpu_target import target
 from ..runtime.manifest import Manifest, sha256_file, staged
+from ..runtime.memory import available_bytes
 from ..runtime.spec import Dim
 from ..runtime.validate import check_frames, check_size, check_threads
 from .checkpoint import WanCheckpoint, read_checkpoint, read_json
@@ -33,7 +34,7 @@ from ..target.choose import build_runtime, check_request, cpu_only, openvino_uns
 from .dit import AttentionForm, dit_spec, load_dit, load_reference_dit
 from .dit_probe import FirstBlockProbe, ProbeReference, probe_spec
 from ..target.gated_choice import gate_target
-from ..precision.convert import convert_engines, execution_of, plan_precision
+from ..precision.convert import WEIGHT_BYTES, convert_engines, execution_of, fit_to_memory, plan_precision
 from ..target.staging import ExportReport, build_keys, check_destination, commit, up_to_date
 from ..target.trt_target import TrtOptions
 from .text_encoder import load_text_encoder, text_encoder_spec
@@ -118,9 +119,9 @@ def _quiet():
 @dataclass(frozen=True)
 class ParitySource:
     """How a component's exported graph is checked against PyTorch: the whole graph against `reference()` where
-    one fp32 copy of the model beside ONNX Runtime's fits in memory, else a copy with fewer layers (`reduced`:
-    the weightless module and its reference, both built with `reduced_config` from the same checkpoint), exported
-    the same way and checked whole. `params`: the component's parameter count."""
+    one fp32 copy of the model beside ONNX Runtime's fits in memory and within PARITY_WHOLE_MAX_BYTES, else a copy
+    with fewer layers (`reduced`: the weightless module and its reference, both built with `reduced_config` from
+    the same checkpoint), exported the same way and checked whole. `params`: the component's parameter count."""
 
     reference: Callable[[], object]
     params: int
@@ -128,10 +129,9 @@ class ParitySource:
     reduced_config: dict | None = None
 
     def whole_fits(self) -> bool:
-        from ..runtime.memory import available_bytes
-
         available = available_bytes()
-        return self.reduced is None or available is None or 3 * 4 * self.params <= available
+        need = 2 * 4 * self.params  # the fp32 module or ONNX Runtime's copy (one at a time), and room to run
+        return self.reduced is None or (need <= PARITY_WHOLE_MAX_BYTES and (available is None or need <= available))
 
 
 def _export_component(name, module, parity: ParitySource, checkpoint, spec, tmp, opset, sample, probes, cfg, report,
@@ -155,22 +155,70 @@ def _export_component(name, module, parity: ParitySource, checkpoint, spec, tmp,
     if cfg.check_parity:
         t0 = time.perf_counter()
         if parity.whole_fits():
-            entry["parity"] = {**parity_check(parity.reference(), spec, tmp / f"{name}.onnx", probes),
+            entry["parity"] = {**parity_check(parity.reference, spec, tmp / f"{name}.onnx", probes),
                                "method": "whole graph"}
         else:
             with tempfile.TemporaryDirectory(prefix=f".parity-{name}-", dir=tmp.parent) as scratch:
-                small, reference = Path(scratch) / f"{name}.onnx", parity.reduced[1]()
+                small = Path(scratch) / f"{name}.onnx"
                 with _quiet():
                     export_onnx(parity.reduced[0](), spec, small, opset, sample, checkpoint)
-                entry["parity"] = {**parity_check(reference, spec, small, probes),
-                                   "method": f"a copy with {parity.reduced_config} (the whole model does not fit "
-                                             f"twice in memory)"}
+                entry["parity"] = {**parity_check(parity.reduced[1], spec, small, probes),
+                                   "method": f"a copy with {parity.reduced_config} (the whole model is too large "
+                                             f"to check beside its ONNX graph here)"}
         report.seconds[f"parity_{name}"] = time.perf_counter() - t0
         log(f"  {name}: max abs error vs PyTorch {entry['parity']['max_abs']:.2e} "
             f"(rel {entry['parity']['max_rel']:.2e}) on shapes {[p['sizes'] for p in entry['parity']['probes']]}"
             f" ({entry['parity']['method']})")
         check_parity(name, entry["parity"])
     return entry
+
+
+MIN_TOKEN_COSINE = 0.999  # a weight-only text encoder against PyTorch, every real token's embedding
+
+
+def _weight_only_text_encoder(ck: WanCheckpoint, te, spec, tmp: Path, entry: dict, precision: str, max_len: int,
+                              report: ExportReport, log) -> dict:
+    """The text encoder just exported to `tmp` (fp32, its parity checked) replaced there by its weight-only form,
+    then checked at full size against PyTorch: the weightless `te` run with each block's weights read from the
+    checkpoint as the block runs (export/streaming.py's blocks_streamed), so neither side needs the fp32 model in
+    memory. Every real token's embedding must reach MIN_TOKEN_COSINE; otherwise nothing is written."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    from ..precision.quality_gate import token_cosines
+    from ..precision.weight_only import quantize_weights
+    from .streaming import blocks_streamed
+
+    t0 = time.perf_counter()
+    log(f"  text_encoder: {precision} weight-only ...")
+    src, converted = tmp / entry["file"], tmp / ".weight-only" / entry["file"]
+    converted.parent.mkdir()
+    detail = quantize_weights(src, converted, precision)
+    for f in converted.parent.iterdir():  # the graph names its data file by name: both move as they are
+        f.replace(tmp / f.name)
+    converted.parent.rmdir()
+    rng = np.random.default_rng(11)
+    ids = rng.integers(1, te.encoder.config.vocab_size, (2, max_len)).astype(np.int64)
+    mask = (np.arange(max_len)[None] < np.array([[min(24, max_len)], [min(7, max_len)]])).astype(np.int64)
+    ids *= mask
+    got = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"]).run(
+        spec.output_names, {"input_ids": ids, "attention_mask": mask})[0]
+    blocks = max((m for m in te.modules() if isinstance(m, torch.nn.ModuleList)),
+                 key=lambda m: sum(p.numel() for p in m.parameters()))
+    with blocks_streamed(te, ck.root / "text_encoder", blocks), torch.no_grad():
+        ref = te(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
+    worst = float(token_cosines(got, ref, mask).min())
+    report.seconds["weight_only_text_encoder"] = time.perf_counter() - t0
+    log(f"  text_encoder {precision}: embedding cosine per token vs PyTorch >= {worst:.5f} (block by block, "
+        f"full size)")
+    if not worst >= MIN_TOKEN_COSINE:
+        raise SoraError(f"the {precision} text encoder's embeddings differ from PyTorch's: cosine {worst:.5f} for a "
+                        f"token, below {MIN_TOKEN_COSINE}; nothing was written. Export it in fp32 "
+                        f"(--text-encoder-precision fp32) on a machine with the memory for it")
+    return {**entry, "precision": precision, "detail": detail,
+            "pytorch_check": {"method": "PyTorch run block by block from the checkpoint, full size",
+                              "min_token_cosine": worst, "threshold": MIN_TOKEN_COSINE}}
 
 
 def check_parity(name: str, parity: dict) -> None:
@@ -183,13 +231,17 @@ def check_parity(name: str, parity: dict) -> None:
 
 
 REDUCED_LAYERS = 2  # the parity copy of a model too large to check whole: its first layers, same widths
+# Models up to this much (two fp32 copies' worth: 0.5B parameters) are checked whole; larger ones on the reduced
+# copy, so that an export's memory does not grow with the model (bench/results/export_memory_*).
+PARITY_WHOLE_MAX_BYTES = 4 << 30
 
 
 def _export_into(ck: WanCheckpoint, cfg: ExportConfig, defaults: dict, params: dict[str, int], tmp: Path,
-                 report: ExportReport, log, trace: dict) -> tuple[dict, dict, int]:
+                 report: ExportReport, log, trace: dict, held: dict[str, str]) -> tuple[dict, dict, int]:
     """Export every component into `tmp`, each traced weightless and its weights streamed from the checkpoint
     (export/streaming.py), or its graph reused from an earlier trace of the same content (`trace`: the checkpoint's
-    digest, the attention form, the versions); returns (engine manifest entries, the VAE engine names, d_model)."""
+    digest, the attention form, the versions); a component in `held` (fit_to_memory) is converted at once and
+    checked against PyTorch at full size. Returns (engine manifest entries, the VAE engine names, d_model)."""
     from .streaming import CheckpointTensors
 
     s, t = ck.vae_scale_spatial, ck.vae_scale_temporal
@@ -217,6 +269,9 @@ def _export_into(ck: WanCheckpoint, cfg: ExportConfig, defaults: dict, params: d
         {"b": 2, "s": min(8, cfg.max_sequence_length)},
         [{"b": 1, "s": cfg.max_sequence_length}, {"b": 2, "s": min(5, cfg.max_sequence_length)}], cfg, report, log,
         trace)
+    if "text_encoder" in held:
+        engines["text_encoder"] = _weight_only_text_encoder(ck, te, spec, tmp, engines["text_encoder"],
+                                                            held["text_encoder"], cfg.max_sequence_length, report, log)
     del te
 
     # DiT: the exported module carries the export-time rewrites; the reference is diffusers' own model.
@@ -299,18 +354,16 @@ def _check_sizes(ck: WanCheckpoint) -> dict[str, int]:
     return counts
 
 
-def _check_runs_here(params: dict[str, int]) -> None:
-    """The target build times the DiT and the gate runs the pipeline, each component in fp32 beside the others'
-    sessions: refuse a component whose fp32 copy alone exceeds this machine's available memory (export streams its
-    weights and needs no such copy: --onnx-only)."""
-    from ..runtime.memory import available_bytes
-
-    available = available_bytes()
+def _check_runs_here(params: dict[str, int], available: int | None, held: dict[str, str]) -> None:
+    """The target build times the DiT and the gate runs the pipeline, each component of the reference in fp32 (or
+    at the precision `held` for memory) beside the others' sessions: refuse a component whose weights alone exceed
+    this machine's available memory (export streams its weights and needs no such copy: --onnx-only)."""
     for comp, n in params.items():
-        if available is not None and 4 * n > available:
-            raise SoraError(f"{comp} has {n / 1e9:.2f}B parameters ({4 * n / 2**30:.1f} GiB in fp32), more than this "
-                            f"machine's {available / 2**30:.1f} GiB of available memory: export the portable ONNX "
-                            f"with --onnx-only and build the target where it fits (sora-build)")
+        p = held.get(comp, Graph.FP32)
+        if available is not None and WEIGHT_BYTES[p] * n > available:
+            raise SoraError(f"{comp} has {n / 1e9:.2f}B parameters ({WEIGHT_BYTES[p] * n / 2**30:.1f} GiB in {p}), "
+                            f"more than this machine's {available / 2**30:.1f} GiB of available memory: export the "
+                            f"portable ONNX with --onnx-only and build the target where it fits (sora-build)")
 
 
 def _chunked_decode_parity(vae, specs, tmp: Path, z_dim: int) -> dict:
@@ -371,6 +424,12 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = lambda s: None) -
             check_frames(f, ck.vae_scale_temporal)
 
         plan, notes = plan_precision(cfg.precision, dict(cfg.component_precision))
+        available = available_bytes()
+        # --onnx-only runs nothing here but the checks: its fp32 graphs are for the machine that builds the target
+        plan, notes, held = fit_to_memory(plan, notes, params, None if cfg.onnx_only else available, cfg.precision,
+                                          dict(cfg.component_precision))
+        for c in held:
+            log(f"{c}: {notes[c]}")
         execution = execution_of(cfg.precision)  # fp32, bf16, or auto: decided with the target
         no_openvino = openvino_unsupported(plan)
         if cfg.onnx_only and (cfg.backend != AUTO or execution == Execution.BF16):
@@ -378,7 +437,7 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = lambda s: None) -
                             "with sora-build ONNX_DIR -o ENGINE_DIR --backend ...)")
         if not cfg.onnx_only:
             # fail before minutes of export, not after
-            _check_runs_here(params)
+            _check_runs_here(params, available, held)
             check_request(cfg.backend, execution, no_openvino, cpu_only(plan))
             if cfg.backend == Backend.TENSORRT:
                 from ..target.trt_build import check_plugin_precision
@@ -408,7 +467,7 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = lambda s: None) -
         ref.mkdir()
         engines, vae_engines, d_model = _export_into(ck, cfg, defaults, params, ref, report, log,
                                                   {"checkpoint": digest, "attention": cfg.attention.value,
-                                                   "versions": versions})
+                                                   "versions": versions}, held)
         (ref / "tokenizer").mkdir()
         shutil.copy2(ck.tokenizer_file, ref / "tokenizer" / "tokenizer.json")
         (ref / "scheduler").mkdir()
@@ -435,7 +494,7 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = lambda s: None) -
             "source": source,
             "created_unix": int(time.time()),
             "versions": versions,
-            "precision": {c: Graph.FP32 for c in plan},
+            "precision": {c: held.get(c, Graph.FP32) for c in plan},
             "attention": cfg.attention.value,
             "gpu": None,  # portable ONNX, not built for a particular GPU
             "pipeline": pipeline,
@@ -447,7 +506,8 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = lambda s: None) -
             t0 = time.perf_counter()
             log(f"converting to {', '.join(f'{c} {p}' for c, p in plan.items())} ...")
             for c, why in notes.items():
-                log(f"  {c} stays fp32: {why}")
+                if c not in held:
+                    log(f"  {c} stays fp32: {why}")
             stage.mkdir()
             for d in ("tokenizer", "scheduler"):
                 shutil.copytree(ref / d, stage / d)

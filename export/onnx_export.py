@@ -15,6 +15,7 @@ import inspect
 import logging
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -78,22 +79,27 @@ def export_onnx(module: torch.nn.Module, spec: EngineSpec, path: Path, opset: in
     program.save(str(path), external_data=True)
 
 
-def parity_check(module: torch.nn.Module, spec: EngineSpec, path: Path, probes: list[dict[str, int]]) -> dict:
-    """Run ONNX Runtime and PyTorch on random inputs at each probe size; return the worst errors."""
+def parity_check(reference: torch.nn.Module | Callable[[], torch.nn.Module], spec: EngineSpec, path: Path,
+                 probes: list[dict[str, int]]) -> dict:
+    """Run ONNX Runtime and PyTorch on random inputs at each probe size; return the worst errors. `reference` may be
+    a function that builds the module: it is then built after ONNX Runtime's session is released, so the check
+    holds one copy of the model at a time."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
     sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    feeds = [spec.sample_inputs(seed=100 + i, **sizes) for i, sizes in enumerate(probes)]
+    outputs = [sess.run(spec.output_names, f) for f in feeds]
+    del sess
+    module = reference if isinstance(reference, torch.nn.Module) else reference()
     worst = {"max_abs": 0.0, "max_rel": 0.0, "probes": []}
-    for i, sizes in enumerate(probes):
-        feeds = spec.sample_inputs(seed=100 + i, **sizes)
-        outputs = sess.run(spec.output_names, feeds)
+    for sizes, feed, got_all in zip(probes, feeds, outputs):
         with torch.no_grad():
-            refs = module(*(torch.from_numpy(feeds[n]) for n in spec.input_names))
+            refs = module(*(torch.from_numpy(feed[n]) for n in spec.input_names))
         refs = refs if isinstance(refs, (tuple, list)) else (refs,)
         max_abs = max_rel = 0.0
-        for name, got, ref in zip(spec.output_names, outputs, refs):  # every output, caches included
+        for name, got, ref in zip(spec.output_names, got_all, refs):  # every output, caches included
             ref = ref.numpy()
             if got.shape != ref.shape:
                 raise SoraError(f"{spec.name}: ONNX {name} shape {got.shape} != PyTorch {ref.shape} at {sizes}")

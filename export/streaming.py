@@ -30,6 +30,7 @@ from ..runtime.errors import SoraError
 from .weights import TensorInfo, component_tensors
 
 _NUMPY = {"F32": np.float32, "F16": np.float16, "F64": np.float64}
+READ_SLICE = 1 << 26  # bytes of a bf16/fp16 tensor converted at a time
 
 
 @contextlib.contextmanager
@@ -66,14 +67,25 @@ class CheckpointTensors:
         self.tensors: dict[str, TensorInfo] = component_tensors(folder)  # headers and shards checked
 
     def read(self, name: str) -> np.ndarray:
+        """The tensor as float32; a bf16/fp16 one converted slice by slice, so reading it takes its float32 size
+        and no more (umT5-XXL's 4.2 GB token table)."""
         info = self.tensors[name]
         stored = np.uint16 if info.dtype == "BF16" else _NUMPY.get(info.dtype)
         if stored is None:
             raise SoraError(f"{info.file}: {name} is stored as {info.dtype}, not a floating-point type")
-        array = np.fromfile(info.file, stored, info.numel, offset=info.begin).reshape(info.shape)
-        if info.dtype == "BF16":  # the high half of a float32
-            return (array.astype(np.uint32) << 16).view(np.float32)
-        return array.astype(np.float32, copy=False)
+        if stored == np.float32:
+            return np.fromfile(info.file, stored, info.numel, offset=info.begin).reshape(info.shape)
+        out = np.empty(info.numel, np.float32)
+        step = READ_SLICE // np.dtype(stored).itemsize
+        with open(info.file, "rb") as f:
+            f.seek(info.begin)
+            for i in range(0, info.numel, step):
+                part = np.fromfile(f, stored, min(step, info.numel - i))
+                if info.dtype == "BF16":  # the high half of a float32
+                    out.view(np.uint32)[i:i + part.size] = part.astype(np.uint32) << 16
+                else:
+                    out[i:i + part.size] = part
+        return out.reshape(info.shape)
 
 
 def _checkpoint_name(aliases: list[str], tensors: dict[str, TensorInfo]) -> str | None:

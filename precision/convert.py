@@ -73,6 +73,28 @@ def plan_precision(default: str, overrides: dict[str, str]) -> tuple[dict[str, s
     return plan, notes
 
 
+# Host bytes per parameter of a graph precision: what a component's weights take when it runs (weight-only int8
+# and int4 add one fp32 scale per block of 32).
+WEIGHT_BYTES = {Graph.FP32: 4.0, Graph.FP16: 2.0, Graph.INT8: 1.125, Graph.INT8_DYNAMIC: 1.0, Graph.INT4: 0.625}
+
+
+def fit_to_memory(plan: dict[str, str], notes: dict[str, str], params: dict[str, int], available: int | None,
+                  default: str, overrides: dict[str, str]) -> tuple[dict[str, str], dict[str, str], dict[str, str]]:
+    """With `--precision auto`, a text encoder whose fp32 weights alone exceed the `available` bytes of the machine
+    that runs it (umT5-XXL: 22.8 GB) is planned weight-only int8 instead (a quarter of it), unless the user chose
+    its precision. Returns (plan, notes, {component: precision chosen for memory}); the export then holds that
+    component at that precision from the start (export/build.py), since its fp32 graph cannot run here."""
+    te = "text_encoder"
+    if default != AUTO or te in overrides or available is None or plan[te] != Graph.FP32:
+        return plan, notes, {}
+    need = WEIGHT_BYTES[Graph.FP32] * params[te]
+    if need <= available:
+        return plan, notes, {}
+    return ({**plan, te: Graph.INT8},
+            {**notes, te: f"weight-only int8: its fp32 weights ({need / 2**30:.1f} GiB) exceed this machine's "
+                          f"{available / 2**30:.1f} GiB of available memory"}, {te: Graph.INT8})
+
+
 def execution_of(default: str) -> str:
     """The execution precision a --precision value asks for: bf16, auto (decided at the target build) or fp32."""
     return default if default in EXECUTION else Execution.FP32
@@ -101,11 +123,11 @@ def convert_engines(ref: Path, stage: Path, engines: dict, plan: dict[str, str],
         comp = component_of(name)
         p = plan.get(comp, Graph.FP32)  # the step-cache probe stays fp32: it is tiny and decides what is skipped
         src, dst = ref / entry["file"], stage / entry["file"]
-        if p == Graph.FP32:
+        if p == entry.get("precision", Graph.FP32):  # the reference already holds it so (fp32, or fit_to_memory's)
             for f in (src, src.with_name(src.name + ".data")):
                 if f.exists():
                     link_or_copy(f, stage / f.name)
-            out[name] = {"precision": p}
+            out[name] = {k: v for k, v in entry.items() if k in ("precision", "detail")} or {"precision": p}
             continue
         log(f"  {name}: {p} ...")
         if p == Graph.FP16:

@@ -40,6 +40,13 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / denom) if denom > 0 else float(np.array_equal(a, b))
 
 
+def token_cosines(got: np.ndarray, ref: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Cosine similarity of each real token's embedding (mask 1) in [B, L, D] `got` against `ref`."""
+    keep = mask.astype(bool)
+    g, r = got[keep].astype(np.float64), ref[keep].astype(np.float64)
+    return (g * r).sum(-1) / (np.linalg.norm(g, axis=-1) * np.linalg.norm(r, axis=-1))
+
+
 def gate_size(pipe: Pipeline) -> tuple[int, int]:
     """The default height/width, halved until the latent is at most MAX_GATE_TOKENS. Small shapes can flatter
     reduced precision (a random-weight model of the demo's size: 44 dB in bf16 at 64x64, 23 dB at 320x192); how
@@ -73,8 +80,11 @@ def measure_quality(reference: Path | Manifest, candidate: Path | Manifest, back
                     threads: int | None) -> dict:
     """Measure `candidate` engines on (backend, execution precision) against fp32 `reference` engines; the record's
     `passed` says whether they meet `min_psnr` and MIN_TEXT_COSINE (check_quality raises where they do not)."""
-    ref = Pipeline.load(reference, threads=threads, verify=False, backend=Backend.ORT, precision=Execution.FP32)
-    cand = Pipeline.load(candidate, threads=threads, verify=False, backend=backend, precision=precision)
+    # low memory: each stage opens its engines and releases them, so the two pipelines never hold two models at once
+    ref = Pipeline.load(reference, threads=threads, verify=False, backend=Backend.ORT, precision=Execution.FP32,
+                        low_memory=True)
+    cand = Pipeline.load(candidate, threads=threads, verify=False, backend=backend, precision=precision,
+                         low_memory=True)
     h, w = gate_size(ref)
     frames = ref.defaults["frames"]
     psnrs, step_cosines = [], []

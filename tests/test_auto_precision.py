@@ -3,6 +3,7 @@ timings and the quality gate choose (target/gated_choice.py): bf16 where its ste
 BF16_MIN_SPEEDUP and it passes the gate. A bf16 choice that fails the gate falls back to the fastest fp32
 candidate; an explicit bf16 that fails it is refused. Real exports, real gate runs."""
 
+import numpy as np
 import pytest
 
 from conftest import TEST_SIZE
@@ -103,3 +104,36 @@ def test_a_failed_bf16_choice_over_reduced_graphs_gates_the_fp32_fallback_too(dy
     assert gate["passed"] and gate["execution_precision"] == "fp32"
     with pytest.raises(SoraError, match="int8-dynamic transformer on openvino fails the quality gate"):
         gate_target(reference, dynamic_engines, _bf16_won("auto"), plan, 100.0, 2, print)
+
+
+def test_a_text_encoder_whose_fp32_form_does_not_fit_is_exported_weight_only(tmp_path, monkeypatch):
+    """`auto` where the text encoder's fp32 weights exceed the machine's memory (here: the available memory set
+    between its fp32 size and every other component's): it is exported weight-only int8 from the start, checked
+    against PyTorch run block by block at full size, said in one line and in the manifest, and the engines generate.
+    With the per-token bound set above what int8 reaches (the control), the same export is refused, nothing written."""
+    from soraedge.export import build
+    from soraedge.export.checkpoint import read_checkpoint
+    from soraedge.export.tiny_wan import TinyWanConfig, build_tiny_wan
+
+    model = build_tiny_wan(tmp_path / "model", TinyWanConfig(text_dim=64, seed=3))
+    params = build._check_sizes(read_checkpoint(model))
+    available = 2 * (params["text_encoder"] + max(params["transformer"], params["vae"]))
+    assert 4 * params["text_encoder"] > available > 4 * max(params["transformer"], params["vae"])
+    monkeypatch.setattr(build, "available_bytes", lambda: available)
+    cfg = ExportConfig(model=str(model), out=tmp_path / "e", **SIZE, backend="ort")
+    logged = []
+    run_export(cfg, log=logged.append)
+    m = load_manifest(tmp_path / "e")
+    assert m.precision["text_encoder"] == "int8" and m.precision["transformer"] == "fp32"
+    assert "exceed this machine's" in m.data["precision_notes"]["text_encoder"]
+    assert any(line.startswith("text_encoder: weight-only int8: its fp32 weights") for line in logged)
+    check = m.data["engines"]["text_encoder"]["pytorch_check"]
+    assert check["threshold"] <= check["min_token_cosine"] <= 1.0
+    assert m.data["engines"]["text_encoder"]["detail"]["quantized"] > 0
+    video = Pipeline.load(tmp_path / "e")("a red ball", steps=2, seed=0).frames
+    assert video.shape[0] == SIZE["frames"] and np.isfinite(video).all()
+
+    monkeypatch.setattr(build, "MIN_TOKEN_COSINE", check["min_token_cosine"] + 1e-4)
+    with pytest.raises(SoraError, match="text encoder's embeddings differ from PyTorch's"):
+        run_export(ExportConfig(model=str(model), out=tmp_path / "f", **SIZE, backend="ort"))
+    assert not (tmp_path / "f").exists()

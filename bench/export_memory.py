@@ -75,6 +75,9 @@ def write_random_checkpoint(folder: Path, cls, config: dict, dtype: str, prefix:
     header = {"_class_name": cls.__name__} if hasattr(cls, "load_config") else {"architectures": [cls.__name__]}
     (folder / "config.json").write_text(json.dumps({**header, **config}))
     model = load_model(cls, folder, weights=False)  # shapes only
+    full = ({**header, **dict(model.config)} if hasattr(cls, "load_config")  # every value, as save_pretrained writes
+            else {**model.config.to_dict(), **header})
+    (folder / "config.json").write_text(json.dumps(full, default=list))
     g = torch.Generator().manual_seed(seed)
     torch_dtype = getattr(torch, DTYPES[dtype])
     written: list[list[str]] = []  # each shard's tensor names, once it is on disk
@@ -123,7 +126,9 @@ def run_child(root: Path, code: str, *args: str) -> dict:
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     proc = subprocess.run([sys.executable, "-c", code, str(root), *args], env=env, capture_output=True, text=True)
     if proc.returncode != 0:
-        return {"error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
+        why = "killed (out of memory)" if proc.returncode == -9 else f"exit {proc.returncode}"
+        return {"error": f"{why}: {(proc.stderr.strip().splitlines() or ['?'])[-1]}",
+                "stderr": proc.stderr.strip().splitlines()[-40:]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 

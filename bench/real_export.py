@@ -23,8 +23,10 @@ from ..export.tiny_wan import REAL_DIT_CONFIGS, REAL_TEXT_ENCODER_CONFIGS
 from .export_memory import run_child, write_random_checkpoint
 from .report import result_options, save
 
+VAE_CONFIG: dict = {}  # diffusers' AutoencoderKLWan defaults: the Wan2.1 VAE
+
 COMMAND = """
-import contextlib, io, json, sys, time
+import contextlib, io, json, sys, threading, time
 from pathlib import Path
 t0 = time.perf_counter()
 which, args = sys.argv[2], sys.argv[3:]
@@ -32,7 +34,19 @@ if which == "export":
     from soraedge.cli.export_cmd import main
 else:
     from soraedge.cli.run_cmd import main
-out = io.StringIO()
+
+def status(key):
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key)) / 2**20
+
+class Lines(io.StringIO):  # each line the command prints, with the process's peak so far (stderr: kept if killed)
+    def write(self, text):
+        for line in text.splitlines():
+            if line.strip():
+                print(f"[{time.perf_counter() - t0:6.0f} s, peak {status('VmHWM'):.2f} GB] {line}", file=sys.stderr,
+                      flush=True)
+        return super().write(text)
+
+out = Lines()
 with contextlib.redirect_stdout(out):
     try:
         main(args, standalone_mode=False)
@@ -41,8 +55,7 @@ with contextlib.redirect_stdout(out):
         error = f"exit {e.code}"
     except Exception as e:
         error = f"{type(e).__name__}: {e}"
-hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM"))
-print(json.dumps({"seconds": time.perf_counter() - t0, "vm_hwm_gb": hwm / 2**20, "error": error,
+print(json.dumps({"seconds": time.perf_counter() - t0, "vm_hwm_gb": status("VmHWM"), "error": error,
                   "output": out.getvalue().splitlines()}))
 """
 
@@ -59,7 +72,7 @@ def write_layout(root: Path) -> dict:
     for comp, cls, config, dtype, prefix in (
             ("text_encoder", UMT5EncoderModel, REAL_TEXT_ENCODER_CONFIGS["umt5-xxl"], "bf16", "model"),
             ("transformer", WanTransformer3DModel, REAL_DIT_CONFIGS["wan2.1-1.3b"], "fp32", "diffusion_pytorch_model"),
-            ("vae", AutoencoderKLWan, {}, "fp32", "diffusion_pytorch_model")):
+            ("vae", AutoencoderKLWan, VAE_CONFIG, "fp32", "diffusion_pytorch_model")):
         shutil.rmtree(root / comp)
         info[comp] = {**write_random_checkpoint(root / comp, cls, config, dtype, prefix), "dtype": dtype}
     return info
@@ -75,9 +88,10 @@ def to_markdown(r: dict) -> str:
              "| Command | Peak host memory (GB) | Wall time (s) | Result |", "|---|---|---|---|"]
     for name, c in r["commands"].items():
         result = f"failed: {c['error']}" if c.get("error") else "ok"
-        lines.append(f"| `{name}` | {c['vm_hwm_gb']:.2f} | {c['seconds']:.0f} | {result} |")
+        peak, wall = (f"{c['vm_hwm_gb']:.2f}", f"{c['seconds']:.0f}") if "seconds" in c else ("-", "-")
+        lines.append(f"| `{name}` | {peak} | {wall} | {result} |")
     for name, c in r["commands"].items():
-        lines += ["", f"`{name}` printed:", "", "```", *c.get("output", []), "```"]
+        lines += ["", f"`{name}` printed:", "", "```", *c.get("output", c.get("stderr", [])), "```"]
     return "\n".join(lines) + "\n"
 
 

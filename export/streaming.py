@@ -230,14 +230,16 @@ def _transposed(lazy: ir.LazyTensor, perm) -> Callable[[], ir.Tensor]:
 
 def _materialize(module: torch.nn.Module, checkpoint: CheckpointTensors, aliases: dict[int, list[str]],
                  skip: frozenset[int] = frozenset()) -> list[tuple[torch.nn.Module, str, torch.nn.Parameter]]:
-    """Replace `module`'s fake parameters (but those in `skip`) by their checkpoint tensors; returns what to put
-    back."""
-    swapped = []
+    """Replace `module`'s fake parameters (but those in `skip`) by their checkpoint tensors, a tied one (several
+    modules holding one parameter) read once; returns what to put back."""
+    swapped, read = [], {}
     for sub in module.modules():
         for name, p in list(sub._parameters.items()):
             if p is not None and is_fake(p) and id(p) not in skip:
-                tensor = torch.from_numpy(checkpoint.read(_resolve(checkpoint, aliases[id(p)], p.shape)))
-                sub._parameters[name] = torch.nn.Parameter(tensor, requires_grad=False)
+                if id(p) not in read:
+                    tensor = torch.from_numpy(checkpoint.read(_resolve(checkpoint, aliases[id(p)], p.shape)))
+                    read[id(p)] = torch.nn.Parameter(tensor, requires_grad=False)
+                sub._parameters[name] = read[id(p)]
                 swapped.append((sub, name, p))
     return swapped
 

@@ -76,6 +76,14 @@ def plan_precision(default: str, overrides: dict[str, str]) -> tuple[dict[str, s
 # Host bytes per parameter of a graph precision: what a component's weights take when it runs (weight-only int8
 # and int4 add one fp32 scale per block of 32).
 WEIGHT_BYTES = {Graph.FP32: 4.0, Graph.FP16: 2.0, Graph.INT8: 1.125, Graph.INT8_DYNAMIC: 1.0, Graph.INT4: 0.625}
+# A component runs where its weights take at most this share of the available memory: the runtime's own buffers,
+# the activations and the process need the rest (a 21.2 GiB umT5-XXL within 21.5 GiB available does not run).
+RUN_FRACTION = 0.8
+
+
+def runs_in(weight_bytes: float, available: int | None) -> bool:
+    """Whether weights of this size run within `available` bytes (None: unknown, assumed yes)."""
+    return available is None or weight_bytes <= RUN_FRACTION * available
 
 
 def fit_to_memory(plan: dict[str, str], notes: dict[str, str], params: dict[str, int], available: int | None,
@@ -85,14 +93,12 @@ def fit_to_memory(plan: dict[str, str], notes: dict[str, str], params: dict[str,
     its precision. Returns (plan, notes, {component: precision chosen for memory}); the export then holds that
     component at that precision from the start (export/build.py), since its fp32 graph cannot run here."""
     te = "text_encoder"
-    if default != AUTO or te in overrides or available is None or plan[te] != Graph.FP32:
-        return plan, notes, {}
     need = WEIGHT_BYTES[Graph.FP32] * params[te]
-    if need <= available:
+    if default != AUTO or te in overrides or plan[te] != Graph.FP32 or runs_in(need, available):
         return plan, notes, {}
     return ({**plan, te: Graph.INT8},
-            {**notes, te: f"weight-only int8: its fp32 weights ({need / 2**30:.1f} GiB) exceed this machine's "
-                          f"{available / 2**30:.1f} GiB of available memory"}, {te: Graph.INT8})
+            {**notes, te: f"weight-only int8: its fp32 weights ({need / 2**30:.1f} GiB) do not run within this "
+                          f"machine's {available / 2**30:.1f} GiB of available memory"}, {te: Graph.INT8})
 
 
 def execution_of(default: str) -> str:

@@ -13,6 +13,7 @@ writes nothing (target/gated_choice.py decides when a failed gate refuses and wh
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -80,11 +81,17 @@ def measure_quality(reference: Path | Manifest, candidate: Path | Manifest, back
                     threads: int | None) -> dict:
     """Measure `candidate` engines on (backend, execution precision) against fp32 `reference` engines; the record's
     `passed` says whether they meet `min_psnr` and MIN_TEXT_COSINE (check_quality raises where they do not)."""
-    # low memory: each stage opens its engines and releases them, so the two pipelines never hold two models at once
-    ref = Pipeline.load(reference, threads=threads, verify=False, backend=Backend.ORT, precision=Execution.FP32,
-                        low_memory=True)
-    cand = Pipeline.load(candidate, threads=threads, verify=False, backend=backend, precision=precision,
-                         low_memory=True)
+    with tempfile.TemporaryDirectory(prefix="soraedge-gate-") as prompts:
+        # low memory: each stage opens its engines and releases them, so the two pipelines never hold two models at
+        # once; one prompt cache: a text encoder both share (the same file) encodes each prompt once
+        ref = Pipeline.load(reference, threads=threads, verify=False, backend=Backend.ORT, precision=Execution.FP32,
+                            low_memory=True, prompt_cache=Path(prompts))
+        cand = Pipeline.load(candidate, threads=threads, verify=False, backend=backend, precision=precision,
+                             low_memory=True, prompt_cache=Path(prompts))
+        return _measure(ref, cand, backend, precision, min_psnr)
+
+
+def _measure(ref: Pipeline, cand: Pipeline, backend: str, precision: str, min_psnr: float) -> dict:
     h, w = gate_size(ref)
     frames = ref.defaults["frames"]
     psnrs, step_cosines = [], []

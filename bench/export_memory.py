@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import click
 
+from .children import host, run_child, table
 from .report import result_options, save
 
 from ..export.tiny_wan import REAL_DIT_CONFIGS
@@ -57,8 +55,8 @@ else:
     result["onnx_bytes"] = sum(p.stat().st_size for p in root.glob(f"{mode}.onnx*"))
 for p in root.glob(f"{mode}.onnx*"):
     p.unlink()
-hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM"))
-print(json.dumps({**result, "seconds": time.perf_counter() - t0, "vm_hwm_gb": hwm / 2**20}))
+from soraedge.bench.children import peak_gb
+print(json.dumps({**result, "seconds": time.perf_counter() - t0, "vm_hwm_gb": peak_gb()}))
 """
 
 
@@ -121,30 +119,14 @@ def _init_std(name: str, p, config: dict) -> float:
     return std
 
 
-def run_child(root: Path, code: str, *args: str) -> dict:
-    """`code` in a fresh Python process with `root` and `args` as its argv; the JSON its last line prints."""
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    proc = subprocess.run([sys.executable, "-c", code, str(root), *args], env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        why = "killed (out of memory)" if proc.returncode == -9 else f"exit {proc.returncode}"
-        return {"error": f"{why}: {(proc.stderr.strip().splitlines() or ['?'])[-1]}",
-                "stderr": proc.stderr.strip().splitlines()[-40:]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def to_markdown(r: dict) -> str:
+    m = r["machine"]
     lines = [f"### Export memory: {r['model']} transformer ({r['parameters'] / 1e9:.2f}B parameters, stored "
              f"{r['dtype']} in {r['shards']} shards)", "",
-             f"{r['machine']['cpu']}, {r['machine']['cores']} cores, {r['machine']['memory_gb']:.0f} GB; fp32 "
-             f"ONNX written; each in a fresh process, peak = VmHWM; {r['date']}.", "",
-             "| Export | Peak host memory (GB) | Wall time (s) | Notes |", "|---|---|---|---|"]
-    for mode, m in r["runs"].items():
-        if "error" in m:
-            lines.append(f"| {mode} | - | - | failed: {m['error']} |")
-            continue
-        note = (f"parity max rel {m['parity']['max_rel']:.1e}" if "parity" in m
-                else f"{m['onnx_bytes'] / 2**30:.1f} GiB ONNX")
-        lines.append(f"| {mode} | {m['vm_hwm_gb']:.2f} | {m['seconds']:.0f} | {note} |")
+             f"{m['cpu']}, {m['cores']} cores, {m['memory_gb']:.0f} GB; fp32 ONNX written; each in a fresh process, "
+             f"peak = VmHWM; {r['date']}.", "",
+             *table("Export", r["runs"], lambda run: f"parity max rel {run['parity']['max_rel']:.1e}" if "parity" in run
+                    else f"{run['onnx_bytes'] / 2**30:.1f} GiB ONNX")]
     return "\n".join(lines) + "\n"
 
 
@@ -160,8 +142,6 @@ def to_markdown(r: dict) -> str:
 def main(model, dtype, modes, workdir, tag, results):
     from diffusers import WanTransformer3DModel
 
-    from ..runtime.machine import machine
-
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         root = Path(tmp)
         t0 = time.perf_counter()
@@ -172,9 +152,8 @@ def main(model, dtype, modes, workdir, tag, results):
         for mode in modes.split(","):
             runs[mode] = run_child(root, CHILD, mode, "1" if mode == "parity" else "0")
             print(mode, runs[mode])
-    meminfo = Path("/proc/meminfo").read_text().split()
     result = {"model": model, "dtype": dtype, **info, "runs": runs, "date": time.strftime("%Y-%m-%d"),
-              "machine": {**machine(), "memory_gb": int(meminfo[1]) / 2**20}}
+              "machine": host()}
     save(results, "export_memory", tag, result, to_markdown(result))
 
 

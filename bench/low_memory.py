@@ -33,8 +33,8 @@ d, low, h, w, f, steps, threads = sys.argv[1], sys.argv[2] == "1", *map(int, sys
 t0 = time.perf_counter()
 pipe = Pipeline.load(d, threads=threads, low_memory=low)
 r = pipe("a red fox runs through the snow in the forest", height=h, width=w, frames=f, steps=steps)
-hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM"))
-print(json.dumps({"stage_peak_mb": r.memory_mb, "vm_hwm_mb": hwm / 1024, "timings": r.timings,
+from soraedge.bench.children import peak_gb
+print(json.dumps({"stage_peak_mb": r.memory_mb, "vm_hwm_mb": peak_gb() * 1024, "timings": r.timings,
                   "seconds": time.perf_counter() - t0}))
 """
 

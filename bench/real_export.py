@@ -20,13 +20,14 @@ from pathlib import Path
 import click
 
 from ..export.tiny_wan import REAL_DIT_CONFIGS, REAL_TEXT_ENCODER_CONFIGS
-from .export_memory import run_child, write_random_checkpoint
+from .children import host, run_child, table
+from .export_memory import write_random_checkpoint
 from .report import result_options, save
 
 VAE_CONFIG: dict = {}  # diffusers' AutoencoderKLWan defaults: the Wan2.1 VAE
 
 COMMAND = """
-import contextlib, io, json, sys, threading, time
+import contextlib, io, json, sys, time
 from pathlib import Path
 t0 = time.perf_counter()
 which, args = sys.argv[2], sys.argv[3:]
@@ -35,14 +36,13 @@ if which == "export":
 else:
     from soraedge.cli.run_cmd import main
 
-def status(key):
-    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key)) / 2**20
+from soraedge.bench.children import peak_gb
 
 class Lines(io.StringIO):  # each line the command prints, with the process's peak so far (stderr: kept if killed)
     def write(self, text):
         for line in text.splitlines():
             if line.strip():
-                print(f"[{time.perf_counter() - t0:6.0f} s, peak {status('VmHWM'):.2f} GB] {line}", file=sys.stderr,
+                print(f"[{time.perf_counter() - t0:6.0f} s, peak {peak_gb():.2f} GB] {line}", file=sys.stderr,
                       flush=True)
         return super().write(text)
 
@@ -55,7 +55,7 @@ with contextlib.redirect_stdout(out):
         error = f"exit {e.code}"
     except Exception as e:
         error = f"{type(e).__name__}: {e}"
-print(json.dumps({"seconds": time.perf_counter() - t0, "vm_hwm_gb": status("VmHWM"), "error": error,
+print(json.dumps({"seconds": time.perf_counter() - t0, "vm_hwm_gb": peak_gb(), "error": error,
                   "output": out.getvalue().splitlines()}))
 """
 
@@ -85,11 +85,7 @@ def to_markdown(r: dict) -> str:
     lines = ["### Real Wan2.1-T2V-1.3B layout, random weights: export and generation on the CPU", "",
              f"{parts}. {m['cpu']}, {m['cores']} cores, {m['memory_gb']:.0f} GB; each command in a fresh process, "
              f"peak = VmHWM; {r['date']}.", "",
-             "| Command | Peak host memory (GB) | Wall time (s) | Result |", "|---|---|---|---|"]
-    for name, c in r["commands"].items():
-        result = f"failed: {c['error']}" if c.get("error") else "ok"
-        peak, wall = (f"{c['vm_hwm_gb']:.2f}", f"{c['seconds']:.0f}") if "seconds" in c else ("-", "-")
-        lines.append(f"| `{name}` | {peak} | {wall} | {result} |")
+             *table("Command", {f"`{name}`": c for name, c in r["commands"].items()}, lambda c: "ok")]
     for name, c in r["commands"].items():
         lines += ["", f"`{name}` printed:", "", "```", *c.get("output", c.get("stderr", [])), "```"]
     return "\n".join(lines) + "\n"
@@ -103,8 +99,6 @@ def to_markdown(r: dict) -> str:
 @click.option("--steps", default=2, show_default=True)
 @result_options("real_export")
 def main(workdir, size, steps, tag, results):
-    from ..runtime.machine import machine
-
     height, width, frames = size.split("x")
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         root, engines = Path(tmp) / "Wan2.1-T2V-1.3B-random", Path(tmp) / "engines"
@@ -120,9 +114,8 @@ def main(workdir, size, steps, tag, results):
         if not next(iter(commands.values())).get("error"):
             commands[" ".join(run[:1] + run[3:-2])] = run_child(root, COMMAND, "run", *run[1:])
             print(commands)
-    meminfo = Path("/proc/meminfo").read_text().split()
     result = {"layout": layout, "size": size, "steps": steps, "commands": commands, "date": time.strftime("%Y-%m-%d"),
-              "machine": {**machine(), "memory_gb": int(meminfo[1]) / 2**20}}
+              "machine": host()}
     save(results, "real_export", tag, result, to_markdown(result))
 
 

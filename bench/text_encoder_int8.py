@@ -27,7 +27,8 @@ import numpy as np
 
 from ..export.tiny_wan import REAL_TEXT_ENCODER_CONFIGS
 from ..precision.quality_gate import token_cosines
-from .export_memory import run_child, write_random_checkpoint
+from .children import host, run_child, table
+from .export_memory import write_random_checkpoint
 from .report import result_options, save
 
 PROMPT_TOKENS = 24  # real tokens of the prompt; the rest of the 512 is padding, as the pipeline encodes
@@ -69,9 +70,20 @@ elif step == "reference":
     with blocks_streamed(te, root / "text_encoder", te.encoder.encoder.block), torch.no_grad():
         out = te(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
     np.save(root / "reference.npy", out)
-hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM"))
-print(json.dumps({**result, "seconds": time.perf_counter() - t0, "vm_hwm_gb": hwm / 2**20}))
+from soraedge.bench.children import peak_gb
+print(json.dumps({**result, "seconds": time.perf_counter() - t0, "vm_hwm_gb": peak_gb()}))
 """
+
+
+def _result(step: dict) -> str:
+    if "onnx_bytes" in step:
+        return f"{step['onnx_bytes'] / 2**30:.1f} GiB fp32 ONNX"
+    if "detail" in step:
+        return f"{step['detail']['weight_bytes'] / 2**30:.2f} GiB of weights"
+    if "cosine_min" in step:
+        return (f"load {step['load_seconds']:.0f} s, encode {step['encode_seconds']:.1f} s; cosine per token vs "
+                f"PyTorch: min {step['cosine_min']:.5f}, mean {step['cosine_mean']:.5f}")
+    return ""
 
 
 def to_markdown(r: dict) -> str:
@@ -80,20 +92,7 @@ def to_markdown(r: dict) -> str:
              f"{r['dtype']} in {r['shards']} shards)", "",
              f"{m['cpu']}, {m['cores']} cores, {m['memory_gb']:.0f} GB; one prompt of {PROMPT_TOKENS} tokens padded "
              f"to 512; ONNX Runtime CPU; each step in a fresh process, peak = VmHWM; {r['date']}.", "",
-             "| Step | Peak host memory (GB) | Wall time (s) | Result |", "|---|---|---|---|"]
-    for step, s in r["steps"].items():
-        if "error" in s:
-            lines.append(f"| {step} | - | - | failed: {s['error']} |")
-            continue
-        note = ""
-        if "onnx_bytes" in s:
-            note = f"{s['onnx_bytes'] / 2**30:.1f} GiB fp32 ONNX"
-        elif "detail" in s:
-            note = f"{s['detail']['weight_bytes'] / 2**30:.2f} GiB of weights"
-        elif "cosine_min" in s:
-            note = (f"load {s['load_seconds']:.0f} s, encode {s['encode_seconds']:.1f} s; cosine per token vs "
-                    f"PyTorch: min {s['cosine_min']:.5f}, mean {s['cosine_mean']:.5f}")
-        lines.append(f"| {step} | {s['vm_hwm_gb']:.2f} | {s['seconds']:.0f} | {note} |")
+             *table("Step", r["steps"], _result)]
     return "\n".join(lines) + "\n"
 
 
@@ -106,8 +105,6 @@ def to_markdown(r: dict) -> str:
 @result_options("text_encoder_int8")
 def main(model, bits, workdir, tag, results):
     from transformers import UMT5EncoderModel
-
-    from ..runtime.machine import machine
 
     config = REAL_TEXT_ENCODER_CONFIGS[model]
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
@@ -135,9 +132,8 @@ def main(model, bits, workdir, tag, results):
                 c = token_cosines(np.load(root / f"{p}.npy"), np.load(root / "reference.npy"), mask)
                 s.update(cosine_min=float(c.min()), cosine_mean=float(c.mean()))
             print(steps)
-    meminfo = Path("/proc/meminfo").read_text().split()
     result = {"model": model, "dtype": "bf16", **info, "prompt_tokens": PROMPT_TOKENS, "steps": steps,
-              "date": time.strftime("%Y-%m-%d"), "machine": {**machine(), "memory_gb": int(meminfo[1]) / 2**20}}
+              "date": time.strftime("%Y-%m-%d"), "machine": host()}
     save(results, "text_encoder_int8", tag, result, to_markdown(result))
 
 

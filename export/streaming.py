@@ -169,16 +169,8 @@ def load_model(cls, folder: Path, weights: bool = True, **overrides) -> torch.nn
     change its config (`num_layers=2`: the first two layers' weights of the same checkpoint)."""
     with weightless():
         model = from_config(cls, folder, **overrides)
-    if weights:
-        checkpoint = CheckpointTensors(folder)
-        _, aliases = _aliases(model)
-        state, read = {}, {}
-        for name, p in model.named_parameters(remove_duplicate=False):
-            key = _resolve(checkpoint, aliases[id(p)], p.shape)
-            if key not in read:  # tied weights: one tensor
-                read[key] = torch.from_numpy(checkpoint.read(key))
-            state[name] = read[key]
-        model.load_state_dict(state, strict=False, assign=True)  # buffers (computed when built) stay
+    if weights:  # buffers (computed when built) stay
+        _materialize(model, CheckpointTensors(folder), _aliases(model)[1])
     return model.eval()
 
 

@@ -4,11 +4,11 @@ At Wan shapes (batch 2, 12 heads, head dim 128, 4K to 32K tokens): TFLOP/s (4 * 
 PyTorch's SDPA with its flash and cuDNN backends, the Triton fp16 and bf16 kernels, and the Triton INT8 kernel
 (its quantization passes included in its time), each timed by triton.testing.do_bench (CUDA events, L2 flushed
 between calls, median), autotuning done before timing. Accuracy of every peer against an fp32 reference (TF32
-off) on the same inputs: cosine similarity, relative L2 error. Writes bench/results/attention_kernels_<tag>.json
-and .md with the GPU's name, the versions and the ratios to SDPA flash.
+off) on the same inputs: cosine similarity, relative L2 error. Writes bench/results/ (JSON + Markdown) with the
+GPU's name, the versions and the ratios to SDPA flash.
 
 Needs a CUDA GPU and triton; on the lent GPU machine (no pip there) run it from the repository root as
-    ln -sfn "$PWD" /tmp/soraedge && PYTHONPATH=/tmp python3 -m soraedge.bench.attention_kernels --tag h100
+    ln -sfn "$PWD" /tmp/soraedge && PYTHONPATH=/tmp python3 -m soraedge.bench.attention_kernels
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import click
 
-from .report import result_options, save
+from .harness import results_option, save
 
 TOKENS = (4096, 8192, 16384, 32768)
 BATCH, HEADS, HEAD_DIM = 2, 12, 128
@@ -34,8 +34,8 @@ def peers(torch):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.functional import scaled_dot_product_attention as sdpa
 
-    from ..kernels.flash_attention import flash_attention
-    from ..kernels.int8_attention import int8_attention
+    from ..fused_attention.flash_attention import flash_attention
+    from ..fused_attention.int8_attention import int8_attention
 
     def sdpa_with(backend):
         def call(q, k, v):
@@ -58,7 +58,7 @@ def run(tokens, log=print) -> dict:
     import triton
     from triton.testing import do_bench
 
-    from ..kernels.reference import accuracy, attention_reference
+    from ..fused_attention.reference import accuracy, attention_reference
 
     torch.backends.cuda.matmul.allow_tf32 = False
     rows = []
@@ -120,14 +120,14 @@ def markdown(result: dict) -> str:
 
 @click.command()
 @click.option("--tokens", default=",".join(map(str, TOKENS)), show_default=True, help="Comma-separated.")
-@result_options("attention_kernels", default_tag="gpu")
-def main(tokens: str, tag: str, results: Path) -> None:
+@results_option
+def main(tokens: str, results: Path) -> None:
     import torch
 
     if not torch.cuda.is_available():
         raise click.ClickException("the attention kernel bench needs a CUDA GPU (the CPU tests cover correctness)")
     result = run(tuple(int(t) for t in tokens.split(",")))
-    save(results, "attention_kernels", tag, result, markdown(result))
+    save("attention_kernels", "wan-1.3b-heads", result, markdown(result), results)
 
 
 if __name__ == "__main__":

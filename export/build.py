@@ -91,7 +91,7 @@ def _source_digest() -> str:
     so a changed exporter rebuilds an export made by the old code at the same package version."""
     root = Path(__file__).resolve().parent.parent
     h = hashlib.sha256()
-    for sub in ("export", "precision", "target", "runtime", "demo", "kernels"):
+    for sub in ("export", "precision", "target", "runtime", "demo", "fused_attention"):
         for f in sorted((root / sub).rglob("*.py")):
             h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes())
     return h.hexdigest()[:16]

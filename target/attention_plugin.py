@@ -1,4 +1,4 @@
-"""Graph pass: every attention of the DiT -> one node of this project's TensorRT plugin (kernels/trt_plugin.py).
+"""Graph pass: every attention of the DiT -> one node of this project's TensorRT plugin (fused_attention/trt_plugin.py).
 
 The pattern is the one target/attention_rewrite.py matches: Transpose x3 -> ONNX `Attention` -> Transpose. It
 becomes one node, op type = the plugin's name, in the plugin's own domain, carrying `plugin_namespace` and
@@ -18,7 +18,7 @@ from pathlib import Path
 import onnx
 from onnx import helper
 
-from ..kernels.trt_plugin import FLASH, INT8, NAMESPACE
+from ..fused_attention.trt_plugin import FLASH, INT8, NAMESPACE
 from ..runtime.errors import SoraError
 from .attention_rewrite import RewriteReport, apply_to_file, match_attention, replace_attention, static_dims
 

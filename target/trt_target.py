@@ -3,7 +3,7 @@
 Called by target/choose.py's `build_runtime`, from a full export or from the second step of the two-step
 path. It checks that this TensorRT can take the directory's ONNX (target/trt_build.py's version rules). With
 `--trt-attention plugin|int8` it registers the fused attention plugins for this GPU's architecture
-(kernels/trt_plugin.py) and writes `transformer.plugin.onnx` beside the portable graph
+(fused_attention/trt_plugin.py) and writes `transformer.plugin.onnx` beside the portable graph
 (target/attention_plugin.py). It then builds `<engine>.plan` for each engine, with the timing cache kept under
 `trt/` per GPU and TensorRT version, and times the DiT step with and without a CUDA graph. It returns the manifest
 with its runtime and gpu sections and the new per-engine entries (plan file and builder plan). Not run by this project:
@@ -69,7 +69,7 @@ def trt_runtime(manifest: Manifest, options: TrtOptions, threads: int | None, lo
     cache = engine_dir / "trt" / timing_cache_name(gpu, version)
     sources = {name: manifest.engine_path(name) for name in manifest.engine_names}
     if options.attention in ("plugin", "int8"):
-        from ..kernels.trt_plugin import register_plugins
+        from ..fused_attention.trt_plugin import register_plugins
         from .attention_plugin import plugin_file
 
         register_plugins(arch)

@@ -18,9 +18,9 @@ if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton", reason="triton is not installed (the `kernels` extra)")
 
-from soraedge.kernels.flash_attention import flash_attention  # noqa: E402
-from soraedge.kernels.int8_attention import int8_attention  # noqa: E402
-from soraedge.kernels.reference import accuracy, attention_reference  # noqa: E402
+from soraedge.fused_attention.flash_attention import flash_attention  # noqa: E402
+from soraedge.fused_attention.int8_attention import int8_attention  # noqa: E402
+from soraedge.fused_attention.reference import accuracy, attention_reference  # noqa: E402
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 needs_gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (the Triton interpreter's bf16 dot is wrong)")
@@ -96,14 +96,14 @@ def test_wan_size_matches_reference(kernel, dtype):
 @pytest.mark.parametrize("kernel", ["flash", "int8"])
 @pytest.mark.parametrize("shape", SMALL_SHAPES)
 def test_tensorrt_plugin_kernels_match_reference(kernel, shape):
-    """The kernels the TensorRT plugins launch (kernels/trt_plugin.py): contiguous [B, L, H, D] tensors, L/S/H as
-    int32 arguments between the inputs and the output, head dim and scale as compile-time constants."""
+    """The kernels the TensorRT plugins launch (fused_attention/trt_plugin.py): contiguous [B, L, H, D] tensors,
+    L/S/H as int32 arguments between the inputs and the output, head dim and scale as compile-time constants."""
     import math
 
     import triton
 
-    from soraedge.kernels import attention_core
-    from soraedge.kernels.attention_core import LOG2_E
+    from soraedge.fused_attention import attention_core
+    from soraedge.fused_attention.attention_core import LOG2_E
 
     b, h, length, keys, d = shape
     q, k, v = make_inputs(shape, torch.float16, "blhd")  # [B, H, L, D] views of [B, L, H, D] buffers

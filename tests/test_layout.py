@@ -5,20 +5,22 @@ imports torch or its model libraries, at module level or inside a function."""
 from __future__ import annotations
 
 import ast
+import importlib.metadata
+import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("runtime", "kernels", "precision", "target", "serve", "export", "cli", "bench", "demo")
+PACKAGES = ("runtime", "fused_attention", "precision", "target", "serve", "export", "cli", "bench", "demo")
 # what each folder may import from the project (itself included); cli and bench sit on top of everything
 MAY_IMPORT = {
     "runtime": {"runtime"},
-    "kernels": {"kernels", "runtime"},
+    "fused_attention": {"fused_attention", "runtime"},
     "precision": {"precision", "runtime"},
-    "target": {"target", "precision", "runtime", "kernels"},
+    "target": {"target", "precision", "runtime", "fused_attention"},
     "serve": {"serve", "runtime"},
-    "export": {"export", "precision", "target", "runtime", "kernels", "demo"},
+    "export": {"export", "precision", "target", "runtime", "fused_attention", "demo"},
     "demo": {"demo", "export", "runtime"},
 }
 TORCH_FREE = ("runtime", "precision", "target", "serve")
@@ -142,3 +144,21 @@ def test_the_checks_fail_on_a_violation():
     assert _wrong_direction(bad) == ["runtime.validate imports export.build"]
     assert _torch_imports(bad) == ["runtime.validate imports torch"]
     assert _cycles(bad) == [["runtime.pipeline", "runtime.validate"]]
+
+
+def _shadowing(folders, installed: set[str]) -> list[str]:
+    return sorted(set(folders) & (installed | set(sys.stdlib_module_names)))
+
+
+def test_no_folder_shadows_an_installed_module():
+    """The project's root is the `soraedge` package, so its folders are importable by their bare names whenever the
+    root is on sys.path (`python -m ...` from a checkout). A folder named like an installed module would replace it
+    for every library that imports it (transformers imports the `kernels` distribution)."""
+    folders = [p.name for p in ROOT.iterdir() if (p / "__init__.py").exists()]
+    assert set(PACKAGES) <= set(folders)
+    assert not _shadowing(folders, set(importlib.metadata.packages_distributions()))
+
+
+def test_the_shadowing_check_fails_on_a_clash():
+    """Control: an installed top-level module and a standard-library one, both named like folders, are caught."""
+    assert _shadowing(["runtime", "kernels", "json"], {"kernels", "numpy"}) == ["json", "kernels"]

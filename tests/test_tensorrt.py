@@ -19,7 +19,8 @@ from soraedge.target.attention_plugin import to_plugin
 from soraedge.target.attention_rewrite import match_attention
 from soraedge.target.trt_build import (FORBIDDEN_FLAGS, BuildSettings, attention_graph, builder_plan, capabilities,
                                        plugin_arch, timing_cache_name)
-from soraedge.kernels.trt_plugin import FLASH, INT8, NAMESPACE, constant_value, plugin_functions, strip_hidden_params
+from soraedge.fused_attention.trt_plugin import (FLASH, INT8, NAMESPACE, constant_value, plugin_functions,
+                                                 strip_hidden_params)
 from soraedge.runtime.errors import SoraError
 from soraedge.runtime.gpu_target import mismatches, tensorrt_version
 from soraedge.runtime.manifest import load_manifest
@@ -192,7 +193,7 @@ def test_the_pass_matches_the_real_dit_export_and_refuses_its_head_dim(tiny_engi
 # -- the plugin kernel, compiled ahead of time -------------------------------------------------------------------------
 COMPILE = textwrap.dedent("""
     import json, sys
-    from soraedge.kernels.trt_plugin import compile_attention
+    from soraedge.fused_attention.trt_plugin import compile_attention
     plugin, dtype, head_dim, major, minor = sys.argv[1:]
     c = compile_attention(dtype, int(head_dim), 1, (int(major), int(minor)), plugin)
     print(json.dumps({"ptx": c.ptx.decode(), "threads": c.threads, "shared_mem": c.shared_mem,
@@ -204,7 +205,7 @@ COMPILE = textwrap.dedent("""
                                                            (INT8, "fp16", 128, (8, 7))])
 def test_plugin_kernels_compile_to_ptx_with_the_plugin_calling_convention(plugin, dtype, head_dim, arch):
     pytest.importorskip("triton", reason="triton is not installed (the `kernels` extra)")
-    from soraedge.kernels.trt_plugin import TILES
+    from soraedge.fused_attention.trt_plugin import TILES
 
     # A fresh process: tests/test_kernels.py sets TRITON_INTERPRET=1 for this one, and interpreted kernels do not
     # compile to PTX.

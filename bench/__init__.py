@@ -1,1 +1,2 @@
-"""Benchmarks (sora-bench): scenarios as data, results as JSON and Markdown. Empty until the bench issue lands."""
+"""Benchmarks: each a function over one harness (harness.py: scenarios, timers, machine, results); sora-bench is
+e2e.py. Results and their generated index are in results/."""

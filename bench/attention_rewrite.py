@@ -1,10 +1,10 @@
 """ONNX Runtime DiT step with the standard `Attention` op against the contrib `MultiHeadAttention` rewrite.
 
-Same exported DiT (bench/dit_step.py's scenario, fixed seed), same inputs, same threads, the two sessions timed
+Same exported DiT (bench/harness.py's scenario, its fixed seed), same inputs, same threads, the two sessions timed
 alternately in one run so machine noise falls on both; the rewritten output is compared with the original.
 This is the measurement behind the rule "keep the rewrite only where it gains on the DiT step": on the CPU here,
 and on CUDA (`--provider cuda`, onnxruntime-gpu) when a GPU is lent. Writes
-bench/results/attention_rewrite_<tag>.json and .md.
+bench/results/ (JSON + Markdown).
 
     python -m soraedge.bench.attention_rewrite [--scenario wan-384x6-1280tok] [--threads 2] [--repeats 7]
 """
@@ -12,17 +12,14 @@ bench/results/attention_rewrite_<tag>.json and .md.
 from __future__ import annotations
 
 import tempfile
-import time
 from pathlib import Path
 
 import click
 import numpy as np
 
-from .dit_step import (SCENARIOS, build_scenario_model, export_scenario_dit, scenario_inputs,
-                       scenario_options)
 from ..runtime.machine import machine
-from .e2e import versions
-from .report import result_options, save
+from .harness import (SCENARIOS, build_scenario_model, export_scenario_dit, results_option, save,
+                      scenario_options, time_interleaved, versions)
 
 PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
 
@@ -32,33 +29,29 @@ def run(scenario: str, threads: int, repeats: int, provider: str, log=print) -> 
 
     from ..target.attention_rewrite import rewrite_file
 
-    cfg, lat, feeds = scenario_inputs(scenario)
+    sc = SCENARIOS[scenario]
+    feeds = sc.dit_inputs()
     with tempfile.TemporaryDirectory(prefix="bench-mha-") as tmp:
         tmp = Path(tmp)
-        build_scenario_model(cfg, tmp)
+        build_scenario_model(sc, tmp)
         log("exporting ...")
-        export_scenario_dit(cfg, SCENARIOS[scenario]["text_len"], lat, tmp)
-        report = rewrite_file(tmp / "dit.onnx", tmp / "dit_mha.onnx", cfg["num_attention_heads"])
+        export_scenario_dit(sc, tmp)
+        report = rewrite_file(tmp / "dit.onnx", tmp / "dit_mha.onnx", sc.config().heads)
         log(f"rewrote {report.replaced} of {report.attention_nodes} Attention nodes")
         sessions = {}
         for name in ("dit", "dit_mha"):
             so = ort.SessionOptions()
             so.intra_op_num_threads = threads
             sessions[name] = ort.InferenceSession(str(tmp / f"{name}.onnx"), so, providers=PROVIDERS[provider])
-        outputs = {name: s.run(None, feeds)[0] for name, s in sessions.items()}  # warm-up
-        times = {name: [] for name in sessions}
-        for _ in range(repeats):
-            for name, s in sessions.items():
-                t0 = time.perf_counter()
-                s.run(None, feeds)
-                times[name].append(time.perf_counter() - t0)
-    median = {name: float(np.median(t)) for name, t in times.items()}
+        stats, outputs = time_interleaved({name: (lambda s=s: s.run(None, feeds)[0])
+                                           for name, s in sessions.items()}, repeats)
+    median = {name: s["median_s"] for name, s in stats.items()}
     ref = outputs["dit"]
     return {
         "machine": machine(), "versions": versions(), "threads": threads, "provider": provider,
-        "scenario": scenario, "latent_shape": list(lat), "tokens": lat[2] * lat[3] * lat[4] // 4,
+        "scenario": scenario, "latent_shape": list(sc.latent_shape), "tokens": sc.tokens,
         "repeats": repeats, "attention_nodes": report.attention_nodes, "replaced": report.replaced,
-        "median_s": median, "p95_s": {n: float(np.percentile(t, 95)) for n, t in times.items()},
+        "median_s": median, "p95_s": {name: s["p95_s"] for name, s in stats.items()},
         "speedup_mha": median["dit"] / median["dit_mha"],
         "max_abs_diff": float(np.abs(outputs["dit_mha"] - ref).max()), "ref_max_abs": float(np.abs(ref).max()),
     }
@@ -81,10 +74,10 @@ def to_markdown(r: dict) -> str:
 @scenario_options
 @click.option("--repeats", type=int, default=7, show_default=True)
 @click.option("--provider", type=click.Choice(sorted(PROVIDERS)), default="cpu", show_default=True)
-@result_options("attention_rewrite")
-def main(scenario, threads, repeats, provider, tag, results):
+@results_option
+def main(scenario, threads, repeats, provider, results):
     r = run(scenario, threads, repeats, provider)
-    save(results, "attention_rewrite", tag, r, to_markdown(r))
+    save("attention_rewrite", scenario, r, to_markdown(r), results)
 
 
 if __name__ == "__main__":

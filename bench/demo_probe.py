@@ -5,10 +5,10 @@ gate; INT8 calibrated on 8 training captions), generates every prompt of the pro
 (sora-run's path, fixed seeds), reads each video back with demo/probe.py, and reports colour and motion accuracy
 separately for the held-out colour x shape x motion combinations (never seen in training) and for training
 combinations; reduced precisions also get the PSNR of their videos against the fp32 engines' on the same seeds.
-Writes bench/results/demo_probe_<tag>.json and .md with the prompt set.
+Writes bench/results/ (JSON + Markdown, with the prompt set).
 
     python -m soraedge.bench.demo_probe [--seeds 3] [--precision int8 --precision fp16] [--backend ort
-                                        --backend openvino --backend openvino-bf16] [--tag cpu]
+                                        --backend openvino --backend openvino-bf16]
                                         [--weights DIR]   # weights from demo/train.py other than the shipped ones
 """
 
@@ -24,8 +24,7 @@ import numpy as np
 
 from ..runtime.machine import machine
 
-from .e2e import versions
-from .report import result_options, save
+from .harness import results_option, save, versions
 
 
 def prompt_set(seeds: int) -> list[dict]:
@@ -130,10 +129,10 @@ def to_markdown(r: dict) -> str:
 @click.option("--backend", "backends", multiple=True, type=click.Choice(["ort", "openvino", "openvino-bf16"]),
               help="Run every engine directory on these CPU backends (default: ort); openvino-bf16 executes the "
                    "graphs in bf16.")
-@result_options("demo_probe")
-def main(seeds, precisions, steps, threads, tag, weights, backends, results):
+@results_option
+def main(seeds, precisions, steps, threads, weights, backends, results):
     r = run(seeds, precisions, threads, steps, weights, backends or ("ort",))
-    save(results, "demo_probe", tag, r, to_markdown(r))
+    save("demo_probe", "demo", r, to_markdown(r), results)
 
 
 if __name__ == "__main__":

@@ -3,18 +3,17 @@ CPU has it, as diffusers loads it), ONNX Runtime fp32 (the portable graph and it
 MultiHeadAttention), OpenVINO fp32/bf16 (compiled for the shape, as the pipeline runs it), and the int8-dynamic DiT
 (int8 linear weights, activations quantized at run time: precision/int8_dynamic.py) on both.
 
-Same weights (a Wan-architecture transformer built from a fixed seed), same inputs, same thread count; the ONNX
-engines are timed in turn (bench/dit_step.time_interleaved). Reports the median and p95 of repeats after warm-up,
+Same weights (the scenario's model from export/tiny_wan.py, its fixed seed), same inputs, same thread count; the ONNX
+engines are timed in turn (bench/harness.py's time_interleaved). Reports the median and p95 of repeats after warm-up,
 the load/compile time apart, the output error against PyTorch, the step's
 FLOPs (bench/flops.py), achieved GFLOP/s and the fraction of this machine's measured MatMul peak
-(bench/matmul_peak.py). Writes bench/results/dit_step_<tag>.json and .md.
+(bench/matmul_peak.py). Writes bench/results/ (JSON + Markdown).
 
-    python -m soraedge.bench.dit_step [--threads 2] [--repeats 5] [--scenario wan-384x6-1280tok] [--tag cpu]
+    python -m soraedge.bench.dit_step [--threads 2] [--repeats 5] [--scenario wan-384x6-1280tok]
 """
 
 from __future__ import annotations
 
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -24,111 +23,10 @@ import numpy as np
 
 from ..runtime.machine import machine
 
-from .e2e import versions
 from .flops import wan_dit_flops
+from .harness import (SCENARIOS, build_scenario_model, export_scenario_dit, results_option, save,
+                      scenario_options, time_calls, time_interleaved, versions)
 from .matmul_peak import best_peak, matmul_peak
-from .report import result_options, save
-
-# Scenarios as data. hidden 384 = 6 heads x 64; ffn in Wan2.1's ratio (8960 / 1536); 17 frames of 256x256 ->
-# 5 x 32 x 32 latents -> 1280 tokens after the 1x2x2 patch; CFG batch of 2; 512 text tokens of width 4096.
-SCENARIOS = {
-    "wan-384x6-1280tok": dict(model=dict(num_attention_heads=6, attention_head_dim=64, ffn_dim=2240, num_layers=6,
-                                         text_dim=4096), frames=17, height=256, width=256, text_len=512, batch=2),
-    "wan-384x6-320tok": dict(model=dict(num_attention_heads=6, attention_head_dim=64, ffn_dim=2240, num_layers=6,
-                                        text_dim=4096), frames=5, height=128, width=256, text_len=512, batch=2),
-    # Wan2.1-T2V-1.3B's layer shape (hidden 1536 = 12 heads x 128, ffn 8960), 4 of its 30 layers, the same tokens
-    "wan-1.3b-4layers-1280tok": dict(model=dict(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960,
-                                                num_layers=4, text_dim=4096), frames=17, height=256, width=256,
-                                     text_len=512, batch=2),
-    # Wan2.1-T2V-1.3B's whole transformer configuration (30 layers), the GPU verification's DiT
-    "wan-1.3b-1280tok": dict(model=dict(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=30,
-                                        text_dim=4096), frames=17, height=256, width=256, text_len=512, batch=2),
-    "tiny": dict(model=dict(num_attention_heads=2, attention_head_dim=12, ffn_dim=32, num_layers=2, text_dim=32),
-                 frames=5, height=32, width=48, text_len=16, batch=2),
-}
-DEFAULT_SCENARIO = "wan-384x6-1280tok"
-BASE = dict(patch_size=(1, 2, 2), in_channels=16, out_channels=16, freq_dim=256, cross_attn_norm=True,
-            qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
-
-
-def scenario_options(fn):
-    """--scenario (one of SCENARIOS) and --threads, as every CPU DiT bench takes them."""
-    fn = click.option("--threads", type=int, default=os.cpu_count(), show_default=True)(fn)
-    return click.option("--scenario", type=click.Choice(sorted(SCENARIOS)), default=DEFAULT_SCENARIO,
-                        show_default=True)(fn)
-
-
-def time_calls(fn, repeats: int) -> tuple[dict, object]:
-    """(median/p95 seconds of `fn` over `repeats` calls after one warm-up call, warm-up seconds; the warm-up
-    call's output)."""
-    t0 = time.perf_counter()
-    out = fn()
-    warm = time.perf_counter() - t0
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return {"median_s": float(np.median(times)), "p95_s": float(np.percentile(times, 95)), "warmup_s": warm,
-            "repeats": repeats}, out
-
-
-def time_interleaved(calls: dict, repeats: int, gap_s: float = 0.3) -> tuple[dict, dict]:
-    """Each of `calls` ({key: fn}, every engine already open) once as warm-up, then all in turn `repeats` times with
-    a pause before each call (the previous library's worker threads stop spinning): on a small shared machine,
-    timing one engine after another let drift between minutes move ratios by 10% or more. Returns
-    ({key: median/p95/min seconds}, {key: warm-up output})."""
-    outs, times = {}, {k: [] for k in calls}
-    for key, fn in calls.items():
-        t0 = time.perf_counter()
-        outs[key] = fn()
-        times[key].append(time.perf_counter() - t0)  # the warm-up, reported apart
-    warmup = {k: v.pop() for k, v in times.items()}
-    for _ in range(repeats):
-        for key, fn in calls.items():
-            time.sleep(gap_s)
-            t0 = time.perf_counter()
-            fn()
-            times[key].append(time.perf_counter() - t0)
-    return {k: {"median_s": float(np.median(v)), "p95_s": float(np.percentile(v, 95)), "min_s": float(min(v)),
-                "warmup_s": warmup[k], "repeats": repeats} for k, v in times.items()}, outs
-
-
-def scenario_inputs(scenario: str) -> tuple[dict, tuple[int, ...], dict[str, np.ndarray]]:
-    """(transformer config, latent shape [B, C, f, h, w], DiT inputs at a fixed seed) of a scenario."""
-    sc = SCENARIOS[scenario]
-    cfg = {**BASE, **sc["model"]}
-    lat = (sc["batch"], 16, (sc["frames"] - 1) // 4 + 1, sc["height"] // 8, sc["width"] // 8)
-    rng = np.random.default_rng(0)
-    feeds = {"hidden_states": rng.standard_normal(lat, dtype=np.float32),
-             "timestep": np.full((sc["batch"],), 900.0, np.float32),
-             "encoder_hidden_states": rng.standard_normal((sc["batch"], sc["text_len"], cfg["text_dim"]),
-                                                          dtype=np.float32)}
-    return cfg, lat, feeds
-
-
-def build_scenario_model(cfg: dict, tmp: Path):
-    """The scenario's transformer (seed 0), saved as tmp/transformer for the exporter; returned for eager runs."""
-    import torch
-    from diffusers import WanTransformer3DModel
-
-    torch.manual_seed(0)
-    model = WanTransformer3DModel(**cfg).eval()
-    model.save_pretrained(tmp / "transformer")
-    return model
-
-
-def export_scenario_dit(cfg: dict, text_len: int, lat: tuple[int, ...], tmp: Path):
-    """Export tmp/transformer to tmp/dit.onnx with a spec covering the scenario's shape; returns the spec."""
-    from ..export.dit import AttentionForm, dit_spec, load_dit
-    from ..export.onnx_export import export_onnx
-    from ..runtime.spec import Dim
-
-    spec = dit_spec(cfg, text_len, Dim("f", 1, lat[2], max(lat[2], 21)),
-                    Dim("h", 2, lat[3], max(lat[3], 160), 2), Dim("w", 2, lat[4], max(lat[4], 160), 2))
-    export_onnx(load_dit(tmp, AttentionForm.ONNX), spec, tmp / "dit.onnx", 23, {"b": 2, "f": 2, "h": 4, "w": 6})
-    return spec
-
 
 def eager_bf16(transformer_dir: Path, args: list):
     """PyTorch's bf16 peer as diffusers loads it (`torch_dtype=bfloat16`, its fp32 modules kept fp32): a callable
@@ -156,14 +54,13 @@ def run(scenario: str, threads: int, repeats: int, compile_peer: bool = False, l
     from ..runtime.backends import openvino as ov_backend
 
     sc = SCENARIOS[scenario]
-    cfg, lat, feeds = scenario_inputs(scenario)
+    cfg, lat, feeds, tokens = sc.dit_config(), sc.latent_shape, sc.dit_inputs(), sc.tokens
     torch.set_num_threads(threads)
-    tokens = lat[2] * lat[3] * lat[4] // 4
     has_bf16 = ov_backend.available() and ov_backend.cpu_info()["bf16"]  # bf16 peers: OpenVINO and PyTorch
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        model = build_scenario_model(cfg, tmp)
+        model = build_scenario_model(sc, tmp)
         args = [torch.from_numpy(feeds[k]) for k in ("hidden_states", "timestep", "encoder_hidden_states")]
 
         def eager():
@@ -189,7 +86,7 @@ def run(scenario: str, threads: int, repeats: int, compile_peer: bool = False, l
 
         log("exporting ...")
         t0 = time.perf_counter()
-        spec = export_scenario_dit(cfg, sc["text_len"], lat, tmp)
+        spec = export_scenario_dit(sc, tmp)
         export_s = time.perf_counter() - t0
         # ONNX Runtime's CPU graph (MultiHeadAttention), which the export keeps where it is faster
         rewrite_file(tmp / "dit.onnx", tmp / "dit-mha.onnx")
@@ -216,7 +113,7 @@ def run(scenario: str, threads: int, repeats: int, compile_peer: bool = False, l
             rows[name] = {**stats[name], "load_s": load_s[name],
                           "max_rel_err": float(np.abs(outs[name] - ref).max() / np.abs(ref).max())}
 
-    flops = wan_dit_flops(cfg, sc["batch"], tokens, sc["text_len"])
+    flops = wan_dit_flops(cfg, sc.batch, tokens, sc.text_len)
     log("matmul peak ...")
     peak = matmul_peak(threads)
     best_fp32, best_bf16 = best_peak(peak, "fp32"), best_peak(peak, "bf16")
@@ -227,9 +124,9 @@ def run(scenario: str, threads: int, repeats: int, compile_peer: bool = False, l
         row["speedup_vs_ort_fp32"] = rows["ort-fp32"]["median_s"] / row["median_s"]
         if name.endswith("bf16") and best_bf16:
             row["fraction_of_bf16_peak"] = row["gflops"] / best_bf16
-    return {"scenario": scenario, "config": cfg, "shape": {**{k: sc[k] for k in ("frames", "height", "width",
-                                                                                "text_len", "batch")},
-                                                         "latents": list(lat), "tokens": tokens},
+    return {"scenario": scenario, "model": sc.model, "config": cfg,
+            "shape": {"frames": sc.frames, "height": sc.height, "width": sc.width, "text_len": sc.text_len,
+                      "batch": sc.batch, "latents": list(lat), "tokens": tokens},
             "threads": threads, "machine": machine(), "versions": versions(), "export_s": export_s,
             "flops": flops, "matmul_peak_gflops": peak, "rows": rows}
 
@@ -261,10 +158,10 @@ def to_markdown(r: dict) -> str:
 @scenario_options
 @click.option("--repeats", type=int, default=5, show_default=True)
 @click.option("--compile", "compile_peer", is_flag=True, help="Also time torch.compile (slow to compile).")
-@result_options("dit_step")
-def main(scenario, threads, repeats, compile_peer, tag, results):
+@results_option
+def main(scenario, threads, repeats, compile_peer, results):
     r = run(scenario, threads, repeats, compile_peer, log=lambda m: click.echo(m, err=True))
-    save(results, "dit_step", tag, r, to_markdown(r))
+    save("dit_step", scenario, r, to_markdown(r), results)
 
 
 if __name__ == "__main__":

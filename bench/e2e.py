@@ -2,14 +2,13 @@
 
 Same model, prompt, initial latents and thread count for every peer: diffusers' WanPipeline (eager; optionally
 torch.compile'd transformer) and each engine directory on each available CPU backend/precision. Reports load and
-warm-up apart from steady state, median and p95 over repeats, peak RSS per run (sampled, bench/memory.py), PSNR of
+warm-up apart from steady state, median and p95 over repeats, peak RSS per run (sampled, runtime/memory.py), PSNR of
 the frames against the reference, the DiT call's FLOPs, achieved GFLOP/s against this machine's measured MatMul
 peak, and DiT latency against token count with the fitted exponent. Results: JSON, Markdown and a PNG plot.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import time
@@ -25,6 +24,7 @@ from .flops import wan_dit_flops
 from .matmul_peak import best_peak, matmul_peak
 from ..runtime.machine import machine
 from ..runtime.memory import PeakRss
+from .harness import save, shape_name, time_calls, versions
 
 PEERS = ("ort-fp32", "openvino-fp32", "openvino-bf16", "ort-cuda-fp32")
 
@@ -56,24 +56,6 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
     from ..precision.quality_gate import psnr
 
     return psnr(a, b)
-
-
-def versions() -> dict:
-    import diffusers
-    import onnxruntime
-    import torch
-
-    from .. import __version__
-
-    v = {"soraedge": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
-         "onnxruntime": onnxruntime.__version__}
-    try:
-        import openvino
-
-        v["openvino"] = openvino.__version__
-    except ImportError:
-        pass
-    return v
 
 
 def _available_peers(peers) -> list[Target]:
@@ -265,13 +247,8 @@ def _scaling(cfg, ref_pipe, engine_dir, batch, text_len, log, tick, tmp) -> dict
             else:
                 def call(den=den):
                     den(feeds["hidden_states"], feeds["timestep"], feeds["encoder_hidden_states"])
-            call()
-            times = []
-            for _ in range(max(cfg.repeats, 2)):
-                t0 = time.perf_counter()
-                call()
-                times.append(time.perf_counter() - t0)
-            points.append({"peer": name, "tokens": tokens, "sizes": s, "seconds": float(np.median(times))})
+            stats, _ = time_calls(call, max(cfg.repeats, 2))
+            points.append({"peer": name, "tokens": tokens, "sizes": s, "seconds": stats["median_s"]})
         tick()
     exponents = {}
     for name in runners:
@@ -309,19 +286,24 @@ def to_markdown(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_results(r: dict, out: Path, tag: str) -> list[Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    paths = [out / f"bench_{tag}.json", out / f"bench_{tag}.md"]
-    paths[0].write_text(json.dumps(r, indent=2) + "\n")
-    paths[1].write_text(to_markdown(r))
-    if r.get("scaling"):
-        try:
-            import matplotlib
+def write_results(r: dict, out: Path) -> Path:
+    """Save the result in `out` (bench/harness.py names it by scenario, machine and date), with a PNG of the
+    latency-vs-tokens curves where there are some and matplotlib is installed; returns the JSON's path."""
+    s = r["shape"]
+    return save("e2e", shape_name(r["model"], s["frames"], s["height"], s["width"]), r, to_markdown(r), out,
+                figure=_plot(r) if r.get("scaling") else None)
 
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
-            return paths
+
+def _plot(r: dict):
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+
+    def write(path: Path) -> None:
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
         fig, ax = plt.subplots(figsize=(6, 4))
         for name, k in r["scaling"]["exponents"].items():
             pts = [p for p in r["scaling"]["points"] if p["peer"] == name]
@@ -331,7 +313,7 @@ def write_results(r: dict, out: Path, tag: str) -> list[Path]:
         ax.set_title(f"{r['machine']['cpu']}, {r['threads']} threads")
         ax.legend()
         fig.tight_layout()
-        fig.savefig(out / f"bench_{tag}.png", dpi=100)
+        fig.savefig(path, dpi=100)
         plt.close(fig)
-        paths.append(out / f"bench_{tag}.png")
-    return paths
+
+    return write

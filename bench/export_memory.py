@@ -6,7 +6,7 @@ The checkpoint is written first with random weights in the real configuration, i
 one shard at a time (its writer never holds the model). Each export runs in its own fresh process, so each
 high-water mark (VmHWM) is that export's alone; the parity check is measured separately as the export runs it for
 a model of this size (on a copy with fewer layers where the whole does not fit twice). Writes
-bench/results/export_memory_<tag>.json and .md.
+bench/results/ (JSON + Markdown).
 
     python -m soraedge.bench.export_memory [--component transformer] [--dtype bf16] [--modes streamed,loaded]
 """
@@ -22,7 +22,7 @@ from pathlib import Path
 import click
 
 from .children import host, run_child, table
-from .report import result_options, save
+from .harness import results_option, save
 
 from ..export.tiny_wan import REAL_DIT_CONFIGS
 
@@ -138,8 +138,8 @@ def to_markdown(r: dict) -> str:
               help="streamed, loaded (the module with its weights) and/or parity (the 2-layer copy check).")
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where the checkpoint and ONNX go (default: a temporary folder; needs disk for both).")
-@result_options("export_memory")
-def main(model, dtype, modes, workdir, tag, results):
+@results_option
+def main(model, dtype, modes, workdir, results):
     from diffusers import WanTransformer3DModel
 
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
@@ -154,7 +154,7 @@ def main(model, dtype, modes, workdir, tag, results):
             print(mode, runs[mode])
     result = {"model": model, "dtype": dtype, **info, "runs": runs, "date": time.strftime("%Y-%m-%d"),
               "machine": host()}
-    save(results, "export_memory", tag, result, to_markdown(result))
+    save("export_memory", model, result, to_markdown(result), results)
 
 
 if __name__ == "__main__":

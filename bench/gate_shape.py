@@ -4,9 +4,9 @@ The export's quality gate (precision/quality_gate.py) generates at the default s
 MAX_GATE_TOKENS, for GATE_STEPS steps, and `--precision auto` ships OpenVINO's bf16 execution on its verdict. Here
 the same measurement (the gate's prompts and initial latents; final frames' PSNR of OpenVINO bf16 against the fp32
 ONNX Runtime engines) runs at each `--size` and `--steps`, on fp32 engines exported here from the built-in `demo`
-(trained) or `bench-384` (random weights) model. Writes bench/results/gate_shape_<tag>.json and .md.
+(trained) or `bench-384` (random weights) model. Writes bench/results/ (JSON + Markdown).
 
-    python -m soraedge.bench.gate_shape --model demo --size 64x64 --size 256x256 --steps 4 --steps 20 --tag cpu-demo
+    python -m soraedge.bench.gate_shape --model demo --size 64x64 --size 256x256 --steps 4 --steps 20
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 import click
 
 from ..runtime.machine import machine
-from .report import result_options, save
+from .harness import results_option, save
 
 MODELS = {"demo": {}, "bench-384": {"frames": 17, "height": 256, "width": 256}}  # export defaults per model
 
@@ -91,10 +91,10 @@ def _size(text: str) -> tuple[int, int]:
 @click.option("--size", "sizes", multiple=True, required=True, help="HEIGHTxWIDTH, repeatable.")
 @click.option("--steps", multiple=True, type=int, default=(4,), show_default=True, help="Repeatable.")
 @click.option("--threads", type=int, default=os.cpu_count(), show_default=True)
-@result_options("gate_shape")
-def main(model, sizes, steps, threads, tag, results):
+@results_option
+def main(model, sizes, steps, threads, results):
     r = run(model, [_size(s) for s in sizes], list(steps), threads, log=lambda m: click.echo(m, err=True))
-    save(results, "gate_shape", tag, r, to_markdown(r))
+    save("gate_shape", model, r, to_markdown(r), results)
 
 
 if __name__ == "__main__":

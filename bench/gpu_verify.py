@@ -255,7 +255,7 @@ def stage_kernels(ctx: dict) -> dict:
     import triton
     from torch.nn.functional import scaled_dot_product_attention as sdpa
 
-    from ..kernels.flash_attention import flash_attention
+    from ..fused_attention.flash_attention import flash_attention
 
     device = "cpu" if ctx["dry_run"] else "cuda"
     shapes = [(2, 128, 2, 64)] if ctx["dry_run"] else [(2, 4096, 12, 128), (2, 32768, 12, 128)]
@@ -282,7 +282,7 @@ def stage_plugin(ctx: dict) -> dict:
     GPU, loaded and launched through the CUDA driver exactly as the plugin's aot_impl describes it (grid, block,
     shared memory, then Q, K, V, L, S, H, O), against torch SDPA. A dry run compiles for sm_90 and checks the PTX
     entry's parameters only."""
-    from ..kernels.trt_plugin import FLASH, SCALARS, compile_attention
+    from ..fused_attention.trt_plugin import FLASH, SCALARS, compile_attention
 
     b, length, h, d = (2, 4096, 12, 128) if not ctx["dry_run"] else (1, 128, 2, 128)
     if ctx["dry_run"]:
@@ -335,17 +335,17 @@ def stage_plugin(ctx: dict) -> dict:
 
 
 def _dit_case(ctx: dict):
-    from .dit_step import SCENARIOS, scenario_inputs
+    from .harness import SCENARIOS
 
     scenario = "tiny" if ctx["dry_run"] else "wan-1.3b-1280tok"
-    cfg, lat, feeds = scenario_inputs(scenario)
-    return scenario, SCENARIOS[scenario], cfg, lat, feeds
+    return scenario, SCENARIOS[scenario]
 
 
 def stage_dit_torch(ctx: dict) -> dict:
-    """Wan2.1-1.3B's transformer configuration (30 layers, random weights, seed 0) at 1,280 tokens, CFG batch 2:
-    torch fp32 (TF32 off: the reference, saved for dit_ort) and eager bf16 as diffusers loads it (its fp32 modules
-    kept), SDPA, timed with CUDA events; and the ONNX export with its fp16 conversion, left in home for dit_ort."""
+    """Wan2.1-1.3B's transformer configuration (30 layers, random weights, tiny_wan's seed) at 1,280 tokens, CFG
+    batch 2: torch fp32 (TF32 off: the reference, saved for dit_ort) and eager bf16 as diffusers loads it (its fp32
+    modules kept), SDPA, timed with CUDA events; and the ONNX export with its fp16 conversion, left in home for
+    dit_ort."""
     import torch
 
     from diffusers import WanTransformer3DModel
@@ -353,9 +353,10 @@ def stage_dit_torch(ctx: dict) -> dict:
     from ..precision.convert import FP16_ISLANDS
     from ..precision.quality_gate import cosine
     from ..precision.fp16 import convert_fp16
-    from .dit_step import build_scenario_model, export_scenario_dit
+    from .harness import build_scenario_model, export_scenario_dit
 
-    scenario, sc, cfg, lat, feeds = _dit_case(ctx)
+    scenario, sc = _dit_case(ctx)
+    feeds = sc.dit_inputs()
     work = ctx["home"] / "dit"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -363,8 +364,8 @@ def stage_dit_torch(ctx: dict) -> dict:
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     t0 = time.perf_counter()
-    model = build_scenario_model(cfg, work)
-    spec = export_scenario_dit(cfg, sc["text_len"], lat, work)
+    model = build_scenario_model(sc, work)
+    spec = export_scenario_dit(sc, work)
     convert_fp16(work / "dit.onnx", work / "dit_fp16.onnx", *FP16_ISLANDS["transformer"])
     export_s = time.perf_counter() - t0
     args = [torch.from_numpy(feeds[n]).to(device) for n in ("hidden_states", "timestep", "encoder_hidden_states")]
@@ -384,7 +385,7 @@ def stage_dit_torch(ctx: dict) -> dict:
     np.save(work / "ref_fp32.npy", ref)
     (work / "spec.json").write_text(json.dumps(spec.to_dict()))
     cos = cosine(out.numpy(), ref)
-    return {"scenario": scenario, "tokens": lat[2] * lat[3] * lat[4] // 4, "export_s": export_s,
+    return {"scenario": scenario, "tokens": sc.tokens, "export_s": export_s,
             "torch_bf16_ms": float(np.median(times)) * 1e3 if times else None, "cosine_torch_bf16": cos,
             "passed": cos >= BOUNDS["dit_cosine"]}
 
@@ -412,7 +413,8 @@ def stage_dit_ort(ctx: dict) -> dict:
     from ..runtime.backends.ort_io import OrtIoEngine
     from ..runtime.spec import EngineSpec
 
-    scenario, _, _, _, feeds = _dit_case(ctx)
+    scenario, sc = _dit_case(ctx)
+    feeds = sc.dit_inputs()
     work = ctx["home"] / "dit"
     ref = np.load(work / "ref_fp32.npy")
     spec = EngineSpec.from_dict(json.loads((work / "spec.json").read_text()))

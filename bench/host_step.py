@@ -7,7 +7,7 @@ denoiser that returns a fixed prediction, so everything but the DiT is measured.
 backend moves per step (the text embeddings are uploaded once per generation, see backends/ort_io.py). Compare the
 result with the DiT step time on the same machine to get the fraction.
 
-    python -m soraedge.bench.host_step [--steps 20] [--tag cpu]
+    python -m soraedge.bench.host_step [--steps 20]
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import click
 import numpy as np
 
 from ..runtime.machine import machine
-from .report import result_options, save
+from .harness import results_option, save
 
 # (frames, height, width) -> latents [1, 16, (F-1)/4+1, H/8, W/8]; tokens after the 1x2x2 patch
 SHAPES = {"480x832x81 (32760 tokens)": (81, 480, 832), "256x256x17 (1280 tokens)": (17, 256, 256)}
@@ -85,10 +85,10 @@ def to_markdown(r: dict) -> str:
 
 @click.command()
 @click.option("--steps", type=int, default=20, show_default=True)
-@result_options("host_step")
-def main(steps, tag, results):
+@results_option
+def main(steps, results):
     r = run(steps)
-    save(results, "host_step", tag, r, to_markdown(r))
+    save("host_step", "wan2.1-latents", r, to_markdown(r), results)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ generation per mode (default, --low-memory) in a fresh process. Two measurements
   go down between stages;
 - the whole generation: the process's VmHWM (a high-water mark: it only rises).
 Target (edge-memory issue): with --low-memory, the whole generation's peak at most the largest stage's plus 20%.
-Writes bench/results/low_memory_<tag>.json and .md.
+Writes bench/results/ (JSON + Markdown).
 
     python -m soraedge.bench.low_memory [--height 128 --width 128 --frames 9 --steps 4] [--threads 2]
 """
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import click
 
-from .report import result_options, save
+from .harness import results_option, save, shape_name, versions
 
 CHILD = """
 import json, sys, time
@@ -43,8 +43,7 @@ def run(height: int, width: int, frames: int, steps: int, threads: int, log=prin
     from ..export.build import ExportConfig, run_export
     from ..export.tiny_wan import build_tiny_wan
     from ..runtime.machine import machine
-    from .e2e import versions
-
+    
     with tempfile.TemporaryDirectory(prefix="bench-lowmem-") as tmp:
         tmp = Path(tmp)
         log("building the wan21-1.3b-shapes pipeline (random weights) ...")
@@ -91,10 +90,10 @@ def to_markdown(r: dict) -> str:
 @click.option("--frames", default=9, show_default=True)
 @click.option("--steps", default=4, show_default=True)
 @click.option("--threads", type=int, default=os.cpu_count(), show_default=True)
-@result_options("low_memory")
-def main(height, width, frames, steps, threads, tag, results):
+@results_option
+def main(height, width, frames, steps, threads, results):
     r = run(height, width, frames, steps, threads, log=lambda m: click.echo(m, err=True))
-    save(results, "low_memory", tag, r, to_markdown(r))
+    save("low_memory", shape_name("wan21-1.3b-shapes", frames, height, width), r, to_markdown(r), results)
 
 
 if __name__ == "__main__":

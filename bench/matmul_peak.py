@@ -10,10 +10,11 @@ kernel faster than the engines' own (oneDNN's bf16 GEMM on some CPUs) raises the
 from __future__ import annotations
 
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
+
+from .harness import time_calls
 
 
 def _matmul_model(path: Path, n: int, weight: np.ndarray | None = None) -> None:
@@ -31,13 +32,7 @@ def _matmul_model(path: Path, n: int, weight: np.ndarray | None = None) -> None:
 
 
 def _time(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+    return time_calls(fn, repeats)[0]["median_s"]
 
 
 def matmul_peak(threads: int, sizes: tuple[int, ...] = (1024, 2048), repeats: int = 10) -> dict[str, float]:

@@ -1,8 +1,8 @@
 """Where ONNX Runtime's CPU DiT step spends its time: per-operator-type shares from ORT's own profiler.
 
-Exports the scenario's DiT (bench/dit_step.py SCENARIOS), runs it with profiling on, and sums node times by op
+Exports the scenario's DiT (bench/harness.py SCENARIOS), runs it with profiling on, and sums node times by op
 type (after ORT's graph optimisations, so fused ops show under their fused names). Writes
-bench/results/ort_profile_<tag>.json and .md.
+bench/results/ (JSON + Markdown).
 
     python -m soraedge.bench.ort_profile [--scenario wan-384x6-1280tok] [--threads 2] [--runs 3] [--graph mha]
 
@@ -19,9 +19,8 @@ from pathlib import Path
 
 import click
 
-from .dit_step import (SCENARIOS, build_scenario_model, export_scenario_dit, scenario_inputs,
-                       scenario_options)
-from .report import result_options, save
+from .harness import (SCENARIOS, build_scenario_model, export_scenario_dit, results_option, save,
+                      scenario_options)
 
 
 def profile(scenario: str, threads: int, runs: int, opt_level: str = "all", graph: str = "portable") -> dict:
@@ -29,11 +28,12 @@ def profile(scenario: str, threads: int, runs: int, opt_level: str = "all", grap
 
     from ..target.attention_rewrite import rewrite_file
 
-    cfg, lat, feeds = scenario_inputs(scenario)
+    sc = SCENARIOS[scenario]
+    feeds = sc.dit_inputs()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        build_scenario_model(cfg, tmp)
-        export_scenario_dit(cfg, SCENARIOS[scenario]["text_len"], lat, tmp)
+        build_scenario_model(sc, tmp)
+        export_scenario_dit(sc, tmp)
         path = tmp / "dit.onnx"
         if graph == "mha":
             rewrite_file(path, tmp / "dit-mha.onnx")
@@ -79,10 +79,10 @@ def to_markdown(r: dict) -> str:
 @scenario_options
 @click.option("--runs", type=int, default=3, show_default=True)
 @click.option("--graph", type=click.Choice(["portable", "mha"]), default="portable", show_default=True)
-@result_options("ort_profile")
-def main(scenario, threads, runs, graph, tag, results):
+@results_option
+def main(scenario, threads, runs, graph, results):
     r = profile(scenario, threads, runs, graph=graph)
-    save(results, "ort_profile", tag, r, to_markdown(r))
+    save("ort_profile", scenario, r, to_markdown(r), results)
 
 
 if __name__ == "__main__":

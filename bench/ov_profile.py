@@ -1,9 +1,9 @@
 """Where OpenVINO's CPU DiT step spends its time: per-layer-type shares from OpenVINO's performance counters.
 
-Exports the scenario's DiT (bench/dit_step.py SCENARIOS), compiles it for the scenario's shape as the pipeline does
+Exports the scenario's DiT (bench/harness.py SCENARIOS), compiles it for the scenario's shape as the pipeline does
 (fp32 or bf16 execution), runs it with PERF_COUNT on and sums each executed layer's real time by layer type and
 kernel (after OpenVINO's fusions: "Subgraph" holds the fused attention and elementwise chains, "RoPE" its rotary
-kernel). Also lists the slowest layers. Writes bench/results/ov_profile_<tag>.json and .md.
+kernel). Also lists the slowest layers. Writes bench/results/ (JSON + Markdown).
 
     python -m soraedge.bench.ov_profile [--scenario wan-384x6-1280tok] [--threads 2] [--runs 5] [--precision bf16]
 """
@@ -16,9 +16,8 @@ from pathlib import Path
 
 import click
 
-from .dit_step import (SCENARIOS, build_scenario_model, export_scenario_dit, scenario_inputs,
-                       scenario_options)
-from .report import result_options, save
+from .harness import (SCENARIOS, build_scenario_model, export_scenario_dit, results_option, save,
+                      scenario_options)
 
 
 def profile(scenario: str, threads: int, runs: int, precision: str = "fp32") -> dict:
@@ -26,11 +25,12 @@ def profile(scenario: str, threads: int, runs: int, precision: str = "fp32") -> 
 
     from ..runtime.backends.openvino import OvEngine
 
-    cfg, lat, feeds = scenario_inputs(scenario)
+    sc = SCENARIOS[scenario]
+    feeds = sc.dit_inputs()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        build_scenario_model(cfg, tmp)
-        spec = export_scenario_dit(cfg, SCENARIOS[scenario]["text_len"], lat, tmp)
+        build_scenario_model(sc, tmp)
+        spec = export_scenario_dit(sc, tmp)
         engine = OvEngine(tmp / "dit.onnx", spec, threads, precision, static_shapes=1)  # as the pipeline opens it
         engine.config["PERF_COUNT"] = True  # read when it compiles, at the first call's shape
         engine(**feeds)  # compile + warm-up
@@ -70,10 +70,10 @@ def to_markdown(r: dict) -> str:
 @scenario_options
 @click.option("--runs", type=int, default=5, show_default=True)
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True)
-@result_options("ov_profile")
-def main(scenario, threads, runs, precision, tag, results):
+@results_option
+def main(scenario, threads, runs, precision, results):
     r = profile(scenario, threads, runs, precision)
-    save(results, "ov_profile", tag, r, to_markdown(r))
+    save("ov_profile", scenario, r, to_markdown(r), results)
 
 
 if __name__ == "__main__":

@@ -9,9 +9,9 @@ shape is 17 frames of 256x256 (1280 tokens), CFG batch 2. Every variant is a rea
 quality gate and all); a variant the gate refuses is reported as refused. The `auto` variant is the export's
 default (fp32 graphs, the execution precision chosen by DiT step timings and the gate) and is timed only on what
 it shipped. End-to-end PSNR: frames of the variant's engines against the fp32 engines' from the same prompts and
-initial latents, at `--steps` steps. Writes bench/results/precision_<tag>.json and .md.
+initial latents, at `--steps` steps. Writes bench/results/ (JSON + Markdown).
 
-    python -m soraedge.bench.precision [--model bench-384] [--threads 2] [--repeats 5] [--steps 20] [--tag cpu]
+    python -m soraedge.bench.precision [--model bench-384] [--threads 2] [--repeats 5] [--steps 20]
 """
 
 from __future__ import annotations
@@ -25,10 +25,8 @@ import click
 import numpy as np
 
 from ..precision.calib.config import CalibConfig
-from .dit_step import time_calls, time_interleaved
 from ..runtime.machine import machine
-from .e2e import versions
-from .report import result_options, save
+from .harness import results_option, save, shape_name, time_calls, time_interleaved, versions
 
 SHAPE = {"frames": 17, "height": 256, "width": 256}
 PROMPTS = ("a red fox runs through the snow in the forest", "a small boat drifts on a calm lake at night")
@@ -173,7 +171,7 @@ def run(threads: int, repeats: int, steps: int, variants: list[str], log=print, 
 
 def time_engines(tmp: Path, runs, feeds: dict, threads: int, repeats: int) -> tuple[dict, dict]:
     """DiT step of every (variant, backend, execution) in `runs`, all engines open at once and called in turn
-    (dit_step.time_interleaved), each the engine the pipeline itself opens (its file, shapes and cache)."""
+    (harness.time_interleaved), each the engine the pipeline itself opens (its file, shapes and cache)."""
     from ..runtime.pipeline import Pipeline
 
     calls = {}
@@ -249,11 +247,11 @@ def to_markdown(r: dict) -> str:
 @click.option("--variant", "variants", multiple=True, type=click.Choice(sorted(VARIANTS)),
               help="Variants to run (default: all).")
 @click.option("--model", "model_name", type=click.Choice(MODELS), default="bench-384", show_default=True)
-@result_options("precision")
-def main(threads, repeats, steps, variants, model_name, tag, results):
+@results_option
+def main(threads, repeats, steps, variants, model_name, results):
     r = run(threads, repeats, steps, list(variants) or list(VARIANTS), log=lambda m: click.echo(m, err=True),
             model_name=model_name)
-    save(results, "precision", tag, r, to_markdown(r))
+    save("precision", shape_name(model_name, **SHAPE), r, to_markdown(r), results)
 
 
 if __name__ == "__main__":

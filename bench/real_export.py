@@ -5,7 +5,7 @@ The layout is the public checkpoint's: the umT5-XXL text encoder (5.7B parameter
 1.3B DiT stored fp32 in shards, the Wan2.1 VAE (diffusers' default AutoencoderKLWan configuration) and a
 UniPC scheduler; the tokenizer is the test models' (no hub access here; the ids it produces are valid umT5 ids).
 Each command runs in its own fresh process, so each peak (VmHWM) is that command's alone. Writes
-bench/results/real_export_<tag>.json and .md.
+bench/results/ (JSON + Markdown).
 
     python -m soraedge.bench.real_export [--workdir DIR] [--size 128x128x5] [--steps 2]
 """
@@ -22,7 +22,7 @@ import click
 from ..export.tiny_wan import REAL_DIT_CONFIGS, REAL_TEXT_ENCODER_CONFIGS
 from .children import host, run_child, table
 from .export_memory import write_random_checkpoint
-from .report import result_options, save
+from .harness import results_option, save, shape_name
 
 VAE_CONFIG: dict = {}  # diffusers' AutoencoderKLWan defaults: the Wan2.1 VAE
 
@@ -97,8 +97,8 @@ def to_markdown(r: dict) -> str:
 @click.option("--size", default="128x128x5", show_default=True, help="HEIGHTxWIDTHxFRAMES of the export's defaults "
               "and the generation.")
 @click.option("--steps", default=2, show_default=True)
-@result_options("real_export")
-def main(workdir, size, steps, tag, results):
+@results_option
+def main(workdir, size, steps, results):
     height, width, frames = size.split("x")
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         root, engines = Path(tmp) / "Wan2.1-T2V-1.3B-random", Path(tmp) / "engines"
@@ -116,7 +116,8 @@ def main(workdir, size, steps, tag, results):
             print(commands)
     result = {"layout": layout, "size": size, "steps": steps, "commands": commands, "date": time.strftime("%Y-%m-%d"),
               "machine": host()}
-    save(results, "real_export", tag, result, to_markdown(result))
+    scenario = shape_name("wan2.1-t2v-1.3b", int(frames), int(height), int(width))
+    save("real_export", scenario, result, to_markdown(result), results)
 
 
 if __name__ == "__main__":

@@ -2,9 +2,9 @@
 
 Same engines, prompts, initial latents, steps and threads for every row; the reference is the same pipeline
 without the cache. Picks the largest threshold whose worst PSNR stays >= 30 dB (the issue's bar) and reports the
-evaluations saved there. Writes bench/results/step_cache_<tag>.json and .md.
+evaluations saved there. Writes bench/results/ (JSON + Markdown).
 
-    python -m soraedge.bench.step_cache [--steps 30] [--threads 2] [--tag cpu]
+    python -m soraedge.bench.step_cache [--steps 30] [--threads 2]
 """
 
 from __future__ import annotations
@@ -19,8 +19,7 @@ import numpy as np
 
 from ..runtime.machine import machine
 
-from .e2e import versions
-from .report import result_options, save
+from .harness import results_option, save, versions
 
 PROMPTS = ("a yellow circle moving left on a black background", "a blue triangle shrinking on a black background",
            "a green square moving up on a black background")  # the trained demo's world
@@ -88,10 +87,10 @@ def to_markdown(r: dict) -> str:
 @click.option("--steps", type=int, default=30, show_default=True)
 @click.option("--threads", type=int, default=os.cpu_count(), show_default=True)
 @click.option("--engines", type=click.Path(path_type=Path), help="A demo engine directory (default: export one).")
-@result_options("step_cache")
-def main(steps, threads, engines, tag, results):
+@results_option
+def main(steps, threads, engines, results):
     r = run(steps, threads, THRESHOLDS, engines, log=lambda m: click.echo(m, err=True))
-    save(results, "step_cache", tag, r, to_markdown(r))
+    save("step_cache", "demo", r, to_markdown(r), results)
 
 
 if __name__ == "__main__":

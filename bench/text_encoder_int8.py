@@ -10,7 +10,7 @@ Each step runs in its own fresh process, so each peak (VmHWM) is that step's alo
 - reference: UMT5EncoderModel in fp32, its 24 blocks' weights read as each block runs (`blocks_streamed`), so
   the reference needs the embedding table plus one block, not 22.8 GB.
 
-Writes bench/results/text_encoder_int8_<tag>.json and .md.
+Writes bench/results/ (JSON + Markdown).
 
     python -m soraedge.bench.text_encoder_int8 [--bits int8,int4] [--workdir DIR]
 """
@@ -29,7 +29,7 @@ from ..export.tiny_wan import REAL_TEXT_ENCODER_CONFIGS
 from ..precision.quality_gate import token_cosines
 from .children import host, run_child, table
 from .export_memory import write_random_checkpoint
-from .report import result_options, save
+from .harness import results_option, save
 
 PROMPT_TOKENS = 24  # real tokens of the prompt; the rest of the 512 is padding, as the pipeline encodes
 
@@ -102,8 +102,8 @@ def to_markdown(r: dict) -> str:
 @click.option("--bits", default="int8,int4", show_default=True, help="Weight-only precisions to measure.")
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where the checkpoint and the graphs go (default: a temporary folder; needs about 40 GB).")
-@result_options("text_encoder_int8")
-def main(model, bits, workdir, tag, results):
+@results_option
+def main(model, bits, workdir, results):
     from transformers import UMT5EncoderModel
 
     config = REAL_TEXT_ENCODER_CONFIGS[model]
@@ -134,7 +134,7 @@ def main(model, bits, workdir, tag, results):
             print(steps)
     result = {"model": model, "dtype": "bf16", **info, "prompt_tokens": PROMPT_TOKENS, "steps": steps,
               "date": time.strftime("%Y-%m-%d"), "machine": host()}
-    save(results, "text_encoder_int8", tag, result, to_markdown(result))
+    save("text_encoder_int8", model, result, to_markdown(result), results)
 
 
 if __name__ == "__main__":

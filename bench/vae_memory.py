@@ -3,7 +3,7 @@
 Builds the real Wan2.1 VAE configuration (AutoencoderKLWan defaults: base_dim 96, dim_mult [1,2,4,4]) with random
 weights, exports the chunked decoder at the given size, then decodes each frame count in its own fresh process
 (one process per measurement, so each high-water mark is that decode's alone) and reports VmHWM and time.
-Writes bench/results/vae_memory_<tag>.json and .md.
+Writes bench/results/ (JSON + Markdown).
 
     python -m soraedge.bench.vae_memory [--height 480 --width 832] [--frames 9 --frames 81]
 """
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import click
 
-from .report import result_options, save
+from .harness import results_option, save
 
 CHILD = """
 import sys, time, json, numpy as np
@@ -93,10 +93,10 @@ def measure(height: int, width: int, frames: list[int], threads: int, tile: int 
 @click.option("--frames", multiple=True, type=int, default=(9, 81), show_default=True)
 @click.option("--threads", type=int, default=os.cpu_count(), show_default=True)
 @click.option("--tile", type=int, help="Spatial tile in pixels (runtime/vae_decode.py); default: untiled.")
-@result_options("vae_memory")
-def main(height, width, frames, threads, tile, tag, results):
+@results_option
+def main(height, width, frames, threads, tile, results):
     r = measure(height, width, list(frames), threads, tile, log=lambda m: click.echo(m, err=True))
-    save(results, "vae_memory", tag, r, to_markdown(r))
+    save("vae_memory", f"wan2.1-vae-{height}x{width}" + (f"-tile{tile}" if tile else ""), r, to_markdown(r), results)
 
 
 def to_markdown(r: dict) -> str:

@@ -4,9 +4,9 @@
 Same latents and thread count for every peer; each engine peer decodes once to warm up, then is timed. PSNR of the
 frames against PyTorch's. Also reports the decoder's convolution FLOPs, because the decode is convolution-bound:
 the achieved GFLOP/s says how far each peer is from this machine's MatMul peak (bench/matmul_peak.py). Writes
-bench/results/vae_speed_<tag>.json and .md.
+bench/results/ (JSON + Markdown).
 
-    python -m soraedge.bench.vae_speed [--height 128 --width 128 --frames 9] [--threads 2] [--tag cpu]
+    python -m soraedge.bench.vae_speed [--height 128 --width 128 --frames 9] [--threads 2]
 """
 
 from __future__ import annotations
@@ -21,8 +21,7 @@ import numpy as np
 
 from ..runtime.machine import machine
 
-from .e2e import versions
-from .report import result_options, save
+from .harness import results_option, save, shape_name, versions
 
 
 def _conv_flops(vae, z) -> float:
@@ -110,10 +109,10 @@ def to_markdown(r: dict) -> str:
 @click.option("--width", default=128, show_default=True)
 @click.option("--frames", default=9, show_default=True)
 @click.option("--threads", type=int, default=os.cpu_count(), show_default=True)
-@result_options("vae_speed")
-def main(height, width, frames, threads, tag, results):
+@results_option
+def main(height, width, frames, threads, results):
     r = run(height, width, frames, threads, log=lambda m: click.echo(m, err=True))
-    save(results, "vae_speed", tag, r, to_markdown(r))
+    save("vae_speed", shape_name("wan2.1-vae", frames, height, width), r, to_markdown(r), results)
 
 
 if __name__ == "__main__":

@@ -29,15 +29,15 @@ from .common import cli_errors
               help="Where the PyTorch reference runs (cuda: beside the ort-cuda peer, on the same GPU).")
 @click.option("--no-scaling", is_flag=True, help="Skip the latency-vs-tokens curves.")
 @click.option("--compile", "compile_", is_flag=True, help="Also time torch.compile of the reference transformer.")
-@click.option("-o", "--out", type=click.Path(path_type=Path), default=Path("bench-results"), show_default=True)
-@click.option("--tag", default="cpu", show_default=True, help="Result files are bench_<tag>.json/.md/.png")
+@click.option("-o", "--out", type=click.Path(path_type=Path), default=Path("bench-results"), show_default=True,
+              help="Folder of the results: e2e_<scenario>_<machine>_<date>.json/.md/.png and an index.")
 @cli_errors
 def main(model, engines, height, width, frames, steps, guidance, prompt, threads, repeats, peers, reference_device,
-         no_scaling, compile_, out, tag):
+         no_scaling, compile_, out):
     """Benchmark MODEL (a diffusers Wan2.1 directory or `demo`)."""
     from tqdm import tqdm
 
-    from ..bench.e2e import BenchConfig, run_bench, to_markdown, write_results
+    from ..bench.e2e import BenchConfig, run_bench, write_results
 
     cfg = BenchConfig(model=model, engines=tuple(engines), height=height, width=width, frames=frames, steps=steps,
                       guidance=guidance, prompt=prompt, threads=threads, repeats=repeats,
@@ -45,9 +45,8 @@ def main(model, engines, height, width, frames, steps, guidance, prompt, threads
                       reference_device=reference_device)
     with tqdm(desc="bench", unit="run", leave=False) as bar:
         result = run_bench(cfg, log=lambda s: bar.write(s), tick=bar.update)
-    paths = write_results(result, out, tag)
-    click.echo(to_markdown(result))
-    click.echo("results: " + ", ".join(str(p) for p in paths))
+    path = write_results(result, out)
+    click.echo(f"results: {path.with_suffix('.*')}")
 
 
 if __name__ == "__main__":

@@ -65,16 +65,20 @@ TINY_CONFIGS = {
     "tiny-b": TinyWanConfig(layers=3, heads=3, head_dim=8, ffn_dim=48, patch=(1, 1, 1), text_dim=24,
                             text_layers=1, text_heads=2, latent_channels=4, vae_dim=4, scheduler="euler",
                             flow_shift=5.0, seed=1),
-    # The benchmark configuration of the bench issue: hidden size 384 (6 heads x 64), 6 layers, Wan's FFN ratio.
+    # Hidden size 384 (6 heads x 64), 6 layers, Wan's FFN ratio: a whole pipeline that runs end to end in minutes
+    # (bench/e2e.py, bench/precision.py), with a small text encoder; and the same DiT shape with the text width the
+    # real DiT takes (4096), the DiT-step scenarios' model (bench/harness.py).
     "bench-384": TinyWanConfig(layers=6, heads=6, head_dim=64, ffn_dim=2240, text_dim=64, text_layers=2,
                                text_heads=4, vae_dim=16, seed=384),
-    # Wan2.1-T2V-1.3B's transformer (30 x 12 heads x 128, ffn 8960) and VAE (base 96, [1, 2, 4, 4], 2 res blocks)
-    # shapes with random weights, and a 1-layer UMT5 text encoder of the width the DiT expects (4096): memory
-    # measurements at real scale without umT5-XXL's 23 GB (bench/low_memory.py).
+    "wan-384x6": TinyWanConfig(layers=6, heads=6, head_dim=64, ffn_dim=2240, text_dim=4096, text_layers=1,
+                               text_heads=8, vae_dim=16, seed=0),
     # Wan2.1-T2V-1.3B's layer shape, 4 of its 30 layers, with a small VAE: reduced precision at the real width in a
-    # bench that runs end to end in minutes (bench/precision.py --model).
+    # bench that runs end to end in minutes (bench/precision.py --model), and the DiT-step scenarios at that width.
     "wan21-1.3b-4layers": TinyWanConfig(layers=4, heads=12, head_dim=128, ffn_dim=8960, text_dim=4096,
                                         text_layers=1, text_heads=8, vae_dim=16, seed=1304),
+    # Wan2.1-T2V-1.3B's transformer (30 x 12 heads x 128, ffn 8960) and VAE (base 96, [1, 2, 4, 4], 2 res blocks)
+    # shapes with random weights, and a 1-layer UMT5 text encoder of the width the DiT expects (4096): memory
+    # measurements at real scale without umT5-XXL's 23 GB (bench/low_memory.py), the GPU verification's DiT.
     "wan21-1.3b-shapes": TinyWanConfig(layers=30, heads=12, head_dim=128, ffn_dim=8960, text_dim=4096, text_layers=1,
                                        text_heads=8, vae_dim=96, vae_dim_mult=(1, 2, 4, 4), vae_res_blocks=2,
                                        seed=13),
@@ -98,10 +102,31 @@ def _tokenizer_json(path: Path) -> int:
     return len(vocab)
 
 
+def dit_config(cfg: TinyWanConfig) -> dict:
+    """The WanTransformer3DModel configuration of `cfg`."""
+    return dict(patch_size=cfg.patch, num_attention_heads=cfg.heads, attention_head_dim=cfg.head_dim,
+                in_channels=cfg.latent_channels, out_channels=cfg.latent_channels, text_dim=cfg.text_dim,
+                freq_dim=256, ffn_dim=cfg.ffn_dim, num_layers=cfg.layers, cross_attn_norm=True,
+                qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
+
+
+def build_transformer(cfg: TinyWanConfig):
+    """The transformer of `cfg` with its random weights: torch's generator seeded with `cfg.seed`, then scaled by
+    `cfg.init_scale`. The pipeline build_tiny_wan writes and the benches' scenarios hold the same weights."""
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(cfg.seed)
+    transformer = WanTransformer3DModel(**dit_config(cfg))
+    if cfg.init_scale != 1.0:
+        with torch.no_grad():
+            for p in transformer.parameters():
+                p.mul_(cfg.init_scale)
+    return transformer
+
+
 def build_tiny_wan(out_dir: str | Path, cfg: TinyWanConfig | str = "tiny-a") -> Path:
     """Write a WanPipeline directory (model_index.json, transformer/, text_encoder/, tokenizer/, vae/, scheduler/)."""
-    from diffusers import (AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler,
-                           WanPipeline, WanTransformer3DModel)
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler, WanPipeline
     from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
 
     cfg = TINY_CONFIGS[cfg] if isinstance(cfg, str) else cfg
@@ -111,17 +136,7 @@ def build_tiny_wan(out_dir: str | Path, cfg: TinyWanConfig | str = "tiny-a") -> 
     tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(tok_file), pad_token="<pad>", eos_token="</s>",
                                         unk_token="<unk>", model_max_length=512)
 
-    torch.manual_seed(cfg.seed)
-    transformer = WanTransformer3DModel(
-        patch_size=cfg.patch, num_attention_heads=cfg.heads, attention_head_dim=cfg.head_dim,
-        in_channels=cfg.latent_channels, out_channels=cfg.latent_channels, text_dim=cfg.text_dim, freq_dim=256,
-        ffn_dim=cfg.ffn_dim, num_layers=cfg.layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
-        rope_max_seq_len=1024,
-    )
-    if cfg.init_scale != 1.0:
-        with torch.no_grad():
-            for p in transformer.parameters():
-                p.mul_(cfg.init_scale)
+    transformer = build_transformer(cfg)  # seeds torch's generator; the text encoder's weights follow from it
     text_encoder = UMT5EncoderModel(UMT5Config(
         vocab_size=vocab_size, d_model=cfg.text_dim, d_kv=cfg.text_dim // cfg.text_heads, d_ff=2 * cfg.text_dim,
         num_layers=cfg.text_layers, num_heads=cfg.text_heads, relative_attention_num_buckets=8,

@@ -11,7 +11,7 @@ OpenVINO's CPU plugin reads the pattern as a linear layer with compressed weight
 memory and, with dynamic quantization on (runtime/backends/openvino.py), quantizes each token's activations per
 group of input channels at run time and multiplies on the CPU's integer dot-product instructions. ONNX Runtime fuses
 the pattern into its 8-bit `MatMulNBits` with int8 compute, measured no faster than its fp32 step at bench-384's
-width and 1.15x at the 1.3B layers' (bench/results/dit_step_cpu-*-s11.md). GPU targets refuse it
+width and 1.15x at the 1.3B layers' (bench/results/dit_step_*, the int8-dynamic rows). GPU targets refuse it
 (target/choose.py: `cpu_only`).
 """
 

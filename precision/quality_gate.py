@@ -51,7 +51,7 @@ def token_cosines(got: np.ndarray, ref: np.ndarray, mask: np.ndarray) -> np.ndar
 def gate_size(pipe: Pipeline) -> tuple[int, int]:
     """The default height/width, halved until the latent is at most MAX_GATE_TOKENS. Small shapes can flatter
     reduced precision (a random-weight model of the demo's size: 44 dB in bf16 at 64x64, 23 dB at 320x192); how
-    much the gate's shape flatters is measured by bench/gate_shape.py (bench/results/gate_shape_cpu-*.md)."""
+    much the gate's shape flatters is measured by bench/gate_shape.py (bench/results/gate_shape_*)."""
     mult = pipe.config["vae_scale_spatial"] * max(pipe.config["patch_size"][1:])
     h, w = pipe.defaults["height"], pipe.defaults["width"]
     while latent_tokens(pipe, h, w, pipe.defaults["frames"]) > MAX_GATE_TOKENS and max(h, w) > mult:

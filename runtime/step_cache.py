@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-# Measured on the trained demo over thresholds (bench/results/step_cache_cpu.md, docs/step-caching.md): 0.06
+# Measured on the trained demo over thresholds (bench/results/step_cache_demo_*, docs/step-caching.md): 0.06
 # keeps a margin over 30 dB worst-prompt PSNR there; the right threshold is model-specific.
 DEFAULT_THRESHOLD = 0.06
 

@@ -1,11 +1,13 @@
-"""sora-bench smoke test on the tiny pipeline (one repeat): every field present, times positive, PSNR computed.
-Performance itself is measured in bench/, never asserted here."""
+"""sora-bench smoke test on the tiny pipeline (one repeat): every field present, times positive, PSNR computed; the
+harness's results naming and index. Performance itself is measured in bench/, never asserted here."""
 
 import json
 import math
 
+import pytest
 from click.testing import CliRunner
 
+from soraedge.bench import harness
 from soraedge.cli.bench_cmd import main as bench_main
 from soraedge.bench.flops import wan_dit_flops
 
@@ -15,7 +17,13 @@ def test_sora_bench_smoke(tiny_model, tiny_engines, tmp_path):
     r = CliRunner().invoke(bench_main, [str(tiny_model("tiny-a")), "--engines", str(tiny_engines("tiny-a")),
                                         "--repeats", "1", "--steps", "2", "--threads", "2", "-o", str(out)])
     assert r.exit_code == 0, r.output
-    data = json.loads((out / "bench_cpu.json").read_text())
+    (result,) = out.glob("*.json")  # named by the model's folder and the shape, the machine and the date
+    scenario = f"{tiny_model('tiny-a').name}-5x32x48"
+    name = harness.NAME.match(result.stem)
+    assert name and name["bench"] == "e2e" and name["scenario"] == scenario
+    assert name["machine"] == harness.machine_name()
+    data = json.loads(result.read_text())
+    assert data["command"] and data["scenario"] == scenario
     assert {"machine", "threads", "versions", "shape", "rows", "flops_per_dit_call", "matmul_peak_gflops",
             "scaling"} <= set(data)
     assert data["machine"]["cpu"] and data["threads"] == 2
@@ -29,7 +37,8 @@ def test_sora_bench_smoke(tiny_model, tiny_engines, tmp_path):
     ort = next(row for row in data["rows"] if row["name"] == "ort")
     assert ort["psnr_db"] > 60  # fp32 engines against fp32 PyTorch
     assert len(data["scaling"]["points"]) >= 2 and "ort-fp32" in data["scaling"]["exponents"]
-    assert (out / "bench_cpu.md").read_text().startswith("## sora-bench")
+    assert result.with_suffix(".md").read_text().startswith("## sora-bench")
+    assert f"[json]({result.name})" in (out / "README.md").read_text()
 
 
 def test_sora_bench_bad_arguments(tiny_model, tiny_engines, tmp_path):
@@ -52,3 +61,41 @@ def test_flop_count_by_hand():
     embed = 2 * s * 2 * d + 2 * s * d * d + 2 * n * d * 1 * 2
     assert f["linear"] == linear + embed
     assert f["attention"] == 2 * n * n * d * 2 + 2 * n * s * d * 2
+
+
+def test_results_are_never_overwritten_and_the_index_lists_each(tmp_path):
+    first = harness.save("dit_step", "tiny", {"threads": 2}, "| a |\n", tmp_path)
+    second = harness.save("dit_step", "tiny", {"threads": 2}, "| b |\n", tmp_path)
+    assert first != second and second.stem == first.stem + "-2"
+    assert first.with_suffix(".md").read_text() == "| a |\n"
+    rows = harness.index_rows(tmp_path)
+    assert [r["run"] for r in rows] == [1, 2] and rows[0]["threads"] == 2
+    index = (tmp_path / "README.md").read_text()
+    assert f"[md]({first.stem}.md)" in index and f"[md]({second.stem}.md)" in index
+
+
+def test_a_result_named_otherwise_is_refused(tmp_path):
+    (tmp_path / "dit_step_wan-384x6.json").write_text("{}")
+    with pytest.raises(ValueError, match="is not named"):
+        harness.index_rows(tmp_path)
+
+
+def test_machine_names():
+    assert harness.machine_name({"cpu": "AMD EPYC", "cores": 2, "gpu": None}) == "amd-epyc-2c"
+    assert harness.machine_name({"cpu": "Intel(R) Xeon(R) Platinum 8480+ CPU @ 2.00GHz", "cores": 16,
+                                 "gpu": None}) == "intel-xeon-platinum-8480-16c"
+    assert harness.machine_name({"cpu": "x", "cores": 16, "gpu": {"name": "NVIDIA H200"}}) == "nvidia-h200"
+
+
+def test_the_committed_results_follow_the_naming_and_their_index_is_current():
+    harness.index_rows(harness.RESULTS)
+    assert (harness.RESULTS / harness.INDEX).read_text() == harness.index_markdown(harness.RESULTS)
+
+
+def test_scenarios_name_models_of_the_tests_table():
+    """One name, one model: every scenario's model is a tiny_wan configuration and its DiT is built from it."""
+    from soraedge.export.tiny_wan import TINY_CONFIGS, dit_config
+
+    for sc in harness.SCENARIOS.values():
+        assert sc.dit_config() == dit_config(TINY_CONFIGS[sc.model])
+        assert sc.tokens == sc.latent_shape[2] * sc.latent_shape[3] * sc.latent_shape[4] // 4

@@ -5,7 +5,7 @@ the attention products Q·Kᵀ and P·V. Weights: int8, symmetric, per output ch
 Outputs of MatMuls are left in float (`OpTypesToExcludeOutputQuantization`), so ONNX Runtime's CPU provider
 fuses DQ→MatMul into `MatMulIntegerToFloat` (integer GEMM, float output) instead of a QLinearMatMul followed by
 a DequantizeLinear. Measured while choosing these settings (hidden 384, 6 layers, 1280 tokens, CFG batch 2, 2
-threads, random calibration inputs, one run each; the committed comparison is bench/results/precision_cpu.md):
+threads, random calibration inputs, one run each; the committed comparison is bench/results/precision_bench-384-*):
 
     u8 activations, float MatMul outputs:  all 63 linears -> MatMulIntegerToFloat, 1.70x the fp32 step
     u8 activations, quantized outputs:     QLinearMatMul + DequantizeLinear,       1.36x

@@ -24,6 +24,7 @@ from ..runtime.choices import AUTO, GPU_BACKENDS, Backend, Execution, Graph, Tar
 from ..runtime.errors import SoraError
 from ..runtime.machine import cpu_name
 from ..runtime.manifest import Manifest
+from ..runtime.memory import available_bytes
 from .timing import time_dit_step
 
 BF16_MIN_SPEEDUP = 1.1  # `auto`: what bf16 execution must gain over the fastest fp32 step to be chosen
@@ -34,6 +35,11 @@ ORT_CPU_DIT = "transformer.ort-cpu.onnx"  # the DiT graph ONNX Runtime's CPU pro
 # on the tiny export (embedding cosine against fp32: int8 0.99981, int4 0.98705; ONNX Runtime: 0.99995, 0.98775).
 # Older versions are not checked and not trusted with it.
 OPENVINO_READS_MATMULNBITS = (2026, 4)
+
+# The peak host memory of OpenVINO compiling the DiT, per byte of its weights: measured inside sora-export on the
+# real Wan2.1-T2V-1.3B layout's 5.7 GB DiT (bench/results/real_export_*: 18.6 GB in fp32, 22.8 GB in bf16).
+# ONNX Runtime maps the weights and needs about their size; it is always timed.
+OPENVINO_COMPILE_MEMORY = {Execution.FP32: 3.3, Execution.BF16: 4.0}
 
 
 def openvino_unsupported(precision: dict[str, str]) -> str | None:
@@ -135,7 +141,13 @@ def choose_runtime(manifest: Manifest, backend: str, precision: str, threads: in
     """Measure and decide; returns `manifest` with its `runtime` section (and ONNX Runtime's CPU graph of the DiT,
     where it was faster). `openvino_unsupported` says why the engines cannot run on OpenVINO, which takes it out of
     the running."""
-    candidates = check_request(backend, precision, openvino_unsupported)
+    candidates, too_large = fit_candidates(check_request(backend, precision, openvino_unsupported),
+                                           dit_weight_bytes(manifest), available_bytes())
+    asked = [c for c in too_large if backend in (AUTO, c.backend) and precision in (AUTO, c.precision)]
+    if asked and not any(backend in (AUTO, c.backend) and precision in (AUTO, c.precision) for c in candidates):
+        raise SoraError(f"{asked[0]}: {too_large[asked[0]]}")
+    for c, why in too_large.items():
+        log(f"  {c} is not timed: {why}")
     timings, ort_attention = {}, None
     for c in candidates:
         timings[c.key] = time_dit_step(manifest, c.backend, c.precision, threads)
@@ -146,6 +158,8 @@ def choose_runtime(manifest: Manifest, backend: str, precision: str, threads: in
                "ort_attention": ort_attention}
     if openvino_unsupported:
         runtime["openvino_skipped"] = openvino_unsupported
+    if too_large:
+        runtime["not_timed"] = {c.key: why for c, why in too_large.items()}
     if ov_backend.available():
         info = ov_backend.cpu_info()
         runtime["cpu"], runtime["openvino"] = info["cpu"], info["openvino"]
@@ -162,6 +176,27 @@ def choose_runtime(manifest: Manifest, backend: str, precision: str, threads: in
         why = f"at least {BF16_MIN_SPEEDUP}x the fastest fp32 step"
     log(f"  runtime: {chosen} ({why})")
     return manifest.updated(runtime=runtime)
+
+
+def dit_weight_bytes(manifest: Manifest) -> int:
+    """The DiT's ONNX graph and its external data, in bytes."""
+    path = manifest.engine_path("transformer")
+    return sum(p.stat().st_size for p in (path, path.with_name(path.name + ".data")) if p.exists())
+
+
+def fit_candidates(candidates: list[Target], weight_bytes: int,
+                   available: int | None) -> tuple[list[Target], dict[Target, str]]:
+    """The candidates whose DiT compiles within `available` bytes (None: unknown, all of them), and why each other
+    one does not (OPENVINO_COMPILE_MEMORY)."""
+    kept, too_large = [], {}
+    for c in candidates:
+        need = OPENVINO_COMPILE_MEMORY[c.precision] * weight_bytes if c.backend == Backend.OPENVINO else 0
+        if available is not None and need > available:
+            too_large[c] = (f"compiling its {weight_bytes / 2**30:.1f} GiB DiT needs about {need / 2**30:.1f} GiB, "
+                            f"{available / 2**30:.1f} GiB are available")
+        else:
+            kept.append(c)
+    return kept, too_large
 
 
 def choose(candidates: list[Target], step_s: dict[Target, float], rejected: frozenset[Target] = frozenset()) -> Target:

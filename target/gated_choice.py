@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from ..runtime.manifest import Manifest
+from ..runtime.manifest import Manifest, load_manifest
 
 from .choose import candidates_of, choose, steps_of
 from ..runtime.choices import AUTO, Execution, Graph
@@ -29,7 +29,8 @@ def gate_target(reference: Path | Manifest, stage: Path | Manifest, runtime: dic
     for what ships). Returns the runtime section that ships: with the gate's record as "quality_gate" (none when
     everything is fp32) and, where an `auto` choice of bf16 failed, the fp32 fallback and the rejected choice.
     Raises SoraError when what must ship fails."""
-    reduced = [f"{p} {c}" for c, p in plan.items() if p != Graph.FP32]
+    held = _precision(reference)  # components the reference itself holds reduced (too large for fp32 here)
+    reduced = [f"{p} {c}" for c, p in plan.items() if p != held.get(c, Graph.FP32)]
     if not reduced and runtime["precision"] == Execution.FP32:
         return runtime
     gate = _measure(reference, stage, runtime, plan, min_psnr, threads, log)
@@ -48,6 +49,10 @@ def gate_target(reference: Path | Manifest, stage: Path | Manifest, runtime: dic
     execution = [f"{runtime['precision']} execution"] if runtime["precision"] != Execution.FP32 else []
     check_quality(gate, ", ".join(reduced + execution))
     return {**runtime, "quality_gate": gate}
+
+
+def _precision(engines: Path | Manifest) -> dict[str, str]:
+    return (engines if isinstance(engines, Manifest) else load_manifest(engines, verify=False)).precision
 
 
 def _measure(reference, stage, runtime, plan, min_psnr, threads, log) -> dict:

@@ -28,6 +28,7 @@ from ..runtime.gpu_target import target
 from ..runtime.manifest import Manifest, sha256_file, staged
 from ..runtime.memory import available_bytes
 from ..runtime.spec import Dim
+from ..runtime.user_cache import check_settings
 from ..runtime.validate import check_frames, check_size, check_threads
 from .checkpoint import WanCheckpoint, read_checkpoint, read_json
 from ..target.choose import build_runtime, check_request, cpu_only, openvino_unsupported
@@ -406,6 +407,7 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = lambda s: None) -
     """Export `cfg.model` to an engine directory at `cfg.out`. Raises SoraError on bad input."""
     out = Path(cfg.out)
     check_threads(cfg.threads)
+    check_settings()  # the caches' sizes
     if cfg.min_psnr is not None and not (math.isfinite(cfg.min_psnr) and cfg.min_psnr > 0):
         raise SoraError(f"min_psnr={cfg.min_psnr}: the quality gate's threshold must be a finite number of dB > 0")
     check_destination(out, None if cfg.model == "demo" else Path(cfg.model))

@@ -30,7 +30,7 @@ from .schedulers import load_scheduler
 from .spec import EngineSpec
 from .step_cache import StepCache
 from .text import PromptEncoder
-from .user_cache import compiled_cache
+from .user_cache import check_settings, compiled_cache, compiled_used
 from .vae_decode import ChunkedVaeDecoder
 from .validate import (check_finite, check_frames, check_guidance, check_seed, check_size, check_steps, check_text,
                        check_threads)
@@ -80,6 +80,7 @@ class Pipeline:
         self.config = manifest.config
         self.defaults = self.config["defaults"]
         check_threads(threads)
+        check_settings()
         self.threads = threads
         self.low_memory = low_memory
         chosen = manifest.runtime
@@ -123,9 +124,12 @@ class Pipeline:
             cache = compiled_cache(self.backend, name, self.manifest.content_key(name), self.precision)
         spec = self.manifest.spec(name)
         run = spec.run  # this engine's settings, recorded at export (runtime/spec.py's RunSettings)
-        return open_engine(self.backend, self.manifest.path_for(name, self.backend), spec,
-                           1 if run.one_thread else self.threads, self.precision, cache, arena=run.arena,
-                           cuda_graph=self.cuda_graph and run.cuda_graph, static_shapes=run.static_shapes)
+        engine = open_engine(self.backend, self.manifest.path_for(name, self.backend), spec,
+                             1 if run.one_thread else self.threads, self.precision, cache, arena=run.arena,
+                             cuda_graph=self.cuda_graph and run.cuda_graph, static_shapes=run.static_shapes)
+        if cache is not None:
+            compiled_used(cache)
+        return engine
 
     def engine(self, name: str):
         """The engine `name`, opened on first use; kept open unless low_memory."""

@@ -25,6 +25,7 @@ from ..runtime.errors import SoraError
 from ..runtime.machine import cpu_name
 from ..runtime.manifest import Manifest
 from ..runtime.memory import available_bytes
+from ..precision.convert import RUN_FRACTION, runs_in
 from .timing import time_dit_step
 
 BF16_MIN_SPEEDUP = 1.1  # `auto`: what bf16 execution must gain over the fastest fp32 step to be chosen
@@ -186,14 +187,14 @@ def dit_weight_bytes(manifest: Manifest) -> int:
 
 def fit_candidates(candidates: list[Target], weight_bytes: int,
                    available: int | None) -> tuple[list[Target], dict[Target, str]]:
-    """The candidates whose DiT compiles within `available` bytes (None: unknown, all of them), and why each other
-    one does not (OPENVINO_COMPILE_MEMORY)."""
+    """The candidates whose DiT compiles within `available` bytes (None: unknown, all of them), by the rule every
+    component runs by (precision/convert.py's `runs_in`), and why each other one does not (OPENVINO_COMPILE_MEMORY)."""
     kept, too_large = [], {}
     for c in candidates:
         need = OPENVINO_COMPILE_MEMORY[c.precision] * weight_bytes if c.backend == Backend.OPENVINO else 0
-        if available is not None and need > available:
+        if not runs_in(need, available):
             too_large[c] = (f"compiling its {weight_bytes / 2**30:.1f} GiB DiT needs about {need / 2**30:.1f} GiB, "
-                            f"{available / 2**30:.1f} GiB are available")
+                            f"more than {RUN_FRACTION:.0%} of the {available / 2**30:.1f} GiB available")
         else:
             kept.append(c)
     return kept, too_large

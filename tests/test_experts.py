@@ -17,8 +17,10 @@ import torch
 
 from soraedge.export.build import ExportConfig, run_export
 from soraedge.export.checkpoint import read_checkpoint
+from soraedge.runtime.backends import openvino as ov_backend
 from soraedge.runtime.errors import SoraError
 from soraedge.runtime.experts import HIGH, LOW, ExpertSwitch
+from soraedge.runtime.manifest import load_manifest
 from soraedge.runtime.pipeline import Pipeline
 from soraedge.runtime.sampler import sample
 from soraedge.runtime.schedulers import scheduler_from_config
@@ -144,3 +146,26 @@ def test_two_experts_refuse_what_handles_one_dit(tiny_model, experts_engines, tm
     pipe = Pipeline.load(experts_engines("tiny-a14b-a"))
     with pytest.raises(SoraError, match="step caching probes one DiT"):
         pipe(PROMPT, steps=2, step_cache=0.1)
+
+
+@pytest.mark.skipif(not ov_backend.available(), reason="OpenVINO is not installed")
+def test_two_experts_run_on_openvino_and_its_bf16_passes_through_the_gate(experts_engines, tmp_path):
+    """The target build (sora-build) of the two-expert engines for OpenVINO: both experts run there, as on ONNX
+    Runtime; bf16 execution, where the CPU has it, is gated against the fp32 engines like any other."""
+    from soraedge.target.build import TargetConfig, build_from_engines
+
+    src = experts_engines("tiny-a14b-a")
+    size = SIZE["tiny-a14b-a"]
+    noise = np.random.default_rng(3).standard_normal(Pipeline.load(src).latent_shape(**size), dtype=np.float32)
+    ort = Pipeline.load(src, backend="ort")(PROMPT, NEGATIVE, **size, steps=3, guidance=5.0, guidance_2=3.0,
+                                            latents=noise, output_type="latent").latents
+    build_from_engines(TargetConfig(src, tmp_path / "ov", backend="openvino", precision="fp32", threads=2))
+    ov = Pipeline.load(tmp_path / "ov")
+    assert ov.backend == "openvino" and ov.experts
+    got = ov(PROMPT, NEGATIVE, **size, steps=3, guidance=5.0, guidance_2=3.0, latents=noise,
+             output_type="latent").latents
+    assert _rel(got, ort) < 1e-3
+    if ov_backend.cpu_info()["bf16"]:
+        build_from_engines(TargetConfig(src, tmp_path / "bf16", backend="openvino", precision="bf16", threads=2))
+        gate = load_manifest(tmp_path / "bf16").runtime["quality_gate"]
+        assert gate["passed"] and gate["execution_precision"] == "bf16"

@@ -127,8 +127,8 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda s: None, tic
 
         # Resolve the shape once, against the first engine directory; every other must cover it too.
         probe = Pipeline.load(engines[0], backend="ort")
-        h, w, f, steps, g, negative = probe.resolve(cfg.height, cfg.width, cfg.frames, cfg.steps, cfg.guidance,
-                                                    cfg.negative_prompt)
+        h, w, f, steps, g, negative, _ = probe.resolve(cfg.height, cfg.width, cfg.frames, cfg.steps, cfg.guidance,
+                                                       cfg.negative_prompt)
         for e in engines[1:]:
             Pipeline.load(e, backend="ort").resolve(h, w, f, steps, g, negative)
         latents = np.random.default_rng(0).standard_normal(probe.latent_shape(h, w, f), dtype=np.float32)

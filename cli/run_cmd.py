@@ -18,6 +18,8 @@ from .common import choice, cli_errors
 @click.option("--negative-prompt", default=None, help="Default: the one recorded at export.")
 @click.option("--steps", type=int, help="Denoising steps (default recorded at export).")
 @click.option("--guidance", type=float, help="Classifier-free guidance scale; <= 1 skips the negative branch.")
+@click.option("--guidance-2", "guidance_2", type=float,
+              help="Wan2.2 A14B: the low-noise expert's guidance scale (default: --guidance, as diffusers).")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed for the initial noise (numpy PCG64: deterministic here, but not equal to torch's "
                    "generator; pass --latents to reproduce a PyTorch run).")
@@ -46,7 +48,7 @@ from .common import choice, cli_errors
               "e.g. 256) to bound the VAE's memory at large sizes. Off by default.")
 @click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path), help="Output .mp4, .gif or .npy")
 @cli_errors
-def main(engines, prompt, negative_prompt, steps, guidance, seed, height, width, frames, latents_file, threads,
+def main(engines, prompt, negative_prompt, steps, guidance, guidance_2, seed, height, width, frames, latents_file, threads,
          backend, cfg_mode, no_cuda_graph, precision, low_memory, prompt_cache, no_prompt_cache, step_cache, vae_tile,
          out):
     """Generate a video for PROMPT with the engines in ENGINES."""
@@ -71,20 +73,21 @@ def main(engines, prompt, negative_prompt, steps, guidance, seed, height, width,
     pipe = Pipeline.load(engines, threads=threads, backend=backend, precision=precision, low_memory=low_memory,
                          prompt_cache=cache_dir, cuda_graph=not no_cuda_graph, cfg_batch=cfg_mode == "batch")
     load_s = time.perf_counter() - t0
-    h, w, f, n_steps, g, _ = pipe.resolve(height, width, frames, steps, guidance, negative_prompt)
+    h, w, f, n_steps, g, _, g2 = pipe.resolve(height, width, frames, steps, guidance, negative_prompt, guidance_2)
     if latents is not None:
         pipe.check_latents(latents, pipe.latent_shape(h, w, f))
     with VideoWriter(out, pipe.defaults["fps"]) as writer:  # mp4: frames stream to ffmpeg as they are decoded
         with tqdm(total=n_steps, desc="denoise", unit="step", leave=False) as bar:
             result = pipe(prompt, negative_prompt, h, w, f, n_steps, g, seed, latents,
                           on_step=lambda i, dt: bar.update(), sink=writer.write, step_cache=step_cache,
-                          vae_tile=vae_tile)
+                          vae_tile=vae_tile, guidance_2=g2 if pipe.experts else None)
         t0 = time.perf_counter()
     write_s = time.perf_counter() - t0  # finishing the file; encoding overlapped the decode
     tm = result.timings
     per_step = tm["denoise"] / max(len(result.step_times), 1)
     graphs = ", ".join(f"{c} {p}" for c, p in pipe.manifest.precision.items())
-    click.echo(f"wrote {out} ({f} frames, {w}x{h}, {n_steps} steps, guidance {g}; engines {graphs}; "
+    scales = f"guidance {g}" + (f", low-noise expert {g2}" if pipe.experts else "")
+    click.echo(f"wrote {out} ({f} frames, {w}x{h}, {n_steps} steps, {scales}; engines {graphs}; "
                f"running on {pipe.backend} {pipe.precision})")
     if step_cache is not None:
         click.echo(f"step cache (threshold {step_cache}): {result.dit_evaluations} DiT evaluations for {n_steps} steps")

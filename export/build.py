@@ -28,6 +28,7 @@ from ..runtime.gpu_target import target
 from ..runtime.manifest import Manifest, sha256_file, staged
 from ..runtime.memory import available_bytes
 from ..runtime.spec import Dim
+from ..runtime.user_cache import check_settings
 from ..runtime.validate import check_frames, check_size, check_threads
 from .checkpoint import WanCheckpoint, read_checkpoint, read_json
 from ..target.choose import build_runtime, check_request, cpu_only, openvino_unsupported
@@ -276,19 +277,23 @@ def _export_into(ck: WanCheckpoint, cfg: ExportConfig, defaults: dict, params: d
                                                             held["text_encoder"], cfg.max_sequence_length, report, log)
     del te
 
-    # DiT: the exported module carries the export-time rewrites; the reference is diffusers' own model.
-    dit = load_dit(ck.root, cfg.attention, weights=False)
-    weights = CheckpointTensors(ck.root / "transformer")
-    fewer = {"num_layers": min(REDUCED_LAYERS, ck.transformer_config["num_layers"])}
-    spec = dit_spec(ck.transformer_config, cfg.max_sequence_length, f_dim, h_dim, w_dim)
+    # DiT (each expert of Wan2.2 A14B in turn): the exported module carries the export-time rewrites; the reference
+    # is diffusers' own model.
     sample = {"b": 2, "f": 2, "h": 2 * p_h, "w": 3 * p_w}
-    parity = ParitySource(lambda: load_reference_dit(ck.root), params["transformer"],
-                          (lambda: load_dit(ck.root, cfg.attention, False, **fewer),
-                           lambda: load_reference_dit(ck.root, **fewer)), fewer)
-    engines["transformer"] = _export_component(
-        "transformer", dit, parity, weights, spec, tmp, cfg.attention.opset, sample,
-        [{"b": 1, "f": 3, "h": 3 * p_h, "w": 2 * p_w}, {"b": 2, "f": 1, "h": p_h, "w": 4 * p_w}], cfg, report, log,
-        trace)
+    for expert in ck.experts:
+        dit = load_dit(ck.root, cfg.attention, weights=False, expert=expert)
+        config = dit.transformer.config
+        fewer = {"num_layers": min(REDUCED_LAYERS, config["num_layers"])}
+        spec = dit_spec(config, cfg.max_sequence_length, f_dim, h_dim, w_dim, name=expert)
+        parity = ParitySource(lambda e=expert: load_reference_dit(ck.root, expert=e), params[expert],
+                              (lambda e=expert: load_dit(ck.root, cfg.attention, False, e, **fewer),
+                               lambda e=expert: load_reference_dit(ck.root, expert=e, **fewer)), fewer)
+        engines[expert] = _export_component(
+            expert, dit, parity, CheckpointTensors(ck.root / expert), spec, tmp, cfg.attention.opset, sample,
+            [{"b": 1, "f": 3, "h": 3 * p_h, "w": 2 * p_w}, {"b": 2, "f": 1, "h": p_h, "w": 4 * p_w}], cfg, report,
+            log, trace)
+    dit = load_dit(ck.root, cfg.attention, weights=False)  # the first expert's, for the probe
+    weights = CheckpointTensors(ck.root / "transformer")
     # The step-cache probe: the DiT's first block's modulated input, a small engine of its own (its reference is
     # diffusers' model with one layer: all the probe reads).
     one = {"num_layers": 1}
@@ -333,8 +338,8 @@ def _check_sizes(ck: WanCheckpoint) -> dict[str, int]:
     from .streaming import from_config
     from .weights import component_tensors
 
-    classes = {"text_encoder": getattr(transformers, ck.text_encoder_class), "transformer": WanTransformer3DModel,
-               "vae": AutoencoderKLWan}
+    classes = {"text_encoder": getattr(transformers, ck.text_encoder_class), "vae": AutoencoderKLWan,
+               **{expert: WanTransformer3DModel for expert in ck.experts}}
     counts = {}
     for comp, cls in classes.items():
         tensors = component_tensors(ck.root / comp)
@@ -406,6 +411,7 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = lambda s: None) -
     """Export `cfg.model` to an engine directory at `cfg.out`. Raises SoraError on bad input."""
     out = Path(cfg.out)
     check_threads(cfg.threads)
+    check_settings()  # the caches' sizes
     if cfg.min_psnr is not None and not (math.isfinite(cfg.min_psnr) and cfg.min_psnr > 0):
         raise SoraError(f"min_psnr={cfg.min_psnr}: the quality gate's threshold must be a finite number of dB > 0")
     check_destination(out, None if cfg.model == "demo" else Path(cfg.model))
@@ -433,6 +439,9 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = lambda s: None) -
                                           dict(cfg.component_precision))
         for c in held:
             log(f"{c}: {notes[c]}")
+        if len(ck.experts) > 1 and plan["transformer"] == Graph.INT8:
+            raise SoraError("--dit-precision int8 calibrates one DiT; this Wan2.2 pipeline has two experts: use fp16 "
+                            "or int8-dynamic")
         execution = execution_of(cfg.precision)  # fp32, bf16, or auto: decided with the target
         no_openvino = openvino_unsupported(plan)
         if cfg.onnx_only and (cfg.backend != AUTO or execution == Execution.BF16):
@@ -476,7 +485,7 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = lambda s: None) -
         (ref / "scheduler").mkdir()
         (ref / "scheduler" / "scheduler_config.json").write_text(json.dumps(ck.scheduler_config, indent=2))
         pipeline = {
-            "family": "wan2.1-t2v",
+            "family": ck.family,
             "defaults": defaults,
             "max_sequence_length": cfg.max_sequence_length,
             "pad_token_id": pad_token_id,
@@ -491,6 +500,8 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = lambda s: None) -
             "tokenizer": "tokenizer/tokenizer.json",
             "scheduler": "scheduler/scheduler_config.json",
         }
+        if ck.boundary_ratio is not None:  # Wan2.2 A14B: the engine transformer_2 runs below this share of the steps
+            pipeline["boundary_ratio"] = ck.boundary_ratio
         body = {
             "cache_key": key,
             "inputs_key": inputs_key,

@@ -1,6 +1,8 @@
-"""Read a diffusers-format Wan2.1 text-to-video directory: what it holds, what is supported, what is refused.
+"""Read a diffusers-format Wan text-to-video directory: what it holds, what is supported, what is refused.
 
-The family-specific knowledge of which files and classes make a Wan2.1-T2V pipeline lives here and nowhere else.
+Wan2.1 T2V, and Wan2.2 A14B's layout: a second DiT (`transformer_2`, the low-noise expert) that `WanPipeline` runs
+below `boundary_ratio` of the training timesteps. The family-specific knowledge of which files and classes make
+these pipelines lives here and nowhere else.
 Only safetensors weights are loaded; a directory that ships only pickled `.bin` weights is refused.
 """
 
@@ -25,6 +27,12 @@ class WanCheckpoint:
     vae_config: dict
     text_encoder_class: str
     scheduler_config: dict
+    experts: tuple[str, ...] = ("transformer",)  # the DiT folders: Wan2.2 A14B adds "transformer_2"
+    boundary_ratio: float | None = None  # Wan2.2 A14B: the low-noise expert runs below this share of the timesteps
+
+    @property
+    def family(self) -> str:
+        return "wan2.2-t2v-a14b" if len(self.experts) > 1 else "wan2.1-t2v"
 
     @property
     def tokenizer_file(self) -> Path:
@@ -75,9 +83,7 @@ def read_checkpoint(path: str | Path) -> WanCheckpoint:
     cls = index.get("_class_name")
     if cls != "WanPipeline":
         raise SoraError(f"{root}: pipeline class {cls!r} is not supported (supported: WanPipeline, Wan2.1 T2V)")
-    # Wan2.2 (two experts, boundary switching, per-token timesteps) and I2V/VACE change the sampler; refuse.
-    if (index.get("transformer_2") or [None])[0] is not None or index.get("boundary_ratio") is not None:
-        raise SoraError(f"{root}: Wan2.2 two-expert pipelines (transformer_2/boundary_ratio) are not supported yet")
+    experts, boundary = _experts(root, index)
     if index.get("expand_timesteps"):
         raise SoraError(f"{root}: expand_timesteps (Wan2.2 TI2V) is not supported yet")
     if (index.get("image_encoder") or [None])[0] is not None:
@@ -111,6 +117,28 @@ def read_checkpoint(path: str | Path) -> WanCheckpoint:
     scheduler_from_config(scfg)
     if not (root / "tokenizer" / "tokenizer.json").is_file():
         raise SoraError(f"{root}/tokenizer has no tokenizer.json (a fast tokenizer file is required)")
-    for comp in ("transformer", "text_encoder", "vae"):
+    for comp in (*experts, "text_encoder", "vae"):
         _require_safetensors(root / comp)
-    return WanCheckpoint(root, index, tcfg, vcfg, te_class, scfg)
+    for expert in experts[1:]:
+        other = read_json(root / expert / "config.json")
+        differ = [k for k in ("in_channels", "out_channels", "patch_size", "text_dim") if other.get(k) != tcfg.get(k)]
+        if differ:
+            raise SoraError(f"{root}/{expert}: {', '.join(differ)} differ from transformer's: the two experts must "
+                            f"take the same latents and text")
+    return WanCheckpoint(root, index, tcfg, vcfg, te_class, scfg, experts, boundary)
+
+
+def _experts(root: Path, index: dict) -> tuple[tuple[str, ...], float | None]:
+    """The DiT folders and Wan2.2 A14B's boundary: a second expert and a boundary in (0, 1) come together."""
+    entry = index.get("transformer_2")
+    second = isinstance(entry, list) and len(entry) == 2 and entry[1] is not None
+    boundary = index.get("boundary_ratio")
+    if not second and boundary is None:
+        return ("transformer",), None
+    if not (second and isinstance(boundary, (int, float)) and 0 < boundary < 1):
+        raise SoraError(f"{root}/model_index.json: a Wan2.2 two-expert pipeline needs both transformer_2 and a "
+                        f"boundary_ratio between 0 and 1 (got transformer_2 {index.get('transformer_2')!r}, "
+                        f"boundary_ratio {boundary!r})")
+    if not (root / "transformer_2").is_dir():
+        raise SoraError(f"{root}: missing component transformer_2 (the low-noise expert model_index.json names)")
+    return ("transformer", "transformer_2"), float(boundary)

@@ -33,11 +33,13 @@ class AttentionForm(str, enum.Enum):
         return 23 if self is AttentionForm.ONNX else 20
 
 
-def dit_spec(tcfg: dict, text_len: int, lat_frames: Dim, lat_h: Dim, lat_w: Dim, max_batch: int = 2) -> EngineSpec:
-    """hidden_states [b, C, f, h, w] latents, timestep [b] float32, encoder_hidden_states [b, S, text_dim]."""
+def dit_spec(tcfg: dict, text_len: int, lat_frames: Dim, lat_h: Dim, lat_w: Dim, max_batch: int = 2,
+             name: str = "transformer") -> EngineSpec:
+    """hidden_states [b, C, f, h, w] latents, timestep [b] float32, encoder_hidden_states [b, S, text_dim]; `name`:
+    the expert's folder for Wan2.2's second one."""
     c_in, c_out = tcfg["in_channels"], tcfg.get("out_channels") or tcfg["in_channels"]
     return EngineSpec(
-        name="transformer",
+        name=name,
         inputs=(
             TensorSpec("hidden_states", "float32", ("b", c_in, "f", "h", "w")),
             TensorSpec("timestep", "float32", ("b",)),
@@ -173,12 +175,14 @@ class DiTReference(torch.nn.Module):
         return self.model(hidden_states, timestep, encoder_hidden_states, return_dict=False)[0]
 
 
-def load_dit(root, form: AttentionForm, weights: bool = True, **overrides) -> DiTForExport:
-    """The DiT to export: weightless (export streams the weights) or with them; `overrides` change its config."""
-    return DiTForExport(load_reference_dit(root, weights, **overrides).model, form).eval()
+def load_dit(root, form: AttentionForm, weights: bool = True, expert: str = "transformer",
+             **overrides) -> DiTForExport:
+    """The DiT `expert` (its folder) to export: weightless (export streams the weights) or with them; `overrides`
+    change its config."""
+    return DiTForExport(load_reference_dit(root, weights, expert, **overrides).model, form).eval()
 
 
-def load_reference_dit(root, weights: bool = True, **overrides) -> DiTReference:
+def load_reference_dit(root, weights: bool = True, expert: str = "transformer", **overrides) -> DiTReference:
     from diffusers import WanTransformer3DModel
 
-    return DiTReference(load_model(WanTransformer3DModel, root / "transformer", weights, **overrides)).eval()
+    return DiTReference(load_model(WanTransformer3DModel, root / expert, weights, **overrides)).eval()

@@ -37,6 +37,7 @@ class TinyWanConfig:
     flow_shift: float = 3.0
     seed: int = 0
     init_scale: float = 1.0  # multiplies the DiT's random weights
+    boundary_ratio: float | None = None  # Wan2.2 A14B: a second (low-noise) expert below this share of the timesteps
 
 
 # The real transformer configurations (config.json of Wan-AI/Wan2.1-T2V-1.3B-Diffusers and -14B-Diffusers), built
@@ -79,6 +80,12 @@ TINY_CONFIGS = {
     # Wan2.1-T2V-1.3B's transformer (30 x 12 heads x 128, ffn 8960) and VAE (base 96, [1, 2, 4, 4], 2 res blocks)
     # shapes with random weights, and a 1-layer UMT5 text encoder of the width the DiT expects (4096): memory
     # measurements at real scale without umT5-XXL's 23 GB (bench/low_memory.py), the GPU verification's DiT.
+    # Wan2.2 A14B's layout (two experts, the high-noise one above the boundary), in two configurations that differ
+    # in every dimension, the boundary included.
+    "tiny-a14b-a": TinyWanConfig(boundary_ratio=0.875, seed=22),
+    "tiny-a14b-b": TinyWanConfig(layers=3, heads=3, head_dim=8, ffn_dim=48, patch=(1, 1, 1), text_dim=24,
+                                 text_layers=1, text_heads=2, latent_channels=4, vae_dim=4, scheduler="euler",
+                                 flow_shift=5.0, seed=23, boundary_ratio=0.5),
     "wan21-1.3b-shapes": TinyWanConfig(layers=30, heads=12, head_dim=128, ffn_dim=8960, text_dim=4096, text_layers=1,
                                        text_heads=8, vae_dim=96, vae_dim_mult=(1, 2, 4, 4), vae_res_blocks=2,
                                        seed=13),
@@ -110,12 +117,13 @@ def dit_config(cfg: TinyWanConfig) -> dict:
                 qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
 
 
-def build_transformer(cfg: TinyWanConfig):
-    """The transformer of `cfg` with its random weights: torch's generator seeded with `cfg.seed`, then scaled by
-    `cfg.init_scale`. The pipeline build_tiny_wan writes and the benches' scenarios hold the same weights."""
+def build_transformer(cfg: TinyWanConfig, expert: int = 0):
+    """The transformer of `cfg` with its random weights: torch's generator seeded with `cfg.seed` (+ 1000 per expert
+    after the first), then scaled by `cfg.init_scale`. The pipeline build_tiny_wan writes and the benches' scenarios
+    hold the same weights."""
     from diffusers import WanTransformer3DModel
 
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed + 1000 * expert)
     transformer = WanTransformer3DModel(**dit_config(cfg))
     if cfg.init_scale != 1.0:
         with torch.no_grad():
@@ -157,8 +165,10 @@ def build_tiny_wan(out_dir: str | Path, cfg: TinyWanConfig | str = "tiny-a") -> 
                                             flow_shift=cfg.flow_shift, num_train_timesteps=1000)
     else:
         scheduler = FlowMatchEulerDiscreteScheduler(shift=cfg.flow_shift)
+    experts = {} if cfg.boundary_ratio is None else {"transformer_2": build_transformer(cfg, expert=1),
+                                                      "boundary_ratio": cfg.boundary_ratio}
     pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, vae=vae,
-                       scheduler=scheduler)
+                       scheduler=scheduler, **experts)
     pipe.save_pretrained(out_dir, safe_serialization=True)
     (out_dir / "tiny_wan_config.json").write_text(__import__("json").dumps(asdict(cfg)))
     import shutil

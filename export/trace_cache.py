@@ -7,7 +7,7 @@ another precision, backend or gate threshold reuses it. The key is a hash of all
 and its external data with their sha256, reused only when both still hash as recorded. Entries are hard links to
 the export's own files (no copy of the weights; an entry is never written after it is stored), kept only where the
 engine folder and the cache share a file system, in `$XDG_CACHE_HOME/soraedge/traces`, the least recently used
-dropped beyond `SORAEDGE_TRACE_CACHE_GB` (default 20; 0 turns the cache off).
+dropped beyond `SORAEDGE_TRACE_CACHE_GB` (runtime/user_cache.py: default 20; 0 turns the cache off).
 """
 
 from __future__ import annotations
@@ -22,18 +22,11 @@ from pathlib import Path
 
 from ..runtime.manifest import sha256_file
 from ..runtime.safe_files import link_or_copy
-from ..runtime.user_cache import cache_home
-
-DEFAULT_GB = 20.0
+from ..runtime.user_cache import cache_home, capacity, prune
 
 
 def capacity_bytes() -> float:
-    raw = os.environ.get("SORAEDGE_TRACE_CACHE_GB", "")
-    try:
-        gb = float(raw) if raw else DEFAULT_GB
-    except ValueError:
-        gb = DEFAULT_GB
-    return max(gb, 0.0) * 2**30
+    return capacity("SORAEDGE_TRACE_CACHE_GB")
 
 
 def trace_key(**parts) -> str:
@@ -66,9 +59,9 @@ def reuse(key: str, onnx: Path) -> bool:
 def store(key: str, onnx: Path) -> None:
     """Keep the graph at `onnx` (+ its .data) under `key` by hard links; nothing if the cache is off, the files
     are on another file system, or the cache cannot be written."""
-    capacity = capacity_bytes()
+    limit = capacity_bytes()
     files = [p for p in (onnx, onnx.with_name(onnx.name + ".data")) if p.exists()]
-    if not capacity or sum(p.stat().st_size for p in files) > capacity:
+    if not limit or sum(p.stat().st_size for p in files) > limit:
         return
     folder = _folder()
     try:
@@ -85,17 +78,4 @@ def store(key: str, onnx: Path) -> None:
     except OSError:  # another file system (no hard link), or another export stored the same key meanwhile
         shutil.rmtree(tmp, ignore_errors=True)
         return
-    _prune(folder, capacity)
-
-
-def _prune(folder: Path, capacity: float) -> None:
-    entries = []
-    for e in folder.iterdir():
-        if e.is_dir() and not e.name.startswith("."):
-            entries.append((e.stat().st_mtime, sum(f.stat().st_size for f in e.iterdir()), e))
-    total = sum(size for _, size, _ in entries)
-    for _, size, e in sorted(entries):
-        if total <= capacity:
-            break
-        shutil.rmtree(e, ignore_errors=True)
-        total -= size
+    prune([e for e in folder.iterdir() if e.is_dir() and not e.name.startswith(".")], limit, keep=folder / key)

@@ -48,7 +48,8 @@ DEFAULT_MIN_PSNR = {"int8": 30.0, "int8-dynamic": 30.0, "int4": 30.0, "bf16": 30
 
 
 def component_of(engine: str) -> str:
-    return "vae" if engine.startswith("vae_") else engine
+    """The component whose precision an engine takes: Wan2.2's second expert is a transformer."""
+    return "vae" if engine.startswith("vae_") else "transformer" if engine.startswith("transformer") else engine
 
 
 def plan_precision(default: str, overrides: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:

@@ -21,6 +21,7 @@ import numpy as np
 from .backends import EngineDenoiser, open_engine
 from .choices import BACKENDS, EXECUTIONS, GPU_BACKENDS, Backend, Execution
 from .errors import SoraError
+from .experts import HIGH, LOW, ExpertSwitch
 from .gpu_target import check_target
 from .manifest import Manifest, load_manifest
 from .memory import PeakDevice, PeakRss
@@ -30,7 +31,7 @@ from .schedulers import load_scheduler
 from .spec import EngineSpec
 from .step_cache import StepCache
 from .text import PromptEncoder
-from .user_cache import compiled_cache
+from .user_cache import check_settings, compiled_cache, compiled_used
 from .vae_decode import ChunkedVaeDecoder
 from .validate import (check_finite, check_frames, check_guidance, check_seed, check_size, check_steps, check_text,
                        check_threads)
@@ -80,6 +81,7 @@ class Pipeline:
         self.config = manifest.config
         self.defaults = self.config["defaults"]
         check_threads(threads)
+        check_settings()
         self.threads = threads
         self.low_memory = low_memory
         chosen = manifest.runtime
@@ -123,9 +125,12 @@ class Pipeline:
             cache = compiled_cache(self.backend, name, self.manifest.content_key(name), self.precision)
         spec = self.manifest.spec(name)
         run = spec.run  # this engine's settings, recorded at export (runtime/spec.py's RunSettings)
-        return open_engine(self.backend, self.manifest.path_for(name, self.backend), spec,
-                           1 if run.one_thread else self.threads, self.precision, cache, arena=run.arena,
-                           cuda_graph=self.cuda_graph and run.cuda_graph, static_shapes=run.static_shapes)
+        engine = open_engine(self.backend, self.manifest.path_for(name, self.backend), spec,
+                             1 if run.one_thread else self.threads, self.precision, cache, arena=run.arena,
+                             cuda_graph=self.cuda_graph and run.cuda_graph, static_shapes=run.static_shapes)
+        if cache is not None:
+            compiled_used(cache)
+        return engine
 
     def engine(self, name: str):
         """The engine `name`, opened on first use; kept open unless low_memory."""
@@ -146,13 +151,25 @@ class Pipeline:
         """Open every engine now (session creation / compilation), e.g. to time loading apart from running."""
         if not self.low_memory:
             names = ["text_encoder", "transformer", self.config["vae"]["first"], self.config["vae"]["step"]]
-            for name in names + [n for n in ("dit_probe",) if n in self.manifest.engine_names]:
+            for name in names + [n for n in ("dit_probe", LOW) if n in self.manifest.engine_names]:
                 self.engine(name)
         return self
 
     @property
     def denoiser(self) -> EngineDenoiser:
         return EngineDenoiser(self.engine("transformer"), cfg_batch=self.cfg_batch)
+
+    @property
+    def experts(self) -> bool:
+        """Whether this is Wan2.2 A14B's layout: a low-noise expert below the boundary."""
+        return LOW in self.manifest.engine_names
+
+    def expert_switch(self, guidance: float, guidance_2: float, observe=None) -> ExpertSwitch:
+        """The Denoiser over both experts (runtime/experts.py), switching where WanPipeline does."""
+        max_batch = self.manifest.spec(HIGH).dim_map["b"].max if self.cfg_batch else 1
+        boundary = self.config["boundary_ratio"] * self.scheduler.config["num_train_timesteps"]
+        return ExpertSwitch(lambda name: EngineDenoiser(self.engine(name), observe, self.cfg_batch), max_batch,
+                            boundary, guidance, guidance_2)
 
     def decoder(self, tile: int | None = None) -> ChunkedVaeDecoder:
         return ChunkedVaeDecoder(self.engine(self.config["vae"]["first"]), self.engine(self.config["vae"]["step"]),
@@ -183,8 +200,10 @@ class Pipeline:
         s, t = self.config["vae_scale_spatial"], self.config["vae_scale_temporal"]
         return (1, self.config["latent_channels"], (frames - 1) // t + 1, height // s, width // s)
 
-    def resolve(self, height=None, width=None, frames=None, steps=None, guidance=None, negative_prompt=None):
-        """Fill defaults and validate every argument; raises SoraError naming the nearest valid values."""
+    def resolve(self, height=None, width=None, frames=None, steps=None, guidance=None, negative_prompt=None,
+                guidance_2=None):
+        """Fill defaults and validate every argument; raises SoraError naming the nearest valid values.
+        `guidance_2`: the low-noise expert's scale (Wan2.2 A14B), `guidance` where not given, as WanPipeline."""
         d = self.defaults
 
         def given(value, key):
@@ -197,12 +216,17 @@ class Pipeline:
         check_frames(f, self.config["vae_scale_temporal"])
         check_steps(steps)
         check_guidance(guidance)
+        if guidance_2 is not None and not self.experts:
+            raise SoraError("guidance_2 is the low-noise expert's scale: these engines have one DiT (Wan2.2 A14B "
+                            "has two)")
+        guidance_2 = guidance if guidance_2 is None else guidance_2
+        check_guidance(guidance_2)
         spec = self.manifest.spec("transformer")
         lat = self.latent_shape(h, w, f)
         bad = [m for name, v in zip("fhw", lat[2:]) if (m := spec.dim_map[name].check(v))]
         if bad:
             raise SoraError(f"{h}x{w}x{f} is outside the exported range: {', '.join(bad)} (latent units)")
-        return h, w, f, steps, guidance, negative_prompt
+        return h, w, f, steps, guidance, negative_prompt, guidance_2
 
     def check_latents(self, latents: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
         if not isinstance(latents, np.ndarray) or latents.dtype != np.float32 or latents.shape != shape:
@@ -217,16 +241,21 @@ class Pipeline:
                  width: int | None = None, frames: int | None = None, steps: int | None = None,
                  guidance: float | None = None, seed: int = 0, latents: np.ndarray | None = None,
                  output_type: str = "np", on_step=None, sink=None, observe=None,
-                 step_cache: float | None = None, vae_tile: int | None = None) -> Generation:
+                 step_cache: float | None = None, vae_tile: int | None = None,
+                 guidance_2: float | None = None) -> Generation:
         """Generate. With `sink` (a callable taking [T, H, W, 3] float32 chunks, e.g. VideoWriter.write), frames
         are handed over as each latent frame is decoded and not kept: Generation.frames is then None.
         `observe(feeds, noise_pred)` sees every DiT call (see EngineDenoiser). `step_cache` (a threshold, e.g.
         runtime.step_cache.DEFAULT_THRESHOLD) skips DiT calls whose input barely changed (runtime/step_cache.py).
         `vae_tile` (pixels, a multiple of 4 x the VAE's scale) decodes in overlapping spatial tiles of that size to
-        bound the decoder's memory at large sizes (runtime/vae_decode.py)."""
-        h, w, f, steps, guidance, negative_prompt = self.resolve(height, width, frames, steps, guidance,
-                                                                 negative_prompt)
+        bound the decoder's memory at large sizes (runtime/vae_decode.py). `guidance_2`: Wan2.2 A14B's low-noise
+        expert's guidance scale (default: `guidance`)."""
+        h, w, f, steps, guidance, negative_prompt, guidance_2 = self.resolve(height, width, frames, steps,
+                                                                             guidance, negative_prompt, guidance_2)
         check_seed(seed)
+        if step_cache is not None and self.experts:
+            raise SoraError("step caching probes one DiT; these engines have two experts (Wan2.2 A14B): run "
+                            "without --step-cache")
         if step_cache is not None and (step_cache < 0 or "dit_probe" not in self.manifest.engine_names):
             raise SoraError(f"step cache threshold {step_cache} must be >= 0" if step_cache < 0 else
                             f"{self.manifest.root} has no step-cache probe engine: re-export it with this version")
@@ -258,9 +287,13 @@ class Pipeline:
 
         t0 = time.perf_counter()
         with PeakRss() as mem, self._peak_device() as dev:
-            denoiser = EngineDenoiser(self.engine("transformer"), observe, self.cfg_batch)
+            if self.experts:
+                denoiser = self.expert_switch(guidance, guidance_2, observe)
+                scale = denoiser.guidance
+            else:
+                denoiser, scale = EngineDenoiser(self.engine("transformer"), observe, self.cfg_batch), guidance
             cache = StepCache(denoiser, self.engine("dit_probe"), step_cache) if step_cache is not None else None
-            latents = sample(cache or denoiser, self.scheduler, latents, cond, uncond, guidance, steps, _on_step)
+            latents = sample(cache or denoiser, self.scheduler, latents, cond, uncond, scale, steps, _on_step)
             evaluations = cache.evaluations if cache else len(step_times) * (1 + (cfg and denoiser.max_batch < 2))
             del denoiser, cache  # with low_memory these held the only references: the DiT is released here
         memory["denoise"], device_memory["denoise"] = mem.peak_mb, dev.peak_mb

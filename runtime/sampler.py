@@ -3,7 +3,8 @@
 A Denoiser is any callable `(latents [B,C,F,H,W], timestep [B] float32, context [B,S,D]) -> noise_pred` with a
 `max_batch` attribute; with guidance the conditional and unconditional branches run as one batch of 2 when the
 engine takes it, else one after the other. Guidance follows WanPipeline: uncond + g * (cond - uncond), and the
-negative branch is skipped entirely when guidance <= 1.
+negative branch is skipped entirely when there is none (guidance <= 1). `guidance` is one scale, or a function of
+the step's timestep (Wan2.2's experts each have their own: runtime/experts.py).
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ def _read_only(a: np.ndarray | None) -> np.ndarray | None:
 
 
 def sample(denoiser: Denoiser, scheduler, latents: np.ndarray, cond: np.ndarray, uncond: np.ndarray | None,
-           guidance: float, steps: int, on_step: Callable[[int, float], None] | None = None) -> np.ndarray:
+           guidance: float | Callable[[float], float], steps: int,
+           on_step: Callable[[int, float], None] | None = None) -> np.ndarray:
     """Run `steps` denoising steps from `latents` [1, C, F, H, W]; returns the final latents."""
     scheduler.set_timesteps(steps)
     x = latents.astype(np.float32)
@@ -40,14 +42,15 @@ def sample(denoiser: Denoiser, scheduler, latents: np.ndarray, cond: np.ndarray,
     for i, t in enumerate(scheduler.timesteps):
         t0 = time.perf_counter()
         ts = np.full((1,), t, dtype=np.float32)
+        g = np.float32(guidance(float(t)) if callable(guidance) else guidance)
         if uncond is None:
             pred = denoiser(x, ts, cond)
         elif denoiser.max_batch >= 2:
             both = denoiser(np.concatenate([x, x]), np.concatenate([ts, ts]), both_ctx)
-            pred = both[1:] + np.float32(guidance) * (both[:1] - both[1:])
+            pred = both[1:] + g * (both[:1] - both[1:])
         else:
             c, u = denoiser(x, ts, cond), denoiser(x, ts, uncond)
-            pred = u + np.float32(guidance) * (c - u)
+            pred = u + g * (c - u)
         x = scheduler.step(pred, x)
         if on_step:
             on_step(i, time.perf_counter() - t0)

@@ -25,10 +25,13 @@ from ..runtime.errors import SoraError
 from ..runtime.machine import cpu_name
 from ..runtime.manifest import Manifest
 from ..runtime.memory import available_bytes
+from ..precision.convert import RUN_FRACTION, runs_in
 from .timing import time_dit_step
 
 BF16_MIN_SPEEDUP = 1.1  # `auto`: what bf16 execution must gain over the fastest fp32 step to be chosen
-ORT_CPU_DIT = "transformer.ort-cpu.onnx"  # the DiT graph ONNX Runtime's CPU provider runs, where faster
+ORT_CPU_SUFFIX = ".ort-cpu.onnx"  # the DiT graph ONNX Runtime's CPU provider runs, where faster: one per expert
+ORT_CPU_DIT = "transformer" + ORT_CPU_SUFFIX
+DIT_EXPERTS = ("transformer", "transformer_2")  # Wan2.2 A14B's second expert, where there is one
 
 
 # OpenVINO reads ONNX Runtime's MatMulNBits (the weight-only text encoder) since before 2026.4: checked with 2026.4
@@ -186,14 +189,14 @@ def dit_weight_bytes(manifest: Manifest) -> int:
 
 def fit_candidates(candidates: list[Target], weight_bytes: int,
                    available: int | None) -> tuple[list[Target], dict[Target, str]]:
-    """The candidates whose DiT compiles within `available` bytes (None: unknown, all of them), and why each other
-    one does not (OPENVINO_COMPILE_MEMORY)."""
+    """The candidates whose DiT compiles within `available` bytes (None: unknown, all of them), by the rule every
+    component runs by (precision/convert.py's `runs_in`), and why each other one does not (OPENVINO_COMPILE_MEMORY)."""
     kept, too_large = [], {}
     for c in candidates:
         need = OPENVINO_COMPILE_MEMORY[c.precision] * weight_bytes if c.backend == Backend.OPENVINO else 0
-        if available is not None and need > available:
+        if not runs_in(need, available):
             too_large[c] = (f"compiling its {weight_bytes / 2**30:.1f} GiB DiT needs about {need / 2**30:.1f} GiB, "
-                            f"{available / 2**30:.1f} GiB are available")
+                            f"more than {RUN_FRACTION:.0%} of the {available / 2**30:.1f} GiB available")
         else:
             kept.append(c)
     return kept, too_large
@@ -238,23 +241,28 @@ def _ms(seconds: float) -> str:
 def ort_cpu_graph(manifest: Manifest, threads: int | None, timings: dict,
                   log: Callable[[str], None]) -> tuple[Manifest, dict]:
     """Write ONNX Runtime's CPU graph of the DiT (the attentions as MultiHeadAttention, which runs MLAS's flash
-    attention: target/attention_rewrite.py) beside the portable one, sharing its weights, and keep it if its step is
-    faster than timings["ort-fp32"] (which then becomes its time). Returns the manifest with it where kept (else
-    `manifest`, and the file is removed) and the record of both timings for the manifest."""
+    attention: target/attention_rewrite.py) beside the portable one, sharing its weights (each expert's, for Wan2.2
+    A14B: same architecture, timed on the first), and keep them if the step is faster than timings["ort-fp32"]
+    (which then becomes its time). Returns the manifest with them where kept (else `manifest`, and the files are
+    removed) and the record of both timings for the manifest."""
     from .attention_rewrite import rewrite_file
 
-    src = manifest.engine_path("transformer")
-    dst = src.with_name(ORT_CPU_DIT)
     record = {"onnx_attention_step_s": timings["ort-fp32"]["step_s"]}
-    if not rewrite_file(src, dst).replaced:
-        dst.unlink(missing_ok=True)
-        return manifest, {**record, "graph": "Attention", "why": "no attention matched the rewrite"}
-    with_mha = manifest.updated(engines={"transformer": {"ort_cpu_file": dst.name}})
+    written = {}
+    for name in (n for n in DIT_EXPERTS if n in manifest.engine_names):
+        src = manifest.engine_path(name)
+        written[name] = dst = src.with_name(name + ORT_CPU_SUFFIX)
+        if not rewrite_file(src, dst).replaced:
+            for dst in written.values():
+                dst.unlink(missing_ok=True)
+            return manifest, {**record, "graph": "Attention", "why": "no attention matched the rewrite"}
+    with_mha = manifest.updated(engines={n: {"ort_cpu_file": dst.name} for n, dst in written.items()})
     mha = time_dit_step(with_mha, Backend.ORT, Execution.FP32, threads)
     record["multihead_attention_step_s"] = mha["step_s"]
     log(f"  DiT step on ort fp32 with MultiHeadAttention: {_ms(mha['step_s'])}")
     if mha["step_s"] >= timings["ort-fp32"]["step_s"]:
-        dst.unlink()
+        for dst in written.values():
+            dst.unlink()
         return manifest, {**record, "graph": "Attention"}
     timings["ort-fp32"] = mha
     return with_mha, {**record, "graph": "MultiHeadAttention"}

@@ -4,6 +4,7 @@ import pytest
 
 from soraedge.runtime.choices import Target
 from soraedge.runtime.errors import SoraError
+from soraedge.precision.convert import RUN_FRACTION
 from soraedge.target.choose import BF16_MIN_SPEEDUP, OPENVINO_COMPILE_MEMORY, choose, fit_candidates
 
 ORT, OV, OV_BF16 = Target.of("ort", "fp32"), Target.of("openvino", "fp32"), Target.of("openvino", "bf16")
@@ -30,8 +31,8 @@ def test_nothing_left_is_refused():
 @pytest.mark.parametrize("available, kept", [
     (None, [ORT, OV, OV_BF16]),  # unknown: all timed
     (10 * 2**30, [ORT, OV, OV_BF16]),
-    (OPENVINO_COMPILE_MEMORY["bf16"] * 2**30 - 1, [ORT, OV]),  # bf16's compile needs the most
-    (OPENVINO_COMPILE_MEMORY["fp32"] * 2**30 - 1, [ORT]),  # ONNX Runtime is always timed
+    (OPENVINO_COMPILE_MEMORY["bf16"] * 2**30 / RUN_FRACTION - 1, [ORT, OV]),  # bf16's compile needs the most
+    (OPENVINO_COMPILE_MEMORY["fp32"] * 2**30 / RUN_FRACTION - 1, [ORT]),  # ONNX Runtime is always timed
 ])
 def test_candidates_whose_compile_does_not_fit_are_not_timed(available, kept):
     left, too_large = fit_candidates([ORT, OV, OV_BF16], 2**30, available)

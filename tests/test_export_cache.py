@@ -79,3 +79,39 @@ def test_traced_graphs_are_reused_by_content_and_a_changed_entry_is_traced_again
     run_export(ExportConfig(out=tmp_path / "b", **cfg), log=logged.append)
     assert "exporting dit_probe ..." in logged
     assert sha256_file(tmp_path / "b" / "dit_probe.onnx.data") == sha256_file(reference / "dit_probe.onnx.data")
+
+
+def test_a_cache_size_that_is_not_one_is_refused_before_any_work(tiny_model, tmp_path, monkeypatch):
+    from soraedge.cli.export_cmd import main as export_main
+
+    from conftest import fails_one_line
+
+    for variable, value in (("SORAEDGE_TRACE_CACHE_GB", "lots"), ("SORAEDGE_COMPILED_CACHE_GB", "-1")):
+        monkeypatch.setenv(variable, value)
+        fails_one_line(export_main, [tiny_model("tiny-a"), "-o", tmp_path / "e"], f"{variable}='{value}'",
+                       "expected a size in GB")
+        assert not (tmp_path / "e").exists()
+        monkeypatch.delenv(variable)
+
+
+def test_the_caches_drop_their_least_recently_used_entries_beyond_their_size(tmp_path, monkeypatch):
+    """Three compiled-model entries of 1 MiB within a 2.5 MiB cache: opening a fourth drops the oldest two; the one
+    just used stays even when it alone is over the size. 0 turns the cache off."""
+    import os
+
+    from soraedge.runtime import user_cache
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("SORAEDGE_COMPILED_CACHE_GB", str(2.5 / 1024))
+    folders = [user_cache.compiled_cache("openvino", "transformer", f"key{i}", "fp32") for i in range(4)]
+    for i, f in enumerate(folders):
+        f.mkdir(parents=True)
+        (f / "blob").write_bytes(b"\0" * (1 << 20))
+        os.utime(f, (1000 + i, 1000 + i))
+    user_cache.compiled_used(folders[3])
+    assert [f.exists() for f in folders] == [False, False, True, True]
+    monkeypatch.setenv("SORAEDGE_COMPILED_CACHE_GB", "0.0001")
+    user_cache.compiled_used(folders[2])
+    assert [f.exists() for f in folders] == [False, False, True, False]
+    monkeypatch.setenv("SORAEDGE_COMPILED_CACHE_GB", "0")
+    assert user_cache.compiled_cache("openvino", "transformer", "key9", "fp32") is None

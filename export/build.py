@@ -77,14 +77,21 @@ class ExportConfig:
     demo_weights: str | None = None  # model "demo" only: trained weights other than the shipped ones
 
 
-def _checkpoint_digest(ck: WanCheckpoint) -> str:
-    """Content hash of everything the export reads (configs, weights, tokenizer), for the cache key."""
-    h = hashlib.sha256()
+def _checkpoint_digests(ck: WanCheckpoint) -> dict[str, str]:
+    """Content hash of everything the export reads (configs, weights, tokenizer), per folder ("" for the files at the
+    top): the whole is the engine directory's cache key, a component's own folder its traced graph's."""
+    hashes: dict[str, hashlib._Hash] = {}
     for p in sorted(ck.root.rglob("*")):
         if p.is_file() and p.suffix in (".json", ".safetensors", ".model", ".txt"):
-            h.update(p.relative_to(ck.root).as_posix().encode())
+            rel = p.relative_to(ck.root)
+            h = hashes.setdefault(rel.parts[0] if len(rel.parts) > 1 else "", hashlib.sha256())
+            h.update(rel.as_posix().encode())
             h.update(sha256_file(p).encode())
-    return h.hexdigest()
+    return {folder: h.hexdigest() for folder, h in hashes.items()}
+
+
+def _whole_digest(digests: dict[str, str]) -> str:
+    return hashlib.sha256(json.dumps(digests, sort_keys=True).encode()).hexdigest()
 
 
 def _source_digest() -> str:
@@ -144,9 +151,11 @@ def _export_component(name, module, parity: ParitySource, checkpoint, spec, tmp,
     from .onnx_export import export_onnx, parity_check
 
     t0 = time.perf_counter()
-    key = trace_cache.trace_key(**trace, component=name, spec=spec.to_dict(), opset=opset, sample=sample)
+    key = trace_cache.trace_key(**{k: v for k, v in trace.items() if k != "folders"},
+                                checkpoint=trace["folders"][checkpoint.folder.name], component=name,
+                                spec=spec.to_dict(), opset=opset, sample=sample)
     if trace_cache.reuse(key, tmp / f"{name}.onnx"):
-        log(f"{name}: the graph traced from this checkpoint by an earlier export (cache {key[:12]})")
+        log(f"{name}: the graph traced from the same weights by an earlier export (cache {key[:12]})")
     else:
         log(f"exporting {name} ...")
         with _quiet():
@@ -242,8 +251,8 @@ PARITY_WHOLE_MAX_BYTES = 4 << 30
 def _export_into(ck: WanCheckpoint, cfg: ExportConfig, defaults: dict, params: dict[str, int], tmp: Path,
                  report: ExportReport, log, trace: dict, held: dict[str, str]) -> tuple[dict, dict, int]:
     """Export every component into `tmp`, each traced weightless and its weights streamed from the checkpoint
-    (export/streaming.py), or its graph reused from an earlier trace of the same content (`trace`: the checkpoint's
-    digest, the attention form, the versions); a component in `held` (fit_to_memory) is converted at once and
+    (export/streaming.py), or its graph reused from an earlier trace of the same content (`trace`: the digest of
+    each checkpoint folder, of which a component's key takes its own, the attention form, the versions); a component in `held` (fit_to_memory) is converted at once and
     checked against PyTorch at full size. Returns (engine manifest entries, the VAE engine names, d_model)."""
     from .streaming import CheckpointTensors
 
@@ -466,8 +475,8 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = lambda s: None) -
         if plan["transformer"] == "int8":
             options["calib"] = {**cfg.calib.to_dict(), "prompts": cfg.calib.read_prompts()}
         versions = _versions()
-        digest = _checkpoint_digest(ck)
-        key, inputs_key = build_keys({"checkpoint": digest, "options": options}, versions)
+        digests = _checkpoint_digests(ck)
+        key, inputs_key = build_keys({"checkpoint": _whole_digest(digests), "options": options}, versions)
         if up_to_date(out, key, inputs_key, cfg.overwrite, log):
             log(f"{out} is already an up-to-date export of this model with these options (cache key {key[:12]})")
             report.reused = True
@@ -478,7 +487,8 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = lambda s: None) -
         ref = work / "fp32" if reduced else stage  # the fp32 export: the reference for calibration and the gate
         ref.mkdir()
         engines, vae_engines, d_model = _export_into(ck, cfg, defaults, params, ref, report, log,
-                                                  {"checkpoint": digest, "attention": cfg.attention.value,
+                                                  {"folders": digests, "attention": cfg.attention.value,
+                                                   "text_encoder_class": ck.text_encoder_class,
                                                    "versions": versions}, held)
         (ref / "tokenizer").mkdir()
         shutil.copy2(ck.tokenizer_file, ref / "tokenizer" / "tokenizer.json")

@@ -62,7 +62,7 @@ def test_traced_graphs_are_reused_by_content_and_a_changed_entry_is_traced_again
                max_sequence_length=512, backend="ort", precision="fp32")
     logged = []
     report = run_export(ExportConfig(out=tmp_path / "a", **cfg), log=logged.append)
-    reused = [line.split(":")[0] for line in logged if "traced from this checkpoint by an earlier export" in line]
+    reused = [line.split(":")[0] for line in logged if "traced from the same weights by an earlier export" in line]
     assert sorted(reused) == sorted(load_manifest(reference).data["engines"])
     assert sum(report.seconds[f"export_{n}"] for n in reused) < 5
     assert all("max abs error vs PyTorch" in line for line in logged if line.startswith("  ") and "rel" in line)

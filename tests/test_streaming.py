@@ -178,7 +178,7 @@ def test_a_model_too_large_to_check_whole_is_checked_on_a_copy_with_fewer_layers
                                     CheckpointTensors(root / "transformer"), spec, out, 23,
                                     {"b": 2, "f": 2, "h": 4, "w": 6}, [{"b": 1, "f": 3, "h": 6, "w": 4}],
                                     build.ExportConfig(model=str(root), out=out), report, print,
-                                    {"checkpoint": str(tmp_path)})  # a key of its own: traced here
+                                    {"folders": {"transformer": str(tmp_path)}})  # a key of its own: traced here
     assert entry["parity"]["method"].startswith("a copy with {'num_layers': 1}") and entry["parity"]["max_rel"] < 1e-4
     assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["transformer.onnx", "transformer.onnx.data"]
 

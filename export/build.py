@@ -97,9 +97,19 @@ def _whole_digest(digests: dict[str, str]) -> str:
 def _source_digest() -> str:
     """A digest of the code that writes an engine directory (every .py of these subpackages): part of the cache key,
     so a changed exporter rebuilds an export made by the old code at the same package version."""
+    return _code_digest("export", "precision", "target", "runtime", "demo", "fused_attention")
+
+
+def _trace_digest() -> str:
+    """A digest of the code that traces a graph (export/ alone): part of a traced graph's key, so a change to the
+    precision passes, the target build or the runtime reuses the graphs."""
+    return _code_digest("export")
+
+
+def _code_digest(*subpackages: str) -> str:
     root = Path(__file__).resolve().parent.parent
     h = hashlib.sha256()
-    for sub in ("export", "precision", "target", "runtime", "demo", "fused_attention"):
+    for sub in subpackages:
         for f in sorted((root / sub).rglob("*.py")):
             h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes())
     return h.hexdigest()[:16]
@@ -489,7 +499,8 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = lambda s: None) -
         engines, vae_engines, d_model = _export_into(ck, cfg, defaults, params, ref, report, log,
                                                   {"folders": digests, "attention": cfg.attention.value,
                                                    "text_encoder_class": ck.text_encoder_class,
-                                                   "versions": versions}, held)
+                                                   "versions": {**versions, "soraedge_source": _trace_digest()}},
+                                                  held)
         (ref / "tokenizer").mkdir()
         shutil.copy2(ck.tokenizer_file, ref / "tokenizer" / "tokenizer.json")
         (ref / "scheduler").mkdir()

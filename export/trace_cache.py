@@ -2,8 +2,8 @@
 
 Tracing is most of an export (about 55 of the 60 seconds for the test models, minutes at real size), and the
 graph it writes depends only on the content of the component's own checkpoint folder (the text encoder's class
-besides), the component, its engine spec, the trace sample and opset, the attention form and the versions of this
-code and its libraries: exporting the same model again with another precision, backend or gate threshold reuses
+besides), the component, its engine spec, the trace sample and opset, the attention form and the versions of the
+tracing code (export/) and its libraries: exporting the same model again with another precision, backend or gate threshold reuses
 it, and so does another checkpoint that shares the component (Wan2.2 A14B's high-noise expert, text encoder and VAE
 with a Wan2.1 checkpoint of the same weights). The key is a hash of all of these; an entry is the graph
 and its external data with their sha256, reused only when both still hash as recorded. Entries are hard links to

@@ -48,7 +48,8 @@ from .common import choice, cli_errors
               "e.g. 256) to bound the VAE's memory at large sizes. Off by default.")
 @click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path), help="Output .mp4, .gif or .npy")
 @cli_errors
-def main(engines, prompt, negative_prompt, steps, guidance, guidance_2, seed, height, width, frames, latents_file, threads,
+def main(engines, prompt, negative_prompt, steps, guidance, guidance_2, seed, height, width, frames, latents_file,
+         threads,
          backend, cfg_mode, no_cuda_graph, precision, low_memory, prompt_cache, no_prompt_cache, step_cache, vae_tile,
          out):
     """Generate a video for PROMPT with the engines in ENGINES."""

@@ -262,8 +262,9 @@ def _export_into(ck: WanCheckpoint, cfg: ExportConfig, defaults: dict, params: d
                  report: ExportReport, log, trace: dict, held: dict[str, str]) -> tuple[dict, dict, int]:
     """Export every component into `tmp`, each traced weightless and its weights streamed from the checkpoint
     (export/streaming.py), or its graph reused from an earlier trace of the same content (`trace`: the digest of
-    each checkpoint folder, of which a component's key takes its own, the attention form, the versions); a component in `held` (fit_to_memory) is converted at once and
-    checked against PyTorch at full size. Returns (engine manifest entries, the VAE engine names, d_model)."""
+    each checkpoint folder, of which a component's key takes its own, the attention form, the versions); a
+    component in `held` (fit_to_memory) is converted at once and checked against PyTorch at full size. Returns
+    (engine manifest entries, the VAE engine names, d_model)."""
     from .streaming import CheckpointTensors
 
     s, t = ck.vae_scale_spatial, ck.vae_scale_temporal

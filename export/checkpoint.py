@@ -82,7 +82,8 @@ def read_checkpoint(path: str | Path) -> WanCheckpoint:
     index = read_json(root / "model_index.json")
     cls = index.get("_class_name")
     if cls != "WanPipeline":
-        raise SoraError(f"{root}: pipeline class {cls!r} is not supported (supported: WanPipeline, Wan2.1 T2V)")
+        raise SoraError(f"{root}: pipeline class {cls!r} is not supported (supported: WanPipeline: Wan2.1 T2V, "
+                        f"Wan2.2 A14B)")
     experts, boundary = _experts(root, index)
     if index.get("expand_timesteps"):
         raise SoraError(f"{root}: expand_timesteps (Wan2.2 TI2V) is not supported yet")

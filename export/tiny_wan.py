@@ -86,6 +86,11 @@ TINY_CONFIGS = {
     "tiny-a14b-b": TinyWanConfig(layers=3, heads=3, head_dim=8, ffn_dim=48, patch=(1, 1, 1), text_dim=24,
                                  text_layers=1, text_heads=2, latent_channels=4, vae_dim=4, scheduler="euler",
                                  flow_shift=5.0, seed=1, boundary_ratio=0.5),
+    # Wan2.2 A14B's expert shape (40 heads x 128 = 5120 wide, ffn 13824), 2 of its 40 layers per expert, the Wan2.1
+    # VAE and a 1-layer UMT5 of width 4096: `--low-memory` with two experts at their real width (bench/low_memory.py).
+    "wan22-a14b-2layers": TinyWanConfig(layers=2, heads=40, head_dim=128, ffn_dim=13824, text_dim=4096, text_layers=1,
+                                        text_heads=8, vae_dim=96, vae_dim_mult=(1, 2, 4, 4), vae_res_blocks=2,
+                                        seed=14, boundary_ratio=0.875),
     "wan21-1.3b-shapes": TinyWanConfig(layers=30, heads=12, head_dim=128, ffn_dim=8960, text_dim=4096, text_layers=1,
                                        text_heads=8, vae_dim=96, vae_dim_mult=(1, 2, 4, 4), vae_res_blocks=2,
                                        seed=13),

@@ -1,13 +1,13 @@
 """Traced graphs kept between exports of the same checkpoint, keyed by content.
 
-Tracing is most of an export (about 55 of the 60 seconds for the test models, minutes at real size), and the
-graph it writes depends only on the content of the component's own checkpoint folder (the text encoder's class
-besides), the component, its engine spec, the trace sample and opset, the attention form and the versions of the
-tracing code (export/) and its libraries: exporting the same model again with another precision, backend or gate threshold reuses
+Tracing is most of an export (about 55 of the 60 seconds for the test models, minutes at real size), and the graph
+it writes depends only on the content of the component's own checkpoint folder (the text encoder's class besides),
+the component, its engine spec, the trace sample and opset, the attention form and the versions of the tracing code
+(export/) and its libraries: exporting the same model again with another precision, backend or gate threshold reuses
 it, and so does another checkpoint that shares the component (Wan2.2 A14B's high-noise expert, text encoder and VAE
-with a Wan2.1 checkpoint of the same weights). The key is a hash of all of these; an entry is the graph
-and its external data with their sha256, reused only when both still hash as recorded. Entries are hard links to
-the export's own files (no copy of the weights; an entry is never written after it is stored), kept only where the
+with a Wan2.1 checkpoint of the same weights). The key is a hash of all of these; an entry is the graph and its
+external data with their sha256, reused only when both still hash as recorded. Entries are hard links to the
+export's own files (no copy of the weights; an entry is never written after it is stored), kept only where the
 engine folder and the cache share a file system, in `$XDG_CACHE_HOME/soraedge/traces`, the least recently used
 dropped beyond `SORAEDGE_TRACE_CACHE_GB` (runtime/user_cache.py: default 20; 0 turns the cache off).
 """

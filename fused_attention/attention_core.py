@@ -1,5 +1,5 @@
-"""The Triton pieces the attention kernels share, without torch: the online-softmax block, the row-block loop of
-flash attention, and the kernel the TensorRT plugin launches (fused_attention/trt_plugin.py compiles it ahead of time on a
+"""The Triton pieces the attention kernels share, without torch: the online-softmax block, the row-block loop of flash
+attention, and the kernel the TensorRT plugin launches (fused_attention/trt_plugin.py compiles it ahead of time on a
 machine that has triton but not necessarily torch).
 
 `flash_attention_blhd` follows the calling convention of TensorRT's ahead-of-time plugins: tensor inputs first, then

@@ -110,7 +110,8 @@ def test_a_text_encoder_whose_fp32_form_does_not_fit_is_exported_weight_only(tmp
     """`auto` where the text encoder's fp32 weights exceed the machine's memory (here: the available memory set
     between its fp32 size and every other component's): it is exported weight-only int8 from the start, checked
     against PyTorch run block by block at full size, said in one line and in the manifest, and the engines generate;
-    the gate, whose reference holds the same encoder, has nothing to measure. With the per-token bound set above what int8 reaches (the control), the same export is refused, nothing written."""
+    the gate, whose reference holds the same encoder, has nothing to measure. With the per-token bound set above
+    what int8 reaches (the control), the same export is refused, nothing written."""
     from soraedge.export import build
     from soraedge.export.checkpoint import read_checkpoint
     from soraedge.export.tiny_wan import TinyWanConfig, build_tiny_wan

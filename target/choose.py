@@ -174,7 +174,8 @@ def choose_runtime(manifest: Manifest, backend: str, precision: str, threads: in
         runtime["bf16_min_speedup"] = BF16_MIN_SPEEDUP
     chosen = choose(left, steps_of(runtime))
     runtime["backend"], runtime["precision"] = chosen.backend, chosen.precision
-    why = "fastest measured" if len(left) > 1 else "asked for"
+    why = ("fastest measured" if len(left) > 1 else
+           "the only candidate whose compile fits this machine's memory" if too_large else "asked for")
     if chosen.precision == Execution.BF16 and precision == AUTO:
         why = f"at least {BF16_MIN_SPEEDUP}x the fastest fp32 step"
     log(f"  runtime: {chosen} ({why})")

@@ -57,6 +57,7 @@ def test_a_build_where_openvino_cannot_compile_times_onnx_runtime_alone(engine_c
     if runtime.get("not_timed"):  # OpenVINO is installed here
         assert "needs about" in runtime["not_timed"]["openvino-fp32"]
         assert any("openvino fp32 is not timed" in s for s in lines)
+        assert any("runtime: ort fp32 (the only candidate whose compile fits" in s for s in lines)
         with pytest.raises(SoraError, match="openvino fp32: compiling its .* DiT needs about"):
             build_from_engines(TargetConfig(engine_copy, tmp_path / "x", backend="openvino", threads=2))
         assert not (tmp_path / "x").exists()

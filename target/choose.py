@@ -146,8 +146,11 @@ def choose_runtime(manifest: Manifest, backend: str, precision: str, threads: in
     the running."""
     candidates, too_large = fit_candidates(check_request(backend, precision, openvino_unsupported),
                                            dit_weight_bytes(manifest), available_bytes())
-    asked = [c for c in too_large if backend in (AUTO, c.backend) and precision in (AUTO, c.precision)]
-    if asked and not any(backend in (AUTO, c.backend) and precision in (AUTO, c.precision) for c in candidates):
+    def requested(c: Target) -> bool:  # what the request leaves open
+        return backend in (AUTO, c.backend) and precision in (AUTO, c.precision)
+
+    asked = [c for c in too_large if requested(c)]
+    if asked and not any(requested(c) for c in candidates):
         raise SoraError(f"{asked[0]}: {too_large[asked[0]]}")
     for c, why in too_large.items():
         log(f"  {c} is not timed: {why}")
@@ -167,7 +170,7 @@ def choose_runtime(manifest: Manifest, backend: str, precision: str, threads: in
         info = ov_backend.cpu_info()
         runtime["cpu"], runtime["openvino"] = info["cpu"], info["openvino"]
     # what the request leaves open (backend auto, precision auto), decided by the timings
-    left = [c for c in candidates if backend in (AUTO, c.backend) and precision in (AUTO, c.precision)]
+    left = [c for c in candidates if requested(c)]
     runtime["candidates"] = [[c.backend, c.precision] for c in left]
     runtime["asked"] = {"backend": backend, "precision": precision}
     if precision == AUTO:

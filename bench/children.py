@@ -2,7 +2,7 @@
 
 `run_child` runs a code string in a new Python process and returns the JSON its last line prints (or the error and
 the last lines it wrote when it fails or is killed); the code reports its peak with `peak_gb`. `table` writes such
-runs as one Markdown table, and `host` describes the machine they ran on.
+runs as one Markdown table (the machine they ran on: harness.py's `host`).
 """
 
 from __future__ import annotations
@@ -40,11 +40,3 @@ def table(first: str, runs: dict[str, dict], result_of: Callable[[dict], str]) -
         result = f"failed: {run['error']}" if run.get("error") else result_of(run)
         lines.append(f"| {name} | {peak} | {wall} | {result} |")
     return lines
-
-
-def host() -> dict:
-    """The machine (runtime/machine.py) and its total memory in GiB."""
-    from ..runtime.machine import machine
-
-    meminfo = Path("/proc/meminfo").read_text().split()
-    return {**machine(), "memory_gb": int(meminfo[1]) / 2**20}

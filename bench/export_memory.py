@@ -21,8 +21,8 @@ from pathlib import Path
 
 import click
 
-from .children import host, run_child, table
-from .harness import results_option, save
+from .children import run_child, table
+from .harness import host, results_option, save
 
 from ..export.tiny_wan import REAL_DIT_CONFIGS
 

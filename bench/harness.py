@@ -27,9 +27,6 @@ RESULTS = Path(__file__).parent / "results"
 INDEX = "README.md"
 NAME = re.compile(r"^(?P<bench>[a-z0-9_]+?)_(?P<scenario>[A-Za-z0-9.\-]+)_(?P<machine>[a-z0-9\-]+)_"
                   r"(?P<date>\d{4}-\d\d-\d\d)(?:-(?P<run>\d+))?$")
-BENCHES = ("attention_kernels", "attention_rewrite", "demo_probe", "dit_step", "e2e", "export_memory", "gate_shape",
-           "gpu_verify", "host_step", "low_memory", "ort_profile", "ov_profile", "precision", "real_export",
-           "step_cache", "text_encoder_int8", "vae_memory", "vae_speed")
 
 
 @dataclass(frozen=True)
@@ -185,6 +182,12 @@ def versions() -> dict:
     return v
 
 
+def host() -> dict:
+    """The machine (runtime/machine.py) and its total memory in GiB."""
+    meminfo = Path("/proc/meminfo").read_text().split()
+    return {**machine(), "memory_gb": int(meminfo[1]) / 2**20}
+
+
 def machine_name(m: dict | None = None) -> str:
     """The machine as a results file names it: the GPU's name where there is one (`nvidia-h200`), else the CPU's
     with its core count (`amd-epyc-2c`)."""
@@ -246,7 +249,7 @@ def index_rows(results: Path) -> list[dict]:
     rows = []
     for path in sorted(results.glob("*.json")):
         match = NAME.match(path.stem)
-        if match is None or match["bench"] not in BENCHES:
+        if match is None or not (Path(__file__).parent / f"{match['bench']}.py").is_file():  # a bench's module
             raise ValueError(f"{path.name} is not named <bench>_<scenario>_<machine>_<date>[-run].json")
         record = json.loads(path.read_text())
         rows.append({**match.groupdict(), "stem": path.stem, "threads": record.get("threads"),

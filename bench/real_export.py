@@ -20,9 +20,9 @@ from pathlib import Path
 import click
 
 from ..export.tiny_wan import REAL_DIT_CONFIGS, REAL_TEXT_ENCODER_CONFIGS
-from .children import host, run_child, table
+from .children import run_child, table
 from .export_memory import write_random_checkpoint
-from .harness import results_option, save, shape_name
+from .harness import host, results_option, save, shape_name
 
 VAE_CONFIG: dict = {}  # diffusers' AutoencoderKLWan defaults: the Wan2.1 VAE
 

@@ -27,9 +27,9 @@ import numpy as np
 
 from ..export.tiny_wan import REAL_TEXT_ENCODER_CONFIGS
 from ..precision.quality_gate import token_cosines
-from .children import host, run_child, table
+from .children import run_child, table
 from .export_memory import write_random_checkpoint
-from .harness import results_option, save
+from .harness import host, results_option, save
 
 PROMPT_TOKENS = 24  # real tokens of the prompt; the rest of the 512 is padding, as the pipeline encodes
 

@@ -27,10 +27,6 @@ from ..runtime.safe_files import link_or_copy
 from ..runtime.user_cache import cache_home, capacity, prune
 
 
-def capacity_bytes() -> float:
-    return capacity("SORAEDGE_TRACE_CACHE_GB")
-
-
 def trace_key(**parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -61,7 +57,7 @@ def reuse(key: str, onnx: Path) -> bool:
 def store(key: str, onnx: Path) -> None:
     """Keep the graph at `onnx` (+ its .data) under `key` by hard links; nothing if the cache is off, the files
     are on another file system, or the cache cannot be written."""
-    limit = capacity_bytes()
+    limit = capacity("SORAEDGE_TRACE_CACHE_GB")
     files = [p for p in (onnx, onnx.with_name(onnx.name + ".data")) if p.exists()]
     if not limit or sum(p.stat().st_size for p in files) > limit:
         return

@@ -12,9 +12,9 @@ The text encoder is the largest model a user carries (umT5-XXL: 5.7B parameters,
 
 The pass streams (precision/tensor_files.py): the graph is loaded without its weights and each weight is read from
 the external data by a positioned read, quantized and appended to the output, so its memory is one weight (the
-embedding table in slices of rows), never the model (measured: 0.76 GB for umT5-XXL). The quality check is the cosine of the embeddings against the fp32
-encoder (precision/quality_gate.py). `MatMulNBits` runs on ONNX Runtime (CPU, CUDA) and on OpenVINO from 2026.4
-(target/choose.py's OPENVINO_READS_MATMULNBITS), not on TensorRT.
+embedding table in slices of rows), never the model (measured: 0.76 GB for umT5-XXL). The quality check is the
+cosine of the embeddings against the fp32 encoder (precision/quality_gate.py). `MatMulNBits` runs on ONNX Runtime
+(CPU, CUDA) and on OpenVINO from 2026.4 (target/choose.py's OPENVINO_READS_MATMULNBITS), not on TensorRT.
 """
 
 from __future__ import annotations

@@ -35,8 +35,8 @@ from ..target.choose import build_runtime, check_request, cpu_only, openvino_uns
 from .dit import AttentionForm, dit_spec, load_dit, load_reference_dit
 from .dit_probe import FirstBlockProbe, ProbeReference, probe_spec
 from ..target.gated_choice import gate_target
-from ..precision.convert import (WEIGHT_BYTES, convert_engines, execution_of, fit_to_memory, plan_precision,
-                                 runs_in)
+from ..precision.convert import (FP16_ISLANDS, WEIGHT_BYTES, component_of, convert_engines, execution_of,
+                                 fit_to_memory, plan_precision, runs_in, stream_fp16)
 from ..target.staging import ExportReport, build_keys, check_destination, commit, up_to_date
 from ..target.trt_target import TrtOptions
 from .text_encoder import load_text_encoder, text_encoder_spec
@@ -45,9 +45,10 @@ from .vae import load_vae_decoders, vae_specs
 # WanPipeline.__call__ defaults; the demo model records its own.
 WAN_DEFAULTS = {"height": 480, "width": 832, "frames": 81, "steps": 50, "guidance": 5.0, "negative_prompt": "",
                 "fps": 16, "max_sequence_length": 512}
-# The parity gate: fp32 graphs measure 1e-7 to 5e-6 relative against PyTorch (the tiny test models, the demo, the
-# Wan2.1-1.3B transformer configuration); a wrong graph is off by far more than this.
-PARITY_MAX_REL = 1e-3
+# The parity gate, by the precision the graph is written in: fp32 graphs measure 1e-7 to 5e-6 relative against
+# PyTorch (the tiny test models, the demo, the Wan2.1-1.3B transformer configuration), fp16 ones with their fp32
+# islands 8e-4 (tiny-a's DiT); a wrong graph is off by far more than either.
+PARITY_MAX_REL = {Graph.FP32: 1e-3, Graph.FP16: 2e-2}
 MAX_SIDE = 1280  # largest height/width the engines accept (TensorRT profile max); ORT CPU itself has no limit
 
 
@@ -154,25 +155,30 @@ class ParitySource:
 
 
 def _export_component(name, module, parity: ParitySource, checkpoint, spec, tmp, opset, sample, probes, cfg, report,
-                      log, trace: dict):
+                      log, trace: dict, precision: str = Graph.FP32):
     """Trace `module` into tmp/name.onnx (or reuse the graph an earlier export traced from the same content:
-    export/trace_cache.py, keyed by `trace` and the component's own inputs), then check it against PyTorch."""
+    export/trace_cache.py, keyed by `trace` and the component's own inputs), then check it against PyTorch. The
+    graph is fp32, or written in fp16 as its weights stream (`precision`, precision/convert.py's stream_fp16)."""
     from . import trace_cache
     from .onnx_export import export_onnx, parity_check
 
     t0 = time.perf_counter()
+    islands = FP16_ISLANDS[component_of(name)] if precision == Graph.FP16 else None
     key = trace_cache.trace_key(**{k: v for k, v in trace.items() if k != "folders"},
                                 checkpoint=trace["folders"][checkpoint.folder.name], component=name,
-                                spec=spec.to_dict(), opset=opset, sample=sample)
+                                spec=spec.to_dict(), opset=opset, sample=sample, precision=precision)
     if trace_cache.reuse(key, tmp / f"{name}.onnx"):
         log(f"{name}: the graph traced from the same weights by an earlier export (cache {key[:12]})")
     else:
-        log(f"exporting {name} ...")
+        log(f"exporting {name}{f' in {precision}' if islands else ''} ...")
         with _quiet():
-            export_onnx(module, spec, tmp / f"{name}.onnx", opset, sample, checkpoint)
+            export_onnx(module, spec, tmp / f"{name}.onnx", opset, sample, checkpoint, islands)
         trace_cache.store(key, tmp / f"{name}.onnx")
     report.seconds[f"export_{name}"] = time.perf_counter() - t0
     entry = {"file": f"{name}.onnx", "spec": spec.to_dict(), "opset": opset}
+    if islands:
+        entry.update(precision=precision, detail={"keep_ops": list(islands[0]), "keep_modules": list(islands[1]),
+                                                  "written": "as the weights streamed from the checkpoint"})
     if cfg.check_parity:
         t0 = time.perf_counter()
         if parity.whole_fits():
@@ -182,15 +188,15 @@ def _export_component(name, module, parity: ParitySource, checkpoint, spec, tmp,
             with tempfile.TemporaryDirectory(prefix=f".parity-{name}-", dir=tmp.parent) as scratch:
                 small = Path(scratch) / f"{name}.onnx"
                 with _quiet():
-                    export_onnx(parity.reduced[0](), spec, small, opset, sample, checkpoint)
+                    export_onnx(parity.reduced[0](), spec, small, opset, sample, checkpoint, islands)
                 entry["parity"] = {**parity_check(parity.reduced[1], spec, small, probes),
                                    "method": f"a copy with {parity.reduced_config} (the whole model is too large "
                                              f"to check beside its ONNX graph here)"}
         report.seconds[f"parity_{name}"] = time.perf_counter() - t0
         log(f"  {name}: max abs error vs PyTorch {entry['parity']['max_abs']:.2e} "
             f"(rel {entry['parity']['max_rel']:.2e}) on shapes {[p['sizes'] for p in entry['parity']['probes']]}"
-            f" ({entry['parity']['method']})")
-        check_parity(name, entry["parity"])
+            f" ({entry['parity']['method']}{f', the graph in {precision}' if islands else ''})")
+        check_parity(name, entry["parity"], precision)
     return entry
 
 
@@ -243,12 +249,14 @@ def _weight_only_text_encoder(ck: WanCheckpoint, te, spec, tmp: Path, entry: dic
                               "min_token_cosine": worst, "threshold": MIN_TOKEN_COSINE}}
 
 
-def check_parity(name: str, parity: dict) -> None:
-    """The parity gate: an fp32 graph whose outputs differ from PyTorch's by more than PARITY_MAX_REL (relative to
-    the largest reference value, worst output and probe shape) is a wrong export, and nothing is written."""
-    if not parity["max_rel"] <= PARITY_MAX_REL:  # NaN fails too
+def check_parity(name: str, parity: dict, precision: str = Graph.FP32) -> None:
+    """The parity gate: a graph whose outputs differ from PyTorch's (fp32) by more than PARITY_MAX_REL for its
+    precision (relative to the largest reference value, worst output and probe shape) is a wrong export, and nothing
+    is written."""
+    bound = PARITY_MAX_REL[precision]
+    if not parity["max_rel"] <= bound:  # NaN fails too
         raise SoraError(f"{name}: the ONNX graph differs from PyTorch by {parity['max_rel']:.2e} relative (max abs "
-                        f"{parity['max_abs']:.2e}), above the fp32 tolerance {PARITY_MAX_REL:.0e}: refusing to ship "
+                        f"{parity['max_abs']:.2e}), above the {precision} tolerance {bound:.0e}: refusing to ship "
                         f"it (nothing was written)")
 
 
@@ -262,8 +270,9 @@ def _export_into(ck: WanCheckpoint, cfg: ExportConfig, defaults: dict, params: d
                  report: ExportReport, log, trace: dict, held: dict[str, str]) -> tuple[dict, dict, int]:
     """Export every component into `tmp`, each traced weightless and its weights streamed from the checkpoint
     (export/streaming.py), or its graph reused from an earlier trace of the same content (`trace`: the digest of
-    each checkpoint folder, of which a component's key takes its own, the attention form, the versions); a
-    component in `held` (fit_to_memory) is converted at once and checked against PyTorch at full size. Returns
+    each checkpoint folder, of which a component's key takes its own, the attention form, the versions). A
+    component in `held` is never written in fp32: the text encoder weight-only (fit_to_memory) is converted at once
+    and checked against PyTorch at full size; the DiT in fp16 (stream_fp16) is written so as its weights stream. Returns
     (engine manifest entries, the VAE engine names, d_model)."""
     from .streaming import CheckpointTensors
 
@@ -311,7 +320,7 @@ def _export_into(ck: WanCheckpoint, cfg: ExportConfig, defaults: dict, params: d
         engines[expert] = _export_component(
             expert, dit, parity, CheckpointTensors(ck.root / expert), spec, tmp, cfg.attention.opset, sample,
             [{"b": 1, "f": 3, "h": 3 * p_h, "w": 2 * p_w}, {"b": 2, "f": 1, "h": p_h, "w": 4 * p_w}], cfg, report,
-            log, trace)
+            log, trace, held.get("transformer", Graph.FP32))
     dit = load_dit(ck.root, cfg.attention, weights=False)  # the first expert's, for the probe
     weights = CheckpointTensors(ck.root / "transformer")
     # The step-cache probe: the DiT's first block's modulated input, a small engine of its own (its reference is
@@ -386,7 +395,7 @@ def _check_runs_here(params: dict[str, int], available: int | None, held: dict[s
     at the precision `held` for memory) beside the others' sessions: refuse a component whose weights alone exceed
     this machine's available memory (export streams its weights and needs no such copy: --onnx-only)."""
     for comp, n in params.items():
-        p = held.get(comp, Graph.FP32)
+        p = held.get(component_of(comp), Graph.FP32)
         if not runs_in(WEIGHT_BYTES[p] * n, available):
             raise SoraError(f"{comp} has {n / 1e9:.2f}B parameters ({WEIGHT_BYTES[p] * n / 2**30:.1f} GiB in {p}), "
                             f"too much to run within this machine's {available / 2**30:.1f} GiB of available "
@@ -457,6 +466,8 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = lambda s: None) -
         # --onnx-only runs nothing here but the checks: its fp32 graphs are for the machine that builds the target
         plan, notes, held = fit_to_memory(plan, notes, params, None if cfg.onnx_only else available, cfg.precision,
                                           dict(cfg.component_precision))
+        streamed, why = stream_fp16(plan, params, available)
+        held, notes = {**held, **streamed}, {**notes, **why}
         for c in held:
             log(f"{c}: {notes[c]}")
         if len(ck.experts) > 1 and plan["transformer"] == Graph.INT8:

@@ -22,7 +22,9 @@ import torch
 
 from ..runtime.errors import SoraError
 from ..runtime.spec import EngineSpec
-from .streaming import CheckpointTensors, attach_checkpoint, fold_weight_transposes, is_weightless
+from ..precision.fp16 import write_fp16
+from .streaming import (CheckpointTensors, attach_checkpoint, fold_weight_transposes, graph_and_weights,
+                        is_weightless)
 
 
 def torch_dynamic_shapes(spec: EngineSpec) -> tuple[dict[int, object], ...]:
@@ -54,9 +56,12 @@ def _group_varargs(module: torch.nn.Module, shapes: tuple) -> tuple:
 
 
 def export_onnx(module: torch.nn.Module, spec: EngineSpec, path: Path, opset: int, sizes: dict[str, int],
-                checkpoint: CheckpointTensors | None = None) -> None:
+                checkpoint: CheckpointTensors | None = None,
+                fp16: tuple[tuple[str, ...], tuple[str, ...]] | None = None) -> dict | None:
     """Trace `module` at the given sample sizes into `path` (+ `path.data` external weights). A weightless module's
-    weights come from `checkpoint`, streamed."""
+    weights come from `checkpoint`, streamed. With `fp16` (the component's fp32 islands: op types, module prefixes),
+    the graph is written in fp16 as its weights stream, never in fp32 (precision/fp16.py); returns that pass's
+    summary."""
     streamed = is_weightless(module)
     if streamed and checkpoint is None:
         raise SoraError(f"{spec.name}: a weightless module needs the checkpoint its weights stream from")
@@ -76,7 +81,10 @@ def export_onnx(module: torch.nn.Module, spec: EngineSpec, path: Path, opset: in
             attach_checkpoint(program.model, module, checkpoint)
             fold_weight_transposes(program.model)
             program.optimize()
-    program.save(str(path), external_data=True)
+    if fp16 is None:
+        program.save(str(path), external_data=True)
+        return None
+    return write_fp16(*graph_and_weights(program.model), path, *fp16)
 
 
 def parity_check(reference: torch.nn.Module | Callable[[], torch.nn.Module], spec: EngineSpec, path: Path,

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode, is_fake
@@ -211,6 +212,19 @@ def fold_weight_transposes(model: ir.Model) -> int:
         graph.register_initializer(folded_value)
         folded += 1
     return folded
+
+
+def graph_and_weights(model: ir.Model) -> tuple[onnx.ModelProto, Callable[[str], np.ndarray]]:
+    """The graph of `model`, each lazy initializer (a checkpoint tensor) in it a reference to external data not
+    written yet, and a function reading one of them by name: what a pass that writes the weights itself takes
+    (precision/fp16.py's write_fp16). Other initializers stay in the graph with their values."""
+    lazies: dict[str, ir.LazyTensor] = {}
+    for value in model.graph.initializers.values():
+        if isinstance(value.const_value, ir.LazyTensor):
+            lazy = lazies[value.name] = value.const_value
+            value.const_value = ir.ExternalTensor("unwritten", 0, lazy.nbytes, lazy.dtype, shape=lazy.shape,
+                                                  name=value.name)
+    return ir.serde.serialize_model(model), lambda name: lazies[name].numpy()
 
 
 def _transposed(lazy: ir.LazyTensor, perm) -> Callable[[], ir.Tensor]:

@@ -102,6 +102,21 @@ def fit_to_memory(plan: dict[str, str], notes: dict[str, str], params: dict[str,
                           f"machine's {available / 2**30:.1f} GiB of available memory"}, {te: Graph.INT8})
 
 
+def stream_fp16(plan: dict[str, str], params: dict[str, int], available: int | None) -> tuple[dict, dict]:
+    """({component: fp16}, {component: why}) for each component planned fp16 whose fp32 weights do not run within
+    `available` bytes: its graph is written in fp16 as its weights stream from the checkpoint (precision/fp16.py),
+    never in fp32. An fp32 graph would only be the reference of a gate that cannot run it here, and would cost the
+    disk twice the checkpoint (Wan2.1-14B's DiT: 57 GB). The export checks it against PyTorch in fp16 instead."""
+    held, notes = {}, {}
+    for c, p in plan.items():
+        need = WEIGHT_BYTES[Graph.FP32] * max((n for k, n in params.items() if component_of(k) == c), default=0)
+        if p == Graph.FP16 and not runs_in(need, available):
+            held[c] = Graph.FP16
+            notes[c] = (f"fp16, written as its weights stream from the checkpoint: its fp32 weights ({need / 2**30:.1f}"
+                        f" GiB) do not run within this machine's {available / 2**30:.1f} GiB of available memory")
+    return held, notes
+
+
 def execution_of(default: str) -> str:
     """The execution precision a --precision value asks for: bf16, auto (decided at the target build) or fp32."""
     return default if default in EXECUTION else Execution.FP32

@@ -83,35 +83,66 @@ class ExternalWeights:
         return file, offset, dtype, shape
 
 
+class DataFile:
+    """The external-data file of the graph `dst` (dst + '.data'), written in order, each tensor on a page boundary."""
+
+    def __init__(self, dst: Path):
+        self.dst = Path(dst)
+        self.path = self.dst.with_name(self.dst.name + ".data")
+        self.out = open(self.path, "wb")
+
+    def close(self) -> None:
+        self.out.close()
+
+    def write(self, name: str, dtype, shape, chunks) -> TensorProto:
+        """Append the tensor `name` of `dtype` and `shape` from `chunks` (bytes, in order); returns the initializer
+        that refers to it."""
+        self.out.write(b"\0" * (-self.out.tell() % ALIGN))
+        offset = self.out.tell()
+        for c in chunks:
+            self.out.write(c)
+        t = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), dims=shape,
+                        data_location=TensorProto.EXTERNAL)
+        for key, value in (("location", self.path.name), ("offset", str(offset)),
+                           ("length", str(self.out.tell() - offset))):
+            t.external_data.add(key=key, value=value)
+        return t
+
+    def save(self, model: onnx.ModelProto) -> int:
+        """Close the data and write the graph `model` (its initializers referring to it) to dst. Returns the
+        data's bytes."""
+        self.close()
+        onnx.save_model(model, str(self.dst))
+        return self.path.stat().st_size
+
+
 class StreamedGraph(ExternalWeights):
     """The graph of `src` in memory, its weights read from disk on demand and written to `dst` + '.data'."""
 
     def __init__(self, src: Path, dst: Path):
         self.model = onnx.load(str(src), load_external_data=False)
         super().__init__(src, self.model)
-        self.dst = Path(dst)
-        self.data = self.dst.with_name(self.dst.name + ".data")
-        self.out = open(self.data, "wb")
+        self.file = DataFile(dst)
         self.added: dict[str, TensorProto] = {}
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
-        self.out.close()
+        self.file.close()
 
     def add(self, name: str, values: np.ndarray) -> str:
         """Append the initializer `name` = `values` to dst's data now (once per name); returns `name`."""
         if name not in self.added:
             values = np.ascontiguousarray(values)
-            self.added[name] = self._reference(name, values.dtype, values.shape, [values.tobytes()])
+            self.added[name] = self.file.write(name, values.dtype, values.shape, [values.tobytes()])
         return name
 
     def add_slices(self, name: str, dtype, shape: tuple[int, ...], slices) -> str:
         """Append the initializer `name` of `shape` from `slices`, arrays of `dtype` in order (a large table written
         as it is computed)."""
         if name not in self.added:
-            self.added[name] = self._reference(name, dtype, shape, (np.ascontiguousarray(s, dtype).tobytes()
+            self.added[name] = self.file.write(name, dtype, shape, (np.ascontiguousarray(s, dtype).tobytes()
                                                                     for s in slices))
         return name
 
@@ -121,9 +152,7 @@ class StreamedGraph(ExternalWeights):
         kept = [self._copy(t) for t in self.model.graph.initializer if t.name in used and t.name not in self.added]
         del self.model.graph.initializer[:]
         self.model.graph.initializer.extend(kept + [t for n, t in self.added.items() if n in used])
-        self.out.close()
-        onnx.save_model(self.model, str(self.dst))
-        return self.data.stat().st_size
+        return self.file.save(self.model)
 
     def _copy(self, t: TensorProto) -> TensorProto:
         if t.data_location != TensorProto.EXTERNAL:
@@ -137,16 +166,4 @@ class StreamedGraph(ExternalWeights):
                 for done in range(0, nbytes, SLICE):
                     yield f.read(min(SLICE, nbytes - done))
 
-        return self._reference(t.name, dtype, shape, slices())
-
-    def _reference(self, name: str, dtype, shape, chunks) -> TensorProto:
-        self.out.write(b"\0" * (-self.out.tell() % ALIGN))
-        offset = self.out.tell()
-        for c in chunks:
-            self.out.write(c)
-        t = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), dims=shape,
-                        data_location=TensorProto.EXTERNAL)
-        for key, value in (("location", self.data.name), ("offset", str(offset)),
-                           ("length", str(self.out.tell() - offset))):
-            t.external_data.add(key=key, value=value)
-        return t
+        return self.file.write(t.name, dtype, shape, slices())

@@ -200,3 +200,86 @@ def test_a_model_run_block_by_block_equals_it_loaded_whole(tiny_model):
     with torch.no_grad():
         assert torch.equal(got, whole(*feeds))
     assert all(is_fake(p) for p in streamed.parameters())
+
+
+def test_fp16_written_as_the_weights_stream_equals_onnxruntimes_conversion_of_the_fp32_export(tiny_model, tmp_path):
+    """A graph written in fp16 as its weights stream from a bf16 checkpoint in shards, and the file conversion that
+    reads one weight at a time (precision/fp16.py), both compute exactly what onnxruntime's converter makes of the
+    fp32 export loaded whole (the reference: the library's own conversion)."""
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+    from soraedge.precision.convert import FP16_ISLANDS
+    from soraedge.precision.fp16 import convert_fp16
+    from soraedge.precision.graph_scopes import nodes_in_modules
+    from soraedge.precision.tensor_files import load_model as load_onnx
+
+    root = restore(tiny_model("tiny-a"), tmp_path / "model", "transformer", torch.bfloat16, 2)
+    spec = dit_spec(read_checkpoint(root).transformer_config, 16, Dim("f", 1, 2, 3), Dim("h", 2, 4, 8, 2),
+                    Dim("w", 2, 4, 8, 2))
+    sample, weights = {"b": 2, "f": 2, "h": 4, "w": 6}, CheckpointTensors(root / "transformer")
+    ops, modules = FP16_ISLANDS["transformer"]
+    export_onnx(load_dit(root, AttentionForm.ONNX, False), spec, tmp_path / "fp32.onnx", 23, sample, weights)
+    summary = export_onnx(load_dit(root, AttentionForm.ONNX, False), spec, tmp_path / "direct.onnx", 23, sample,
+                          weights, (ops, modules))
+    assert summary["nodes_kept_fp32"] > 0
+    convert_fp16(tmp_path / "fp32.onnx", tmp_path / "file.onnx", ops, modules)
+    model = load_onnx(tmp_path / "fp32.onnx")
+    keep = (*ops, *DEFAULT_OP_BLOCK_LIST)
+    kept = set(nodes_in_modules(model, modules)) | {n.name for n in model.graph.node if n.op_type in keep}
+    onnx.save_model(convert_float_to_float16(model, keep_io_types=True, op_block_list=list(keep),
+                                             node_block_list=sorted(kept), disable_shape_infer=True),
+                    str(tmp_path / "library.onnx"), save_as_external_data=True, location="library.onnx.data")
+    feeds = spec.sample_inputs(seed=7, b=1, f=3, h=6, w=4)
+    reference = _run(tmp_path / "library.onnx", feeds)
+    for name in ("direct", "file"):
+        types = {t.data_type for t in onnx.load(str(tmp_path / f"{name}.onnx"), load_external_data=False).graph.initializer}
+        assert onnx.TensorProto.FLOAT16 in types
+        assert np.array_equal(_run(tmp_path / f"{name}.onnx", feeds), reference)
+    assert not np.array_equal(_run(tmp_path / "fp32.onnx", feeds), reference)  # fp16 is seen: the control
+
+
+def test_an_fp16_dit_whose_fp32_form_does_not_run_here_is_never_written_in_fp32(tiny_model, tmp_path, monkeypatch):
+    """`--onnx-only --dit-precision fp16` on a machine whose memory the DiT's fp32 weights exceed (the available
+    memory set just below them): the DiT is written in fp16 as its weights stream, checked against
+    PyTorch at the fp16 bound, said in one line and in the manifest; no fp32 DiT is written, nor gated, and the engines
+    generate. With the bound set below what fp16 reaches (the control), the parity gate refuses it."""
+    from soraedge.export import build
+    from soraedge.export.build import ExportConfig, run_export
+    from soraedge.precision.convert import RUN_FRACTION
+    from soraedge.runtime.manifest import load_manifest
+    from soraedge.runtime.pipeline import Pipeline
+
+    from conftest import TEST_SIZE
+
+    model = tiny_model("tiny-a")
+    params = build._check_sizes(read_checkpoint(model))
+    available = int(4 * params["transformer"] / RUN_FRACTION) - 1
+    monkeypatch.setattr(build, "available_bytes", lambda: available)
+    written = []
+    real_save = onnx.save_model
+    monkeypatch.setattr(onnx, "save_model", lambda m, path, *a, **k: (written.append(
+        (Path(path).name, {t.data_type for t in m.graph.initializer})), real_save(m, path, *a, **k))[1])
+    logged = []
+    cfg = ExportConfig(model=str(model), out=tmp_path / "e", **TEST_SIZE["tiny-a"], onnx_only=True,
+                       component_precision=(("transformer", "fp16"),))
+    run_export(cfg, log=logged.append)
+    m = load_manifest(tmp_path / "e")
+    assert m.precision["transformer"] == "fp16"
+    assert "written as its weights stream" in m.data["precision_notes"]["transformer"]
+    assert any(line.startswith("transformer: fp16, written as its weights stream") for line in logged)
+    entry = m.data["engines"]["transformer"]
+    assert entry["precision"] == "fp16" and entry["detail"]["written"].startswith("as the weights streamed")
+    assert 1e-6 < entry["parity"]["max_rel"] <= build.PARITY_MAX_REL["fp16"]
+    # the graph and its parity copy with fewer layers (the whole does not fit beside PyTorch's here), both in fp16
+    # with their fp32 islands: no fp32 DiT was written
+    dits = [types for name, types in written if name == "transformer.onnx"]
+    assert len(dits) == 2 and all({onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT} <= types for types in dits)
+    assert entry["parity"]["method"].startswith("a copy with")
+    assert "quality_gate" not in m.runtime
+    video = Pipeline.load(tmp_path / "e")("a red ball", steps=2, seed=0).frames
+    assert np.isfinite(video).all()
+
+    print("fp16 parity", entry["parity"])
+    monkeypatch.setitem(build.PARITY_MAX_REL, "fp16", entry["parity"]["max_rel"] / 2)
+    with pytest.raises(SoraError, match="above the fp16 tolerance"):
+        build.check_parity("transformer", entry["parity"], "fp16")

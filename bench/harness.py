@@ -53,9 +53,10 @@ class Scenario:
 
     @property
     def latent_shape(self) -> tuple[int, int, int, int, int]:
-        """[B, C, f, h, w] of the Wan VAE (4x temporal, 8x spatial compression)."""
-        return (self.batch, self.config().latent_channels, (self.frames - 1) // 4 + 1, self.height // 8,
-                self.width // 8)
+        """[B, C, f, h, w] of the model's Wan VAE (4x temporal; 8x spatial, Wan2.2's 16x)."""
+        s = self.config().vae_scale_spatial
+        return (self.batch, self.config().latent_channels, (self.frames - 1) // 4 + 1, self.height // s,
+                self.width // s)
 
     @property
     def tokens(self) -> int:
@@ -81,6 +82,8 @@ SCENARIOS = {
     # Wan2.1-T2V-1.3B's layer shape, 4 of its 30 layers; and its whole transformer (the GPU verification's DiT)
     "wan-1.3b-4layers-1280tok": Scenario("wan21-1.3b-4layers", 17, 256, 256),
     "wan-1.3b-1280tok": Scenario("wan21-1.3b-shapes", 17, 256, 256),
+    # Wan2.2-TI2V-5B's layer shape, 4 of its 30 layers (its VAE compresses 16x: 512x512 makes the same 1280 tokens)
+    "wan-5b-4layers-1280tok": Scenario("wan22-ti2v-5b-4layers", 17, 512, 512),
     "tiny": Scenario("tiny-a", 5, 32, 48, text_len=16),
 }
 DEFAULT_SCENARIO = "wan-384x6-1280tok"

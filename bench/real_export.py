@@ -4,10 +4,12 @@ memory and wall time of `sora-export` and of a small `sora-run --low-memory`.
 `--layout wan2.1-t2v-1.3b` is the public checkpoint's: the umT5-XXL text encoder (5.7B parameters) stored bf16 in
 shards, the 1.3B DiT stored fp32 in shards, the Wan2.1 VAE (diffusers' default AutoencoderKLWan configuration);
 exported with the defaults (`--precision auto`) and run. `--layout wan2.1-t2v-14b` is the 14B DiT's (40 layers,
-width 5120) stored bf16 in shards as released, exported for a GPU target (`--onnx-only --dit-precision fp16`:
-written in fp16 as its weights stream, 28.6 GB beside a 28.6 GB checkpoint) and not run (its weights alone exceed
-this machine's memory); its text encoder is umT5-XXL's configuration with 2 layers (the whole encoder is measured
-in the 1.3B layout; in full its fp32 export would not fit this disk beside the DiT). Both use a UniPC scheduler and
+width 5120; Wan2.2 A14B's experts have its shape) stored bf16 in shards as released, exported for a GPU target
+(`--onnx-only --dit-precision fp16`: written in fp16 as its weights stream, 28.6 GB beside a 28.6 GB checkpoint)
+and not run (its weights alone exceed this machine's memory); its text encoder is umT5-XXL's configuration with 2
+layers (the whole encoder is measured in the 1.3B layout; in full its fp32 export would not fit this disk beside
+the DiT). `--layout wan2.2-ti2v-5b` is TI2V-5B's DiT (30 layers, width 3072, 48 latent channels, bf16 shards) and
+the Wan2.2 VAE in a TI2V pipeline (`expand_timesteps`), exported the same way. Both use a UniPC scheduler and
 the test models' tokenizer (no hub access here; the ids it produces are valid umT5 ids). Each command runs in its
 own fresh process, so each peak (VmHWM) is that command's alone. Writes bench/results/ (JSON + Markdown).
 
@@ -24,12 +26,11 @@ from pathlib import Path
 
 import click
 
-from ..export.tiny_wan import REAL_DIT_CONFIGS, REAL_TEXT_ENCODER_CONFIGS
+from ..export.tiny_wan import REAL_DIT_CONFIGS, REAL_TEXT_ENCODER_CONFIGS, REAL_VAE_CONFIGS
 from .children import run_child, table
 from .export_memory import write_random_checkpoint
 from .harness import host, results_option, save, shape_name
 
-VAE_CONFIG: dict = {}  # diffusers' AutoencoderKLWan defaults: the Wan2.1 VAE
 
 COMMAND = """
 import contextlib, io, json, sys, time
@@ -76,6 +77,8 @@ class Layout:
     text_encoder: dict = field(default_factory=lambda: REAL_TEXT_ENCODER_CONFIGS["umt5-xxl"])
     export_options: tuple[str, ...] = ()
     run: bool = True
+    vae: str = "wan2.1"  # REAL_VAE_CONFIGS key
+    pipeline: str = "tiny-a"  # the test model whose model_index.json, tokenizer and scheduler the layout takes
 
 
 LAYOUTS = {
@@ -83,6 +86,10 @@ LAYOUTS = {
     "wan2.1-t2v-14b": Layout("Wan2.1-T2V-14B's DiT (the text encoder umT5-XXL's configuration with 2 layers)",
                              "wan2.1-14b", "bf16", {**REAL_TEXT_ENCODER_CONFIGS["umt5-xxl"], "num_layers": 2},
                              ("--onnx-only", "--dit-precision", "fp16"), run=False),
+    "wan2.2-ti2v-5b": Layout("Wan2.2-TI2V-5B's DiT and VAE (the text encoder umT5-XXL's configuration with 2 layers)",
+                             "wan2.2-ti2v-5b", "bf16", {**REAL_TEXT_ENCODER_CONFIGS["umt5-xxl"], "num_layers": 2},
+                             ("--onnx-only", "--dit-precision", "fp16"), run=False, vae="wan2.2",
+                             pipeline="tiny-ti2v-a"),
 }
 
 
@@ -93,13 +100,13 @@ def write_layout(root: Path, layout: Layout = LAYOUTS["wan2.1-t2v-1.3b"]) -> dic
 
     from ..export.tiny_wan import build_tiny_wan
 
-    build_tiny_wan(root, "tiny-a")  # model_index.json, tokenizer, scheduler; its weights are replaced below
+    build_tiny_wan(root, layout.pipeline)  # model_index.json, tokenizer, scheduler; its weights are replaced below
     info = {}
     for comp, cls, config, dtype, prefix in (
             ("text_encoder", UMT5EncoderModel, layout.text_encoder, "bf16", "model"),
             ("transformer", WanTransformer3DModel, REAL_DIT_CONFIGS[layout.dit], layout.dit_dtype,
              "diffusion_pytorch_model"),
-            ("vae", AutoencoderKLWan, VAE_CONFIG, "fp32", "diffusion_pytorch_model")):
+            ("vae", AutoencoderKLWan, REAL_VAE_CONFIGS[layout.vae], "fp32", "diffusion_pytorch_model")):
         shutil.rmtree(root / comp)
         info[comp] = {**write_random_checkpoint(root / comp, cls, config, dtype, prefix), "dtype": dtype}
     return info

@@ -43,21 +43,25 @@ print(json.dumps({"frames": frames, "seconds": sec, "vm_hwm_mb": hwm / 1024}))
 """
 
 
-def export_real_vae(tmp: Path, height: int, width: int, log=print):
-    """Save AutoencoderKLWan() (the Wan2.1 VAE configuration, seed 0) to tmp/vae and export its chunked decoder to
-    tmp/vae_decoder_{first,step}.onnx for sizes up to max(size, 1280). Returns (specs, the diffusers VAE)."""
+def export_real_vae(tmp: Path, height: int, width: int, log=print, family: str = "wan2.1"):
+    """Save AutoencoderKLWan of a real configuration (export/tiny_wan.py's REAL_VAE_CONFIGS[family], seed 0) to
+    tmp/vae and export its chunked decoder to tmp/vae_decoder_{first,step}.onnx for sizes up to max(size, 1280).
+    Returns (specs, the diffusers VAE)."""
     import torch
     from diffusers import AutoencoderKLWan
 
     from ..export.onnx_export import export_onnx
+    from ..export.tiny_wan import REAL_VAE_CONFIGS
     from ..export.vae import load_vae_decoders, vae_specs
     from ..runtime.spec import Dim
 
     torch.manual_seed(0)
-    AutoencoderKLWan().save_pretrained(tmp / "vae")
+    AutoencoderKLWan(**REAL_VAE_CONFIGS[family]).save_pretrained(tmp / "vae")
     first, step, slots, vae = load_vae_decoders(tmp)
-    lh, lw = height // 8, width // 8
-    specs = vae_specs(16, 8, 4, slots, Dim("h", 1, lh, max(lh, 160)), Dim("w", 1, lw, max(lw, 160)))
+    s = vae.config.scale_factor_spatial
+    lh, lw = height // s, width // s
+    specs = vae_specs(vae.config.z_dim, s, vae.config.scale_factor_temporal, slots, Dim("h", 1, lh, max(lh, 1280 // s)),
+                      Dim("w", 1, lw, max(lw, 1280 // s)))
     log("exporting the real-configuration VAE decoder ...")
     for module, spec in zip((first, step), specs):
         export_onnx(module, spec, tmp / f"{spec.name}.onnx", 23, {"h": 4, "w": 6})

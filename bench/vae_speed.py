@@ -1,4 +1,4 @@
-"""VAE decode speed on the real Wan2.1 VAE configuration (random weights): diffusers' `AutoencoderKLWan.decode`
+"""VAE decode speed on a real Wan VAE configuration (random weights; `--vae wan2.1|wan2.2`): diffusers' `AutoencoderKLWan.decode`
 (PyTorch eager) against the chunked decoder engines on ONNX Runtime fp32 and OpenVINO fp32/bf16, in one run.
 
 Same latents and thread count for every peer; each engine peer decodes once to warm up, then is timed. PSNR of the
@@ -6,7 +6,7 @@ frames against PyTorch's. Also reports the decoder's convolution FLOPs, because 
 the achieved GFLOP/s says how far each peer is from this machine's MatMul peak (bench/matmul_peak.py). Writes
 bench/results/ (JSON + Markdown).
 
-    python -m soraedge.bench.vae_speed [--height 128 --width 128 --frames 9] [--threads 2]
+    python -m soraedge.bench.vae_speed [--vae wan2.1] [--height 128 --width 128 --frames 9] [--threads 2]
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def _conv_flops(vae, z) -> float:
     return total[0]
 
 
-def run(height: int, width: int, frames: int, threads: int, log=print) -> dict:
+def run(height: int, width: int, frames: int, threads: int, log=print, family: str = "wan2.1") -> dict:
     import torch
 
     from ..precision.quality_gate import psnr
@@ -53,12 +53,13 @@ def run(height: int, width: int, frames: int, threads: int, log=print) -> dict:
     from .vae_memory import export_real_vae
 
     torch.set_num_threads(threads)
-    z = np.random.default_rng(0).standard_normal((1, 16, (frames - 1) // 4 + 1, height // 8, width // 8),
-                                                dtype=np.float32)
     rows = {}
     with tempfile.TemporaryDirectory(prefix="bench-vae-") as tmp:
         tmp = Path(tmp)
-        specs, vae = export_real_vae(tmp, height, width, log)
+        specs, vae = export_real_vae(tmp, height, width, log, family)
+        c, s, t = vae.config.z_dim, vae.config.scale_factor_spatial, vae.config.scale_factor_temporal
+        z = np.random.default_rng(0).standard_normal((1, c, (frames - 1) // t + 1, height // s, width // s),
+                                                    dtype=np.float32)
         flops = _conv_flops(vae, z)
 
         def frames01(video):  # [1, 3, F, H, W] in [-1, 1] -> [0, 1]
@@ -85,8 +86,11 @@ def run(height: int, width: int, frames: int, threads: int, log=print) -> dict:
     for row in rows.values():
         row["speedup_vs_pytorch"] = rows["pytorch-eager-fp32"]["seconds"] / row["seconds"]
         row["conv_gflops"] = flops / row["seconds"] / 1e9
-    return {"vae": "AutoencoderKLWan defaults (Wan2.1 VAE configuration: base_dim 96, dim_mult [1,2,4,4]), random "
-                   "weights", "height": height, "width": width, "frames": frames, "latent_shape": list(z.shape),
+    described = {"wan2.1": "the Wan2.1 VAE configuration (AutoencoderKLWan's defaults: base_dim 96, dim_mult "
+                            "[1,2,4,4])",
+                 "wan2.2": "the Wan2.2 VAE configuration (z_dim 48, decoder 256 wide, residual blocks, 2x2 patch, 16x "
+                           "spatial)"}[family]
+    return {"vae": f"{described}, random weights", "height": height, "width": width, "frames": frames, "latent_shape": list(z.shape),
             "threads": threads, "conv_gflop": flops / 1e9, "matmul_peak_gflops": peak, "machine": machine(),
             "versions": versions(), "rows": rows}
 
@@ -105,14 +109,15 @@ def to_markdown(r: dict) -> str:
 
 
 @click.command()
+@click.option("--vae", "family", type=click.Choice(["wan2.1", "wan2.2"]), default="wan2.1", show_default=True)
 @click.option("--height", default=128, show_default=True)
 @click.option("--width", default=128, show_default=True)
 @click.option("--frames", default=9, show_default=True)
 @click.option("--threads", type=int, default=os.cpu_count(), show_default=True)
 @results_option
-def main(height, width, frames, threads, results):
-    r = run(height, width, frames, threads, log=lambda m: click.echo(m, err=True))
-    save("vae_speed", shape_name("wan2.1-vae", frames, height, width), r, to_markdown(r), results)
+def main(family, height, width, frames, threads, results):
+    r = run(height, width, frames, threads, log=lambda m: click.echo(m, err=True), family=family)
+    save("vae_speed", shape_name(f"{family}-vae", frames, height, width), r, to_markdown(r), results)
 
 
 if __name__ == "__main__":

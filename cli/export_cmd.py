@@ -89,15 +89,19 @@ SECTIONS = {"dit_precision": _PRECISION, "text_encoder_precision": _PRECISION, "
 @click.option("--int8-activations", type=click.Choice(["u8", "s8"]), default="u8", show_default=True,
               help="u8: asymmetric, ONNX Runtime CPU's integer fast path; s8: symmetric, what TensorRT requires.")
 @click.option("--threads", type=int, help="Threads for calibration, backend timing and gate (default: all cores).")
+@click.option("--lora", "loras", multiple=True, metavar="FILE[:SCALE]",
+              help="A LoRA (safetensors: diffusers/PEFT or Wan's own layout) fused into the DiT at SCALE (default 1); "
+                   "repeat to stack them in order.")
 @trt_options
 @cli_errors
 def main(model, out, frames, max_frames, height, width, attention, max_sequence_length, overwrite, skip_parity, backend,
          trt, onnx_only, precision, dit_precision, text_encoder_precision, vae_precision, min_psnr,
          calib_method, calib_percentile, calib_prompts, calib_prompt_count, calib_steps, smooth_alpha,
          smooth_unfoldable,
-         int8_first_last_blocks, int8_activations, threads):
+         int8_first_last_blocks, int8_activations, threads, loras):
     """Export MODEL (a diffusers-format Wan2.1-T2V directory, or the built-in `demo`) to OUT."""
     from ..runtime.errors import SoraError
+    from ..runtime.lora import parse_lora
     from ..runtime.manifest import MANIFEST
 
     if (Path(model) / MANIFEST).is_file():
@@ -118,6 +122,7 @@ def main(model, out, frames, max_frames, height, width, attention, max_sequence_
                                                                       ("text_encoder", text_encoder_precision),
                                                                       ("vae", vae_precision)) if p),
                        min_psnr=min_psnr, threads=threads,
+                       loras=tuple((str(path), scale) for path, scale in map(parse_lora, loras)),
                        calib=CalibConfig(method=calib_method, percentile=calib_percentile,
                                          smooth_alpha=smooth_alpha or None, smooth_unfoldable=smooth_unfoldable,
                                          prompts_file=calib_prompts,

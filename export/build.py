@@ -25,6 +25,7 @@ from ..precision.calib.config import CalibConfig
 from ..runtime.choices import AUTO, GPU_BACKENDS, Backend, Execution, Graph
 from ..runtime.errors import SoraError
 from ..runtime.gpu_target import target
+from ..runtime.lora import LoraSet, read_lora
 from ..runtime.manifest import Manifest, sha256_file, staged
 from ..runtime.memory import available_bytes
 from ..runtime.spec import Dim
@@ -42,9 +43,6 @@ from ..target.trt_target import TrtOptions
 from .text_encoder import load_text_encoder, text_encoder_spec
 from .vae import load_vae_decoders, vae_specs
 
-# WanPipeline.__call__ defaults; the demo model records its own.
-WAN_DEFAULTS = {"height": 480, "width": 832, "frames": 81, "steps": 50, "guidance": 5.0, "negative_prompt": "",
-                "fps": 16, "max_sequence_length": 512}
 # The parity gate, by the precision the graph is written in: fp32 graphs measure 1e-7 to 5e-6 relative against
 # PyTorch (the tiny test models, the demo, the Wan2.1-1.3B transformer configuration), fp16 ones with their fp32
 # islands 8e-4 (tiny-a's DiT); a wrong graph is off by far more than either.
@@ -76,6 +74,7 @@ class ExportConfig:
     threads: int | None = None
     trt: TrtOptions = field(default_factory=TrtOptions)  # --backend tensorrt: attention mode, builder settings
     demo_weights: str | None = None  # model "demo" only: trained weights other than the shipped ones
+    loras: tuple[tuple[str, float], ...] = ()  # (safetensors file, scale): fused into the DiT in order
 
 
 def _checkpoint_digests(ck: WanCheckpoint) -> dict[str, str]:
@@ -165,7 +164,7 @@ def _export_component(name, module, parity: ParitySource, checkpoint, spec, tmp,
     t0 = time.perf_counter()
     islands = FP16_ISLANDS[component_of(name)] if precision == Graph.FP16 else None
     key = trace_cache.trace_key(**{k: v for k, v in trace.items() if k != "folders"},
-                                checkpoint=trace["folders"][checkpoint.folder.name], component=name,
+                                checkpoint=checkpoint.key(trace["folders"][checkpoint.folder.name]), component=name,
                                 spec=spec.to_dict(), opset=opset, sample=sample, precision=precision)
     if trace_cache.reuse(key, tmp / f"{name}.onnx"):
         log(f"{name}: the graph traced from the same weights by an earlier export (cache {key[:12]})")
@@ -267,12 +266,15 @@ PARITY_WHOLE_MAX_BYTES = 4 << 30
 
 
 def _export_into(ck: WanCheckpoint, cfg: ExportConfig, defaults: dict, params: dict[str, int], tmp: Path,
-                 report: ExportReport, log, trace: dict, held: dict[str, str]) -> tuple[dict, dict, int]:
+                 report: ExportReport, log, trace: dict, held: dict[str, str],
+                 loras: LoraSet) -> tuple[dict, dict, int]:
     """Export every component into `tmp`, each traced weightless and its weights streamed from the checkpoint
     (export/streaming.py), or its graph reused from an earlier trace of the same content (`trace`: the digest of
     each checkpoint folder, of which a component's key takes its own, the attention form, the versions). A
     component in `held` is never written in fp32: the text encoder weight-only (fit_to_memory) is converted at once
-    and checked against PyTorch at full size; the DiT in fp16 (stream_fp16) is written so as its weights stream. Returns
+    and checked against PyTorch at full size; the DiT in fp16 (stream_fp16) is written so as its weights stream.
+    `loras` are fused into the DiT (the first expert, as diffusers loads them) as its weights stream, and into the
+    PyTorch reference it is checked against. Returns
     (engine manifest entries, the VAE engine names, d_model)."""
     from .streaming import CheckpointTensors
 
@@ -314,21 +316,22 @@ def _export_into(ck: WanCheckpoint, cfg: ExportConfig, defaults: dict, params: d
         config = dit.transformer.config
         fewer = {"num_layers": min(REDUCED_LAYERS, config["num_layers"])}
         spec = dit_spec(config, cfg.max_sequence_length, f_dim, h_dim, w_dim, name=expert)
-        parity = ParitySource(lambda e=expert: load_reference_dit(ck.root, expert=e), params[expert],
+        weights = CheckpointTensors(ck.root / expert, loras if expert == "transformer" else None)
+        parity = ParitySource(lambda e=expert, w=weights: load_reference_dit(ck.root, w, e), params[expert],
                               (lambda e=expert: load_dit(ck.root, cfg.attention, False, e, **fewer),
-                               lambda e=expert: load_reference_dit(ck.root, expert=e, **fewer)), fewer)
+                               lambda e=expert, w=weights: load_reference_dit(ck.root, w, e, **fewer)), fewer)
         engines[expert] = _export_component(
-            expert, dit, parity, CheckpointTensors(ck.root / expert), spec, tmp, cfg.attention.opset, sample,
+            expert, dit, parity, weights, spec, tmp, cfg.attention.opset, sample,
             [{"b": 1, "f": 3, "h": 3 * p_h, "w": 2 * p_w}, {"b": 2, "f": 1, "h": p_h, "w": 4 * p_w}], cfg, report,
             log, trace, held.get("transformer", Graph.FP32))
     dit = load_dit(ck.root, cfg.attention, weights=False)  # the first expert's, for the probe
-    weights = CheckpointTensors(ck.root / "transformer")
+    weights = CheckpointTensors(ck.root / "transformer", loras)
     # The step-cache probe: the DiT's first block's modulated input, a small engine of its own (its reference is
     # diffusers' model with one layer: all the probe reads).
     one = {"num_layers": 1}
     engines["dit_probe"] = _export_component(
         "dit_probe", FirstBlockProbe(dit.transformer),
-        ParitySource(lambda: ProbeReference(load_reference_dit(ck.root, **one).model), 0), weights,
+        ParitySource(lambda: ProbeReference(load_reference_dit(ck.root, weights, **one).model), 0), weights,
         probe_spec(ck.transformer_config, f_dim, h_dim, w_dim), tmp, cfg.attention.opset, sample,
         [{"b": 1, "f": 3, "h": 3 * p_h, "w": 2 * p_w}], cfg, report, log, trace)
     del dit
@@ -356,7 +359,7 @@ def _export_into(ck: WanCheckpoint, cfg: ExportConfig, defaults: dict, params: d
 
 
 def _check_sizes(ck: WanCheckpoint) -> dict[str, int]:
-    """Before any weight is read: each component's safetensors are well formed (export/weights.py), its config
+    """Before any weight is read: each component's safetensors are well formed (runtime/weights.py), its config
     describes a model that can be built (on the meta device: no memory), and that model's parameters are the ones the
     weights hold, in number and shape. A config with huge dimensions is then one line instead of an export of
     something else. Returns each component's parameter count."""
@@ -365,7 +368,7 @@ def _check_sizes(ck: WanCheckpoint) -> dict[str, int]:
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
 
     from .streaming import from_config
-    from .weights import component_tensors
+    from ..runtime.weights import component_tensors
 
     classes = {"text_encoder": getattr(transformers, ck.text_encoder_class), "vae": AutoencoderKLWan,
                **{expert: WanTransformer3DModel for expert in ck.experts}}
@@ -433,7 +436,7 @@ def _prepare_source(cfg: ExportConfig, workdir: Path) -> tuple[WanCheckpoint, di
         source = f"demo (weights {weights.resolve()})" if cfg.demo_weights else "demo"
         return read_checkpoint(build_demo_pipeline(workdir / "demo-src", weights)), dict(DEMO_DEFAULTS), source
     ck = read_checkpoint(cfg.model)
-    return ck, dict(WAN_DEFAULTS), str(Path(cfg.model).resolve())
+    return ck, ck.defaults, str(Path(cfg.model).resolve())
 
 
 def run_export(cfg: ExportConfig, log: Callable[[str], None] = lambda s: None) -> ExportReport:
@@ -450,6 +453,11 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = lambda s: None) -
         work = Path(work)
         ck, defaults, source = _prepare_source(cfg, work)
         params = _check_sizes(ck)
+        loras = LoraSet([read_lora(Path(path), scale) for path, scale in cfg.loras])
+        if loras:  # each LoRA layer names a weight of the DiT, in its shape: before minutes of export
+            from .streaming import CheckpointTensors
+
+            CheckpointTensors(ck.root / "transformer", loras)
         pad_token_id = _pad_token_id(ck)
         model_text_len = defaults.pop("max_sequence_length")
         cfg = replace(cfg, max_sequence_length=cfg.max_sequence_length or model_text_len,
@@ -488,10 +496,12 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = lambda s: None) -
                 check_plugin_precision(cfg.trt.attention, plan.get("transformer", Graph.FP32))
         options = {k: v for k, v in asdict(cfg).items() if k not in ("model", "out", "overwrite", "check_parity",
                                                                      "threads", "calib", "component_precision",
-                                                                     "min_psnr", "trt")}
+                                                                     "min_psnr", "trt", "loras")}
         if cfg.backend == Backend.TENSORRT:
             options["trt"] = asdict(cfg.trt)
         options.update(attention=cfg.attention.value, defaults=defaults, plan=plan, min_psnr=cfg.min_psnr)
+        if loras:  # by content and scale, not by the files' names
+            options["loras"] = loras.key()
         if cfg.backend in GPU_BACKENDS:
             options["gpu"] = target()  # a build for one GPU is not a build for another
         if plan["transformer"] == "int8":
@@ -512,7 +522,7 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = lambda s: None) -
                                                   {"folders": digests, "attention": cfg.attention.value,
                                                    "text_encoder_class": ck.text_encoder_class,
                                                    "versions": {**versions, "soraedge_source": _trace_digest()}},
-                                                  held)
+                                                  held, loras)
         (ref / "tokenizer").mkdir()
         shutil.copy2(ck.tokenizer_file, ref / "tokenizer" / "tokenizer.json")
         (ref / "scheduler").mkdir()
@@ -544,6 +554,7 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = lambda s: None) -
             "precision": {c: held.get(c, Graph.FP32) for c in plan},
             "attention": cfg.attention.value,
             "gpu": None,  # portable ONNX, not built for a particular GPU
+            **({"loras": loras.describe()} if loras else {}),
             "pipeline": pipeline,
             "engines": engines,
         }

@@ -1,8 +1,11 @@
 """Read a diffusers-format Wan text-to-video directory: what it holds, what is supported, what is refused.
 
-Wan2.1 T2V, and Wan2.2 A14B's layout: a second DiT (`transformer_2`, the low-noise expert) that `WanPipeline` runs
-below `boundary_ratio` of the training timesteps. The family-specific knowledge of which files and classes make
-these pipelines lives here and nowhere else.
+Wan2.1 T2V; Wan2.2 A14B's layout: a second DiT (`transformer_2`, the low-noise expert) that `WanPipeline` runs
+below `boundary_ratio` of the training timesteps; Wan2.2 TI2V-5B's: `expand_timesteps` (the DiT takes a timestep
+per token: for text-to-video every token's is the step's, which the exported DiT computes from the step's
+timestep, as the same numbers) and the Wan2.2 VAE (48 latent channels, residual blocks, a 2x2 pixel patch: 16x
+spatial compression). The family-specific knowledge of which files and classes make these pipelines, and each
+family's generation defaults, lives here and nowhere else.
 Only safetensors weights are loaded; a directory that ships only pickled `.bin` weights is refused.
 """
 
@@ -17,6 +20,12 @@ from ..runtime.errors import SoraError
 COMPONENTS = ("transformer", "text_encoder", "tokenizer", "vae", "scheduler")
 TEXT_ENCODERS = ("UMT5EncoderModel", "T5EncoderModel", "BertModel")  # BERT: the demo's MiniLM
 SCHEDULERS = ("UniPCMultistepScheduler", "FlowMatchEulerDiscreteScheduler")
+# What sora-run generates when not told otherwise, per family: WanPipeline.__call__'s defaults for Wan2.1 and A14B;
+# TI2V-5B's from its release (1280x704, 121 frames at 24 fps: Wan2.2's ti2v-5B configuration).
+WAN_DEFAULTS = {"height": 480, "width": 832, "frames": 81, "steps": 50, "guidance": 5.0, "negative_prompt": "",
+                "fps": 16, "max_sequence_length": 512}
+FAMILY_DEFAULTS = {"wan2.1-t2v": WAN_DEFAULTS, "wan2.2-t2v-a14b": WAN_DEFAULTS,
+                   "wan2.2-ti2v-5b": {**WAN_DEFAULTS, "height": 704, "width": 1280, "frames": 121, "fps": 24}}
 
 
 @dataclass(frozen=True)
@@ -32,7 +41,13 @@ class WanCheckpoint:
 
     @property
     def family(self) -> str:
+        if self.model_index.get("expand_timesteps"):
+            return "wan2.2-ti2v-5b"
         return "wan2.2-t2v-a14b" if len(self.experts) > 1 else "wan2.1-t2v"
+
+    @property
+    def defaults(self) -> dict:
+        return dict(FAMILY_DEFAULTS[self.family])
 
     @property
     def tokenizer_file(self) -> Path:
@@ -83,10 +98,10 @@ def read_checkpoint(path: str | Path) -> WanCheckpoint:
     cls = index.get("_class_name")
     if cls != "WanPipeline":
         raise SoraError(f"{root}: pipeline class {cls!r} is not supported (supported: WanPipeline: Wan2.1 T2V, "
-                        f"Wan2.2 A14B)")
+                        f"Wan2.2 A14B and TI2V-5B text-to-video)")
     experts, boundary = _experts(root, index)
-    if index.get("expand_timesteps"):
-        raise SoraError(f"{root}: expand_timesteps (Wan2.2 TI2V) is not supported yet")
+    if not isinstance(index.get("expand_timesteps", False), bool):
+        raise SoraError(f"{root}/model_index.json: expand_timesteps is {index['expand_timesteps']!r}, not true/false")
     if (index.get("image_encoder") or [None])[0] is not None:
         raise SoraError(f"{root}: image-to-video / VACE pipelines (image_encoder) are not supported yet")
     for c in COMPONENTS:
@@ -102,9 +117,13 @@ def read_checkpoint(path: str | Path) -> WanCheckpoint:
     if tcfg.get("image_dim") is not None or tcfg.get("added_kv_proj_dim") is not None:
         raise SoraError(f"{root}: transformer has image conditioning (image_dim/added_kv_proj_dim): "
                         "image-to-video is not supported yet")
+    if index.get("expand_timesteps") and list(tcfg.get("patch_size") or [])[1:] != [2, 2]:
+        raise SoraError(f"{root}: expand_timesteps needs the DiT's spatial patch 2x2 (WanPipeline builds the "
+                        f"per-token timesteps for it), not {tcfg.get('patch_size')}")
     vcfg = read_json(root / "vae" / "config.json")
-    if vcfg.get("patch_size") is not None or vcfg.get("is_residual"):
-        raise SoraError(f"{root}: the Wan2.2 VAE (patch_size/is_residual) is not supported yet")
+    patch = vcfg.get("patch_size")
+    if patch is not None and not (isinstance(patch, int) and not isinstance(patch, bool) and patch >= 1):
+        raise SoraError(f"{root}/vae/config.json: patch_size {patch!r} is not a positive integer")
     te_class = index["text_encoder"][1]
     if te_class not in TEXT_ENCODERS:
         raise SoraError(f"{root}: text encoder class {te_class!r} is not supported (supported: {list(TEXT_ENCODERS)})")

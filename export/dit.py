@@ -175,14 +175,13 @@ class DiTReference(torch.nn.Module):
         return self.model(hidden_states, timestep, encoder_hidden_states, return_dict=False)[0]
 
 
-def load_dit(root, form: AttentionForm, weights: bool = True, expert: str = "transformer",
-             **overrides) -> DiTForExport:
-    """The DiT `expert` (its folder) to export: weightless (export streams the weights) or with them; `overrides`
-    change its config."""
+def load_dit(root, form: AttentionForm, weights=True, expert: str = "transformer", **overrides) -> DiTForExport:
+    """The DiT `expert` (its folder) to export: weightless (export streams the weights) or with them (True, or the
+    CheckpointTensors to read them from); `overrides` change its config."""
     return DiTForExport(load_reference_dit(root, weights, expert, **overrides).model, form).eval()
 
 
-def load_reference_dit(root, weights: bool = True, expert: str = "transformer", **overrides) -> DiTReference:
+def load_reference_dit(root, weights=True, expert: str = "transformer", **overrides) -> DiTReference:
     from diffusers import WanTransformer3DModel
 
     return DiTReference(load_model(WanTransformer3DModel, root / expert, weights, **overrides)).eval()

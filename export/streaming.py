@@ -28,10 +28,9 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode, is_fake
 
 from ..runtime.errors import SoraError
-from .weights import TensorInfo, component_tensors
+from ..runtime.lora import LoraSet
+from ..runtime.weights import TensorInfo, component_tensors, read_float32
 
-_NUMPY = {"F32": np.float32, "F16": np.float16, "F64": np.float64}
-READ_SLICE = 1 << 26  # bytes of a bf16/fp16 tensor converted at a time
 
 
 @contextlib.contextmanager
@@ -61,32 +60,24 @@ def is_weightless(module: torch.nn.Module) -> bool:
 
 class CheckpointTensors:
     """One component's safetensors (a single file or shards named by an index), read one tensor at a time from the
-    file that holds it, as float32."""
+    file that holds it, as float32, with what `loras` add to it (runtime/lora.py: fused as the weights stream)."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, loras: LoraSet | None = None):
         self.folder = folder
         self.tensors: dict[str, TensorInfo] = component_tensors(folder)  # headers and shards checked
+        self.loras = loras or LoraSet([])
+        if self.loras:
+            self.loras.check({name: info.shape for name, info in self.tensors.items()})
 
     def read(self, name: str) -> np.ndarray:
-        """The tensor as float32; a bf16/fp16 one converted slice by slice, so reading it takes its float32 size
-        and no more (umT5-XXL's 4.2 GB token table)."""
-        info = self.tensors[name]
-        stored = np.uint16 if info.dtype == "BF16" else _NUMPY.get(info.dtype)
-        if stored is None:
-            raise SoraError(f"{info.file}: {name} is stored as {info.dtype}, not a floating-point type")
-        if stored == np.float32:
-            return np.fromfile(info.file, stored, info.numel, offset=info.begin).reshape(info.shape)
-        out = np.empty(info.numel, np.float32)
-        step = READ_SLICE // np.dtype(stored).itemsize
-        with open(info.file, "rb") as f:
-            f.seek(info.begin)
-            for i in range(0, info.numel, step):
-                part = np.fromfile(f, stored, min(step, info.numel - i))
-                if info.dtype == "BF16":  # the high half of a float32
-                    out.view(np.uint32)[i:i + part.size] = part.astype(np.uint32) << 16
-                else:
-                    out[i:i + part.size] = part
-        return out.reshape(info.shape)
+        """The tensor as float32, whatever the checkpoint stores, plus the LoRAs' delta to it."""
+        value = read_float32(self.tensors[name], name)
+        delta = self.loras.delta(name) if self.loras else None
+        return value if delta is None else value + delta
+
+    def key(self, folder_digest: str) -> list:
+        """What the tensors read here depend on: the folder's content digest and the LoRAs fused into them."""
+        return [folder_digest, *self.loras.key()]
 
 
 def _checkpoint_name(aliases: list[str], tensors: dict[str, TensorInfo]) -> str | None:
@@ -164,14 +155,16 @@ def from_config(cls, folder: Path, **overrides) -> torch.nn.Module:
     return cls._from_config(transformers.AutoConfig.from_pretrained(folder, **overrides))
 
 
-def load_model(cls, folder: Path, weights: bool = True, **overrides) -> torch.nn.Module:
+def load_model(cls, folder: Path, weights: bool | CheckpointTensors = True, **overrides) -> torch.nn.Module:
     """A diffusers or transformers model `cls` from a checkpoint folder, in eval mode: weightless (its config only;
-    export streams the weights) or with its checkpoint's weights as float32 whatever they are stored as. `overrides`
-    change its config (`num_layers=2`: the first two layers' weights of the same checkpoint)."""
+    export streams the weights) or with its checkpoint's weights as float32 whatever they are stored as (`weights`
+    True, or the CheckpointTensors to read them from: with LoRAs fused). `overrides` change its config
+    (`num_layers=2`: the first two layers' weights of the same checkpoint)."""
     with weightless():
         model = from_config(cls, folder, **overrides)
     if weights:  # buffers (computed when built) stay
-        _materialize(model, CheckpointTensors(folder), _aliases(model)[1])
+        source = weights if isinstance(weights, CheckpointTensors) else CheckpointTensors(folder)
+        _materialize(model, source, _aliases(model)[1])
     return model.eval()
 
 

@@ -38,6 +38,16 @@ class TinyWanConfig:
     seed: int = 0
     init_scale: float = 1.0  # multiplies the DiT's random weights
     boundary_ratio: float | None = None  # Wan2.2 A14B: a second (low-noise) expert below this share of the timesteps
+    # Wan2.2 TI2V-5B: per-token timesteps (WanPipeline's expand_timesteps) and the Wan2.2 VAE (residual blocks, this
+    # pixel patch, 8 x patch spatial compression; its decoder `vae_decoder_dim` wide)
+    expand_timesteps: bool = False
+    vae_patch: int | None = None
+    vae_decoder_dim: int | None = None
+
+    @property
+    def vae_scale_spatial(self) -> int:
+        """The VAE's spatial compression: 2 per downsampling stage, times the pixel patch."""
+        return 2 ** (len(self.vae_dim_mult) - 1) * (self.vae_patch or 1)
 
 
 # The real transformer configurations (config.json of Wan-AI/Wan2.1-T2V-1.3B-Diffusers and -14B-Diffusers), built
@@ -49,6 +59,19 @@ REAL_DIT_CONFIGS = {
     "wan2.1-14b": dict(patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16,
                        out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40,
                        cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024),
+    # Wan2.2 TI2V-5B's (3072 wide = 24 heads x 128, ffn 14336, 30 layers, 48 latent channels)
+    "wan2.2-ti2v-5b": dict(patch_size=(1, 2, 2), num_attention_heads=24, attention_head_dim=128, in_channels=48,
+                           out_channels=48, text_dim=4096, freq_dim=256, ffn_dim=14336, num_layers=30,
+                           cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024),
+}
+# The real VAE configurations (AutoencoderKLWan's arguments; its latent statistics are left at the defaults for
+# Wan2.1 and set to zero mean, unit std for Wan2.2's 48 channels: random weights either way). Wan2.2's: residual
+# blocks, a 2x2 pixel patch, 16x spatial compression, a decoder 256 wide (Wan2.2-TI2V-5B-Diffusers' vae/config.json).
+REAL_VAE_CONFIGS = {
+    "wan2.1": {},
+    "wan2.2": dict(base_dim=160, decoder_base_dim=256, z_dim=48, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
+                   is_residual=True, patch_size=2, in_channels=12, out_channels=12, scale_factor_spatial=16,
+                   scale_factor_temporal=4, latents_mean=[0.0] * 48, latents_std=[1.0] * 48),
 }
 # The real text encoder (text_encoder/config.json of Wan2.1-T2V-*-Diffusers: google/umt5-xxl's encoder), for the
 # real-size text-encoder bench.
@@ -86,6 +109,19 @@ TINY_CONFIGS = {
     "tiny-a14b-b": TinyWanConfig(layers=3, heads=3, head_dim=8, ffn_dim=48, patch=(1, 1, 1), text_dim=24,
                                  text_layers=1, text_heads=2, latent_channels=4, vae_dim=4, scheduler="euler",
                                  flow_shift=5.0, seed=1, boundary_ratio=0.5),
+    # Wan2.2 TI2V-5B's layout (per-token timesteps, the Wan2.2 VAE): two configurations that differ in every
+    # dimension the layout leaves free (the DiT's spatial patch is 2x2 in both: WanPipeline's per-token timesteps
+    # assume it) and in scheduler.
+    "tiny-ti2v-a": TinyWanConfig(latent_channels=12, expand_timesteps=True, vae_patch=2, vae_decoder_dim=12,
+                                 seed=5),
+    "tiny-ti2v-b": TinyWanConfig(layers=3, heads=3, head_dim=8, ffn_dim=48, text_dim=24, text_layers=1,
+                                 text_heads=2, latent_channels=6, vae_dim=4, vae_res_blocks=2, scheduler="euler",
+                                 flow_shift=5.0, seed=6, init_scale=2.0, expand_timesteps=True, vae_patch=2),
+    # Wan2.2 TI2V-5B's layer shape (24 heads x 128 = 3072 wide, ffn 14336, 48 latent channels), 4 of its 30 layers,
+    # a small Wan2.2 VAE and a 1-layer UMT5 of width 4096: the DiT-step scenario at that width (bench/harness.py).
+    "wan22-ti2v-5b-4layers": TinyWanConfig(layers=4, heads=24, head_dim=128, ffn_dim=14336, text_dim=4096,
+                                           text_layers=1, text_heads=8, latent_channels=48, vae_dim=16, seed=505,
+                                           expand_timesteps=True, vae_patch=2),
     # Wan2.2 A14B's expert shape (40 heads x 128 = 5120 wide, ffn 13824), 2 of its 40 layers per expert, the Wan2.1
     # VAE and a 1-layer UMT5 of width 4096: `--low-memory` with two experts at their real width (bench/low_memory.py).
     "wan22-a14b-2layers": TinyWanConfig(layers=2, heads=40, head_dim=128, ffn_dim=13824, text_dim=4096, text_layers=1,
@@ -158,12 +194,17 @@ def build_tiny_wan(out_dir: str | Path, cfg: TinyWanConfig | str = "tiny-a") -> 
     # Latent statistics: the real model ships measured ones; use fixed non-trivial values so the
     # de-normalisation is exercised.
     g = torch.Generator().manual_seed(cfg.seed)
+    wan22_vae = {} if cfg.vae_patch is None else dict(
+        is_residual=True, patch_size=cfg.vae_patch, in_channels=3 * cfg.vae_patch ** 2,
+        out_channels=3 * cfg.vae_patch ** 2, decoder_base_dim=cfg.vae_decoder_dim,
+        scale_factor_spatial=cfg.vae_scale_spatial)
     vae = AutoencoderKLWan(
         base_dim=cfg.vae_dim, z_dim=cfg.latent_channels, dim_mult=list(cfg.vae_dim_mult),
         num_res_blocks=cfg.vae_res_blocks,
         temperal_downsample=[False, True, True],
         latents_mean=(torch.randn(cfg.latent_channels, generator=g) * 0.5).tolist(),
         latents_std=(torch.rand(cfg.latent_channels, generator=g) * 2 + 0.5).tolist(),
+        **wan22_vae,
     )
     if cfg.scheduler == "unipc":
         scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
@@ -173,7 +214,7 @@ def build_tiny_wan(out_dir: str | Path, cfg: TinyWanConfig | str = "tiny-a") -> 
     experts = {} if cfg.boundary_ratio is None else {"transformer_2": build_transformer(cfg, expert=1),
                                                       "boundary_ratio": cfg.boundary_ratio}
     pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, vae=vae,
-                       scheduler=scheduler, **experts)
+                       scheduler=scheduler, expand_timesteps=cfg.expand_timesteps, **experts)
     pipe.save_pretrained(out_dir, safe_serialization=True)
     (out_dir / "tiny_wan_config.json").write_text(__import__("json").dumps(asdict(cfg)))
     import shutil

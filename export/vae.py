@@ -10,7 +10,8 @@ Each slot holds the last 2 frames of a causal convolution's input. diffusers' fi
 1 frame (the conv had no history) or the marker "Rep" (the temporal upsampler's first call); both are exactly
 equivalent to 2 frames with zeros in front (the causal conv zero-pads the missing history), which is what the
 first graph returns, so one steady-state graph serves every later frame. Input is the de-normalised latent (the
-runtime applies latents_mean/std); output is the decoder's video, unclamped (nominally [-1, 1]).
+runtime applies latents_mean/std); output is the decoder's video, unclamped (nominally [-1, 1]). The Wan2.2 VAE
+(residual blocks, a pixel patch) is the same loop; its pixels are unpatchified inside the graphs.
 """
 
 from __future__ import annotations
@@ -51,10 +52,14 @@ def vae_specs(z_dim: int, scale_s: int, scale_t: int, slots: list[tuple[int, int
 
 
 def _run_decoder(vae, z, feat_cache):
-    """diffusers' per-chunk call: post_quant_conv (1x1x1, no history) then the decoder with the cache list. Not
-    clamped: the runtime clamps after tiles are blended (runtime/vae_decode.py), as diffusers' tiled decode does."""
+    """diffusers' per-chunk call: post_quant_conv (1x1x1, no history) then the decoder with the cache list, then the
+    Wan2.2 VAE's pixel unpatchify (frame by frame, so per chunk as on the whole clip). Not clamped: the runtime
+    clamps after tiles are blended (runtime/vae_decode.py), as diffusers' tiled decode does."""
+    from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
+
     x = vae.post_quant_conv(z)
-    return vae.decoder(x, feat_cache=feat_cache, feat_idx=[0], first_chunk=feat_cache[0] is None)
+    out = vae.decoder(x, feat_cache=feat_cache, feat_idx=[0], first_chunk=feat_cache[0] is None)
+    return out if vae.config.patch_size is None else unpatchify(out, patch_size=vae.config.patch_size)
 
 
 def _pad_slot(value, like_step):

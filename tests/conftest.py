@@ -5,6 +5,7 @@ Built once per test session (export is the slow part: ~30 s per configuration on
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import tempfile
@@ -13,8 +14,10 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# sora-run caches prompt embeddings under $XDG_CACHE_HOME: keep the tests' cache out of the user's home.
+# sora-run caches prompt embeddings (and export its traced graphs) under $XDG_CACHE_HOME: keep the tests' cache out
+# of the user's home, and remove it when the session ends.
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="soraedge-test-cache-")
+atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], True)
 
 # Test sizes: small enough for CI, different from the export samples (b=2, f=2, h=2p, w=3p).
 TEST_SIZE = {"tiny-a": dict(height=32, width=48, frames=5), "tiny-b": dict(height=48, width=32, frames=9)}

@@ -1,0 +1,225 @@
+"""LoRAs for the Wan DiT: read from safetensors, named as diffusers names the DiT's layers, as weight deltas.
+
+`read_lora(path)` reads the formats diffusers' `WanLoraLoaderMixin` reads for Wan's transformer:
+- diffusers/PEFT: `[transformer.]<module>.lora_A.weight`, `.lora_B.weight` (and `.lora_B.bias`), scaled by
+  `lora_alpha / r` where the file's metadata carries its adapter config (`lora_adapter_metadata`), else by 1;
+- the original Wan/ComfyUI layout: `diffusion_model.blocks.N.self_attn.q.lora_down.weight` / `lora_up` (or
+  `lora_A`/`lora_B`), an optional `.alpha` (scale alpha / rank), `.diff_b` bias deltas and the head's `.diff`
+  weight delta, the module names mapped as diffusers maps them (`self_attn.q` -> `attn1.to_q`, `ffn.0` -> `ffn.net.0.proj`, ...).
+Anything else in the file is refused in one line naming it, never ignored; so is a file that is not safetensors
+(a pickled `.pt`/`.bin`/`.ckpt` is never unpickled). `LoraSet.deltas` then gives, for a checkpoint tensor name
+(`blocks.0.attn1.to_q.weight`), what the LoRAs add to it at their scales: scale x scaling x B @ A, summed over the
+LoRAs in order, as diffusers' `fuse_lora` adds them. Torch-free: export fuses these into the weights as they stream
+(export/streaming.py); the runtime can apply them to built engines.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import SoraError
+from .weights import read_float32, read_header, read_metadata
+
+PICKLED = (".pt", ".pth", ".bin", ".ckpt", ".pkl")
+# The original Wan layout's module names -> diffusers' (loaders/lora_conversion_utils.py's
+# _convert_non_diffusers_wan_lora_to_diffusers).
+_WAN_BLOCK = {**{f"self_attn.{o}": f"attn1.{c}" for o, c in zip("qkvo", ("to_q", "to_k", "to_v", "to_out.0"))},
+              **{f"cross_attn.{o}": f"attn2.{c}" for o, c in zip("qkvo", ("to_q", "to_k", "to_v", "to_out.0"))},
+              "ffn.0": "ffn.net.0.proj", "ffn.2": "ffn.net.2"}
+_WAN_TOP = {"time_projection.1": "condition_embedder.time_proj", "head.head": "proj_out",
+            "text_embedding.0": "condition_embedder.text_embedder.linear_1",
+            "text_embedding.2": "condition_embedder.text_embedder.linear_2",
+            "time_embedding.0": "condition_embedder.time_embedder.linear_1",
+            "time_embedding.2": "condition_embedder.time_embedder.linear_2"}
+
+
+@dataclass
+class LoraLayer:
+    """One layer's update: weight += scaling x up @ down (+ a full `diff`), bias += bias_scaling x `bias`. (PEFT
+    scales lora_B's bias as it scales the product; diffusers folds a Wan-layout alpha into the two matrices alone.)"""
+
+    down: np.ndarray | None = None  # [rank, in]
+    up: np.ndarray | None = None  # [out, rank]
+    scaling: float = 1.0
+    bias: np.ndarray | None = None
+    bias_scaling: float = 1.0
+    diff: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class Lora:
+    """A LoRA file at a scale: its path, its content hash, and its layers by diffusers module name."""
+
+    path: Path
+    scale: float
+    sha256: str
+    layers: dict[str, LoraLayer] = field(repr=False)
+
+    def describe(self) -> dict:
+        return {"file": self.path.name, "sha256": self.sha256, "scale": self.scale, "layers": len(self.layers)}
+
+
+def parse_lora(arg: str) -> tuple[Path, float]:
+    """'FILE[:SCALE]' -> (path, scale); the scale defaults to 1."""
+    path, sep, scale = arg.rpartition(":")
+    if not sep or not re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?", scale):
+        return Path(arg), 1.0
+    value = float(scale)
+    if not math.isfinite(value):
+        raise SoraError(f"--lora {arg}: the scale {scale} is not a finite number")
+    return Path(path), value
+
+
+def read_lora(path: Path, scale: float = 1.0) -> Lora:
+    """The LoRA in the safetensors file `path`, at `scale`; one line for a file that is missing, pickled, not
+    safetensors, or holds keys of no known format."""
+    path = Path(path)
+    if path.suffix.lower() in PICKLED:
+        raise SoraError(f"{path}: a pickled LoRA ({path.suffix}) is never unpickled: convert it to .safetensors")
+    if not path.is_file():
+        raise SoraError(f"{path}: no such LoRA file")
+    tensors = read_header(path)  # a file that is not safetensors: one line naming it
+    if not tensors:
+        raise SoraError(f"{path}: the LoRA holds no tensors")
+    names = list(tensors)
+    if any(k.startswith("diffusion_model.") for k in names):
+        layers = _wan_layers(path, tensors)
+    else:
+        layers = _diffusers_layers(path, tensors, _adapter_scaling(path))
+    for name, layer in layers.items():
+        if (layer.down is None) != (layer.up is None):
+            raise SoraError(f"{path}: {name} has only one of its two low-rank matrices")
+        if layer.down is not None and layer.up.shape[1] != layer.down.shape[0]:
+            raise SoraError(f"{path}: {name}: its up matrix {list(layer.up.shape)} and down matrix "
+                            f"{list(layer.down.shape)} disagree in rank")
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return Lora(path, float(scale), h.hexdigest(), layers)
+
+
+def _adapter_scaling(path: Path) -> float:
+    """lora_alpha / r from the adapter config diffusers saves in the file's metadata; 1 without one."""
+    raw = read_metadata(path).get("lora_adapter_metadata")
+    if raw is None:
+        return 1.0
+    try:
+        config = json.loads(raw)
+        if any(k.startswith("transformer.") for k in config):  # a pipeline's file: each component's own prefix
+            config = {k[len("transformer."):]: v for k, v in config.items() if k.startswith("transformer.")}
+        if config.get("rank_pattern") or config.get("alpha_pattern"):
+            raise SoraError(f"{path}: per-layer ranks or alphas (rank_pattern/alpha_pattern) are not supported")
+        return float(config.get("lora_alpha", config["r"])) / float(config["r"])
+    except (ValueError, KeyError, TypeError, ZeroDivisionError, AttributeError):
+        raise SoraError(f"{path}: its lora_adapter_metadata is not an adapter config with r and lora_alpha") from None
+
+
+def _diffusers_layers(path: Path, tensors, scaling: float) -> dict[str, LoraLayer]:
+    layers: dict[str, LoraLayer] = {}
+    for key, info in tensors.items():
+        name = key[len("transformer."):] if key.startswith("transformer.") else key
+        m = re.fullmatch(r"(.+)\.(lora_A\.weight|lora_B\.weight|lora_B\.bias)", name)
+        if m is None:
+            raise SoraError(f"{path}: {key} is not a LoRA tensor of a known format (diffusers/PEFT lora_A/lora_B, "
+                            f"or Wan's diffusion_model.* layout)")
+        layer = layers.setdefault(m.group(1), LoraLayer(scaling=scaling, bias_scaling=scaling))
+        value = read_float32(info, key)
+        if m.group(2) == "lora_A.weight":
+            layer.down = value
+        elif m.group(2) == "lora_B.weight":
+            layer.up = value
+        else:
+            layer.bias = value
+    return layers
+
+
+def _wan_layers(path: Path, tensors) -> dict[str, LoraLayer]:
+    layers: dict[str, LoraLayer] = {}
+    alphas = {}
+    for key, info in tensors.items():
+        m = re.fullmatch(r"diffusion_model\.(?:(blocks\.\d+)\.)?(.+?)\.(lora_down\.weight|lora_A\.weight|"
+                         r"lora_up\.weight|lora_B\.weight|alpha|diff_b|diff)", key)
+        table = _WAN_BLOCK if m is not None and m.group(1) else _WAN_TOP
+        if m is None or m.group(2) not in table or (m.group(3) == "diff" and m.group(2) != "head.head"):
+            raise SoraError(f"{path}: {key} names no layer of the Wan DiT that LoRAs change (self_attn, "
+                            f"cross_attn, ffn, time/text embeddings, head)")
+        module = (f"{m.group(1)}." if m.group(1) else "") + table[m.group(2)]
+        value = read_float32(info, key)
+        layer = layers.setdefault(module, LoraLayer())
+        kind = m.group(3)
+        if kind in ("lora_down.weight", "lora_A.weight"):
+            layer.down = value
+        elif kind in ("lora_up.weight", "lora_B.weight"):
+            layer.up = value
+        elif kind == "alpha":
+            alphas[module] = float(value.reshape(-1)[0])
+        elif kind == "diff_b":
+            layer.bias = value
+        else:
+            layer.diff = value
+    for module, alpha in alphas.items():
+        layer = layers[module]
+        if layer.down is None:
+            raise SoraError(f"{path}: {module} has an alpha but no low-rank matrices")
+        layer.scaling = alpha / layer.down.shape[0]
+    return layers
+
+
+class LoraSet:
+    """LoRAs applied in order, each at its scale: the delta each adds to a checkpoint tensor."""
+
+    def __init__(self, loras: list[Lora]):
+        self.loras = list(loras)
+
+    def __bool__(self) -> bool:
+        return bool(self.loras)
+
+    def describe(self) -> list[dict]:
+        return [lora.describe() for lora in self.loras]
+
+    def key(self) -> list[list]:
+        """What the weights depend on: each LoRA's content and scale, in order (not its file's name)."""
+        return [[lora.sha256, lora.scale] for lora in self.loras]
+
+    def check(self, shapes: dict[str, tuple[int, ...]]) -> None:
+        """Every layer of every LoRA names a weight of the model (`shapes`: checkpoint tensor name -> shape) with
+        the LoRA's shape; one line naming those that do not."""
+        for lora in self.loras:
+            unknown = sorted(n for n in lora.layers if f"{n}.weight" not in shapes)
+            if unknown:
+                raise SoraError(f"{lora.path}: {len(unknown)} layer(s) match nothing in this DiT: "
+                                f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}")
+            for name, layer in lora.layers.items():
+                out_in = shapes[f"{name}.weight"]
+                got = (layer.up.shape[0], layer.down.shape[1]) if layer.down is not None else None
+                if (got is not None and tuple(got) != tuple(out_in)) or (
+                        layer.diff is not None and tuple(layer.diff.shape) != tuple(out_in)) or (
+                        layer.bias is not None and tuple(layer.bias.shape) != (out_in[0],)):
+                    raise SoraError(f"{lora.path}: {name} is {list(got or layer.diff.shape)}, the DiT's weight "
+                                    f"is {list(out_in)}: this LoRA is for another model")
+
+    def delta(self, tensor: str) -> np.ndarray | None:
+        """What the LoRAs add to the checkpoint tensor `tensor` (`<module>.weight` or `.bias`), or None."""
+        module, _, kind = tensor.rpartition(".")
+        total = None
+        for lora in self.loras:
+            layer = lora.layers.get(module)
+            if layer is None:
+                continue
+            if kind == "weight":
+                parts = ([(layer.scaling, layer.up @ layer.down)] if layer.down is not None else []) + (
+                    [(1.0, layer.diff)] if layer.diff is not None else [])
+            else:
+                parts = [(layer.bias_scaling, layer.bias)] if layer.bias is not None else []
+            for scaling, part in parts:
+                term = np.float32(lora.scale * scaling) * part.astype(np.float32)
+                total = term if total is None else total + term
+        return total

@@ -46,12 +46,15 @@ from .common import choice, cli_errors
                    f"{DEFAULT_THRESHOLD} if given alone (kept >= 30 dB on the demo at 30 steps). Off by default.")
 @click.option("--vae-tile", type=int, help="Decode in overlapping spatial tiles of this many pixels (multiple of 32, "
               "e.g. 256) to bound the VAE's memory at large sizes. Off by default.")
+@click.option("--scheduler", type=click.Choice(["unipc", "euler"]),
+              help="Sample with this scheduler instead of the exported one (a distilled recipe's, e.g. euler).")
+@click.option("--flow-shift", type=float, help="The flow shift to sample with (default: the model's).")
 @click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path), help="Output .mp4, .gif or .npy")
 @cli_errors
 def main(engines, prompt, negative_prompt, steps, guidance, guidance_2, seed, height, width, frames, latents_file,
          threads,
          backend, cfg_mode, no_cuda_graph, precision, low_memory, prompt_cache, no_prompt_cache, step_cache, vae_tile,
-         out):
+         scheduler, flow_shift, out):
     """Generate a video for PROMPT with the engines in ENGINES."""
     import time
 
@@ -81,7 +84,8 @@ def main(engines, prompt, negative_prompt, steps, guidance, guidance_2, seed, he
         with tqdm(total=n_steps, desc="denoise", unit="step", leave=False) as bar:
             result = pipe(prompt, negative_prompt, h, w, f, n_steps, g, seed, latents,
                           on_step=lambda i, dt: bar.update(), sink=writer.write, step_cache=step_cache,
-                          vae_tile=vae_tile, guidance_2=g2 if pipe.experts else None)
+                          vae_tile=vae_tile, guidance_2=g2 if pipe.experts else None, scheduler=scheduler,
+                          flow_shift=flow_shift)
         t0 = time.perf_counter()
     write_s = time.perf_counter() - t0  # finishing the file; encoding overlapped the decode
     tm = result.timings

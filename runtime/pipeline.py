@@ -27,7 +27,7 @@ from .manifest import Manifest, load_manifest
 from .memory import PeakDevice, PeakRss
 from .prompt_cache import PromptCache
 from .sampler import sample
-from .schedulers import load_scheduler
+from .schedulers import read_scheduler_config, scheduler_from_config, swap_scheduler
 from .spec import EngineSpec
 from .step_cache import StepCache
 from .text import PromptEncoder
@@ -100,7 +100,8 @@ class Pipeline:
         self.text = PromptEncoder(str(manifest.file(self.config["tokenizer"])),
                                   lambda **feeds: self.engine("text_encoder")(**feeds),
                                   self.config["max_sequence_length"], self.config["pad_token_id"])
-        self.scheduler = load_scheduler(manifest.file(self.config["scheduler"]))
+        self.scheduler_config = read_scheduler_config(manifest.file(self.config["scheduler"]))
+        self.scheduler = scheduler_from_config(self.scheduler_config)
         self.prompt_cache = None
         if prompt_cache is not None:
             key = hashlib.sha256((manifest.content_key("text_encoder") + manifest.data["files"][
@@ -242,17 +243,21 @@ class Pipeline:
                  guidance: float | None = None, seed: int = 0, latents: np.ndarray | None = None,
                  output_type: str = "np", on_step=None, sink=None, observe=None,
                  step_cache: float | None = None, vae_tile: int | None = None,
-                 guidance_2: float | None = None) -> Generation:
+                 guidance_2: float | None = None, scheduler: str | None = None,
+                 flow_shift: float | None = None) -> Generation:
         """Generate. With `sink` (a callable taking [T, H, W, 3] float32 chunks, e.g. VideoWriter.write), frames
         are handed over as each latent frame is decoded and not kept: Generation.frames is then None.
         `observe(feeds, noise_pred)` sees every DiT call (see EngineDenoiser). `step_cache` (a threshold, e.g.
         runtime.step_cache.DEFAULT_THRESHOLD) skips DiT calls whose input barely changed (runtime/step_cache.py).
         `vae_tile` (pixels, a multiple of 4 x the VAE's scale) decodes in overlapping spatial tiles of that size to
         bound the decoder's memory at large sizes (runtime/vae_decode.py). `guidance_2`: Wan2.2 A14B's low-noise
-        expert's guidance scale (default: `guidance`)."""
+        expert's guidance scale (default: `guidance`). `scheduler` (unipc | euler) and `flow_shift` replace the
+        exported scheduler for this call (runtime/schedulers.py's swap_scheduler), as a distilled recipe asks."""
         h, w, f, steps, guidance, negative_prompt, guidance_2 = self.resolve(height, width, frames, steps,
                                                                              guidance, negative_prompt, guidance_2)
         check_seed(seed)
+        sampler_scheduler = self.scheduler if scheduler is None and flow_shift is None else scheduler_from_config(
+            swap_scheduler(self.scheduler_config, scheduler, flow_shift))
         if step_cache is not None and self.experts:
             raise SoraError("step caching probes one DiT; these engines have two experts (Wan2.2 A14B): run "
                             "without --step-cache")
@@ -293,7 +298,7 @@ class Pipeline:
             else:
                 denoiser, scale = EngineDenoiser(self.engine("transformer"), observe, self.cfg_batch), guidance
             cache = StepCache(denoiser, self.engine("dit_probe"), step_cache) if step_cache is not None else None
-            latents = sample(cache or denoiser, self.scheduler, latents, cond, uncond, scale, steps, _on_step)
+            latents = sample(cache or denoiser, sampler_scheduler, latents, cond, uncond, scale, steps, _on_step)
             evaluations = cache.evaluations if cache else len(step_times) * (1 + (cfg and denoiser.max_batch < 2))
             del denoiser, cache  # with low_memory these held the only references: the DiT is released here
         memory["denoise"], device_memory["denoise"] = mem.peak_mb, dev.peak_mb

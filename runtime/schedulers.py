@@ -4,6 +4,10 @@ Supported: `UniPCMultistepScheduler` with flow sigmas and flow prediction (what 
 `FlowMatchEulerDiscreteScheduler`. Any config key this file does not implement, or a value that changes the math
 in a way not implemented here, is refused with SoraError instead of silently producing a different trajectory.
 
+`swap_scheduler` changes the class and flow shift at run time as diffusers users swap them
+(`FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, shift=5.0)`): a distillation LoRA's recipe
+(few steps, Euler, shift 5) runs as published on engines exported with the checkpoint's UniPC.
+
 Interface (used by runtime/sampler.py): `set_timesteps(n)`, `.timesteps` (what the DiT is fed, float32; UniPC
 truncates to integers exactly like diffusers' int64 cast), and `step(model_output, sample) -> prev_sample`.
 """
@@ -224,6 +228,26 @@ class UniPCFlow:
 
 
 SCHEDULERS = {"UniPCMultistepScheduler": UniPCFlow, "FlowMatchEulerDiscreteScheduler": FlowMatchEuler}
+KINDS = {"unipc": "UniPCMultistepScheduler", "euler": "FlowMatchEulerDiscreteScheduler"}  # sora-run --scheduler
+
+
+def swap_scheduler(config: dict, kind: str | None = None, flow_shift: float | None = None) -> dict:
+    """The config of scheduler `kind` (unipc | euler; None: the same class) made from `config` as diffusers'
+    `Cls.from_config(config, ...)` makes it: the keys the new class takes carried over, its flow settings set (UniPC
+    on flow sigmas with flow prediction, as Wan ships it). The shift is `flow_shift`, or else the model's own under
+    either name (`flow_shift` for UniPC, `shift` for Euler): swapping the class alone keeps the trajectory's shift."""
+    if kind is not None and kind not in KINDS:
+        raise SoraError(f"scheduler {kind!r} unknown (known: {', '.join(KINDS)})")
+    name = KINDS[kind] if kind else config.get("_class_name")
+    if name not in SCHEDULERS:
+        raise SoraError(f"scheduler class {name!r} is not supported (supported: {sorted(SCHEDULERS)})")
+    shift = config.get("flow_shift", config.get("shift", 1.0)) if flow_shift is None else flow_shift
+    carried = {k: v for k, v in config.items() if k in SCHEDULERS[name].DEFAULTS}
+    if name == "UniPCMultistepScheduler":
+        carried.update(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=shift)
+    else:
+        carried.update(shift=shift)
+    return {"_class_name": name, **carried}
 
 
 def scheduler_from_config(config: dict):
@@ -236,9 +260,12 @@ def scheduler_from_config(config: dict):
     return SCHEDULERS[cls](config)
 
 
-def load_scheduler(path: str | Path):
+def read_scheduler_config(path: str | Path) -> dict:
     try:
-        config = json.loads(Path(path).read_text())
+        return json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
         raise SoraError(f"{path}: not a readable scheduler config ({type(e).__name__})") from None
-    return scheduler_from_config(config)
+
+
+def load_scheduler(path: str | Path):
+    return scheduler_from_config(read_scheduler_config(path))

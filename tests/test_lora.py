@@ -98,7 +98,7 @@ def _rel(a, b):
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
-@pytest.mark.parametrize("formats", [("peft",), ("wan",), ("peft", "wan")])
+@pytest.mark.parametrize("formats", [("peft",), ("wan", "peft")])  # Wan's layout is checked stacked on PEFT's
 def test_loras_fused_at_export_match_diffusers_fuse_lora(formats, loras, tiny_model, tmp_path):
     root = tiny_model("tiny-a")
     files_scales = [(loras[f], scale) for f, scale in zip(formats, (0.8, 0.5))]

@@ -52,3 +52,29 @@ def test_sora_run_matches_wan_pipeline(name, guidance, steps, frames, tiny_model
         control = ours(PROMPT, NEGATIVE, size["height"], size["width"], size["frames"], steps, guidance + 0.1,
                        latents=noise, output_type="latent")
         assert _rel(control.latents, ref_lat) > LATENT_RTOL, "the parity bound cannot tell guidance g from g+0.1"
+
+
+def test_a_few_step_recipe_with_a_swapped_scheduler_matches_wan_pipeline(tiny_model, tiny_engines):
+    """A distillation LoRA's published recipe on engines exported with UniPC: 4 steps, guidance 1 (one DiT call per
+    step, no negative branch), Euler with shift 5, against WanPipeline with the same scheduler swap; with the
+    exported scheduler instead (the control) the latents differ beyond the bound."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
+
+    size = TEST_SIZE["tiny-a"]
+    ref_pipe = WanPipeline.from_pretrained(tiny_model("tiny-a"))
+    ref_pipe.set_progress_bar_config(disable=True)
+    ref_pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(ref_pipe.scheduler.config, shift=5.0)
+    ours = Pipeline.load(tiny_engines("tiny-a"))
+    noise = np.random.default_rng(3).standard_normal(ours.latent_shape(**size), dtype=np.float32)
+    ref_lat = ref_pipe(prompt=PROMPT, height=size["height"], width=size["width"], num_frames=size["frames"],
+                       num_inference_steps=4, guidance_scale=1.0, latents=torch.from_numpy(noise),
+                       output_type="latent").frames.numpy()
+    calls = []
+    got = ours(PROMPT, None, size["height"], size["width"], size["frames"], 4, 1.0, latents=noise,
+               output_type="latent", scheduler="euler", flow_shift=5.0,
+               observe=lambda feeds, out: calls.append(feeds["timestep"].shape[0]))
+    assert calls == [1, 1, 1, 1] and got.dit_evaluations == 4
+    assert _rel(got.latents, ref_lat) < LATENT_RTOL, f"final latents: relative error {_rel(got.latents, ref_lat):.2e}"
+    control = ours(PROMPT, None, size["height"], size["width"], size["frames"], 4, 1.0, latents=noise,
+                   output_type="latent")
+    assert _rel(control.latents, ref_lat) > LATENT_RTOL

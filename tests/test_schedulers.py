@@ -62,3 +62,36 @@ def test_refuses_what_changes_the_math():
         scheduler_from_config({"_class_name": "FlowMatchEulerDiscreteScheduler", "magic_knob": 1})
     with pytest.raises(SoraError, match="not supported"):
         scheduler_from_config({"_class_name": "DDIMScheduler"})
+
+
+SWAPS = [  # (the exported scheduler's class and config, our swap, diffusers' swap of the same)
+    (UniPCMultistepScheduler, UNIPC[0], ("euler", 5.0),
+     lambda c: FlowMatchEulerDiscreteScheduler.from_config(c, shift=5.0)),
+    (UniPCMultistepScheduler, UNIPC[0], (None, 5.0), lambda c: UniPCMultistepScheduler.from_config(c, flow_shift=5.0)),
+    (FlowMatchEulerDiscreteScheduler, EULER[1], ("unipc", None),
+     lambda c: UniPCMultistepScheduler.from_config(c, prediction_type="flow_prediction", use_flow_sigmas=True,
+                                                   flow_shift=3.0)),
+    (UniPCMultistepScheduler, UNIPC[1], ("euler", None), lambda c: FlowMatchEulerDiscreteScheduler.from_config(
+        c, shift=5.0)),  # the class alone: the model's shift (5) kept
+]
+
+
+@pytest.mark.parametrize("cls, cfg, swap, theirs", SWAPS)
+def test_a_swapped_scheduler_and_shift_match_diffusers_same_swap(cls, cfg, swap, theirs):
+    """swap_scheduler on the exported config against diffusers' from_config of the same swap, every step."""
+    from soraedge.runtime.schedulers import swap_scheduler
+
+    exported = cls(**cfg)
+    ours = scheduler_from_config(swap_scheduler({"_class_name": cls.__name__, **dict(exported.config)}, *swap))
+    _run_pair(theirs(exported.config), ours, 4)
+
+
+def test_bad_swaps_are_refused():
+    from soraedge.runtime.schedulers import swap_scheduler
+
+    config = {"_class_name": "UniPCMultistepScheduler", **UNIPC[0]}
+    with pytest.raises(SoraError, match="scheduler 'ddim' unknown"):
+        swap_scheduler(config, "ddim")
+    for shift in (0.0, -1.0, float("nan")):
+        with pytest.raises(SoraError, match="is invalid"):
+            scheduler_from_config(swap_scheduler(config, "euler", shift))

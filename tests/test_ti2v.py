@@ -32,8 +32,10 @@ def ti2v_engines(tiny_model, tmp_path_factory):
     def get(name):
         if name not in cache:
             out = tmp_path_factory.mktemp(name) / "engines"
+            # each graph's own check against PyTorch is left to the export of every other layout: here the whole
+            # pipeline is checked against WanPipeline and the chunked decoder against AutoencoderKLWan below
             run_export(ExportConfig(model=str(tiny_model(name)), out=out, **SIZE[name], max_sequence_length=512,
-                                    precision="fp32", backend="ort"))
+                                    precision="fp32", backend="ort", check_parity=False))
             cache[name] = out
         return cache[name]
 

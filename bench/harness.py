@@ -21,6 +21,7 @@ from pathlib import Path
 import click
 import numpy as np
 
+from ..runtime.errors import SoraError
 from ..runtime.machine import machine
 
 RESULTS = Path(__file__).parent / "results"
@@ -253,7 +254,8 @@ def index_rows(results: Path) -> list[dict]:
     for path in sorted(results.glob("*.json")):
         match = NAME.match(path.stem)
         if match is None or not (Path(__file__).parent / f"{match['bench']}.py").is_file():  # a bench's module
-            raise ValueError(f"{path.name} is not named <bench>_<scenario>_<machine>_<date>[-run].json")
+            raise SoraError(f"{results}: {path.name} is not a result of these benches (named <bench>_<scenario>_"
+                            f"<machine>_<date>[-run].json): write the results to a folder of their own")
         record = json.loads(path.read_text())
         rows.append({**match.groupdict(), "stem": path.stem, "threads": record.get("threads"),
                      "command": record.get("command", ""), "run": int(match["run"] or 1),

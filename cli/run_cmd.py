@@ -46,6 +46,9 @@ from .common import choice, cli_errors
                    f"{DEFAULT_THRESHOLD} if given alone (kept >= 30 dB on the demo at 30 steps). Off by default.")
 @click.option("--vae-tile", type=int, help="Decode in overlapping spatial tiles of this many pixels (multiple of 32, "
               "e.g. 256) to bound the VAE's memory at large sizes. Off by default.")
+@click.option("--lora", "loras", multiple=True, metavar="FILE[:SCALE]",
+              help="A LoRA (safetensors) applied to the DiT at load, at SCALE (default 1); repeat to stack them. "
+                   "fp32/fp16 engines on ONNX Runtime; no re-export.")
 @click.option("--scheduler", type=click.Choice(["unipc", "euler"]),
               help="Sample with this scheduler instead of the exported one (a distilled recipe's, e.g. euler).")
 @click.option("--flow-shift", type=float, help="The flow shift to sample with (default: the model's).")
@@ -54,13 +57,14 @@ from .common import choice, cli_errors
 def main(engines, prompt, negative_prompt, steps, guidance, guidance_2, seed, height, width, frames, latents_file,
          threads,
          backend, cfg_mode, no_cuda_graph, precision, low_memory, prompt_cache, no_prompt_cache, step_cache, vae_tile,
-         scheduler, flow_shift, out):
+         loras, scheduler, flow_shift, out):
     """Generate a video for PROMPT with the engines in ENGINES."""
     import time
 
     from tqdm import tqdm
 
     from ..runtime.errors import SoraError
+    from ..runtime.lora import parse_lora
     from ..runtime.pipeline import Pipeline
     from ..runtime.prompt_cache import default_cache_dir
     from ..runtime.video import VideoWriter, check_output_path
@@ -75,7 +79,8 @@ def main(engines, prompt, negative_prompt, steps, guidance, guidance_2, seed, he
     t0 = time.perf_counter()
     cache_dir = None if no_prompt_cache else (prompt_cache or default_cache_dir())
     pipe = Pipeline.load(engines, threads=threads, backend=backend, precision=precision, low_memory=low_memory,
-                         prompt_cache=cache_dir, cuda_graph=not no_cuda_graph, cfg_batch=cfg_mode == "batch")
+                         prompt_cache=cache_dir, cuda_graph=not no_cuda_graph, cfg_batch=cfg_mode == "batch",
+                         loras=tuple(map(parse_lora, loras)))
     load_s = time.perf_counter() - t0
     h, w, f, n_steps, g, _, g2 = pipe.resolve(height, width, frames, steps, guidance, negative_prompt, guidance_2)
     if latents is not None:

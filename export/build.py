@@ -358,6 +358,20 @@ def _export_into(ck: WanCheckpoint, cfg: ExportConfig, defaults: dict, params: d
     return engines, vae_engines, d_model
 
 
+def _lora_targets(folder: Path, engines: dict, ck: WanCheckpoint) -> None:
+    """Record in each fp32 or fp16 DiT engine's entry where its graph holds each checkpoint tensor
+    (precision/tensor_files.py's checkpoint_weights): what sora-run --lora changes at load, without re-export. An
+    8-bit DiT's weights are quantized: LoRAs go into it at export only."""
+    from ..precision.tensor_files import checkpoint_weights
+
+    for name in ck.experts:
+        entry = engines[name]
+        if entry.get("precision", Graph.FP32) in (Graph.FP32, Graph.FP16):
+            config = read_json(ck.root / name / "config.json")
+            rows = [config["num_attention_heads"], config["attention_head_dim"]]
+            entry["lora_targets"] = checkpoint_weights(folder / entry["file"], rows)
+
+
 def _check_sizes(ck: WanCheckpoint) -> dict[str, int]:
     """Before any weight is read: each component's safetensors are well formed (runtime/weights.py), its config
     describes a model that can be built (on the meta device: no memory), and that model's parameters are the ones the
@@ -543,6 +557,7 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = lambda s: None) -
             "tokenizer": "tokenizer/tokenizer.json",
             "scheduler": "scheduler/scheduler_config.json",
         }
+        _lora_targets(ref, engines, ck)
         if ck.boundary_ratio is not None:  # Wan2.2 A14B: the engine transformer_2 runs below this share of the steps
             pipeline["boundary_ratio"] = ck.boundary_ratio
         body = {
@@ -570,8 +585,9 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = lambda s: None) -
             for d in ("tokenizer", "scheduler"):
                 shutil.copytree(ref / d, stage / d)
             converted = convert_engines(ref, stage, engines, plan, _dit_int8(cfg, reference, work), log)
-            manifest = staged(stage, {**body, "precision": plan, "precision_notes": notes,
-                                      "engines": {n: {**e, **converted[n]} for n, e in engines.items()}})
+            engines = {n: {k: v for k, v in e.items() if k != "lora_targets"} | converted[n] for n, e in engines.items()}
+            _lora_targets(stage, engines, ck)
+            manifest = staged(stage, {**body, "precision": plan, "precision_notes": notes, "engines": engines})
             report.seconds["convert_precision"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         if cfg.onnx_only:

@@ -19,6 +19,7 @@ import enum
 import torch
 import torch.nn.functional as F
 
+from ..runtime import lora
 from ..runtime.errors import SoraError
 from ..runtime.spec import Dim, EngineSpec, RunSettings, TensorSpec
 from .streaming import is_weightless, load_model
@@ -81,9 +82,8 @@ class RotaryTables(torch.nn.Module):
 
 
 def half_split_order(heads: int, head_dim: int) -> torch.Tensor:
-    """Channel order [heads * head_dim] that moves each head's interleaved pairs (2i, 2i+1) to (i, head_dim/2 + i)."""
-    within = torch.cat([torch.arange(0, head_dim, 2), torch.arange(1, head_dim, 2)])  # [D]
-    return (torch.arange(heads)[:, None] * head_dim + within).flatten()
+    """runtime/lora.py's channel order (the runtime puts a LoRA's rows in it too), as a tensor."""
+    return torch.from_numpy(lora.half_split_order(heads, head_dim))
 
 
 def half_split_orders(attn) -> dict[torch.nn.Parameter, torch.Tensor]:

@@ -12,6 +12,7 @@ dynamic axes are proven) and the worst error is returned for the manifest.
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 import warnings
 from pathlib import Path
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 
 from ..runtime.errors import SoraError
+from ..runtime.lora import CHECKPOINT_TENSORS
 from ..runtime.spec import EngineSpec
 from ..precision.fp16 import write_fp16
 from .streaming import (CheckpointTensors, attach_checkpoint, fold_weight_transposes, graph_and_weights,
@@ -78,9 +80,12 @@ def export_onnx(module: torch.nn.Module, spec: EngineSpec, path: Path, opset: in
         if program is None:
             raise SoraError(f"export of {spec.name} produced no ONNX program")
         if streamed:
-            attach_checkpoint(program.model, module, checkpoint)
-            fold_weight_transposes(program.model)
+            sources = attach_checkpoint(program.model, module, checkpoint)
+            fold_weight_transposes(program.model, sources)
             program.optimize()
+            kept = program.model.graph.initializers  # what the optimizer left of them, by name
+            program.model.metadata_props[CHECKPOINT_TENSORS] = json.dumps(
+                {name: source for name, source in sources.items() if name in kept}, sort_keys=True)
     if fp16 is None:
         program.save(str(path), external_data=True)
         return None

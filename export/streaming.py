@@ -115,14 +115,15 @@ def _resolve(checkpoint: CheckpointTensors, names: list[str], shape) -> str:
     return key
 
 
-def attach_checkpoint(model: ir.Model, module: torch.nn.Module, checkpoint: CheckpointTensors) -> int:
+def attach_checkpoint(model: ir.Model, module: torch.nn.Module, checkpoint: CheckpointTensors) -> dict[str, dict]:
     """Give every initializer of `model` (traced from the weightless `module`) that stands for a parameter its
-    checkpoint tensor, lazily; returns how many. A wrapper that renames the model's parameters names the model as
-    its `checkpoint_model` attribute (not a submodule), whose names the checkpoint uses. A parameter the checkpoint
-    does not hold, or holds in another shape, is one line naming it."""
+    checkpoint tensor, lazily; returns {initializer: {"tensor": its checkpoint name, "rows": whether its rows are
+    reordered}}. A wrapper that renames the model's parameters names the model as its `checkpoint_model` attribute
+    (not a submodule), whose names the checkpoint uses. A parameter the checkpoint does not hold, or holds in
+    another shape, is one line naming it."""
     params, aliases = _aliases(*([module.checkpoint_model] if hasattr(module, "checkpoint_model") else []), module)
     orders = row_orders(module)
-    attached = 0
+    sources = {}
     for value in model.graph.initializers.values():
         raw = getattr(value.const_value, "raw", None)  # the exporter keeps the parameter itself
         if raw is None or not is_fake(raw):
@@ -132,8 +133,8 @@ def attach_checkpoint(model: ir.Model, module: torch.nn.Module, checkpoint: Chec
         order = orders.get(param) if param is not None else None
         value.const_value = ir.LazyTensor(_reader(checkpoint, key, order), dtype=ir.DataType.FLOAT,
                                           shape=ir.Shape(list(raw.shape)), name=value.name)
-        attached += 1
-    return attached
+        sources[value.name] = {"tensor": key, "rows": order is not None}
+    return sources
 
 
 def row_orders(module: torch.nn.Module) -> dict[torch.nn.Parameter, np.ndarray]:
@@ -176,9 +177,10 @@ def _reader(checkpoint: CheckpointTensors, key: str, order) -> Callable[[], ir.T
     return read
 
 
-def fold_weight_transposes(model: ir.Model) -> int:
+def fold_weight_transposes(model: ir.Model, sources: dict[str, dict]) -> int:
     """Each Transpose whose input is a lazy initializer used by it alone becomes a lazy transposed initializer (the
-    exporter's constant folding would do the same, reading every weight into memory at once). Returns how many."""
+    exporter's constant folding would do the same, reading every weight into memory at once), its entry in
+    `sources` (attach_checkpoint's) renamed and marked transposed. Returns how many."""
     graph = model.graph
     folded = 0
     for node in list(graph):
@@ -203,6 +205,8 @@ def fold_weight_transposes(model: ir.Model) -> int:
         graph.remove(node, safe=True)
         graph.initializers.pop(src.name)
         graph.register_initializer(folded_value)
+        if src.name in sources:
+            sources[out.name] = {**sources.pop(src.name), "transpose": perm or list(range(len(shape)))[::-1]}
         folded += 1
     return folded
 

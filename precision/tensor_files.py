@@ -11,6 +11,7 @@ folder (runtime/safe_files.py's `inside`).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..runtime.errors import SoraError
+from ..runtime.lora import CHECKPOINT_TENSORS
 from ..runtime.safe_files import inside
 
 ALIGN = 4096  # each tensor starts on a page boundary, so a runtime can map it in place
@@ -81,6 +83,33 @@ class ExternalWeights:
             raise SoraError(f"{file}: tensor {t.name} ({list(shape)} {dtype}) does not fit in the file at offset "
                             f"{offset}: the file is truncated or does not belong to {self.path.name}")
         return file, offset, dtype, shape
+
+
+def checkpoint_weights(path: Path, rows: list[int]) -> dict[str, dict]:
+    """{checkpoint tensor: where the graph at `path` holds it} from the graph's CHECKPOINT_TENSORS metadata (written
+    at export: export/onnx_export.py): its initializer, the weights file, offset and dtype (or, for a tensor small
+    enough to sit in the graph, its values), the checkpoint's shape, the transpose and row order (`rows`: the rotary
+    rewrite's [heads, head_dim]) the graph applied. What a LoRA needs to change it at load (runtime/lora.py)."""
+    model = onnx.load(str(path), load_external_data=False)
+    sources = json.loads({p.key: p.value for p in model.metadata_props}.get(CHECKPOINT_TENSORS, "{}"))
+    weights = ExternalWeights(path, model)
+    out = {}
+    for name, source in sources.items():
+        t = weights.initializers.get(name)
+        if t is None or t.data_type not in (TensorProto.FLOAT, TensorProto.FLOAT16):
+            continue
+        perm = source.get("transpose")
+        shape = list(t.dims)
+        target = {"initializer": name, "shape": [shape[i] for i in np.argsort(perm)] if perm else shape,
+                  "transpose": perm, "rows": rows if source["rows"] else None}
+        if t.data_location == TensorProto.EXTERNAL:
+            file, offset, dtype, _ = weights.located(t)
+            target.update(file=file.name, offset=offset, dtype=dtype.name)
+        else:
+            values = numpy_helper.to_array(t)
+            target.update(values=values.reshape(-1).tolist(), dtype=values.dtype.name)
+        out[source["tensor"]] = target
+    return out
 
 
 class DataFile:

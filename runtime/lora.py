@@ -10,7 +10,10 @@ Anything else in the file is refused in one line naming it, never ignored; so is
 (a pickled `.pt`/`.bin`/`.ckpt` is never unpickled). `LoraSet.deltas` then gives, for a checkpoint tensor name
 (`blocks.0.attn1.to_q.weight`), what the LoRAs add to it at their scales: scale x scaling x B @ A, summed over the
 LoRAs in order, as diffusers' `fuse_lora` adds them. Torch-free: export fuses these into the weights as they stream
-(export/streaming.py); the runtime can apply them to built engines.
+(export/streaming.py), and `fused_initializers` applies them to built engines at load: each changed weight is read
+from the engine's weights file where the manifest says the graph holds it (`lora_targets`, recorded at export from
+the graph's CHECKPOINT_TENSORS metadata), put in the graph's layout (the rotary rewrite's row order, the exporter's
+transpose) and handed to the backend in place of the file's.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -28,6 +32,7 @@ from .errors import SoraError
 from .weights import read_float32, read_header, read_metadata
 
 PICKLED = (".pt", ".pth", ".bin", ".ckpt", ".pkl")
+CHECKPOINT_TENSORS = "soraedge.checkpoint_tensors"  # ONNX model metadata: {initializer: the checkpoint tensor it is}
 # The original Wan layout's module names -> diffusers' (loaders/lora_conversion_utils.py's
 # _convert_non_diffusers_wan_lora_to_diffusers).
 _WAN_BLOCK = {**{f"self_attn.{o}": f"attn1.{c}" for o, c in zip("qkvo", ("to_q", "to_k", "to_v", "to_out.0"))},
@@ -171,6 +176,33 @@ def _wan_layers(path: Path, tensors) -> dict[str, LoraLayer]:
             raise SoraError(f"{path}: {module} has an alpha but no low-rank matrices")
         layer.scaling = alpha / layer.down.shape[0]
     return layers
+
+
+def half_split_order(heads: int, head_dim: int) -> np.ndarray:
+    """Channel order [heads * head_dim] that moves each head's interleaved pairs (2i, 2i+1) to (i, head_dim/2 + i):
+    the layout export/dit.py's rotary rewrite writes the self-attention's query and key rows in."""
+    within = np.concatenate([np.arange(0, head_dim, 2), np.arange(1, head_dim, 2)])
+    return (np.arange(heads)[:, None] * head_dim + within).reshape(-1)
+
+
+def fused_initializers(targets: dict[str, dict], loras: "LoraSet", read: Callable[[dict], np.ndarray]
+                       ) -> dict[str, np.ndarray]:
+    """{initializer: its weights with the LoRAs added, in the graph's layout and dtype} for each checkpoint tensor
+    the LoRAs change. `targets`: the engine's `lora_targets` ({checkpoint tensor: where the graph holds it});
+    `read(target)`: the initializer's stored values."""
+    loras.check({tensor: tuple(target["shape"]) for tensor, target in targets.items()})
+    out = {}
+    for tensor, target in targets.items():
+        delta = loras.delta(tensor)
+        if delta is None:
+            continue
+        if target.get("rows"):
+            delta = delta[half_split_order(*target["rows"])]
+        if target.get("transpose"):
+            delta = np.transpose(delta, target["transpose"])
+        base = read(target)
+        out[target["initializer"]] = (base.astype(np.float32) + delta).astype(base.dtype)
+    return out
 
 
 class LoraSet:

@@ -27,6 +27,7 @@ from .manifest import Manifest, load_manifest
 from .memory import PeakDevice, PeakRss
 from .prompt_cache import PromptCache
 from .sampler import sample
+from .lora import LoraSet, fused_initializers, read_lora
 from .schedulers import read_scheduler_config, scheduler_from_config, swap_scheduler
 from .spec import EngineSpec
 from .step_cache import StepCache
@@ -67,13 +68,14 @@ class Pipeline:
     instead of a local backend (the Triton model runs them as BLS calls to the server's models: serve/bls.py).
     A GPU backend runs only a directory built for this GPU (runtime/gpu_target.py). `cuda_graph` replays the DiT
     step as a CUDA graph there; `cfg_batch=False` runs the two guidance branches as two DiT calls instead of one
-    batch of 2 (less activation memory, usually slower).
+    batch of 2 (less activation memory, usually slower). `loras` ([(safetensors file, scale)]) are applied to the DiT
+    at load, without re-export (runtime/lora.py): what an export with them fused computes.
     """
 
     def __init__(self, manifest: Manifest, threads: int | None = None, backend: str | None = None,
                  precision: str | None = None, low_memory: bool = False, prompt_cache: Path | None = None,
                  open_with: Callable[[str, EngineSpec], object] | None = None, cuda_graph: bool = True,
-                 cfg_batch: bool = True):
+                 cfg_batch: bool = True, loras: tuple[tuple[str | Path, float], ...] = ()):
         self.manifest = manifest
         self.open_with = open_with
         self.cuda_graph = cuda_graph
@@ -100,6 +102,8 @@ class Pipeline:
         self.text = PromptEncoder(str(manifest.file(self.config["tokenizer"])),
                                   lambda **feeds: self.engine("text_encoder")(**feeds),
                                   self.config["max_sequence_length"], self.config["pad_token_id"])
+        self.loras: list[dict] = []  # the LoRAs applied at load: file, content hash, scale
+        self.lora_weights = self._fuse_loras(loras) if loras else {}
         self.scheduler_config = read_scheduler_config(manifest.file(self.config["scheduler"]))
         self.scheduler = scheduler_from_config(self.scheduler_config)
         self.prompt_cache = None
@@ -112,11 +116,34 @@ class Pipeline:
     @classmethod
     def load(cls, engine_dir, threads: int | None = None, verify: bool = True, backend: str | None = None,
              precision: str | None = None, low_memory: bool = False, prompt_cache: Path | None = None,
-             cuda_graph: bool = True, cfg_batch: bool = True) -> Pipeline:
+             cuda_graph: bool = True, cfg_batch: bool = True, loras: tuple = ()) -> Pipeline:
         """`engine_dir`: a directory, read and verified here, or a Manifest already read (or being built)."""
         manifest = engine_dir if isinstance(engine_dir, Manifest) else load_manifest(engine_dir, verify=verify)
         return cls(manifest, threads, backend, precision, low_memory, prompt_cache,
-                   cuda_graph=cuda_graph, cfg_batch=cfg_batch)
+                   cuda_graph=cuda_graph, cfg_batch=cfg_batch, loras=loras)
+
+    def _fuse_loras(self, loras) -> dict[str, np.ndarray]:
+        """The DiT's weights the LoRAs change, with them added ({initializer: values}), for ONNX Runtime to take in
+        place of the file's. The first DiT only, as diffusers loads LoRAs (Wan2.2 A14B: the high-noise expert)."""
+        entry = self.manifest.data["engines"]["transformer"]
+        if self.backend != Backend.ORT or self.open_with is not None:
+            raise SoraError(f"LoRAs are applied to built engines on ONNX Runtime (--backend ort), not {self.backend}: "
+                            f"use --backend ort, or export with --lora to fuse them into the engines")
+        if "lora_targets" not in entry:
+            raise SoraError(f"{self.manifest.root}: its DiT is {entry.get('precision', 'fp32')} or was exported "
+                            f"without a record of its weights: LoRAs change fp32 and fp16 DiT graphs at load; export "
+                            f"with --lora to fuse them")
+        lora_set = LoraSet([read_lora(Path(path), scale) for path, scale in loras])
+
+        def stored(target: dict) -> np.ndarray:
+            shape = target["shape"] if not target["transpose"] else [target["shape"][i] for i in target["transpose"]]
+            if "values" in target:
+                return np.asarray(target["values"], target["dtype"]).reshape(shape)
+            return np.fromfile(self.manifest.file(target["file"]), target["dtype"], int(np.prod(shape)),
+                               offset=target["offset"]).reshape(shape)
+
+        self.loras = lora_set.describe()
+        return fused_initializers(entry["lora_targets"], lora_set, stored)
 
     def _open(self, name: str):
         if self.open_with is not None:
@@ -128,7 +155,8 @@ class Pipeline:
         run = spec.run  # this engine's settings, recorded at export (runtime/spec.py's RunSettings)
         engine = open_engine(self.backend, self.manifest.path_for(name, self.backend), spec,
                              1 if run.one_thread else self.threads, self.precision, cache, arena=run.arena,
-                             cuda_graph=self.cuda_graph and run.cuda_graph, static_shapes=run.static_shapes)
+                             cuda_graph=self.cuda_graph and run.cuda_graph, static_shapes=run.static_shapes,
+                             initializers=self.lora_weights if name == "transformer" else None)
         if cache is not None:
             compiled_used(cache)
         return engine

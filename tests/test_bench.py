@@ -8,6 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from soraedge.bench import harness
+from soraedge.runtime.errors import SoraError
 from soraedge.cli.bench_cmd import main as bench_main
 from soraedge.bench.flops import wan_dit_flops
 
@@ -76,7 +77,7 @@ def test_results_are_never_overwritten_and_the_index_lists_each(tmp_path):
 
 def test_a_result_named_otherwise_is_refused(tmp_path):
     (tmp_path / "dit_step_wan-384x6.json").write_text("{}")
-    with pytest.raises(ValueError, match="is not named"):
+    with pytest.raises(SoraError, match="is not a result of these benches"):
         harness.index_rows(tmp_path)
 
 

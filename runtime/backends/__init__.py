@@ -22,17 +22,20 @@ from ..spec import EngineSpec
 
 def open_engine(backend: str, path: Path, spec: EngineSpec, threads: int | None = None,
                 precision: str = Execution.FP32, cache_dir: Path | None = None, arena: bool = True, cuda_graph: bool = False,
-                static_shapes: int = 0):
+                static_shapes: int = 0, initializers: dict[str, np.ndarray] | None = None):
     """`arena=False` lets ONNX Runtime return large buffers instead of keeping its CPU arena (the VAE decoder).
     `static_shapes=N` has OpenVINO compile per input shape, keeping N (backends/openvino.py says why).
-    `cuda_graph` captures and replays the engine per shape on `ort-cuda` (the DiT: same shape every step)."""
+    `cuda_graph` captures and replays the engine per shape on `ort-cuda` (the DiT: same shape every step).
+    `initializers` replace the graph's weights of those names (LoRAs applied at load: ONNX Runtime on the CPU)."""
+    if initializers and backend != Backend.ORT:
+        raise SoraError(f"weights replaced at load (LoRAs) run on ONNX Runtime's CPU backend, not {backend}")
     if backend != Backend.OPENVINO and precision != Execution.FP32:
         raise SoraError(f"the {backend} backend runs the graphs at the precision they carry; execution precision "
                         f"{precision} is OpenVINO's (fp16/int8 are chosen at export)")
     if backend == Backend.ORT:
         from .ort import OrtEngine
 
-        return OrtEngine(path, spec, threads, arena=arena)
+        return OrtEngine(path, spec, threads, arena=arena, initializers=initializers)
     if backend == Backend.ORT_CUDA:
         from .ort_io import OrtIoEngine
 

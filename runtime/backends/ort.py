@@ -44,7 +44,8 @@ class OrtEngine:
     """A session over one ONNX model. Call with keyword inputs: `engine(...)` the first output, `.run` all."""
 
     def __init__(self, path: Path, spec: EngineSpec, threads: int | None = None,
-                 providers: list[str] | None = None, arena: bool = True):
+                 providers: list[str] | None = None, arena: bool = True,
+                 initializers: dict[str, np.ndarray] | None = None):
         so = ort.SessionOptions()
         so.log_severity_level = 3
         # The CPU arena keeps every block it ever grew to; without it large buffers go back to the allocator.
@@ -54,6 +55,11 @@ class OrtEngine:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             so.intra_op_num_threads = threads
+        # weights given in place of the graph's (LoRAs applied at load): the session uses these arrays, kept alive
+        self._initializers = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v))
+                              for v in (initializers or {}).values()]
+        for name, value in zip(initializers or {}, self._initializers):
+            so.add_initializer(name, value)
         providers = providers or ["CPUExecutionProvider"]
         if provider_name(providers[0]) != "CPUExecutionProvider":
             load_gpu_libraries()

@@ -96,6 +96,10 @@ class Pipeline:
             raise SoraError(f"unknown backend {self.backend!r} (known: {', '.join(BACKENDS)})")
         if self.precision not in EXECUTIONS:
             raise SoraError(f"unknown precision {self.precision!r} (known: {', '.join(EXECUTIONS)})")
+        if loras and (self.backend not in (Backend.ORT, Backend.OPENVINO) or open_with is not None):
+            raise SoraError(f"LoRAs are applied to built engines on the CPU backends (ort, openvino), not "
+                            f"{'a Triton server' if open_with else self.backend}: export with --lora to fuse them "
+                            f"into the engines")
         if self.backend in GPU_BACKENDS and open_with is None:
             check_target(manifest.data.get("gpu"), self.backend, manifest.root)
         self._engines: dict[str, object] = {}
@@ -126,9 +130,6 @@ class Pipeline:
         """The DiT's weights the LoRAs change, with them added ({initializer: values}), for ONNX Runtime to take in
         place of the file's. The first DiT only, as diffusers loads LoRAs (Wan2.2 A14B: the high-noise expert)."""
         entry = self.manifest.data["engines"]["transformer"]
-        if self.backend != Backend.ORT or self.open_with is not None:
-            raise SoraError(f"LoRAs are applied to built engines on ONNX Runtime (--backend ort), not {self.backend}: "
-                            f"use --backend ort, or export with --lora to fuse them into the engines")
         if "lora_targets" not in entry:
             raise SoraError(f"{self.manifest.root}: its DiT is {entry.get('precision', 'fp32')} or was exported "
                             f"without a record of its weights: LoRAs change fp32 and fp16 DiT graphs at load; export "
@@ -149,14 +150,15 @@ class Pipeline:
         if self.open_with is not None:
             return self.open_with(name, self.manifest.spec(name))
         cache = None  # compiled models: this user's, keyed by content (runtime/user_cache.py)
-        if self.backend != "ort":
+        lora_weights = self.lora_weights if name == "transformer" else None
+        if self.backend != "ort" and not lora_weights:  # weights changed at load: compiled afresh
             cache = compiled_cache(self.backend, name, self.manifest.content_key(name), self.precision)
         spec = self.manifest.spec(name)
         run = spec.run  # this engine's settings, recorded at export (runtime/spec.py's RunSettings)
         engine = open_engine(self.backend, self.manifest.path_for(name, self.backend), spec,
                              1 if run.one_thread else self.threads, self.precision, cache, arena=run.arena,
                              cuda_graph=self.cuda_graph and run.cuda_graph, static_shapes=run.static_shapes,
-                             initializers=self.lora_weights if name == "transformer" else None)
+                             initializers=lora_weights)
         if cache is not None:
             compiled_used(cache)
         return engine

@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 
 from conftest import TEST_SIZE
 from soraedge.export.build import ExportConfig, run_export
+from soraedge.runtime.backends import openvino as ov_backend
 from soraedge.runtime.errors import SoraError
 from soraedge.runtime.lora import parse_lora
 from soraedge.runtime.manifest import load_manifest
@@ -98,13 +99,28 @@ def _rel(a, b):
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
+@pytest.fixture(scope="module")
+def fused(loras, tiny_model, tmp_path_factory):
+    """formats -> (the engines exported with those LoRAs fused, at 0.8 then 0.5, their (file, scale) list)."""
+    cache = {}
+
+    def get(formats):
+        if formats not in cache:
+            files_scales = [(loras[f], scale) for f, scale in zip(formats, (0.8, 0.5))]
+            out = tmp_path_factory.mktemp("fused") / "e"
+            run_export(ExportConfig(model=str(tiny_model("tiny-a")), out=out, **SIZE, max_sequence_length=512,
+                                    precision="fp32", backend="ort",
+                                    loras=tuple((str(p), s) for p, s in files_scales)))
+            cache[formats] = out, files_scales
+        return cache[formats]
+
+    return get
+
+
 @pytest.mark.parametrize("formats", [("peft",), ("wan", "peft")])  # Wan's layout is checked stacked on PEFT's
-def test_loras_fused_at_export_match_diffusers_fuse_lora(formats, loras, tiny_model, tiny_engines, tmp_path):
+def test_loras_fused_at_export_match_diffusers_fuse_lora(formats, fused, tiny_model, tiny_engines):
     root = tiny_model("tiny-a")
-    files_scales = [(loras[f], scale) for f, scale in zip(formats, (0.8, 0.5))]
-    out = tmp_path / "e"
-    run_export(ExportConfig(model=str(root), out=out, **SIZE, max_sequence_length=512, precision="fp32",
-                            backend="ort", loras=tuple((str(p), s) for p, s in files_scales)))
+    out, files_scales = fused(formats)
     m = load_manifest(out)
     assert [(entry["file"], entry["scale"]) for entry in m.data["loras"]] == [(p.name, s) for p, s in files_scales]
     ours = Pipeline.load(out)
@@ -166,17 +182,9 @@ def test_lora_arguments():
         parse_lora("x.safetensors:1e999")
 
 
-@pytest.fixture(scope="module")
-def stacked(loras, tiny_model, tmp_path_factory):
-    """The engines exported with both LoRAs fused (PEFT's at 0.8, then Wan's at 0.5)."""
-    out = tmp_path_factory.mktemp("stacked") / "e"
-    run_export(ExportConfig(model=str(tiny_model("tiny-a")), out=out, **SIZE, precision="fp32", backend="ort",
-                            loras=((str(loras["peft"]), 0.8), (str(loras["wan"]), 0.5))))
-    return out
-
-
-def test_loras_applied_at_load_compute_what_the_export_with_them_fused_computes(loras, stacked, tiny_engines):
-    """Two LoRAs applied to the base engines at load (no re-export) against the export with both fused: frames
+def test_loras_applied_at_load_compute_what_the_export_with_them_fused_computes(loras, fused, tiny_engines):
+    """Two LoRAs applied to the base engines at load (no re-export) against the export with both fused (Wan's
+    layout at 0.8, then PEFT's at 0.5): frames
     within 1e-4 on ONNX Runtime; at scale 0 the base engines' output, bit for bit; a LoRA left out is seen."""
     base = tiny_engines("tiny-a")
     noise = np.random.default_rng(9).standard_normal(Pipeline.load(base).latent_shape(**SIZE), dtype=np.float32)
@@ -185,16 +193,34 @@ def test_loras_applied_at_load_compute_what_the_export_with_them_fused_computes(
         pipe = Pipeline.load(engines, backend="ort", loras=with_loras)
         return pipe(PROMPT, NEGATIVE, SIZE["height"], SIZE["width"], SIZE["frames"], 3, 5.0, latents=noise)
 
-    fused = run(stacked)
-    applied = run(base, ((loras["peft"], 0.8), (loras["wan"], 0.5)))
-    assert float(np.abs(applied.frames - fused.frames).max()) < 1e-4
-    assert _rel(applied.latents, fused.latents) < 1e-5
+    stacked, files_scales = fused(("wan", "peft"))
+    exported = run(stacked)
+    applied = run(base, tuple(files_scales))
+    assert float(np.abs(applied.frames - exported.frames).max()) < 1e-4
+    assert _rel(applied.latents, exported.latents) < 1e-5
     assert np.array_equal(run(base, ((loras["peft"], 0.0),)).latents, run(base).latents)
-    assert _rel(run(base, ((loras["peft"], 0.8),)).latents, fused.latents) > 1e-3  # the control: one LoRA missing
+    assert _rel(run(base, files_scales[:1]).latents, exported.latents) > 1e-3  # the control: one LoRA missing
+
+
+@pytest.mark.skipif(not ov_backend.available(), reason="OpenVINO is not installed")
+def test_loras_applied_at_load_on_openvino(fused, tiny_engines):
+    """OpenVINO compiles the base DiT with the LoRAs' weights in place of its constants: what ONNX Runtime computes
+    with the LoRAs fused at export (within OpenVINO's own fp32 difference from it)."""
+    stacked, files_scales = fused(("wan", "peft"))
+    noise = np.random.default_rng(4).standard_normal(Pipeline.load(stacked).latent_shape(**SIZE), dtype=np.float32)
+
+    def run(engines, backend, with_loras=()):
+        return Pipeline.load(engines, backend=backend, loras=with_loras)(
+            PROMPT, NEGATIVE, SIZE["height"], SIZE["width"], SIZE["frames"], 3, 5.0, latents=noise,
+            output_type="latent").latents
+
+    exported = run(stacked, "ort")
+    assert _rel(run(tiny_engines("tiny-a"), "openvino", tuple(files_scales)), exported) < 1e-4
+    assert _rel(run(tiny_engines("tiny-a"), "openvino"), exported) > 1e-3
 
 
 def test_loras_at_load_refuse_what_they_cannot_change(loras, tiny_engines):
-    with pytest.raises(SoraError, match="LoRAs are applied to built engines on ONNX Runtime"):
-        Pipeline.load(tiny_engines("tiny-a"), backend="openvino", loras=((loras["peft"], 1.0),))
+    with pytest.raises(SoraError, match="LoRAs are applied to built engines on the CPU backends"):
+        Pipeline.load(tiny_engines("tiny-a"), backend="ort-cuda", loras=((loras["peft"], 1.0),))
     with pytest.raises(SoraError, match="this LoRA is for another model"):
         Pipeline.load(tiny_engines("tiny-b"), backend="ort", loras=((loras["peft"], 1.0),))

@@ -26,9 +26,9 @@ def open_engine(backend: str, path: Path, spec: EngineSpec, threads: int | None 
     """`arena=False` lets ONNX Runtime return large buffers instead of keeping its CPU arena (the VAE decoder).
     `static_shapes=N` has OpenVINO compile per input shape, keeping N (backends/openvino.py says why).
     `cuda_graph` captures and replays the engine per shape on `ort-cuda` (the DiT: same shape every step).
-    `initializers` replace the graph's weights of those names (LoRAs applied at load: ONNX Runtime on the CPU)."""
-    if initializers and backend != Backend.ORT:
-        raise SoraError(f"weights replaced at load (LoRAs) run on ONNX Runtime's CPU backend, not {backend}")
+    `initializers` replace the graph's weights of those names (LoRAs applied at load: the CPU backends)."""
+    if initializers and backend not in (Backend.ORT, Backend.OPENVINO):
+        raise SoraError(f"weights replaced at load (LoRAs) run on the CPU backends (ort, openvino), not {backend}")
     if backend != Backend.OPENVINO and precision != Execution.FP32:
         raise SoraError(f"the {backend} backend runs the graphs at the precision they carry; execution precision "
                         f"{precision} is OpenVINO's (fp16/int8 are chosen at export)")
@@ -52,7 +52,8 @@ def open_engine(backend: str, path: Path, spec: EngineSpec, threads: int | None 
     if backend == Backend.OPENVINO:
         from .openvino import OvEngine
 
-        return OvEngine(path, spec, threads, precision, cache_dir, static_shapes=static_shapes)
+        return OvEngine(path, spec, threads, precision, cache_dir, static_shapes=static_shapes,
+                        initializers=initializers)
     raise SoraError(f"unknown backend {backend!r} (known: {', '.join(BACKENDS)})")
 
 

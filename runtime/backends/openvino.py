@@ -69,7 +69,8 @@ class OvEngine:
       second compiled copy of its weights would double its memory."""
 
     def __init__(self, path: Path, spec: EngineSpec, threads: int | None = None, precision: str = Execution.FP32,
-                 cache_dir: Path | None = None, static_shapes: int = 0):
+                 cache_dir: Path | None = None, static_shapes: int = 0,
+                 initializers: dict[str, np.ndarray] | None = None):
         if precision not in _HINT:
             raise SoraError(f"openvino precision {precision!r} is not supported (use fp32 or bf16)")
         core = _core()
@@ -85,6 +86,7 @@ class OvEngine:
             config["CACHE_DIR"] = str(cache_dir)
         self.core, self.path, self.config, self.spec = core, Path(path), config, spec
         self.static_shapes = static_shapes
+        self.initializers = initializers or {}  # weights in place of the graph's (LoRAs applied at load)
         self._by_shape: dict[tuple, tuple] = {}  # input shapes -> (compiled model, infer request)
         if not static_shapes:
             self.compiled = self._compile(None)
@@ -94,13 +96,31 @@ class OvEngine:
         import openvino as ov
 
         try:
-            if shapes is None:
+            if shapes is None and not self.initializers:
                 return self.core.compile_model(str(self.path), "CPU", self.config)
-            model = self.core.read_model(str(self.path))
+            model = self._replace_weights(self.core.read_model(str(self.path)))
+            if shapes is None:
+                return self.core.compile_model(model, "CPU", self.config)
             model.reshape({name: ov.PartialShape(list(shape)) for name, shape in shapes.items()})
             return self.core.compile_model(model, "CPU", self.config)
         except RuntimeError as e:
             raise SoraError(f"OpenVINO could not compile {self.path.name}: {str(e).splitlines()[0]}") from None
+
+    def _replace_weights(self, model):
+        """`model` with each of `initializers` in place of the constant OpenVINO read from the ONNX initializer of
+        that name (its ONNX frontend keeps initializer names as the constants' names)."""
+        from openvino import op
+
+        if not self.initializers:
+            return model
+        constants = {o.get_friendly_name(): o for o in model.get_ops() if o.get_type_name() == "Constant"}
+        for name, values in self.initializers.items():
+            old = constants.get(name)
+            if old is None or tuple(old.get_output_shape(0)) != values.shape:
+                raise SoraError(f"{self.path.name}: OpenVINO holds no weight {name} of shape {list(values.shape)} "
+                                f"to replace")
+            old.output(0).replace(op.Constant(np.ascontiguousarray(values)).output(0))
+        return model
 
     def compiled_for(self, feeds: dict[str, np.ndarray]):
         """(compiled model, infer request) that runs `feeds`: compiled for their shapes on first use when

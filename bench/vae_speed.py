@@ -1,4 +1,5 @@
-"""VAE decode speed on a real Wan VAE configuration (random weights; `--vae wan2.1|wan2.2`): diffusers' `AutoencoderKLWan.decode`
+"""VAE decode speed on a real Wan VAE configuration (random weights; `--vae wan2.1|wan2.2`): diffusers'
+`AutoencoderKLWan.decode`
 (PyTorch eager) against the chunked decoder engines on ONNX Runtime fp32 and OpenVINO fp32/bf16, in one run.
 
 Same latents and thread count for every peer; each engine peer decodes once to warm up, then is timed. PSNR of the
@@ -90,7 +91,8 @@ def run(height: int, width: int, frames: int, threads: int, log=print, family: s
                             "[1,2,4,4])",
                  "wan2.2": "the Wan2.2 VAE configuration (z_dim 48, decoder 256 wide, residual blocks, 2x2 patch, 16x "
                            "spatial)"}[family]
-    return {"vae": f"{described}, random weights", "height": height, "width": width, "frames": frames, "latent_shape": list(z.shape),
+    return {"vae": f"{described}, random weights", "height": height, "width": width, "frames": frames,
+            "latent_shape": list(z.shape),
             "threads": threads, "conv_gflop": flops / 1e9, "matmul_peak_gflops": peak, "machine": machine(),
             "versions": versions(), "rows": rows}
 

@@ -585,7 +585,8 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = lambda s: None) -
             for d in ("tokenizer", "scheduler"):
                 shutil.copytree(ref / d, stage / d)
             converted = convert_engines(ref, stage, engines, plan, _dit_int8(cfg, reference, work), log)
-            engines = {n: {k: v for k, v in e.items() if k != "lora_targets"} | converted[n] for n, e in engines.items()}
+            engines = {n: {k: v for k, v in e.items() if k != "lora_targets"} | converted[n]
+                       for n, e in engines.items()}
             _lora_targets(stage, engines, ck)
             manifest = staged(stage, {**body, "precision": plan, "precision_notes": notes, "engines": engines})
             report.seconds["convert_precision"] = time.perf_counter() - t0

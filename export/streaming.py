@@ -4,11 +4,13 @@ external data straight from the checkpoint's safetensors, one tensor at a time.
 `weightless()` builds modules whose parameters are fake tensors (a shape and a dtype, no storage); buffers a module
 computes when built (RoPE's tables) stay real and are written from memory. The exporter traces the fake module as
 it would the real one; `attach_checkpoint` then gives each initializer that stands for a parameter a lazy value:
-its checkpoint tensor, read from the shard that holds it (one positioned read of its bytes), converted to float32 whatever the checkpoint
-stored (bf16, fp16, fp32), with the export-time reordering of its rows applied where the model declares one
-(`row_orders`: export/dit.py's rotary layout). A transpose of such a weight (how the exporter writes a
-Linear) becomes a lazy transposed value instead of a node, as the exporter's own constant folding would make it.
-Saving reads, converts and writes one tensor at a time, so host memory is the largest tensor plus the trace.
+its checkpoint tensor, read from the shard that holds it (one positioned read of its bytes), converted to float32
+whatever the checkpoint stored (bf16, fp16, fp32), plus the LoRAs fused into it (runtime/lora.py), with the
+export-time reordering of its rows applied where the model declares one (`row_orders`: export/dit.py's rotary
+layout). A transpose of such a weight (how the exporter writes a Linear) becomes a lazy transposed value instead of a
+node, as the exporter's own constant folding would make it. Which checkpoint tensor each initializer holds, and how,
+is recorded in the graph (export/onnx_export.py), so LoRAs can change built engines at load. Saving reads, converts
+and writes one tensor at a time, so host memory is the largest tensor plus the trace.
 `load_model` builds the same models with their weights, read the same way: the PyTorch references of the parity
 check, whole or with fewer layers; `blocks_streamed` runs a weightless model with each block's weights read as the
 block runs: a PyTorch reference at full size for a model that does not fit.

@@ -5,7 +5,8 @@
   `lora_alpha / r` where the file's metadata carries its adapter config (`lora_adapter_metadata`), else by 1;
 - the original Wan/ComfyUI layout: `diffusion_model.blocks.N.self_attn.q.lora_down.weight` / `lora_up` (or
   `lora_A`/`lora_B`), an optional `.alpha` (scale alpha / rank), `.diff_b` bias deltas and the head's `.diff`
-  weight delta, the module names mapped as diffusers maps them (`self_attn.q` -> `attn1.to_q`, `ffn.0` -> `ffn.net.0.proj`, ...).
+  weight delta, the module names mapped as diffusers maps them (`self_attn.q` -> `attn1.to_q`, `ffn.0` ->
+  `ffn.net.0.proj`, ...).
 Anything else in the file is refused in one line naming it, never ignored; so is a file that is not safetensors
 (a pickled `.pt`/`.bin`/`.ckpt` is never unpickled). `LoraSet.deltas` then gives, for a checkpoint tensor name
 (`blocks.0.attn1.to_q.weight`), what the LoRAs add to it at their scales: scale x scaling x B @ A, summed over the
@@ -189,8 +190,7 @@ def fused_initializers(targets: dict[str, dict], loras: "LoraSet", read: Callabl
                        ) -> dict[str, np.ndarray]:
     """{initializer: its weights with the LoRAs added, in the graph's layout and dtype} for each checkpoint tensor
     the LoRAs change. `targets`: the engine's `lora_targets` ({checkpoint tensor: where the graph holds it});
-    `read(target)`: the initializer's stored values."""
-    loras.check({tensor: tuple(target["shape"]) for tensor, target in targets.items()})
+    `read(target)`: the initializer's stored values. The LoRAs are checked against `targets` (LoraSet.check)."""
     out = {}
     for tensor, target in targets.items():
         delta = loras.delta(tensor)

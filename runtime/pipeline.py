@@ -106,8 +106,8 @@ class Pipeline:
         self.text = PromptEncoder(str(manifest.file(self.config["tokenizer"])),
                                   lambda **feeds: self.engine("text_encoder")(**feeds),
                                   self.config["max_sequence_length"], self.config["pad_token_id"])
-        self.loras: list[dict] = []  # the LoRAs applied at load: file, content hash, scale
-        self.lora_weights = self._fuse_loras(loras) if loras else {}
+        self.lora_set = self._read_loras(loras) if loras else None
+        self.loras = self.lora_set.describe() if loras else []  # the LoRAs applied at load: file, hash, scale
         self.scheduler_config = read_scheduler_config(manifest.file(self.config["scheduler"]))
         self.scheduler = scheduler_from_config(self.scheduler_config)
         self.prompt_cache = None
@@ -126,15 +126,22 @@ class Pipeline:
         return cls(manifest, threads, backend, precision, low_memory, prompt_cache,
                    cuda_graph=cuda_graph, cfg_batch=cfg_batch, loras=loras)
 
-    def _fuse_loras(self, loras) -> dict[str, np.ndarray]:
-        """The DiT's weights the LoRAs change, with them added ({initializer: values}), for ONNX Runtime to take in
-        place of the file's. The first DiT only, as diffusers loads LoRAs (Wan2.2 A14B: the high-noise expert)."""
+    def _read_loras(self, loras) -> LoraSet:
+        """The LoRAs, read and checked against the DiT's record of its weights (one line for what they cannot
+        change). They go into the first DiT only, as diffusers loads LoRAs (Wan2.2 A14B: the high-noise expert)."""
         entry = self.manifest.data["engines"]["transformer"]
         if "lora_targets" not in entry:
             raise SoraError(f"{self.manifest.root}: its DiT is {entry.get('precision', 'fp32')} or was exported "
                             f"without a record of its weights: LoRAs change fp32 and fp16 DiT graphs at load; export "
                             f"with --lora to fuse them")
         lora_set = LoraSet([read_lora(Path(path), scale) for path, scale in loras])
+        lora_set.check({tensor: tuple(t["shape"]) for tensor, t in entry["lora_targets"].items()})
+        return lora_set
+
+    def _lora_weights(self) -> dict[str, np.ndarray]:
+        """The DiT's weights the LoRAs change, with them added ({initializer: values}), for the backend to take in
+        place of the file's; computed when the DiT opens, so a released DiT (low_memory) holds none of them."""
+        targets = self.manifest.data["engines"]["transformer"]["lora_targets"]
 
         def stored(target: dict) -> np.ndarray:
             shape = target["shape"] if not target["transpose"] else [target["shape"][i] for i in target["transpose"]]
@@ -143,14 +150,13 @@ class Pipeline:
             return np.fromfile(self.manifest.file(target["file"]), target["dtype"], int(np.prod(shape)),
                                offset=target["offset"]).reshape(shape)
 
-        self.loras = lora_set.describe()
-        return fused_initializers(entry["lora_targets"], lora_set, stored)
+        return fused_initializers(targets, self.lora_set, stored)
 
     def _open(self, name: str):
         if self.open_with is not None:
             return self.open_with(name, self.manifest.spec(name))
         cache = None  # compiled models: this user's, keyed by content (runtime/user_cache.py)
-        lora_weights = self.lora_weights if name == "transformer" else None
+        lora_weights = self._lora_weights() if name == "transformer" and self.lora_set else None
         if self.backend != "ort" and not lora_weights:  # weights changed at load: compiled afresh
             cache = compiled_cache(self.backend, name, self.manifest.content_key(name), self.precision)
         spec = self.manifest.spec(name)

@@ -232,7 +232,8 @@ def test_fp16_written_as_the_weights_stream_equals_onnxruntimes_conversion_of_th
     feeds = spec.sample_inputs(seed=7, b=1, f=3, h=6, w=4)
     reference = _run(tmp_path / "library.onnx", feeds)
     for name in ("direct", "file"):
-        types = {t.data_type for t in onnx.load(str(tmp_path / f"{name}.onnx"), load_external_data=False).graph.initializer}
+        graph = onnx.load(str(tmp_path / f"{name}.onnx"), load_external_data=False).graph
+        types = {t.data_type for t in graph.initializer}
         assert onnx.TensorProto.FLOAT16 in types
         assert np.array_equal(_run(tmp_path / f"{name}.onnx", feeds), reference)
     assert not np.array_equal(_run(tmp_path / "fp32.onnx", feeds), reference)  # fp16 is seen: the control

@@ -230,13 +230,16 @@ class LoraSet:
                 raise SoraError(f"{lora.path}: {len(unknown)} layer(s) match nothing in this DiT: "
                                 f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}")
             for name, layer in lora.layers.items():
-                out_in = shapes[f"{name}.weight"]
-                got = (layer.up.shape[0], layer.down.shape[1]) if layer.down is not None else None
-                if (got is not None and tuple(got) != tuple(out_in)) or (
-                        layer.diff is not None and tuple(layer.diff.shape) != tuple(out_in)) or (
-                        layer.bias is not None and tuple(layer.bias.shape) != (out_in[0],)):
-                    raise SoraError(f"{lora.path}: {name} is {list(got or layer.diff.shape)}, the DiT's weight "
-                                    f"is {list(out_in)}: this LoRA is for another model")
+                out_in = tuple(shapes[f"{name}.weight"])
+                wrong = [(what, shape, want) for what, shape, want in (
+                    ("", (layer.up.shape[0], layer.down.shape[1]) if layer.down is not None else None, out_in),
+                    ("'s weight delta", layer.diff.shape if layer.diff is not None else None, out_in),
+                    ("'s bias delta", layer.bias.shape if layer.bias is not None else None, out_in[:1]))
+                    if shape is not None and tuple(shape) != want]
+                if wrong:
+                    what, shape, want = wrong[0]
+                    raise SoraError(f"{lora.path}: {name}{what} is {list(shape)}, the DiT's is {list(want)}: this "
+                                    f"LoRA is for another model")
 
     def delta(self, tensor: str) -> np.ndarray | None:
         """What the LoRAs add to the checkpoint tensor `tensor` (`<module>.weight` or `.bias`), or None."""

@@ -153,7 +153,7 @@ def test_bad_loras_are_one_line_and_nothing_is_written(loras, tiny_model, tmp_pa
     shape = tmp_path / "shape.safetensors"
     save_file({"blocks.0.attn1.to_q.lora_A.weight": torch.zeros(4, 7),
                "blocks.0.attn1.to_q.lora_B.weight": torch.zeros(24, 4)}, shape)
-    with pytest.raises(SoraError, match=r"blocks.0.attn1.to_q is \[24, 7\], the DiT's weight is \[24, 24\]"):
+    with pytest.raises(SoraError, match=r"blocks.0.attn1.to_q is \[24, 7\], the DiT's is \[24, 24\]"):
         export(shape)
     rank = tmp_path / "rank.safetensors"
     save_file({"blocks.0.attn1.to_q.lora_A.weight": torch.zeros(4, 24),

@@ -1,4 +1,4 @@
-"""sora-export MODEL -o DIR: a diffusers Wan2.1 directory (or `demo`) -> an engine directory (fp32/fp16/int8).
+"""sora-export MODEL -o DIR: a diffusers Wan directory (or `demo`) -> an engine directory (fp32/fp16/int8).
 
 The runtime target of an already exported directory is sora-build's job (cli/build_cmd.py).
 """
@@ -99,7 +99,8 @@ def main(model, out, frames, max_frames, height, width, attention, max_sequence_
          calib_method, calib_percentile, calib_prompts, calib_prompt_count, calib_steps, smooth_alpha,
          smooth_unfoldable,
          int8_first_last_blocks, int8_activations, threads, loras):
-    """Export MODEL (a diffusers-format Wan2.1-T2V directory, or the built-in `demo`) to OUT."""
+    """Export MODEL (a diffusers-format Wan directory: Wan2.1 T2V, Wan2.2 A14B or TI2V-5B; or the built-in `demo`) to
+    OUT."""
     from ..runtime.errors import SoraError
     from ..runtime.lora import parse_lora
     from ..runtime.manifest import MANIFEST

@@ -19,7 +19,6 @@ transpose) and handed to the backend in place of the file's.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
@@ -30,6 +29,7 @@ from typing import Callable
 import numpy as np
 
 from .errors import SoraError
+from .manifest import sha256_file
 from .weights import read_float32, read_header, read_metadata
 
 PICKLED = (".pt", ".pth", ".bin", ".ckpt", ".pkl")
@@ -105,11 +105,7 @@ def read_lora(path: Path, scale: float = 1.0) -> Lora:
         if layer.down is not None and layer.up.shape[1] != layer.down.shape[0]:
             raise SoraError(f"{path}: {name}: its up matrix {list(layer.up.shape)} and down matrix "
                             f"{list(layer.down.shape)} disagree in rank")
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return Lora(path, float(scale), h.hexdigest(), layers)
+    return Lora(path, float(scale), sha256_file(path), layers)
 
 
 def _adapter_scaling(path: Path) -> float:

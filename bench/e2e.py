@@ -222,7 +222,7 @@ def _scaling(cfg, ref_pipe, engine_dir, batch, text_len, log, tick, tmp) -> dict
 
     log("scaling ...")
     probe = Pipeline.load(engine_dir, backend="ort")
-    spec = probe.denoiser.engine.spec
+    spec = probe.dit().engine.spec
     patch = probe.config["patch_size"]
     sizes = _scaling_sizes(spec, patch)
     text_dim = spec.inputs[2].shape[2]
@@ -230,7 +230,7 @@ def _scaling(cfg, ref_pipe, engine_dir, batch, text_len, log, tick, tmp) -> dict
     runners = {"pytorch-eager-fp32": None}
     for backend, precision in _available_peers(cfg.peers):
         runners[f"{backend}-{precision}"] = Pipeline.load(_built_for(engine_dir, backend, tmp), threads=cfg.threads,
-                                                          backend=backend, precision=precision).denoiser
+                                                          backend=backend, precision=precision).dit()
     for s in sizes:
         feeds = spec.sample_inputs(seed=0, b=batch, **s)
         tokens = s["f"] * s["h"] * s["w"] // (patch[1] * patch[2])

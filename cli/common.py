@@ -74,16 +74,19 @@ def trt_options(fn):
                      "versions of the same major version also run."),
         click.option("--trt-hardware-compatible", is_flag=True,
                      help="--backend tensorrt: plans that run on any Ampere or newer GPU."),
+        click.option("--trt-refittable", is_flag=True, help="--backend tensorrt: a DiT plan that takes new weights "
+                     "at load, so sora-run --lora applies LoRAs without a rebuild (TensorRT's refitter)."),
     ]
 
     @functools.wraps(fn)
     def wrapper(*args, trt_attention, trt_workspace_mb, trt_tactic_memory_mb, trt_opt_level, trt_version_compatible,
-                trt_hardware_compatible, **kwargs):
+                trt_hardware_compatible, trt_refittable, **kwargs):
         from ..target.trt_build import BuildSettings
         from ..target.trt_target import TrtOptions
 
         trt = TrtOptions(trt_attention, BuildSettings(trt_workspace_mb, trt_tactic_memory_mb, trt_opt_level,
-                                                      trt_version_compatible, trt_hardware_compatible))
+                                                      trt_version_compatible, trt_hardware_compatible,
+                                                      trt_refittable))
         return fn(*args, trt=trt, **kwargs)
 
     for option in reversed(options):

@@ -25,7 +25,7 @@ SECTIONS = {"dit_precision": _PRECISION, "text_encoder_precision": _PRECISION, "
                                                          "smooth_unfoldable", "int8_first_last_blocks",
                                                          "int8_activations")},
             **{n: _TRT for n in ("trt_attention", "trt_workspace_mb", "trt_tactic_memory_mb", "trt_opt_level",
-                                 "trt_version_compatible", "trt_hardware_compatible")},
+                                 "trt_version_compatible", "trt_hardware_compatible", "trt_refittable")},
             "attention": _DETAIL, "max_sequence_length": _DETAIL, "skip_parity": _DETAIL}
 
 

@@ -8,6 +8,7 @@ import click
 import numpy as np
 
 from ..runtime.choices import BACKENDS, EXECUTIONS
+from ..runtime.schedulers import KINDS as SCHEDULER_KINDS
 from ..runtime.step_cache import DEFAULT_THRESHOLD
 from .common import choice, cli_errors
 
@@ -49,7 +50,7 @@ from .common import choice, cli_errors
 @click.option("--lora", "loras", multiple=True, metavar="FILE[:SCALE]",
               help="A LoRA (safetensors) applied to the DiT at load, at SCALE (default 1); repeat to stack them. "
                    "fp32/fp16 engines on ONNX Runtime; no re-export.")
-@click.option("--scheduler", type=click.Choice(["unipc", "euler"]),
+@click.option("--scheduler", type=click.Choice(list(SCHEDULER_KINDS)),
               help="Sample with this scheduler instead of the exported one (a distilled recipe's, e.g. euler).")
 @click.option("--flow-shift", type=float, help="The flow shift to sample with (default: the model's).")
 @click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path), help="Output .mp4, .gif or .npy")

@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 import numpy as np
 
+from ..runtime.schedulers import KINDS as SCHEDULER_KINDS
 from ..serve.bls import REQUEST_INPUTS
 from .common import cli_errors
 
@@ -57,16 +58,21 @@ def generate(url: str, model: str, timeout_s: float = 600.0, **arguments) -> tup
 @click.option("--height", type=int)
 @click.option("--width", type=int)
 @click.option("--frames", type=int)
+@click.option("--guidance-2", type=float, help="Wan2.2 A14B: the low-noise expert's guidance scale.")
+@click.option("--scheduler", type=click.Choice(list(SCHEDULER_KINDS)))
+@click.option("--flow-shift", type=float)
 @click.option("--fps", type=int, default=16, show_default=True)
 @click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Output .mp4, .gif or .npy")
 @cli_errors
-def main(url, model, prompt, negative_prompt, steps, guidance, seed, height, width, frames, fps, out):
+def main(url, model, prompt, negative_prompt, steps, guidance, seed, height, width, frames, guidance_2, scheduler,
+         flow_shift, fps, out):
     """Generate a video on a Triton server running a sora-triton repository."""
     from ..runtime.video import check_output_path, write_video
 
     out = check_output_path(out)
     video, timings = generate(url, model, prompt=prompt, negative_prompt=negative_prompt, steps=steps,
-                              guidance=guidance, seed=seed, height=height, width=width, frames=frames)
+                              guidance=guidance, seed=seed, height=height, width=width, frames=frames,
+                              guidance_2=guidance_2, scheduler=scheduler, flow_shift=flow_shift)
     write_video(out, video.astype(np.float32) / 255.0, fps)
     click.echo(f"wrote {out} ({video.shape[0]} frames, {video.shape[2]}x{video.shape[1]}); server time: "
                + " | ".join(f"{k} {v:.2f}s" for k, v in timings.items()))

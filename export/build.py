@@ -9,6 +9,7 @@ refused unless `overwrite=True`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import json
@@ -24,6 +25,7 @@ from .. import __version__
 from ..precision.calib.config import CalibConfig
 from ..runtime.choices import AUTO, GPU_BACKENDS, Backend, Execution, Graph
 from ..runtime.errors import SoraError
+from ..runtime.experts import PROBES
 from ..runtime.gpu_target import target
 from ..runtime.lora import LoraSet, read_lora
 from ..runtime.manifest import Manifest, sha256_file, staged
@@ -33,7 +35,7 @@ from ..runtime.user_cache import check_settings
 from ..runtime.validate import check_frames, check_size, check_threads
 from .checkpoint import WanCheckpoint, read_checkpoint, read_json
 from ..target.choose import build_runtime, check_request, cpu_only, openvino_unsupported
-from .dit import AttentionForm, dit_spec, load_dit, load_reference_dit
+from .dit import AttentionForm, dit_spec, load_dit, load_reference_dit, streamed_reference_dit
 from .dit_probe import FirstBlockProbe, ProbeReference, probe_spec
 from ..target.gated_choice import gate_target
 from ..precision.convert import (FP16_ISLANDS, WEIGHT_BYTES, component_of, convert_engines, execution_of,
@@ -138,14 +140,17 @@ def _quiet():
 @dataclass(frozen=True)
 class ParitySource:
     """How a component's exported graph is checked against PyTorch: the whole graph against `reference()` where
-    one fp32 copy of the model beside ONNX Runtime's fits in memory and within PARITY_WHOLE_MAX_BYTES, else a copy
-    with fewer layers (`reduced`: the weightless module and its reference, both built with `reduced_config` from
-    the same checkpoint), exported the same way and checked whole. `params`: the component's parameter count."""
+    one fp32 copy of the model beside ONNX Runtime's fits in memory and within PARITY_WHOLE_MAX_BYTES; else the
+    whole graph against `streamed()` (the model run block by block from the checkpoint, export/streaming.py's
+    BlocksStreamed) where ONNX Runtime's session of the graph alone runs here; else a copy with fewer layers
+    (`reduced`: the weightless module and its reference, both built with `reduced_config` from the same checkpoint),
+    exported the same way and checked whole. `params`: the component's parameter count."""
 
     reference: Callable[[], object]
     params: int
     reduced: tuple[Callable[[], object], Callable[[], object]] | None = None
     reduced_config: dict | None = None
+    streamed: Callable[[], object] | None = None
 
     def whole_fits(self) -> bool:
         available = available_bytes()
@@ -183,6 +188,10 @@ def _export_component(name, module, parity: ParitySource, checkpoint, spec, tmp,
         if parity.whole_fits():
             entry["parity"] = {**parity_check(parity.reference, spec, tmp / f"{name}.onnx", probes),
                                "method": "whole graph"}
+        elif parity.streamed is not None and runs_in(_graph_bytes(tmp / f"{name}.onnx"), available_bytes()):
+            entry["parity"] = {**parity_check(parity.streamed, spec, tmp / f"{name}.onnx", probes),
+                               "method": "whole graph at full size, PyTorch run block by block from the checkpoint "
+                                         "(the whole model does not fit beside its ONNX graph here)"}
         else:
             with tempfile.TemporaryDirectory(prefix=f".parity-{name}-", dir=tmp.parent) as scratch:
                 small = Path(scratch) / f"{name}.onnx"
@@ -197,6 +206,12 @@ def _export_component(name, module, parity: ParitySource, checkpoint, spec, tmp,
             f" ({entry['parity']['method']}{f', the graph in {precision}' if islands else ''})")
         check_parity(name, entry["parity"], precision)
     return entry
+
+
+def _graph_bytes(path: Path) -> int:
+    """An ONNX file's size with its external weights: about what ONNX Runtime's session of it holds."""
+    data = path.with_name(path.name + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
 
 
 MIN_TOKEN_COSINE = 0.999  # a weight-only text encoder against PyTorch, every real token's embedding
@@ -319,21 +334,25 @@ def _export_into(ck: WanCheckpoint, cfg: ExportConfig, defaults: dict, params: d
         weights = CheckpointTensors(ck.root / expert, loras if expert == "transformer" else None)
         parity = ParitySource(lambda e=expert, w=weights: load_reference_dit(ck.root, w, e), params[expert],
                               (lambda e=expert: load_dit(ck.root, cfg.attention, False, e, **fewer),
-                               lambda e=expert, w=weights: load_reference_dit(ck.root, w, e, **fewer)), fewer)
+                               lambda e=expert, w=weights: load_reference_dit(ck.root, w, e, **fewer)), fewer,
+                              lambda e=expert, w=weights: streamed_reference_dit(ck.root, w, e))
         engines[expert] = _export_component(
             expert, dit, parity, weights, spec, tmp, cfg.attention.opset, sample,
             [{"b": 1, "f": 3, "h": 3 * p_h, "w": 2 * p_w}, {"b": 2, "f": 1, "h": p_h, "w": 4 * p_w}], cfg, report,
             log, trace, held.get("transformer", Graph.FP32))
-    dit = load_dit(ck.root, cfg.attention, weights=False)  # the first expert's, for the probe
-    weights = CheckpointTensors(ck.root / "transformer", loras)
-    # The step-cache probe: the DiT's first block's modulated input, a small engine of its own (its reference is
-    # diffusers' model with one layer: all the probe reads).
+    # The step-cache probe of each expert: the DiT's first block's modulated input, a small engine of its own (its
+    # reference is diffusers' model with one layer: all the probe reads).
     one = {"num_layers": 1}
-    engines["dit_probe"] = _export_component(
-        "dit_probe", FirstBlockProbe(dit.transformer),
-        ParitySource(lambda: ProbeReference(load_reference_dit(ck.root, weights, **one).model), 0), weights,
-        probe_spec(ck.transformer_config, f_dim, h_dim, w_dim), tmp, cfg.attention.opset, sample,
-        [{"b": 1, "f": 3, "h": 3 * p_h, "w": 2 * p_w}], cfg, report, log, trace)
+    for expert in ck.experts:
+        dit = load_dit(ck.root, cfg.attention, weights=False, expert=expert)
+        weights = CheckpointTensors(ck.root / expert, loras if expert == "transformer" else None)
+        name = PROBES[expert]
+        engines[name] = _export_component(
+            name, FirstBlockProbe(dit.transformer),
+            ParitySource(lambda e=expert, w=weights: ProbeReference(load_reference_dit(ck.root, w, e, **one).model),
+                         0), weights,
+            probe_spec(dit.transformer.config, f_dim, h_dim, w_dim, name=name), tmp, cfg.attention.opset, sample,
+            [{"b": 1, "f": 3, "h": 3 * p_h, "w": 2 * p_w}], cfg, report, log, trace)
     del dit
 
     # VAE: the chunked causal decoder (first frame, then one latent frame per step), checked graph by graph and
@@ -492,9 +511,6 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = lambda s: None) -
         held, notes = {**held, **streamed}, {**notes, **why}
         for c in held:
             log(f"{c}: {notes[c]}")
-        if len(ck.experts) > 1 and plan["transformer"] == Graph.INT8:
-            raise SoraError("--dit-precision int8 calibrates one DiT; this Wan2.2 pipeline has two experts: use fp16 "
-                            "or int8-dynamic")
         execution = execution_of(cfg.precision)  # fp32, bf16, or auto: decided with the target
         no_openvino = openvino_unsupported(plan)
         if cfg.onnx_only and (cfg.backend != AUTO or execution == Execution.BF16):
@@ -623,10 +639,16 @@ def _attention_form(cfg: ExportConfig) -> AttentionForm:
 
 
 def _dit_int8(cfg: ExportConfig, ref: Manifest, work: Path):
-    def build(src: Path, dst: Path) -> dict:
+    @functools.cache
+    def calibration():  # the fp32 pipeline run once, whichever DiT engines it calibrates
+        from ..precision.calib.dit_int8 import calibration_samples
+
+        return calibration_samples(ref, cfg.calib, cfg.threads)
+
+    def build(name: str, src: Path, dst: Path) -> dict:
         from ..precision.calib.dit_int8 import quantize_dit
 
-        return quantize_dit(ref, src, dst, cfg.calib, work, cfg.threads)
+        return quantize_dit(name, src, dst, calibration(), cfg.calib, work, cfg.threads)
 
     return build
 

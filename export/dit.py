@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from ..runtime import lora
 from ..runtime.errors import SoraError
 from ..runtime.spec import Dim, EngineSpec, RunSettings, TensorSpec
-from .streaming import is_weightless, load_model
+from .streaming import BlocksStreamed, is_weightless, load_model
 
 
 class AttentionForm(str, enum.Enum):
@@ -173,6 +173,13 @@ class DiTReference(torch.nn.Module):
 
     def forward(self, hidden_states, timestep, encoder_hidden_states):
         return self.model(hidden_states, timestep, encoder_hidden_states, return_dict=False)[0]
+
+
+def streamed_reference_dit(root, weights, expert: str = "transformer") -> torch.nn.Module:
+    """diffusers' DiT at full size with each block's weights read from `weights` (CheckpointTensors) as the block
+    runs: the reference of a DiT that does not fit in memory beside its ONNX graph."""
+    reference = load_reference_dit(root, False, expert)
+    return BlocksStreamed(reference, weights, reference.model.blocks)
 
 
 def load_dit(root, form: AttentionForm, weights=True, expert: str = "transformer", **overrides) -> DiTForExport:

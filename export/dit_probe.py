@@ -14,11 +14,12 @@ import torch
 from ..runtime.spec import Dim, EngineSpec, RunSettings, TensorSpec
 
 
-def probe_spec(tcfg: dict, lat_frames: Dim, lat_h: Dim, lat_w: Dim, max_batch: int = 2) -> EngineSpec:
+def probe_spec(tcfg: dict, lat_frames: Dim, lat_h: Dim, lat_w: Dim, max_batch: int = 2,
+               name: str = "dit_probe") -> EngineSpec:
     _, ph, pw = tcfg["patch_size"]
     dim = tcfg["num_attention_heads"] * tcfg["attention_head_dim"]
     return EngineSpec(
-        name="dit_probe",
+        name=name,
         inputs=(TensorSpec("hidden_states", "float32", ("b", tcfg["in_channels"], "f", "h", "w")),
                 TensorSpec("timestep", "float32", ("b",))),
         outputs=(TensorSpec("modulated_input", "float32", ("b", f"f*(h//{ph})*(w//{pw})", dim)),),

@@ -255,12 +255,13 @@ def _put_back(swapped: list[tuple[torch.nn.Module, str, torch.nn.Parameter]]) ->
 
 
 @contextlib.contextmanager
-def blocks_streamed(model: torch.nn.Module, folder: Path, blocks: torch.nn.ModuleList) -> Iterator[torch.nn.Module]:
+def blocks_streamed(model: torch.nn.Module, folder: Path | CheckpointTensors, blocks: torch.nn.ModuleList
+                    ) -> Iterator[torch.nn.Module]:
     """The weightless `model` (load_model(..., weights=False)), run eagerly inside, with its weights read from the
-    checkpoint in `folder` as it runs: every parameter outside `blocks` on entry, each block's when the block
-    starts, released when it returns. Host memory is the weights outside the blocks plus one block: the PyTorch
-    reference of a model that does not fit, at full size."""
-    checkpoint = CheckpointTensors(folder)
+    checkpoint in `folder` (or those CheckpointTensors, LoRAs included) as it runs: every parameter outside `blocks`
+    on entry, each block's when the block starts, released when it returns. Host memory is the weights outside the
+    blocks plus one block: the PyTorch reference of a model that does not fit, at full size."""
+    checkpoint = folder if isinstance(folder, CheckpointTensors) else CheckpointTensors(folder)
     _, aliases = _aliases(model)
     held: dict[int, list] = {}
     hooks = [h for b in blocks for h in (
@@ -273,3 +274,17 @@ def blocks_streamed(model: torch.nn.Module, folder: Path, blocks: torch.nn.Modul
         for h in hooks:
             h.remove()
         _put_back(outside)
+
+
+class BlocksStreamed(torch.nn.Module):
+    """A weightless model as a module whose every call runs it under blocks_streamed: a full-size PyTorch reference
+    that holds one block's weights at a time (export/build.py's parity of a DiT too large to hold beside its
+    graph)."""
+
+    def __init__(self, model: torch.nn.Module, checkpoint: CheckpointTensors, blocks: torch.nn.ModuleList):
+        super().__init__()
+        self.model, self.checkpoint, self.blocks = model, checkpoint, blocks
+
+    def forward(self, *args):
+        with blocks_streamed(self.model, self.checkpoint, self.blocks):
+            return self.model(*args)

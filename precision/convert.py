@@ -129,11 +129,11 @@ def default_min_psnr(plan: dict[str, str], execution: str) -> float:
     return min((DEFAULT_MIN_PSNR[p] for p in used if p in DEFAULT_MIN_PSNR), default=DEFAULT_MIN_PSNR["fp16"])
 
 
-def convert_engines(ref: Path, stage: Path, engines: dict, plan: dict[str, str], dit_int8: Callable[[Path, Path], dict],
-                    log: Callable[[str], None]) -> dict[str, dict]:
+def convert_engines(ref: Path, stage: Path, engines: dict, plan: dict[str, str],
+                    dit_int8: Callable[[str, Path, Path], dict], log: Callable[[str], None]) -> dict[str, dict]:
     """Write each engine of the fp32 export `ref` into `stage` at its component's precision.
 
-    `dit_int8(src, dst)` builds the INT8 DiT (it needs calibration data, see export/build.py). Returns
+    `dit_int8(name, src, dst)` builds the INT8 DiT `name` (it needs calibration data, see export/build.py). Returns
     {engine: {"precision": ..., "detail": summary of the pass}} for the manifest.
     """
     from .fp16 import convert_fp16
@@ -159,6 +159,6 @@ def convert_engines(ref: Path, stage: Path, engines: dict, plan: dict[str, str],
         elif comp == "text_encoder":
             detail = quantize_weights(src, dst, p)
         else:
-            detail = dit_int8(src, dst)
+            detail = dit_int8(name, src, dst)
         out[name] = {"precision": p, "detail": detail}
     return out

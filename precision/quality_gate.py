@@ -99,7 +99,7 @@ def _measure(ref: Pipeline, cand: Pipeline, backend: str, precision: str, min_ps
         trajectory = []
         psnrs.append(prompt_psnr(ref, cand, i, h, w, frames, GATE_STEPS,
                                  observe=lambda feeds, out: trajectory.append((feeds, out))))
-        dit = cand.denoiser
+        dit = cand.dit()
         step_cosines.append([cosine(dit(f["hidden_states"], f["timestep"], f["encoder_hidden_states"]), out)
                              for f, out in trajectory])
     text = [cosine(x, y) for x, y in zip(ref.encode(list(GATE_PROMPTS)), cand.encode(list(GATE_PROMPTS)))]

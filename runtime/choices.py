@@ -55,6 +55,7 @@ AUTO = "auto"  # a request that leaves the choice to the target build
 BACKENDS = tuple(Backend)
 GPU_BACKENDS = (Backend.ORT_CUDA, Backend.ORT_TRT, Backend.TENSORRT)
 CPU_BACKENDS = (Backend.ORT, Backend.OPENVINO)
+LORA_BACKENDS = (*CPU_BACKENDS, Backend.TENSORRT)  # LoRAs applied at load (TensorRT: plans built refittable)
 EXECUTIONS = tuple(Execution)
 # what --precision takes: a graph precision for every component, or an execution precision over fp32 graphs
 PRECISION_REQUESTS = (AUTO, Graph.FP32, Execution.BF16, Graph.FP16, Graph.INT8, Graph.INT8_DYNAMIC)

@@ -5,7 +5,8 @@ num_train_timesteps, and the low-noise expert (`transformer_2`) below, each with
 (`guidance_2` defaults to `guidance`, and `guidance` alone decides whether the negative branch runs at all). The
 switch is a Denoiser holding both: the sampler loop stays the one loop. Timesteps only decrease, so each expert is
 opened when its first step comes and the high-noise one is let go at the switch; with `--low-memory` (engines not
-kept by the pipeline) only one expert is resident at a time.
+kept by the pipeline) only one expert is resident at a time. Step caching gives each expert its own probe
+(PROBES) and starts afresh at the switch: the other expert's last output is never reused.
 """
 
 from __future__ import annotations
@@ -17,6 +18,12 @@ import numpy as np
 from .sampler import Denoiser
 
 HIGH, LOW = "transformer", "transformer_2"  # the experts' engine names
+PROBES = {HIGH: "dit_probe", LOW: "dit_probe_2"}  # each expert's step-cache probe (export/dit_probe.py)
+
+
+def expert_at(t: float, boundary: float | None) -> str:
+    """The expert WanPipeline runs at timestep `t` (the only one where there is no boundary)."""
+    return HIGH if boundary is None or t >= boundary else LOW
 
 
 class ExpertSwitch:
@@ -33,7 +40,7 @@ class ExpertSwitch:
         self.ran: list[str] = []  # the expert of each call, in order
 
     def expert(self, t: float) -> str:
-        return HIGH if t >= self.boundary else LOW
+        return expert_at(t, self.boundary)
 
     def guidance(self, t: float) -> float:
         """The guidance scale of the step at timestep `t` (the sampler asks once per step)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -19,9 +20,10 @@ from typing import Callable
 import numpy as np
 
 from .backends import EngineDenoiser, open_engine
-from .choices import BACKENDS, EXECUTIONS, GPU_BACKENDS, Backend, Execution
+from .backends.trt import refittable
+from .choices import BACKENDS, EXECUTIONS, GPU_BACKENDS, LORA_BACKENDS, Backend, Execution
 from .errors import SoraError
-from .experts import HIGH, LOW, ExpertSwitch
+from .experts import HIGH, LOW, PROBES, ExpertSwitch
 from .gpu_target import check_target
 from .manifest import Manifest, load_manifest
 from .memory import PeakDevice, PeakRss
@@ -96,10 +98,14 @@ class Pipeline:
             raise SoraError(f"unknown backend {self.backend!r} (known: {', '.join(BACKENDS)})")
         if self.precision not in EXECUTIONS:
             raise SoraError(f"unknown precision {self.precision!r} (known: {', '.join(EXECUTIONS)})")
-        if loras and (self.backend not in (Backend.ORT, Backend.OPENVINO) or open_with is not None):
-            raise SoraError(f"LoRAs are applied to built engines on the CPU backends (ort, openvino), not "
+        if loras and (self.backend not in LORA_BACKENDS or open_with is not None):
+            raise SoraError(f"LoRAs are applied to built engines on {', '.join(LORA_BACKENDS)}, not "
                             f"{'a Triton server' if open_with else self.backend}: export with --lora to fuse them "
                             f"into the engines")
+        if loras and self.backend == Backend.TENSORRT and not refittable(manifest):
+            raise SoraError(f"{manifest.root}: its TensorRT DiT plan was built without --trt-refittable: rebuild it "
+                            f"with that flag (sora-build ... --backend tensorrt --trt-refittable) to apply LoRAs at "
+                            f"load, or export with --lora to fuse them")
         if self.backend in GPU_BACKENDS and open_with is None:
             check_target(manifest.data.get("gpu"), self.backend, manifest.root)
         self._engines: dict[str, object] = {}
@@ -156,9 +162,12 @@ class Pipeline:
         if self.open_with is not None:
             return self.open_with(name, self.manifest.spec(name))
         cache = None  # compiled models: this user's, keyed by content (runtime/user_cache.py)
-        lora_weights = self._lora_weights() if name == "transformer" and self.lora_set else None
-        if self.backend != "ort" and not lora_weights:  # weights changed at load: compiled afresh
-            cache = compiled_cache(self.backend, name, self.manifest.content_key(name), self.precision)
+        lora_weights = self._lora_weights() if name == HIGH and self.lora_set else None
+        if self.backend != Backend.ORT:  # with LoRAs: keyed by their content and scales too
+            key = self.manifest.content_key(name)
+            if lora_weights:
+                key += "-lora" + hashlib.sha256(json.dumps(self.lora_set.key()).encode()).hexdigest()[:16]
+            cache = compiled_cache(self.backend, name, key, self.precision)
         spec = self.manifest.spec(name)
         run = spec.run  # this engine's settings, recorded at export (runtime/spec.py's RunSettings)
         engine = open_engine(self.backend, self.manifest.path_for(name, self.backend), spec,
@@ -188,25 +197,32 @@ class Pipeline:
         """Open every engine now (session creation / compilation), e.g. to time loading apart from running."""
         if not self.low_memory:
             names = ["text_encoder", "transformer", self.config["vae"]["first"], self.config["vae"]["step"]]
-            for name in names + [n for n in ("dit_probe", LOW) if n in self.manifest.engine_names]:
+            for name in names + [n for n in (LOW, *PROBES.values()) if n in self.manifest.engine_names]:
                 self.engine(name)
         return self
-
-    @property
-    def denoiser(self) -> EngineDenoiser:
-        return EngineDenoiser(self.engine("transformer"), cfg_batch=self.cfg_batch)
 
     @property
     def experts(self) -> bool:
         """Whether this is Wan2.2 A14B's layout: a low-noise expert below the boundary."""
         return LOW in self.manifest.engine_names
 
-    def expert_switch(self, guidance: float, guidance_2: float, observe=None) -> ExpertSwitch:
-        """The Denoiser over both experts (runtime/experts.py), switching where WanPipeline does."""
+    @property
+    def boundary(self) -> float | None:
+        """Wan2.2 A14B: the timestep below which the low-noise expert runs (None: one DiT)."""
+        return self.config["boundary_ratio"] * self.scheduler.config["num_train_timesteps"] if self.experts else None
+
+    def dit(self, name: str = HIGH, observe=None, step_cache: float | None = None):
+        """The Denoiser of one DiT engine; with `step_cache` (a threshold), behind its own probe (step_cache.py)."""
+        denoiser = EngineDenoiser(self.engine(name), observe, self.cfg_batch)
+        return denoiser if step_cache is None else StepCache(denoiser, self.engine(PROBES[name]), step_cache)
+
+    def expert_switch(self, guidance: float, guidance_2: float, observe=None,
+                      step_cache: float | None = None) -> ExpertSwitch:
+        """The Denoiser over both experts (runtime/experts.py), switching where WanPipeline does; with `step_cache`,
+        each expert's calls are skipped by its own probe, from a fresh state at the switch."""
         max_batch = self.manifest.spec(HIGH).dim_map["b"].max if self.cfg_batch else 1
-        boundary = self.config["boundary_ratio"] * self.scheduler.config["num_train_timesteps"]
-        return ExpertSwitch(lambda name: EngineDenoiser(self.engine(name), observe, self.cfg_batch), max_batch,
-                            boundary, guidance, guidance_2)
+        return ExpertSwitch(lambda name: self.dit(name, observe, step_cache), max_batch, self.boundary, guidance,
+                            guidance_2)
 
     def decoder(self, tile: int | None = None) -> ChunkedVaeDecoder:
         return ChunkedVaeDecoder(self.engine(self.config["vae"]["first"]), self.engine(self.config["vae"]["step"]),
@@ -294,10 +310,8 @@ class Pipeline:
         check_seed(seed)
         sampler_scheduler = self.scheduler if scheduler is None and flow_shift is None else scheduler_from_config(
             swap_scheduler(self.scheduler_config, scheduler, flow_shift))
-        if step_cache is not None and self.experts:
-            raise SoraError("step caching probes one DiT; these engines have two experts (Wan2.2 A14B): run "
-                            "without --step-cache")
-        if step_cache is not None and (step_cache < 0 or "dit_probe" not in self.manifest.engine_names):
+        probes = [PROBES[HIGH], *([PROBES[LOW]] if self.experts else [])]
+        if step_cache is not None and (step_cache < 0 or not set(probes) <= set(self.manifest.engine_names)):
             raise SoraError(f"step cache threshold {step_cache} must be >= 0" if step_cache < 0 else
                             f"{self.manifest.root} has no step-cache probe engine: re-export it with this version")
         unit = 4 * self.config["vae_scale_spatial"]
@@ -328,15 +342,21 @@ class Pipeline:
 
         t0 = time.perf_counter()
         with PeakRss() as mem, self._peak_device() as dev:
+            evaluations = 0
+
+            def counted(feeds, out):  # every DiT call (a step cache's skips never get here)
+                nonlocal evaluations
+                evaluations += 1
+                if observe:
+                    observe(feeds, out)
+
             if self.experts:
-                denoiser = self.expert_switch(guidance, guidance_2, observe)
+                denoiser = self.expert_switch(guidance, guidance_2, counted, step_cache)
                 scale = denoiser.guidance
             else:
-                denoiser, scale = EngineDenoiser(self.engine("transformer"), observe, self.cfg_batch), guidance
-            cache = StepCache(denoiser, self.engine("dit_probe"), step_cache) if step_cache is not None else None
-            latents = sample(cache or denoiser, sampler_scheduler, latents, cond, uncond, scale, steps, _on_step)
-            evaluations = cache.evaluations if cache else len(step_times) * (1 + (cfg and denoiser.max_batch < 2))
-            del denoiser, cache  # with low_memory these held the only references: the DiT is released here
+                denoiser, scale = self.dit(HIGH, counted, step_cache), guidance
+            latents = sample(denoiser, sampler_scheduler, latents, cond, uncond, scale, steps, _on_step)
+            del denoiser  # with low_memory it held the only references: the DiT is released here
         memory["denoise"], device_memory["denoise"] = mem.peak_mb, dev.peak_mb
         timings["denoise"] = time.perf_counter() - t0
         check_finite(latents, "the denoised latents")

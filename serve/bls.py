@@ -34,6 +34,9 @@ REQUEST_INPUTS = (
     ("HEIGHT", "TYPE_INT32", np.int32, False),
     ("WIDTH", "TYPE_INT32", np.int32, False),
     ("FRAMES", "TYPE_INT32", np.int32, False),
+    ("GUIDANCE_2", "TYPE_FP32", np.float32, False),  # Wan2.2 A14B's low-noise expert
+    ("SCHEDULER", "TYPE_STRING", np.object_, False),  # unipc | euler, with FLOW_SHIFT: a distilled recipe
+    ("FLOW_SHIFT", "TYPE_FP32", np.float32, False),
 )
 # (name, Triton data type, dims): the video as uint8 [F, H, W, 3] and the stage timings as one JSON string.
 RESPONSE_OUTPUTS = (("VIDEO", "TYPE_UINT8", (-1, -1, -1, 3)), ("TIMINGS", "TYPE_STRING", (1,)))

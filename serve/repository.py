@@ -1,17 +1,17 @@
 """Turn an engine directory into a Triton Inference Server model repository.
 
-One model per engine (text encoder, DiT, step-cache probe, the two VAE decoder graphs), `onnxruntime_onnx` for
-ONNX engines and `tensorrt_plan` (with CUDA graphs) for plan files (or, with `python_engines`, Python-backend
-models that run the ONNX files on the runtime's ONNX Runtime backend, for servers built without the onnxruntime
-backend, such as the one in the `nvidia-pytriton` wheel), each config derived from the engine's
-EngineSpec: names, data types, dims (-1 where dynamic), and `max_batch_size` only where one dimension leads every
-input and output (then that axis leaves `dims` and the server may batch requests along it). Plus one Python-backend
-model, `<prefix>`, that runs the runtime's sampler with BLS calls to them (serve/bls.py); its version
+One model per engine (text encoder, DiT and step-cache probe (each of Wan2.2 A14B's experts has both), the two VAE
+decoder graphs), `onnxruntime_onnx` for ONNX engines and `tensorrt_plan` (with CUDA graphs) for plan files (or, with
+`python_engines`, Python-backend models that run the ONNX files on the runtime's ONNX Runtime backend, for servers
+built without the onnxruntime backend, such as the one in the `nvidia-pytriton` wheel), each config derived from the
+engine's EngineSpec: names, data types, dims (-1 where dynamic), and `max_batch_size` only where one dimension leads
+every input and output (then that axis leaves `dims` and the server may batch requests along it). Plus one
+Python-backend model, `<prefix>`, that runs the runtime's sampler with BLS calls to them (serve/bls.py); its version
 folder holds the engine directory's manifest, tokenizer and scheduler config, and its config names the engine
-models. Engine files are hard-linked where the filesystem allows (copied otherwise). The repository is written to
-a temporary folder beside `repo` and renamed into place, so a failed write leaves nothing half-built; its marker
-file (`soraedge-repository.json`, which Triton ignores: it loads model folders only) lists the models it wrote, and
-only such a folder, holding nothing else, is ever replaced (with `--overwrite`).
+models. Engine files are hard-linked where the filesystem allows (copied otherwise). The repository is written to a
+temporary folder beside `repo` and renamed into place, so a failed write leaves nothing half-built; its marker file
+(`soraedge-repository.json`, which Triton ignores: it loads model folders only) lists the models it wrote, and only
+such a folder, holding nothing else, is ever replaced (with `--overwrite`).
 
     sora-triton ENGINE_DIR -o REPO [--prefix soraedge] [--instances 1] [--kind cpu|gpu] [--python-engines]
 """

@@ -42,7 +42,7 @@ def time_dit_step(engine_dir: Path | Manifest, backend: str, precision: str, thr
     manifest = engine_dir if isinstance(engine_dir, Manifest) else load_manifest(engine_dir, verify=False)
     with PeakDevice() as dev:
         pipe = Pipeline(manifest, threads=threads, backend=backend, precision=precision, cuda_graph=cuda_graph)
-        denoiser = pipe.denoiser  # opens (and on OpenVINO compiles) the DiT engine
+        denoiser = pipe.dit()  # opens (and on OpenVINO compiles) the DiT engine
         load_s = time.perf_counter() - t0
         spec = denoiser.engine.spec
         sizes = _timing_sizes(spec, pipe.config["patch_size"])

@@ -10,7 +10,8 @@ configuration as data, and the build itself.
   builder flags. TensorRT 11 removed the FP16/INT8 flags and the calibrators, and nothing here sets them (or the
   explicit-batch flag, which 10.x no longer needs). The optimization profile is the engine spec's min/opt/max
   (`EngineSpec.trt_profile`). The plan also carries the workspace and tactic-memory limits (engine builds on Jetson
-  run out of unified memory), the builder optimization level, and optional version- and hardware-compatible builds.
+  run out of unified memory), the builder optimization level, optional version- and hardware-compatible builds,
+  and a refittable DiT (`REFIT`: LoRAs applied to the plan at load by runtime/backends/trt.py's `refit`).
 - `build_engine(onnx, plan, timing_cache)`: parses the ONNX from its file (so external weights load), applies the
   plan, and builds. The timing cache is read from and written back to the engine directory, one file per GPU model
   and TensorRT version; a cache TensorRT rejects is replaced, not silently ignored.
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..runtime.errors import SoraError
+from ..runtime.experts import HIGH
 from ..runtime.spec import EngineSpec
 
 OLDEST = (10, 3)  # JetPack 6's TensorRT
@@ -79,6 +81,7 @@ class BuildSettings:
     optimization_level: int = 3  # 0-5: higher searches more tactics and builds slower
     version_compatible: bool = False  # the plan runs on later TensorRT versions too (lean runtime embedded)
     hardware_compatible: bool = False  # the plan runs on any Ampere or newer GPU (some speed traded away)
+    refittable: bool = False  # the DiT's plan takes new weights at load (sora-run --lora, TensorRT's Refitter)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -96,7 +99,8 @@ def builder_plan(spec: EngineSpec, settings: BuildSettings, version: str) -> dic
         pools["TACTIC_DRAM"] = settings.tactic_memory_mb * 2**20
     plan = {
         "network_flags": ["STRONGLY_TYPED"],
-        "builder_flags": ["VERSION_COMPATIBLE"] if settings.version_compatible else [],
+        "builder_flags": (["VERSION_COMPATIBLE"] if settings.version_compatible else [])
+        + (["REFIT"] if settings.refittable and spec.name == HIGH else []),  # the DiT LoRAs go into
         # TF32 is on by default; an fp32 graph runs in fp32 (precision lives in the graph, not in the builder)
         "cleared_flags": ["TF32"],
         "hardware_compatibility_level": "AMPERE_PLUS" if settings.hardware_compatible else None,

@@ -21,6 +21,7 @@ atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], True)
 
 # Test sizes: small enough for CI, different from the export samples (b=2, f=2, h=2p, w=3p).
 TEST_SIZE = {"tiny-a": dict(height=32, width=48, frames=5), "tiny-b": dict(height=48, width=32, frames=9)}
+TEST_SIZE.update({"tiny-a14b-a": TEST_SIZE["tiny-a"], "tiny-a14b-b": TEST_SIZE["tiny-b"]})  # tiny-a/b + an expert
 
 
 @pytest.fixture(scope="session")
@@ -53,6 +54,32 @@ def tiny_engines(tmp_path_factory, tiny_model):
             run_export(ExportConfig(model=str(tiny_model(name)), out=out, frames=size["frames"],
                                     height=size["height"], width=size["width"], max_sequence_length=512,
                                     precision="fp32"))
+            cache[name] = out
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def experts_engines(tiny_model, tiny_engines, tmp_path_factory):
+    """name -> the engines of a Wan2.2 A14B test configuration (tests/test_experts.py, tests/test_triton_repo.py).
+    Each is a Wan2.1 test model plus a low-noise expert: exported after that model, every graph but the new
+    expert's is the one traced for it (the trace cache is keyed by component)."""
+    from soraedge.export.build import ExportConfig, run_export
+
+    cache: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in cache:
+            tiny_engines(name.replace("a14b-", ""))
+            out = tmp_path_factory.mktemp(name) / "engines"
+            logged = []
+            run_export(ExportConfig(model=str(tiny_model(name)), out=out, **TEST_SIZE[name], max_sequence_length=512,
+                                    precision="fp32", backend="ort"), log=logged.append)
+            traced = {line.split()[1] for line in logged if line.startswith("exporting ")}
+            reused = any("traced from the same weights by an earlier export" in line for line in logged)
+            # (a cache on another file system than the engines keeps nothing: hard links only)
+            assert traced == {"transformer_2", "dit_probe_2"} if reused else "transformer_2" in traced, traced
             cache[name] = out
         return cache[name]
 

@@ -3,7 +3,8 @@
 Two tiny configurations that differ in every dimension (and in scheduler and boundary), exported and run as
 sora-run runs them: frames within 1e-3 max abs, final latents within 1e-4 relative, fp32 on the CPU, with a control
 whose low-noise guidance differs by 0.1. Which expert runs at each step equals diffusers' rule for boundaries that
-switch after the first, a middle and the last but one step; the high-noise expert is let go at the switch.
+switch after the first, a middle and the last but one step; the high-noise expert is let go at the switch. Step
+caching and INT8 calibration work per expert; OpenVINO runs both.
 """
 
 import gc
@@ -25,32 +26,10 @@ from soraedge.runtime.pipeline import Pipeline
 from soraedge.runtime.sampler import sample
 from soraedge.runtime.schedulers import scheduler_from_config
 
+from conftest import TEST_SIZE
+
 PROMPT, NEGATIVE = "a red fox runs on the beach at sunset", "low quality, blurry"
 FRAME_TOL, LATENT_RTOL = 1e-3, 1e-4
-SIZE = {"tiny-a14b-a": dict(height=32, width=48, frames=5), "tiny-a14b-b": dict(height=48, width=32, frames=9)}
-
-
-@pytest.fixture(scope="module")
-def experts_engines(tiny_model, tiny_engines, tmp_path_factory):
-    """name -> its engines. Each configuration is a Wan2.1 test model plus a low-noise expert: exported after that
-    model, every graph but the new expert's is the one traced for it (the trace cache is keyed by component)."""
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            tiny_engines(name.replace("a14b-", ""))
-            out = tmp_path_factory.mktemp(name) / "engines"
-            logged = []
-            run_export(ExportConfig(model=str(tiny_model(name)), out=out, **SIZE[name], max_sequence_length=512,
-                                    precision="fp32", backend="ort"), log=logged.append)
-            traced = {line.split()[1] for line in logged if line.startswith("exporting ")}
-            reused = any("traced from the same weights by an earlier export" in line for line in logged)
-            assert traced == {"transformer_2"} if reused else "transformer_2" in traced, traced  # (a cache on
-            # another file system than the engines keeps nothing: hard links only)
-            cache[name] = out
-        return cache[name]
-
-    return get
 
 
 def _rel(a, b):
@@ -67,7 +46,7 @@ def test_two_experts_match_wan_pipeline(name, steps, guidance, guidance_2, tiny_
     assert ref_pipe.transformer_2 is not None and ref_pipe.config.boundary_ratio is not None
     ours = Pipeline.load(experts_engines(name))
     assert ours.experts and ours.manifest.config["family"] == "wan2.2-t2v-a14b"
-    size = SIZE[name]
+    size = TEST_SIZE[name]
     noise = np.random.default_rng(7).standard_normal(ours.latent_shape(size["height"], size["width"], size["frames"]),
                                                      dtype=np.float32)
     kw = dict(prompt=PROMPT, negative_prompt=NEGATIVE, height=size["height"], width=size["width"],
@@ -146,14 +125,51 @@ def test_a_half_described_two_expert_pipeline_is_refused(tiny_model, tmp_path):
         read_checkpoint(model)
 
 
-def test_two_experts_refuse_what_handles_one_dit(tiny_model, experts_engines, tmp_path):
-    with pytest.raises(SoraError, match="--dit-precision int8 calibrates one DiT"):
-        run_export(ExportConfig(model=str(tiny_model("tiny-a14b-a")), out=tmp_path / "e", **SIZE["tiny-a14b-a"],
-                                component_precision=(("transformer", "int8"),)))
-    assert not (tmp_path / "e").exists()
+def test_step_caching_gives_each_expert_its_own_probe_and_starts_afresh_at_the_switch(experts_engines):
+    """Threshold 0 computes exactly what the uncached run computes; a large one skips calls within each expert's
+    stretch but never across the switch: the low-noise expert's first step always runs its own DiT."""
     pipe = Pipeline.load(experts_engines("tiny-a14b-a"))
-    with pytest.raises(SoraError, match="step caching probes one DiT"):
-        pipe(PROMPT, steps=2, step_cache=0.1)
+    assert {"dit_probe", "dit_probe_2"} <= set(pipe.manifest.engine_names)
+    size, steps = TEST_SIZE["tiny-a14b-a"], 8
+    noise = np.random.default_rng(5).standard_normal(pipe.latent_shape(**size), dtype=np.float32)
+    ran = []
+
+    def run(step_cache):
+        ran.clear()
+        return pipe(PROMPT, NEGATIVE, **size, steps=steps, guidance=5.0, guidance_2=3.0, latents=noise,
+                    output_type="latent", step_cache=step_cache, observe=lambda feeds, out: ran.append(
+                        HIGH if feeds["timestep"][0] >= pipe.boundary else LOW))
+
+    plain = run(None)
+    assert plain.dit_evaluations == steps and HIGH in ran and LOW in ran
+    exact = run(0.0)
+    assert exact.dit_evaluations == steps and np.array_equal(exact.latents, plain.latents)
+    cached = run(1e9)  # every step after each expert's first is skipped
+    assert cached.dit_evaluations == 2 and ran == [HIGH, LOW]
+    assert np.isfinite(cached.latents).all()
+
+
+def test_int8_calibrates_each_expert_on_the_steps_it_runs(tiny_model, experts_engines, tmp_path):
+    """--dit-precision int8 on two experts: one calibration run of the fp32 pipeline, each expert quantized from
+    its own steps (their counts add up to every step), both gated like any reduced DiT."""
+    from soraedge.precision.calib.config import CalibConfig
+
+    experts_engines("tiny-a14b-a")  # its traced graphs
+    out = tmp_path / "int8"
+    run_export(ExportConfig(model=str(tiny_model("tiny-a14b-a")), out=out, **TEST_SIZE["tiny-a14b-a"],
+                            max_sequence_length=512, component_precision=(("transformer", "int8"),), backend="ort",
+                            check_parity=False, calib=CalibConfig(prompts=2, steps=8)))
+    m = load_manifest(out)
+    engines = m.data["engines"]
+    details = {e: engines[e]["detail"] for e in (HIGH, LOW)}
+    assert all(engines[e]["precision"] == "int8" for e in details)
+    assert sum(d["samples"] for d in details.values()) == 2 * 8 and min(d["samples"] for d in details.values()) > 0
+    assert m.runtime["quality_gate"]["passed"]
+    with pytest.raises(SoraError, match="gives transformer_2 no step to record"):
+        run_export(ExportConfig(model=str(tiny_model("tiny-a14b-a")), out=tmp_path / "e", **TEST_SIZE["tiny-a14b-a"],
+                                max_sequence_length=512, component_precision=(("transformer", "int8"),),
+                                backend="ort", check_parity=False, calib=CalibConfig(prompts=1, steps=1)))
+    assert not (tmp_path / "e").exists()
 
 
 @pytest.mark.skipif(not ov_backend.available(), reason="OpenVINO is not installed")
@@ -163,7 +179,7 @@ def test_two_experts_run_on_openvino_and_its_bf16_passes_through_the_gate(expert
     from soraedge.target.build import TargetConfig, build_from_engines
 
     src = experts_engines("tiny-a14b-a")
-    size = SIZE["tiny-a14b-a"]
+    size = TEST_SIZE["tiny-a14b-a"]
     noise = np.random.default_rng(3).standard_normal(Pipeline.load(src).latent_shape(**size), dtype=np.float32)
     ort = Pipeline.load(src, backend="ort")(PROMPT, NEGATIVE, **size, steps=3, guidance=5.0, guidance_2=3.0,
                                             latents=noise, output_type="latent").latents

@@ -6,6 +6,7 @@ relative, with a control (the scale changed). Bad input: keys that match nothing
 file, a missing file: one line, nothing written.
 """
 
+import json
 
 import numpy as np
 import pytest
@@ -15,10 +16,12 @@ from safetensors.torch import save_file
 from conftest import TEST_SIZE
 from soraedge.export.build import ExportConfig, run_export
 from soraedge.runtime.backends import openvino as ov_backend
+from soraedge.runtime.backends.trt import refittable
 from soraedge.runtime.errors import SoraError
 from soraedge.runtime.lora import parse_lora
 from soraedge.runtime.manifest import load_manifest
 from soraedge.runtime.pipeline import Pipeline
+from soraedge.runtime.user_cache import cache_home
 
 PROMPT, NEGATIVE = "a red fox runs on the beach at sunset", "low quality, blurry"
 SIZE = TEST_SIZE["tiny-a"]
@@ -205,7 +208,8 @@ def test_loras_applied_at_load_compute_what_the_export_with_them_fused_computes(
 @pytest.mark.skipif(not ov_backend.available(), reason="OpenVINO is not installed")
 def test_loras_applied_at_load_on_openvino(fused, tiny_engines):
     """OpenVINO compiles the base DiT with the LoRAs' weights in place of its constants: what ONNX Runtime computes
-    with the LoRAs fused at export (within OpenVINO's own fp32 difference from it)."""
+    with the LoRAs fused at export (within OpenVINO's own fp32 difference from it). The compiled model is cached
+    by the engine's content and the LoRAs' content and scales: a second load with the same LoRAs reads it."""
     stacked, files_scales = fused(("wan", "peft"))
     noise = np.random.default_rng(4).standard_normal(Pipeline.load(stacked).latent_shape(**SIZE), dtype=np.float32)
 
@@ -215,12 +219,28 @@ def test_loras_applied_at_load_on_openvino(fused, tiny_engines):
             output_type="latent").latents
 
     exported = run(stacked, "ort")
+    compiled = cache_home() / "compiled" / "openvino"
+    before = set(compiled.glob("transformer-*")) if compiled.is_dir() else set()
     assert _rel(run(tiny_engines("tiny-a"), "openvino", tuple(files_scales)), exported) < 1e-4
+    with_loras = set(compiled.glob("transformer-*-lora*")) - before  # keyed by the LoRAs' content and scales
+    assert len(with_loras) == 1 and len(blobs := list(next(iter(with_loras)).iterdir())) == 1
+    again = run(tiny_engines("tiny-a"), "openvino", tuple(files_scales))  # the compiled model, from the cache
+    assert set(compiled.glob("transformer-*-lora*")) - before == with_loras
+    assert list(next(iter(with_loras)).iterdir()) == blobs and _rel(again, exported) < 1e-4
+    rescaled = (files_scales[0], (files_scales[1][0], 0.25))
+    assert _rel(run(tiny_engines("tiny-a"), "openvino", rescaled), exported) > 1e-3  # another scale: another entry
+    assert len(set(compiled.glob("transformer-*-lora*")) - before) == 2
     assert _rel(run(tiny_engines("tiny-a"), "openvino"), exported) > 1e-3
 
 
-def test_loras_at_load_refuse_what_they_cannot_change(loras, tiny_engines):
-    with pytest.raises(SoraError, match="LoRAs are applied to built engines on the CPU backends"):
+def test_loras_at_load_refuse_what_they_cannot_change(loras, tiny_engines, engine_copy):
+    with pytest.raises(SoraError, match="LoRAs are applied to built engines on ort, openvino, tensorrt, not ort-cuda"):
         Pipeline.load(tiny_engines("tiny-a"), backend="ort-cuda", loras=((loras["peft"], 1.0),))
+    with pytest.raises(SoraError, match="its TensorRT DiT plan was built without --trt-refittable"):
+        Pipeline.load(tiny_engines("tiny-a"), backend="tensorrt", loras=((loras["peft"], 1.0),))
+    manifest = json.loads((engine_copy / "manifest.json").read_text())  # a plan recorded as built refittable
+    manifest["engines"]["transformer"]["trt_build"] = {"builder": {"builder_flags": ["REFIT"]}}
+    (engine_copy / "manifest.json").write_text(json.dumps(manifest))
+    assert refittable(load_manifest(engine_copy, verify=False))
     with pytest.raises(SoraError, match="this LoRA is for another model"):
         Pipeline.load(tiny_engines("tiny-b"), backend="ort", loras=((loras["peft"], 1.0),))

@@ -175,7 +175,7 @@ def test_gate_refuses_a_clipped_calibration_and_keeps_what_was_there(tiny_model,
 
 def test_calibration_records_every_step_and_both_branches(tiny_engines):
     samples = collect_dit_inputs(tiny_engines("tiny-a"), ["a red fox", "a blue boat"], 3, SIZE["height"],
-                                 SIZE["width"], SIZE["frames"])
+                                 SIZE["width"], SIZE["frames"])["transformer"]
     assert len(samples) == 2 * 3
     pipe = Pipeline.load(tiny_engines("tiny-a"), verify=False)
     pipe.scheduler.set_timesteps(3)
@@ -191,7 +191,7 @@ def test_smoothquant_preserves_the_function(tiny_engines, tmp_path, unfoldable):
     producers of the linear inputs where it folds."""
     src = tiny_engines("tiny-a") / "transformer.onnx"
     samples = collect_dit_inputs(tiny_engines("tiny-a"), ["a red fox"], 2, SIZE["height"], SIZE["width"],
-                                 SIZE["frames"])
+                                 SIZE["frames"])["transformer"]
     summary = smooth_linears(src, tmp_path / "smoothed.onnx", samples, 0.8, set(), unfoldable=unfoldable)
     a = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"]).run(None, samples[0])[0]
     b = ort.InferenceSession(str(tmp_path / "smoothed.onnx"), providers=["CPUExecutionProvider"]).run(

@@ -15,6 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from conftest import fails_one_line
+
 from soraedge.export.checkpoint import read_checkpoint
 from soraedge.export.dit import AttentionForm, dit_spec, load_dit
 from soraedge.export.onnx_export import export_onnx
@@ -150,36 +152,70 @@ def test_a_shape_that_disagrees_with_the_config_is_one_line(tiny_model, tmp_path
         load_dit(root, AttentionForm.ONNX)
 
 
-def test_a_model_too_large_to_check_whole_is_checked_on_a_copy_with_fewer_layers(tiny_model, tmp_path):
-    """Where one fp32 copy beside ONNX Runtime's does not fit, parity runs on a copy with the first layers of the
+@pytest.mark.parametrize("component", ["transformer", "text_encoder"])
+def test_a_shard_missing_from_its_index_is_one_line_and_nothing_is_written(tiny_model, tmp_path, component):
+    from soraedge.cli.export_cmd import main as export_main
+
+    root = restore(tiny_model("tiny-a"), tmp_path / "model", component, torch.bfloat16, shards=3)
+    shard = sorted((root / component).glob("*-00002-of-00003.safetensors"))[0]
+    shard.unlink()
+    fails_one_line(export_main, [root, "-o", tmp_path / "e"], f"{shard} is missing", "lists it as a shard")
+    assert not (tmp_path / "e").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("method", ["block by block", "copy", "control"])
+def test_a_model_too_large_to_check_whole_is_checked_block_by_block_or_on_a_copy_with_fewer_layers(
+        tiny_model, tmp_path, method):
+    """Where one fp32 copy beside ONNX Runtime's does not fit, parity runs the whole graph against PyTorch run block
+    by block from the checkpoint (where the graph's session runs here), else on a copy with the first layers of the
     same checkpoint, exported the same way; the manifest entry says which method checked it, and nothing of the
-    copy stays behind."""
+    copy stays behind. The control: a block-by-block reference reading a checkpoint with one block's weight
+    changed fails the check."""
     from types import SimpleNamespace
 
     from soraedge.export import build
-    from soraedge.export.dit import load_reference_dit
+    from soraedge.export.dit import load_reference_dit, streamed_reference_dit
 
     root = tiny_model("tiny-a")
     cfg = read_checkpoint(root).transformer_config
     spec = dit_spec(cfg, 16, Dim("f", 1, 2, 3), Dim("h", 2, 4, 8, 2), Dim("w", 2, 4, 8, 2))
     fewer = {"num_layers": 1}
+    reference = root
+    if method == "control":
+        reference = restore(root, tmp_path / "changed", "transformer", torch.float32)
+        file = reference / "transformer" / "diffusion_pytorch_model.safetensors"
+        state = load_file(file)
+        state["blocks.1.ffn.net.2.weight"] = state["blocks.1.ffn.net.2.weight"] * 1.5
+        save_file(state, file)
 
     class TooLarge(build.ParitySource):
         def whole_fits(self) -> bool:
             return False
 
+    streamed = None if method == "copy" else (
+        lambda: streamed_reference_dit(reference, CheckpointTensors(reference / "transformer")))
     parity = TooLarge(lambda: load_reference_dit(root), 0,
                       (lambda: load_dit(root, AttentionForm.ONNX, False, **fewer),
-                       lambda: load_reference_dit(root, **fewer)), fewer)
+                       lambda: load_reference_dit(root, **fewer)), fewer, streamed)
     out = tmp_path / "engine"
     out.mkdir()
     report = SimpleNamespace(seconds={})
-    entry = build._export_component("transformer", load_dit(root, AttentionForm.ONNX, False), parity,
-                                    CheckpointTensors(root / "transformer"), spec, out, 23,
-                                    {"b": 2, "f": 2, "h": 4, "w": 6}, [{"b": 1, "f": 3, "h": 6, "w": 4}],
-                                    build.ExportConfig(model=str(root), out=out), report, print,
-                                    {"folders": {"transformer": str(tmp_path)}})  # a key of its own: traced here
-    assert entry["parity"]["method"].startswith("a copy with {'num_layers': 1}") and entry["parity"]["max_rel"] < 1e-4
+
+    def export():
+        return build._export_component("transformer", load_dit(root, AttentionForm.ONNX, False), parity,
+                                       CheckpointTensors(root / "transformer"), spec, out, 23,
+                                       {"b": 2, "f": 2, "h": 4, "w": 6}, [{"b": 1, "f": 3, "h": 6, "w": 4}],
+                                       build.ExportConfig(model=str(root), out=out), report, print,
+                                       {"folders": {"transformer": str(tmp_path)}})  # a key of its own
+
+    if method == "control":
+        with pytest.raises(SoraError, match="transformer: the ONNX graph differs from PyTorch"):
+            export()
+        return
+    entry = export()
+    expect = "whole graph at full size, PyTorch run block by block" if streamed else "a copy with {'num_layers': 1}"
+    assert entry["parity"]["method"].startswith(expect) and entry["parity"]["max_rel"] < 1e-5
     assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["transformer.onnx", "transformer.onnx.data"]
 
 

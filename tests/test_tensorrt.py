@@ -65,13 +65,14 @@ def dit_spec(tiny_engines):
 
 @pytest.mark.parametrize("settings", [BuildSettings(), BuildSettings(workspace_mb=2048, tactic_memory_mb=1024,
                                                                       optimization_level=5, version_compatible=True,
-                                                                      hardware_compatible=True)])
+                                                                      hardware_compatible=True, refittable=True)])
 @pytest.mark.parametrize("version", ["10.3.0", "11.1.0"])
 def test_builder_plan(dit_spec, settings, version):
     plan = builder_plan(dit_spec, settings, version)
     assert plan["network_flags"] == ["STRONGLY_TYPED"]  # precision comes from the graph's casts and Q/DQ
     assert not FORBIDDEN_FLAGS & set(plan["builder_flags"])
-    assert plan["builder_flags"] == (["VERSION_COMPATIBLE"] if settings.version_compatible else [])
+    assert plan["builder_flags"] == (["VERSION_COMPATIBLE"] if settings.version_compatible else []) + (
+        ["REFIT"] if settings.refittable else [])
     assert plan["hardware_compatibility_level"] == ("AMPERE_PLUS" if settings.hardware_compatible else None)
     assert plan["optimization_level"] == settings.optimization_level
     expected_pools = {k: v * 2**20 for k, v in (("WORKSPACE", settings.workspace_mb),
@@ -84,6 +85,14 @@ def test_builder_plan(dit_spec, settings, version):
         assert (lo, opt, hi) == tuple(list(s) for s in dit_spec.trt_profile()[name])
         assert all(a <= b <= c for a, b, c in zip(lo, opt, hi))
     assert profile["hidden_states"][0][0] == 1 and profile["hidden_states"][2][0] == 2
+
+
+def test_only_the_dit_is_built_refittable(tiny_engines):
+    """--trt-refittable marks the plan the LoRAs go into (the first DiT), not the text encoder, VAE or probe."""
+    m = load_manifest(tiny_engines("tiny-a"))
+    flags = {n: builder_plan(m.spec(n), BuildSettings(refittable=True), "11.1.0")["builder_flags"]
+             for n in m.engine_names}
+    assert flags.pop("transformer") == ["REFIT"] and not any(flags.values())
 
 
 def test_builder_plan_refusals(dit_spec):

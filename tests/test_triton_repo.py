@@ -114,8 +114,9 @@ def test_bad_input_is_one_line_and_keeps_what_exists(tiny_engines, tmp_path):
 
 def test_request_arguments_take_one_element_each_and_need_a_prompt():
     args = request_arguments({"PROMPT": np.array([b"a fox"], dtype=object), "STEPS": np.array([3], np.int32),
-                              "GUIDANCE": np.array([2.5], np.float32)})
-    assert args == {"prompt": "a fox", "steps": 3, "guidance": 2.5}
+                              "GUIDANCE": np.array([2.5], np.float32), "GUIDANCE_2": np.array([1.5], np.float32),
+                              "SCHEDULER": np.array([b"euler"], dtype=object)})
+    assert args == {"prompt": "a fox", "steps": 3, "guidance": 2.5, "guidance_2": 1.5, "scheduler": "euler"}
     with pytest.raises(SoraError, match="PROMPT is required"):
         request_arguments({"STEPS": np.array([3], np.int32)})
     with pytest.raises(SoraError, match="one element"):
@@ -133,7 +134,9 @@ def _free_ports(n: int) -> list[int]:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="nvidia-pytriton's tritonserver is Linux-only")
-def test_real_tritonserver_answers_two_concurrent_requests_like_sora_run(tiny_engines, tmp_path):
+def test_real_tritonserver_answers_two_concurrent_requests_like_sora_run(experts_engines, tmp_path):
+    """Wan2.2 A14B's two-expert engines (a model per engine, both experts included) on a real server: a request
+    with the low-noise expert's guidance and a swapped scheduler and shift, and one with the defaults, at once."""
     pytest.importorskip("pytriton", reason="no tritonserver: the `triton` extra installs nvidia-pytriton")
     pytest.importorskip("tritonclient.grpc", reason="the client needs tritonclient[grpc] (the `triton` extra)")
     from soraedge.cli.triton_client import generate
@@ -144,10 +147,11 @@ def test_real_tritonserver_answers_two_concurrent_requests_like_sora_run(tiny_en
     from soraedge.runtime.pipeline import Pipeline
     from soraedge.runtime.video import to_uint8
 
-    engines = tiny_engines("tiny-a")
+    engines = experts_engines("tiny-a14b-a")
     write_triton_repo(engines, tmp_path / "repo", instances=2, python_engines=True)
-    size = TEST_SIZE["tiny-a"]
-    requests = [dict(prompt="a red fox running", seed=3, steps=3, guidance=5.0, **size),
+    size = TEST_SIZE["tiny-a14b-a"]
+    requests = [dict(prompt="a red fox running", seed=3, steps=3, guidance=5.0, guidance_2=2.0, scheduler="euler",
+                     flow_shift=5.0, **size),
                 dict(prompt="a blue whale", negative_prompt="blurry", seed=7, steps=2, guidance=3.0, **size)]
     http, grpc, metrics = _free_ports(3)
     server = start_server(tmp_path / "repo", http, grpc, metrics, tmp_path / "server.log", timeout_s=120)

@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..choices import BACKENDS, Backend, Execution
+from ..choices import BACKENDS, LORA_BACKENDS, Backend, Execution
 from ..errors import SoraError
 from ..spec import EngineSpec
 
@@ -26,9 +26,10 @@ def open_engine(backend: str, path: Path, spec: EngineSpec, threads: int | None 
     """`arena=False` lets ONNX Runtime return large buffers instead of keeping its CPU arena (the VAE decoder).
     `static_shapes=N` has OpenVINO compile per input shape, keeping N (backends/openvino.py says why).
     `cuda_graph` captures and replays the engine per shape on `ort-cuda` (the DiT: same shape every step).
-    `initializers` replace the graph's weights of those names (LoRAs applied at load: the CPU backends)."""
-    if initializers and backend not in (Backend.ORT, Backend.OPENVINO):
-        raise SoraError(f"weights replaced at load (LoRAs) run on the CPU backends (ort, openvino), not {backend}")
+    `initializers` replace the graph's weights of those names (LoRAs applied at load: the CPU backends, and
+    TensorRT plans built refittable)."""
+    if initializers and backend not in LORA_BACKENDS:
+        raise SoraError(f"weights replaced at load (LoRAs) run on {', '.join(LORA_BACKENDS)}, not {backend}")
     if backend != Backend.OPENVINO and precision != Execution.FP32:
         raise SoraError(f"the {backend} backend runs the graphs at the precision they carry; execution precision "
                         f"{precision} is OpenVINO's (fp16/int8 are chosen at export)")
@@ -48,7 +49,7 @@ def open_engine(backend: str, path: Path, spec: EngineSpec, threads: int | None 
     if backend == Backend.TENSORRT:
         from .trt import TrtEngine
 
-        return TrtEngine(path, spec, cuda_graph=cuda_graph)
+        return TrtEngine(path, spec, cuda_graph=cuda_graph, initializers=initializers)
     if backend == Backend.OPENVINO:
         from .openvino import OvEngine
 

@@ -13,7 +13,9 @@ torch: device memory and streams come from cuda-python.
 API references: https://docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/infer/Core/ExecutionContext.html
 (set_device_memory(memory, size) since 10.1; before it the `device_memory` attribute),
 .../Core/Engine.html (create_execution_context(strategy), device_memory_size_v2 since 10.1),
-and the CUDA-graph section of the TensorRT developer guide (run enqueueV3 once before capturing).
+and the CUDA-graph section of the TensorRT developer guide (run enqueueV3 once before capturing); LoRAs at load:
+.../Core/Refitter.html (set_named_weights, get_missing_weights, refit_cuda_engine) and the guide's "Refitting an
+Engine" (the ONNX parser names weights after the initializers).
 Not run by this project: TensorRT cannot be installed on its machines (docs/verification.md).
 """
 
@@ -24,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import SoraError
+from ..experts import HIGH
 from ..spec import EngineSpec
 
 
@@ -92,8 +95,38 @@ def activation_bytes(engine) -> int:
 POOL = ActivationPool()
 
 
+def refittable(manifest) -> bool:
+    """Whether the engine directory's TensorRT DiT plan was built to take new weights (--trt-refittable)."""
+    entry = manifest.data["engines"].get(HIGH, {})
+    return "REFIT" in entry.get("trt_build", {}).get("builder", {}).get("builder_flags", [])
+
+
+def refit(trt, engine, weights: dict[str, np.ndarray], logger, name: str) -> None:
+    """Replace the named weights of a refittable engine: the ONNX parser names each after its graph initializer,
+    so the names and values are those the CPU backends take (`weights` in the graph's dtype and layout). TensorRT
+    may have folded a weight into another at build time; it then names the others it needs (get_missing_weights),
+    which is refused in one line rather than refitted half-way."""
+    if not engine.refittable:
+        raise SoraError(f"the TensorRT plan {name} was built without --trt-refittable: rebuild it with that flag to "
+                        f"apply LoRAs at load")
+    refitter = trt.Refitter(engine, logger)
+    known = set(refitter.get_all_weights())
+    arrays = {k: np.ascontiguousarray(v) for k, v in weights.items()}  # alive until the refit is done
+    for key, values in arrays.items():
+        if key not in known or not refitter.set_named_weights(key, trt.Weights(values)):
+            raise SoraError(f"the TensorRT plan {name} does not take new weights for {key} "
+                            f"{list(values.shape)} {values.dtype}: export with --lora to fuse the LoRAs")
+    missing = refitter.get_missing_weights()
+    if missing:
+        raise SoraError(f"the TensorRT plan {name} folded {len(missing)} weight(s) the LoRAs change into others "
+                        f"({', '.join(missing[:3])}): export with --lora to fuse them")
+    if not refitter.refit_cuda_engine():
+        raise SoraError(f"TensorRT could not refit {name} with the LoRAs' weights")
+
+
 class TrtEngine:
-    def __init__(self, path: Path, spec: EngineSpec, cuda_graph: bool = False, pool: ActivationPool = POOL):
+    def __init__(self, path: Path, spec: EngineSpec, cuda_graph: bool = False, pool: ActivationPool = POOL,
+                 initializers: dict[str, np.ndarray] | None = None):
         import tensorrt as trt
 
         self.cudart = _cudart()
@@ -105,6 +138,8 @@ class TrtEngine:
         if self.engine is None:
             raise SoraError(f"TensorRT could not load {Path(path).name}: built by another TensorRT version or GPU? "
                             f"rebuild it with sora-export")
+        if initializers:  # LoRAs applied at load, before any context exists
+            refit(trt, self.engine, initializers, logger, Path(path).name)
         self.context = self.engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
         self.stream = _check(self.cudart.cudaStreamCreate())
         self.slots: dict[tuple, dict] = {}  # input shapes -> {"buffers": {name: (ptr, shape, dtype)}, "graph"}

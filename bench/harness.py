@@ -83,8 +83,8 @@ SCENARIOS = {
     # Wan2.1-T2V-1.3B's layer shape, 4 of its 30 layers; and its whole transformer (the GPU verification's DiT)
     "wan-1.3b-4layers-1280tok": Scenario("wan21-1.3b-4layers", 17, 256, 256),
     "wan-1.3b-1280tok": Scenario("wan21-1.3b-shapes", 17, 256, 256),
-    # Wan2.2-TI2V-5B's layer shape, 4 of its 30 layers (its VAE compresses 16x: 512x512 makes the same 1280 tokens)
-    "wan-5b-4layers-1280tok": Scenario("wan22-ti2v-5b-4layers", 17, 512, 512),
+    # Wan2.2-TI2V-5B's layer shape, 2 of its 30 layers (its VAE compresses 16x: 512x512 makes the same 1280 tokens)
+    "wan-5b-2layers-1280tok": Scenario("wan22-ti2v-5b-2layers", 17, 512, 512),
     "tiny": Scenario("tiny-a", 5, 32, 48, text_len=16),
 }
 DEFAULT_SCENARIO = "wan-384x6-1280tok"

@@ -356,7 +356,8 @@ class Pipeline:
             else:
                 denoiser, scale = self.dit(HIGH, counted, step_cache), guidance
             latents = sample(denoiser, sampler_scheduler, latents, cond, uncond, scale, steps, _on_step)
-            del denoiser  # with low_memory it held the only references: the DiT is released here
+            del denoiser, scale  # with low_memory they held the only references (the two-expert switch's scale is
+            # its bound method): the DiT is released here, before the VAE opens
         memory["denoise"], device_memory["denoise"] = mem.peak_mb, dev.peak_mb
         timings["denoise"] = time.perf_counter() - t0
         check_finite(latents, "the denoised latents")

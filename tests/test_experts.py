@@ -111,6 +111,29 @@ def test_the_expert_of_each_step_is_diffusers_choice(switch_after, tiny_model):
     assert [switch.guidance(t) for t in ts] == [5.0 if e == HIGH else 3.0 for e in expected]
 
 
+def test_with_low_memory_no_expert_is_held_once_the_vae_opens(experts_engines):
+    """--low-memory: one expert at a time while denoising, and none (nor a probe) once decoding starts; released by
+    reference counting alone, as the memory bench measures it."""
+    pipe = Pipeline.load(experts_engines("tiny-a14b-a"), low_memory=True)
+    opened, open_engine = {}, pipe._open
+
+    def tracked(name):
+        if name.startswith("vae_"):
+            assert not [n for n, ref in opened.items() if ref() is not None], "a DiT engine is still held"
+        engine = open_engine(name)
+        if not name.startswith(("vae_", "text_")):
+            opened[name] = weakref.ref(engine)
+        return engine
+
+    pipe._open = tracked
+    gc.disable()
+    try:
+        pipe(PROMPT, NEGATIVE, **TEST_SIZE["tiny-a14b-a"], steps=8, guidance=5.0, guidance_2=3.0, step_cache=0.0)
+    finally:
+        gc.enable()
+    assert {HIGH, LOW} <= set(opened)
+
+
 def test_a_half_described_two_expert_pipeline_is_refused(tiny_model, tmp_path):
     model = shutil.copytree(tiny_model("tiny-a14b-a"), tmp_path / "m")
     index = json.loads((model / "model_index.json").read_text())

@@ -1,9 +1,9 @@
-"""The demo model judged by the probe: colour and motion accuracy of generated videos, per precision.
+"""The demo model judged by the probe: colour, shape and motion accuracy of generated videos, per precision.
 
-Exports the built-in demo to fp32 engines (and, with --precision, reduced-precision ones through the quality
-gate; INT8 calibrated on 8 training captions), generates every prompt of the prompt set from the engines
-(sora-run's path, fixed seeds), reads each video back with demo/probe.py, and reports colour and motion accuracy
-separately for the held-out colour x shape x motion combinations (never seen in training) and for training
+Exports the built-in demo to fp32 engines (and, with --precision, reduced-precision ones through the quality gate;
+INT8 calibrated on 8 training captions), generates every prompt of the prompt set from the engines (sora-run's path,
+fixed seeds), reads each video back with demo/probe.py, and reports colour, shape and motion accuracy (and all three
+at once) separately for the held-out colour x shape x motion combinations (never seen in training) and for training
 combinations; reduced precisions also get the PSNR of their videos against the fp32 engines' on the same seeds.
 Writes bench/results/ (JSON + Markdown, with the prompt set).
 
@@ -56,7 +56,9 @@ def accuracy_by_split(videos, prompts) -> dict:
         idx = [i for i, p in enumerate(prompts) if p["split"] == split]
         out[split] = score([verdicts[i] for i in idx], [prompts[i]["scene"] for i in idx])
     out["verdicts"] = [{"prompt": p["scene"].caption, "seed": p["seed"], "split": p["split"],
-                        "colour": v.colour, "motion": v.motion} for p, v in zip(prompts, verdicts)]
+                        "colour": v.colour, "mean_colour": v.mean_name, "flat_share": round(v.flat_share, 3),
+                        "shape": v.shape, "fill": round(v.fill, 3), "motion": v.motion}
+                       for p, v in zip(prompts, verdicts)]
     return out
 
 
@@ -102,16 +104,15 @@ def to_markdown(r: dict) -> str:
              f"{r['machine']['cpu']}, {r['threads']} threads, steps {r['steps']}, "
              f"{r['seeds_per_prompt']} seeds per prompt; held-out = colour x shape x motion combinations never seen "
              f"in training. Weights: {r['weights']}.", "",
-             "| engines | runs on | held-out colour | held-out motion | train colour | train motion | PSNR vs fp32 "
-             "| s/video |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| engines | runs on | split | videos | colour | shape | motion | all three | PSNR vs fp32 | s/video |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for row in r["rows"].values():
-        h, t = row["held_out"], row["train"]
         p = f"{row['psnr_vs_fp32_db']:.1f} dB" if "psnr_vs_fp32_db" in row else "reference"
-        lines.append(f"| {row['precision']} | {row.get('backend', 'ort')} | {h['colour_accuracy']:.0%} ({h['n']}) | "
-                     f"{h['motion_accuracy']:.0%} | "
-                     f"{t['colour_accuracy']:.0%} ({t['n']}) | {t['motion_accuracy']:.0%} | {p} | "
-                     f"{row['s_per_video']:.2f} |")
+        for split in ("held_out", "train"):
+            a = row[split]
+            lines.append(f"| {row['precision']} | {row.get('backend', 'ort')} | {split.replace('_', '-')} | {a['n']} | "
+                         f"{a['colour_accuracy']:.0%} | {a['shape_accuracy']:.0%} | {a['motion_accuracy']:.0%} | "
+                         f"{a['all_accuracy']:.0%} | {p} | {row['s_per_video']:.2f} |")
     lines += ["", "Prompt set (seeds 1000..):", ""]
     first = next(iter(r["rows"].values()))["verdicts"]
     lines += sorted({f"- {v['split']}: {v['prompt']}" for v in first})

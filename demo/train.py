@@ -3,6 +3,7 @@
     python -m soraedge.demo.train --out demo/weights                  # both stages: 27-35 min on 2 CPU cores
     python -m soraedge.demo.train --out demo/weights --stage dit      # the DiT again, on the saved VAE
     python -m soraedge.demo.train --out demo/weights --stage decoder  # more decoder-only steps; the DiT stays valid
+    python -m soraedge.demo.train --out demo/weights --stage check    # the probe's reading of the VAE's reconstructions
 
 (demo/weights/train_log.json says how the committed weights' from-scratch run went: seed 0, the defaults.)
 
@@ -188,8 +189,9 @@ def save_fp16(model, folder: Path) -> None:
 
 @click.command()
 @click.option("--out", type=click.Path(path_type=Path), default=Path(__file__).parent / "weights", show_default=True)
-@click.option("--stage", type=click.Choice(["all", "vae", "decoder", "dit"]), default="all", show_default=True,
-              help="decoder: only the VAE's decoder-only phase, on the saved VAE (its DiT stays valid).")
+@click.option("--stage", type=click.Choice(["all", "vae", "decoder", "dit", "check"]), default="all",
+              show_default=True, help="decoder: only the VAE's decoder-only phase, on the saved VAE (its DiT stays "
+              "valid). check: no training; the probe's reading of the saved VAE's reconstructions, printed.")
 @click.option("--vae-steps", default=800, show_default=True, help="Phase 1: 5-frame crops, batch 4.")
 @click.option("--vae-clip-steps", default=500, show_default=True, help="Phase 2: whole 17-frame clips, batch 2.")
 @click.option("--decoder-steps", default=300, show_default=True,
@@ -204,6 +206,10 @@ def main(out: Path, stage: str, vae_steps: int, vae_clip_steps: int, decoder_ste
     from diffusers import AutoencoderKLWan
 
     torch.set_num_threads(threads)
+    if stage == "check":
+        vae = AutoencoderKLWan.from_pretrained(out / "vae", torch_dtype=torch.float32).eval()
+        print(json.dumps(check_vae(vae, check_clips, seed + 30_000_000)))
+        return
     out.mkdir(parents=True, exist_ok=True)
     log_file = out / "train_log.json"
     keep = log_file.exists() and stage in ("dit", "decoder")

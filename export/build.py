@@ -139,12 +139,13 @@ def _quiet():
 
 @dataclass(frozen=True)
 class ParitySource:
-    """How a component's exported graph is checked against PyTorch: the whole graph against `reference()` where
-    one fp32 copy of the model beside ONNX Runtime's fits in memory and within PARITY_WHOLE_MAX_BYTES; else the
-    whole graph against `streamed()` (the model run block by block from the checkpoint, export/streaming.py's
-    BlocksStreamed) where ONNX Runtime's session of the graph alone runs here; else a copy with fewer layers
-    (`reduced`: the weightless module and its reference, both built with `reduced_config` from the same checkpoint),
-    exported the same way and checked whole. `params`: the component's parameter count."""
+    """How a component's exported graph is checked against PyTorch: the whole graph against `reference()` where one
+    fp32 copy of the model beside ONNX Runtime's fits in memory and within PARITY_WHOLE_MAX_BYTES; else the whole
+    graph against `streamed()` (the model run block by block from the checkpoint, export/streaming.py's
+    BlocksStreamed) where ONNX Runtime's session of the graph alone runs here within PARITY_FULL_SIZE_MAX_BYTES;
+    else a copy with fewer layers (`reduced`: the weightless module and its reference, both built with
+    `reduced_config` from the same checkpoint), exported the same way and checked whole. `params`: the component's
+    parameter count."""
 
     reference: Callable[[], object]
     params: int
@@ -188,7 +189,7 @@ def _export_component(name, module, parity: ParitySource, checkpoint, spec, tmp,
         if parity.whole_fits():
             entry["parity"] = {**parity_check(parity.reference, spec, tmp / f"{name}.onnx", probes),
                                "method": "whole graph"}
-        elif parity.streamed is not None and runs_in(_graph_bytes(tmp / f"{name}.onnx"), available_bytes()):
+        elif parity.streamed is not None and _full_size_fits(tmp / f"{name}.onnx"):
             entry["parity"] = {**parity_check(parity.streamed, spec, tmp / f"{name}.onnx", probes),
                                "method": "whole graph at full size, PyTorch run block by block from the checkpoint "
                                          "(the whole model does not fit beside its ONNX graph here)"}
@@ -208,10 +209,12 @@ def _export_component(name, module, parity: ParitySource, checkpoint, spec, tmp,
     return entry
 
 
-def _graph_bytes(path: Path) -> int:
-    """An ONNX file's size with its external weights: about what ONNX Runtime's session of it holds."""
+def _full_size_fits(path: Path) -> bool:
+    """Whether ONNX Runtime's session of the graph `path` (about its size with its external weights) runs here
+    within PARITY_FULL_SIZE_MAX_BYTES, for the full-size check against PyTorch run block by block."""
     data = path.with_name(path.name + ".data")
-    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+    size = path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+    return size <= PARITY_FULL_SIZE_MAX_BYTES and runs_in(size, available_bytes())
 
 
 MIN_TOKEN_COSINE = 0.999  # a weight-only text encoder against PyTorch, every real token's embedding
@@ -278,6 +281,9 @@ REDUCED_LAYERS = 2  # the parity copy of a model too large to check whole: its f
 # Models up to this much (two fp32 copies' worth: 0.5B parameters) are checked whole; larger ones on the reduced
 # copy, so that an export's memory does not grow with the model (bench/results/export_memory_*).
 PARITY_WHOLE_MAX_BYTES = 4 << 30
+# Larger graphs up to this much (the real 1.3B DiT's 5.7 GB) are checked whole at full size against PyTorch run
+# block by block, which holds the graph's session and one block: an export then stays within 8 GB of host memory.
+PARITY_FULL_SIZE_MAX_BYTES = 6 << 30
 
 
 def _export_into(ck: WanCheckpoint, cfg: ExportConfig, defaults: dict, params: dict[str, int], tmp: Path,

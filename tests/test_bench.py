@@ -1,5 +1,6 @@
 """sora-bench smoke test on the tiny pipeline (one repeat): every field present, times positive, PSNR computed; the
-harness's results naming and index. Performance itself is measured in bench/, never asserted here."""
+harness's results naming and index; the demo grid's picture. Performance itself is measured in bench/, never
+asserted here."""
 
 import json
 import math
@@ -7,6 +8,7 @@ import math
 import pytest
 from click.testing import CliRunner
 
+from conftest import TEST_SIZE, fails_one_line
 from soraedge.bench import harness
 from soraedge.runtime.errors import SoraError
 from soraedge.cli.bench_cmd import main as bench_main
@@ -100,3 +102,21 @@ def test_scenarios_name_models_of_the_tests_table():
     for sc in harness.SCENARIOS.values():
         assert sc.dit_config() == dit_config(TINY_CONFIGS[sc.model])
         assert sc.tokens == sc.latent_shape[2] * sc.latent_shape[3] * sc.latent_shape[4] // 4
+
+
+def test_the_demo_grid_is_one_row_per_held_out_prompt(tiny_engines, tmp_path):
+    from PIL import Image
+
+    from soraedge.bench.demo_grid import FRAME_STEP, GAP, LABEL_WIDTH, SCALE, main as grid_main
+    from soraedge.demo.toy_world import HELD_OUT
+
+    engines = tiny_engines("tiny-a")
+    result = CliRunner().invoke(grid_main, ["--engines", str(engines), "-o", str(tmp_path / "g.png"), "--steps", "1"])
+    assert result.exit_code == 0, result.output
+    size = TEST_SIZE["tiny-a"]
+    frames = len(range(0, size["frames"], FRAME_STEP))
+    with Image.open(tmp_path / "g.png") as image:
+        assert image.size == (LABEL_WIDTH + frames * (size["width"] * SCALE + GAP),
+                              len(HELD_OUT) * (size["height"] * SCALE + GAP))
+    fails_one_line(grid_main, ["--engines", engines, "-o", tmp_path / "g.jpg"], "is written as a .png")
+    assert not (tmp_path / "g.jpg").exists()

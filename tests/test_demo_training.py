@@ -25,6 +25,9 @@ def test_training_from_scratch_writes_weights_the_exporter_reads(tmp_path):
     assert [p["window"] for p in log["vae"]["phases"]] == [5, 17, 17]
     assert [p["decoder_only"] for p in log["vae"]["phases"]] == [False, False, True]
     assert log["dit"]["steps"] == 2 and log["vae_check"]["n"] == 2
+    check = CliRunner().invoke(train_main, ["--out", str(tmp_path / "w"), "--stage", "check", "--check-clips", "2"])
+    assert check.exit_code == 0, check.output
+    assert json.loads(check.output.strip().splitlines()[-1]) == log["vae_check"]  # the same reading, no training
     vae_config = json.loads((tmp_path / "w" / "vae" / "config.json").read_text())
     assert len(vae_config["latents_mean"]) == len(vae_config["latents_std"]) == vae_config["z_dim"]
     assert all(s > 0 for s in vae_config["latents_std"])

@@ -197,7 +197,11 @@ def fused_initializers(targets: dict[str, dict], loras: "LoraSet", read: Callabl
         if target.get("transpose"):
             delta = np.transpose(delta, target["transpose"])
         base = read(target)
-        out[target["initializer"]] = (base.astype(np.float32) + delta).astype(base.dtype)
+        if base.dtype == np.float32 and base.flags.writeable:  # a fresh copy of the file's values: add in place
+            base += delta
+            out[target["initializer"]] = base
+        else:
+            out[target["initializer"]] = (base.astype(np.float32) + delta).astype(base.dtype)
     return out
 
 
@@ -245,12 +249,16 @@ class LoraSet:
             layer = lora.layers.get(module)
             if layer is None:
                 continue
-            if kind == "weight":
-                parts = ([(layer.scaling, layer.up @ layer.down)] if layer.down is not None else []) + (
-                    [(1.0, layer.diff)] if layer.diff is not None else [])
+            if kind == "weight":  # the scale goes into the small factor, not the product
+                parts = ([np.float32(lora.scale * layer.scaling) * layer.up.astype(np.float32)
+                          @ layer.down.astype(np.float32)] if layer.down is not None else []) + (
+                    [np.float32(lora.scale) * layer.diff.astype(np.float32)] if layer.diff is not None else [])
             else:
-                parts = [(layer.bias_scaling, layer.bias)] if layer.bias is not None else []
-            for scaling, part in parts:
-                term = np.float32(lora.scale * scaling) * part.astype(np.float32)
-                total = term if total is None else total + term
+                parts = ([np.float32(lora.scale * layer.bias_scaling) * layer.bias.astype(np.float32)]
+                         if layer.bias is not None else [])
+            for term in parts:
+                if total is None:
+                    total = term
+                else:
+                    total += term
         return total

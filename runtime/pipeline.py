@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -109,8 +110,9 @@ class Pipeline:
         if self.backend in GPU_BACKENDS and open_with is None:
             check_target(manifest.data.get("gpu"), self.backend, manifest.root)
         self._engines: dict[str, object] = {}
+        me = weakref.ref(self)  # not a reference cycle: a dropped Pipeline frees its engines at once, not at a GC
         self.text = PromptEncoder(str(manifest.file(self.config["tokenizer"])),
-                                  lambda **feeds: self.engine("text_encoder")(**feeds),
+                                  lambda **feeds: me().engine("text_encoder")(**feeds),
                                   self.config["max_sequence_length"], self.config["pad_token_id"])
         self.lora_set = self._read_loras(loras) if loras else None
         self.loras = self.lora_set.describe() if loras else []  # the LoRAs applied at load: file, hash, scale

@@ -65,3 +65,20 @@ def test_prompt_cache_ignores_corrupt_entries_and_stays_bounded(tmp_path):
         cache.put(f"p{i}", emb)
     assert sum(p.stat().st_size for p in (tmp_path / "k").glob("*.npy")) <= 3 * 300
     assert not list((tmp_path / "k").glob("*.tmp"))
+
+
+def test_a_dropped_pipeline_frees_its_engines_without_the_cyclic_collector(tiny_engines):
+    """A Pipeline holds no reference cycle: dropping it releases its sessions at once (a server replacing pipelines,
+    a bench loading one after another), not whenever Python's cyclic collector next runs."""
+    import gc
+    import weakref
+
+    gc.disable()
+    try:
+        pipe = Pipeline.load(tiny_engines("tiny-a"))
+        pipe("a cat", steps=1)
+        engine = weakref.ref(pipe.engine("transformer"))
+        del pipe
+        assert engine() is None
+    finally:
+        gc.enable()

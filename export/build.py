@@ -34,7 +34,7 @@ from ..runtime.spec import Dim
 from ..runtime.user_cache import check_settings
 from ..runtime.validate import check_frames, check_size, check_threads
 from .checkpoint import WanCheckpoint, read_checkpoint, read_json
-from ..target.choose import build_runtime, check_request, cpu_only, openvino_unsupported
+from ..target.choose import build_runtime, check_request, cpu_only, graph_bytes, openvino_unsupported
 from .dit import AttentionForm, dit_spec, load_dit, load_reference_dit, streamed_reference_dit
 from .dit_probe import FirstBlockProbe, ProbeReference, probe_spec
 from ..target.gated_choice import gate_target
@@ -210,10 +210,9 @@ def _export_component(name, module, parity: ParitySource, checkpoint, spec, tmp,
 
 
 def _full_size_fits(path: Path) -> bool:
-    """Whether ONNX Runtime's session of the graph `path` (about its size with its external weights) runs here
-    within PARITY_FULL_SIZE_MAX_BYTES, for the full-size check against PyTorch run block by block."""
-    data = path.with_name(path.name + ".data")
-    size = path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+    """Whether ONNX Runtime's session of the graph `path` runs here within PARITY_FULL_SIZE_MAX_BYTES, for the
+    full-size check against PyTorch run block by block."""
+    size = graph_bytes(path)
     return size <= PARITY_FULL_SIZE_MAX_BYTES and runs_in(size, available_bytes())
 
 

@@ -16,6 +16,7 @@ step of the two-step path (target/build.py), on the device.
 from __future__ import annotations
 
 import platform
+from pathlib import Path
 from typing import Callable
 
 from ..runtime import gpu_target
@@ -185,10 +186,14 @@ def choose_runtime(manifest: Manifest, backend: str, precision: str, threads: in
     return manifest.updated(runtime=runtime)
 
 
+def graph_bytes(path: Path) -> int:
+    """An ONNX graph and its external data, in bytes: about what a session of it holds."""
+    return sum(p.stat().st_size for p in (path, path.with_name(path.name + ".data")) if p.exists())
+
+
 def dit_weight_bytes(manifest: Manifest) -> int:
     """The DiT's ONNX graph and its external data, in bytes."""
-    path = manifest.engine_path("transformer")
-    return sum(p.stat().st_size for p in (path, path.with_name(path.name + ".data")) if p.exists())
+    return graph_bytes(manifest.engine_path("transformer"))
 
 
 def fit_candidates(candidates: list[Target], weight_bytes: int,

@@ -19,9 +19,12 @@ transpose) and handed to the backend in place of the file's.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -186,23 +189,63 @@ def fused_initializers(targets: dict[str, dict], loras: "LoraSet", read: Callabl
                        ) -> dict[str, np.ndarray]:
     """{initializer: its weights with the LoRAs added, in the graph's layout and dtype} for each checkpoint tensor
     the LoRAs change. `targets`: the engine's `lora_targets` ({checkpoint tensor: where the graph holds it});
-    `read(target)`: the initializer's stored values. The LoRAs are checked against `targets` (LoraSet.check)."""
-    out = {}
+    `read(target)`: the initializer's stored values. The LoRAs are checked against `targets` (LoraSet.check).
+    Each delta is computed in the graph's layout from the small factors (rows reordered in the up matrix, a
+    transposed weight as down^T @ up^T) into one scratch buffer per shape, then added in place: no full-size
+    transposed or reordered copy, no fresh full-size allocation per layer."""
+    out, scratch = {}, {}
     for tensor, target in targets.items():
-        delta = loras.delta(tensor)
-        if delta is None:
+        if not loras.changes(tensor):
             continue
-        if target.get("rows"):
-            delta = delta[half_split_order(*target["rows"])]
-        if target.get("transpose"):
-            delta = np.transpose(delta, target["transpose"])
+        order = half_split_order(*target["rows"]) if target.get("rows") else None
+        transposed = bool(target.get("transpose"))
+        if transposed and list(target["transpose"]) != [1, 0]:
+            raise SoraError(f"{tensor}: the graph holds it transposed as {target['transpose']}; LoRAs change "
+                            f"matrices (transposed [1, 0]) only")
         base = read(target)
+        buffer = scratch.setdefault(base.shape, np.empty(base.shape, np.float32))
+        delta = loras.delta(tensor, order, transposed, out=buffer)
         if base.dtype == np.float32 and base.flags.writeable:  # a fresh copy of the file's values: add in place
             base += delta
             out[target["initializer"]] = base
         else:
             out[target["initializer"]] = (base.astype(np.float32) + delta).astype(base.dtype)
     return out
+
+
+def cached_weights(folder: Path | None, compute: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Fused weights ({initializer: values}) from this user's cache folder `folder`, memory-mapped, when a run before
+    wrote them; else `compute()`d and written there for the next run. The folder is named by the engine's content
+    and the LoRAs' (runtime/user_cache.py's compiled models, within their size); it is written under another name
+    and renamed into place, so a folder that exists is whole. None: no cache, computed each time. A cache that
+    cannot be written (a full disk) costs the next run the computation, nothing else."""
+    index_file = folder / "index.json" if folder is not None else None
+    if index_file is not None and index_file.is_file():
+        index = json.loads(index_file.read_text())
+        data = folder / "weights.bin"
+        if data.stat().st_size == sum(e["bytes"] for e in index.values()):
+            return {name: np.memmap(data, e["dtype"], "r", e["offset"], tuple(e["shape"]))
+                    for name, e in index.items()}
+        shutil.rmtree(folder, ignore_errors=True)  # not what was written: computed afresh below
+    weights = compute()
+    if folder is None:
+        return weights
+    staging = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
+    try:
+        staging.mkdir(parents=True, exist_ok=True)
+        index, offset = {}, 0
+        with open(staging / "weights.bin", "wb") as f:
+            for name, values in weights.items():
+                values = np.ascontiguousarray(values)
+                f.write(memoryview(values).cast("B"))
+                index[name] = {"dtype": values.dtype.str, "shape": list(values.shape), "offset": offset,
+                               "bytes": values.nbytes}
+                offset += values.nbytes
+        (staging / "index.json").write_text(json.dumps(index))
+        os.replace(staging, folder)
+    except OSError:  # a full disk, or another run's folder already in place
+        shutil.rmtree(staging, ignore_errors=True)
+    return weights
 
 
 class LoraSet:
@@ -220,6 +263,10 @@ class LoraSet:
     def key(self) -> list[list]:
         """What the weights depend on: each LoRA's content and scale, in order (not its file's name)."""
         return [[lora.sha256, lora.scale] for lora in self.loras]
+
+    def digest(self) -> str:
+        """A short hash of `key()`, for naming caches of weights with these LoRAs."""
+        return hashlib.sha256(json.dumps(self.key()).encode()).hexdigest()[:16]
 
     def check(self, shapes: dict[str, tuple[int, ...]]) -> None:
         """Every layer of every LoRA names a weight of the model (`shapes`: checkpoint tensor name -> shape) with
@@ -241,24 +288,49 @@ class LoraSet:
                     raise SoraError(f"{lora.path}: {name}{what} is {list(shape)}, the DiT's is {list(want)}: this "
                                     f"LoRA is for another model")
 
-    def delta(self, tensor: str) -> np.ndarray | None:
-        """What the LoRAs add to the checkpoint tensor `tensor` (`<module>.weight` or `.bias`), or None."""
+    def changes(self, tensor: str) -> bool:
+        """Whether any of the LoRAs adds to the checkpoint tensor `tensor`."""
+        module, _, kind = tensor.rpartition(".")
+        return any(self._factors(lora.layers[module], kind) for lora in self.loras if module in lora.layers)
+
+    @staticmethod
+    def _factors(layer: LoraLayer, kind: str) -> list:
+        """The layer's terms for a `weight` or `bias`: ("low_rank", up, down, scaling) and ("full", value, scaling)."""
+        if kind == "weight":
+            return ([("low_rank", layer.up, layer.down, layer.scaling)] if layer.down is not None else []) + (
+                [("full", layer.diff, 1.0)] if layer.diff is not None else [])
+        return [("full", layer.bias, layer.bias_scaling)] if layer.bias is not None else []
+
+    def delta(self, tensor: str, order: np.ndarray | None = None, transposed: bool = False,
+              out: np.ndarray | None = None) -> np.ndarray | None:
+        """What the LoRAs add to the checkpoint tensor `tensor` (`<module>.weight` or `.bias`), or None: scale x
+        scaling x up @ down (+ scale x a full delta), summed in the LoRAs' order. In a graph's layout on request:
+        rows (the output channels) taken in `order`, a weight `transposed` ([in, out]). `out`: a float32 buffer of
+        the result's shape to write into."""
         module, _, kind = tensor.rpartition(".")
         total = None
         for lora in self.loras:
             layer = lora.layers.get(module)
-            if layer is None:
-                continue
-            if kind == "weight":  # the scale goes into the small factor, not the product
-                parts = ([np.float32(lora.scale * layer.scaling) * layer.up.astype(np.float32)
-                          @ layer.down.astype(np.float32)] if layer.down is not None else []) + (
-                    [np.float32(lora.scale) * layer.diff.astype(np.float32)] if layer.diff is not None else [])
-            else:
-                parts = ([np.float32(lora.scale * layer.bias_scaling) * layer.bias.astype(np.float32)]
-                         if layer.bias is not None else [])
-            for term in parts:
-                if total is None:
-                    total = term
+            for term in self._factors(layer, kind) if layer is not None else []:
+                if term[0] == "low_rank":  # the scale goes into the small factor, never the product
+                    _, up, down, scaling = term
+                    up = np.float32(lora.scale * scaling) * up.astype(np.float32)
+                    up = up if order is None else up[order]
+                    a, b = (down.astype(np.float32).T, up.T) if transposed else (up, down.astype(np.float32))
+                    if total is None:
+                        total = np.matmul(a, b, out=out)
+                    else:
+                        total += a @ b
                 else:
-                    total += term
+                    _, value, scaling = term
+                    value = np.float32(lora.scale * scaling) * value.astype(np.float32)
+                    value = value if order is None else value[order]
+                    value = value.T if transposed else value
+                    if total is None and out is not None:
+                        np.copyto(out, value)
+                        total = out
+                    elif total is None:
+                        total = value
+                    else:
+                        total += value
         return total

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import time
 import weakref
@@ -30,7 +29,7 @@ from .manifest import Manifest, load_manifest
 from .memory import PeakDevice, PeakRss
 from .prompt_cache import PromptCache
 from .sampler import sample
-from .lora import LoraSet, fused_initializers, read_lora
+from .lora import LoraSet, cached_weights, fused_initializers, read_lora
 from .schedulers import read_scheduler_config, scheduler_from_config, swap_scheduler
 from .spec import EngineSpec
 from .step_cache import StepCache
@@ -148,7 +147,9 @@ class Pipeline:
 
     def _lora_weights(self) -> dict[str, np.ndarray]:
         """The DiT's weights the LoRAs change, with them added ({initializer: values}), for the backend to take in
-        place of the file's; computed when the DiT opens, so a released DiT (low_memory) holds none of them."""
+        place of the file's; computed when the DiT opens, so a released DiT (low_memory) holds none of them, and kept
+        in this user's cache by the DiT's content and the LoRAs' (runtime/lora.py's cached_weights): a second load
+        with the same LoRAs maps them."""
         targets = self.manifest.data["engines"]["transformer"]["lora_targets"]
 
         def stored(target: dict) -> np.ndarray:
@@ -158,7 +159,12 @@ class Pipeline:
             return np.fromfile(self.manifest.file(target["file"]), target["dtype"], int(np.prod(shape)),
                                offset=target["offset"]).reshape(shape)
 
-        return fused_initializers(targets, self.lora_set, stored)
+        key = f"{self.manifest.content_key(HIGH)}-{self.lora_set.digest()}"
+        folder = compiled_cache("lora", HIGH, key, self.manifest.data["engines"][HIGH].get("precision", "fp32"))
+        weights = cached_weights(folder, lambda: fused_initializers(targets, self.lora_set, stored))
+        if folder is not None:
+            compiled_used(folder)
+        return weights
 
     def _open(self, name: str):
         if self.open_with is not None:
@@ -168,7 +174,7 @@ class Pipeline:
         if self.backend != Backend.ORT:  # with LoRAs: keyed by their content and scales too
             key = self.manifest.content_key(name)
             if lora_weights:
-                key += "-lora" + hashlib.sha256(json.dumps(self.lora_set.key()).encode()).hexdigest()[:16]
+                key += "-lora" + self.lora_set.digest()
             cache = compiled_cache(self.backend, name, key, self.precision)
         spec = self.manifest.spec(name)
         run = spec.run  # this engine's settings, recorded at export (runtime/spec.py's RunSettings)

@@ -18,7 +18,7 @@ from soraedge.export.build import ExportConfig, run_export
 from soraedge.runtime.backends import openvino as ov_backend
 from soraedge.runtime.backends.trt import refittable
 from soraedge.runtime.errors import SoraError
-from soraedge.runtime.lora import parse_lora
+from soraedge.runtime.lora import cached_weights, parse_lora
 from soraedge.runtime.manifest import load_manifest
 from soraedge.runtime.pipeline import Pipeline
 from soraedge.runtime.user_cache import cache_home
@@ -203,6 +203,41 @@ def test_loras_applied_at_load_compute_what_the_export_with_them_fused_computes(
     assert _rel(applied.latents, exported.latents) < 1e-5
     assert np.array_equal(run(base, ((loras["peft"], 0.0),)).latents, run(base).latents)
     assert _rel(run(base, files_scales[:1]).latents, exported.latents) > 1e-3  # the control: one LoRA missing
+
+
+def test_fused_weights_are_cached_by_content(loras, tiny_engines, tmp_path):
+    """The weights with the LoRAs added are written to this user's cache, named by the DiT's content and the LoRAs'
+    content and scales; a second load maps them and generates the same latents. An entry that is not what was
+    written (cut short) is computed afresh; without a cache (None) they are computed each time."""
+    base = tiny_engines("tiny-a")
+    with_loras = ((loras["wan"], 0.3),)  # a scale no other test uses: this test's own entry
+    noise = np.random.default_rng(2).standard_normal(Pipeline.load(base).latent_shape(**SIZE), dtype=np.float32)
+
+    def run():
+        return Pipeline.load(base, backend="ort", loras=with_loras)(
+            PROMPT, NEGATIVE, SIZE["height"], SIZE["width"], SIZE["frames"], 2, 5.0, latents=noise,
+            output_type="latent").latents
+
+    first = run()
+    digest = Pipeline.load(base, loras=with_loras).lora_set.digest()
+    [entry] = (cache_home() / "compiled" / "lora").glob(f"transformer-*-{digest}-fp32")
+    mapped = cached_weights(entry, lambda: pytest.fail("computed again"))
+    assert mapped and all(isinstance(v, np.memmap) for v in mapped.values())
+    assert np.array_equal(run(), first)
+
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}
+
+    folder = tmp_path / "entry"
+    assert not isinstance(cached_weights(folder, compute)["w"], np.memmap) and len(calls) == 1  # written
+    assert isinstance(cached_weights(folder, compute)["w"], np.memmap) and len(calls) == 1  # read back
+    with open(folder / "weights.bin", "r+b") as f:
+        f.truncate(8)
+    assert np.array_equal(cached_weights(folder, compute)["w"], compute()["w"]) and len(calls) == 3
+    assert not isinstance(cached_weights(None, compute)["w"], np.memmap) and len(calls) == 4
 
 
 @pytest.mark.skipif(not ov_backend.available(), reason="OpenVINO is not installed")

@@ -89,6 +89,26 @@ def _require_safetensors(folder: Path) -> None:
         raise SoraError(f"{folder} has no .safetensors weights{hint}")
 
 
+def _check_vae_factors(root: Path, vcfg: dict) -> None:
+    """The VAE config's compression factors and latent statistics agree with its architecture (WanPipeline sizes
+    latents by the factors alone): one line naming what disagrees. Absent keys take AutoencoderKLWan's defaults."""
+    try:
+        down = [bool(x) for x in vcfg.get("temperal_downsample", [False, True, True])]
+        spatial = 2 ** (len(vcfg.get("dim_mult", [1, 2, 4, 4])) - 1) * int(vcfg.get("patch_size") or 1)
+        z_dim = int(vcfg.get("z_dim", 16))
+        stats = {k: len(vcfg.get(k) or [0.0] * 16) for k in ("latents_mean", "latents_std")}
+    except (TypeError, ValueError):
+        raise SoraError(f"{root}/vae/config.json: dim_mult, temperal_downsample, z_dim or the latent statistics "
+                        f"are not lists and numbers") from None
+    for key, built, default in (("scale_factor_spatial", spatial, 8), ("scale_factor_temporal", 2 ** sum(down), 4)):
+        if int(vcfg.get(key) or default) != built:
+            raise SoraError(f"{root}/vae/config.json: {key} is {vcfg.get(key) or default}, but its blocks compress "
+                            f"by {built}")
+    for key, n in stats.items():
+        if n != z_dim:
+            raise SoraError(f"{root}/vae/config.json: {key} has {n} values for {z_dim} latent channels (z_dim)")
+
+
 def read_checkpoint(path: str | Path) -> WanCheckpoint:
     """Validate a Wan2.1-T2V diffusers directory; raise SoraError naming what is missing or unsupported."""
     root = Path(path)
@@ -124,6 +144,7 @@ def read_checkpoint(path: str | Path) -> WanCheckpoint:
     patch = vcfg.get("patch_size")
     if patch is not None and not (isinstance(patch, int) and not isinstance(patch, bool) and patch >= 1):
         raise SoraError(f"{root}/vae/config.json: patch_size {patch!r} is not a positive integer")
+    _check_vae_factors(root, vcfg)
     te_class = index["text_encoder"][1]
     if te_class not in TEXT_ENCODERS:
         raise SoraError(f"{root}: text encoder class {te_class!r} is not supported (supported: {list(TEXT_ENCODERS)})")

@@ -47,6 +47,9 @@ def test_export_not_a_pipeline(tmp_path):
     (lambda d: _edit(d / "scheduler" / "scheduler_config.json", _class_name="DDIMScheduler"), "DDIMScheduler"),
     (lambda d: _edit(d / "scheduler" / "scheduler_config.json", use_karras_sigmas=True), "use_karras_sigmas"),
     (lambda d: [p.rename(p.with_suffix(".bin")) for p in (d / "vae").glob("*.safetensors")], "pickled"),
+    (lambda d: _edit(d / "vae" / "config.json", scale_factor_temporal=2), "scale_factor_temporal is 2, but its "
+                                                                           "blocks compress by 4"),
+    (lambda d: _edit(d / "vae" / "config.json", latents_std=[1.0] * 3), "latents_std has 3 values for"),
 ])
 def test_export_refuses_unsupported(tiny_model, tmp_path, damage, expect):
     d = tmp_path / "model"

@@ -219,13 +219,15 @@ def cached_weights(folder: Path | None, compute: Callable[[], dict[str, np.ndarr
     and the LoRAs' (runtime/user_cache.py's compiled models, within their size); it is written under another name
     and renamed into place, so a folder that exists is whole. None: no cache, computed each time. A cache that
     cannot be written (a full disk) costs the next run the computation, nothing else."""
-    index_file = folder / "index.json" if folder is not None else None
-    if index_file is not None and index_file.is_file():
-        index = json.loads(index_file.read_text())
+    if folder is not None and (folder / "index.json").is_file():
         data = folder / "weights.bin"
-        if data.stat().st_size == sum(e["bytes"] for e in index.values()):
-            return {name: np.memmap(data, e["dtype"], "r", e["offset"], tuple(e["shape"]))
-                    for name, e in index.items()}
+        try:
+            index = json.loads((folder / "index.json").read_text())
+            if data.stat().st_size == sum(e["bytes"] for e in index.values()):
+                return {name: np.memmap(data, e["dtype"], "r", e["offset"], tuple(e["shape"]))
+                        for name, e in index.items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            pass
         shutil.rmtree(folder, ignore_errors=True)  # not what was written: computed afresh below
     weights = compute()
     if folder is None:

@@ -208,7 +208,7 @@ def test_loras_applied_at_load_compute_what_the_export_with_them_fused_computes(
 def test_fused_weights_are_cached_by_content(loras, tiny_engines, tmp_path):
     """The weights with the LoRAs added are written to this user's cache, named by the DiT's content and the LoRAs'
     content and scales; a second load maps them and generates the same latents. An entry that is not what was
-    written (cut short) is computed afresh; without a cache (None) they are computed each time."""
+    written (cut short, an index that is not one) is computed afresh; without a cache (None), each time."""
     base = tiny_engines("tiny-a")
     with_loras = ((loras["wan"], 0.3),)  # a scale no other test uses: this test's own entry
     noise = np.random.default_rng(2).standard_normal(Pipeline.load(base).latent_shape(**SIZE), dtype=np.float32)
@@ -237,7 +237,9 @@ def test_fused_weights_are_cached_by_content(loras, tiny_engines, tmp_path):
     with open(folder / "weights.bin", "r+b") as f:
         f.truncate(8)
     assert np.array_equal(cached_weights(folder, compute)["w"], compute()["w"]) and len(calls) == 3
-    assert not isinstance(cached_weights(None, compute)["w"], np.memmap) and len(calls) == 4
+    (folder / "index.json").write_text("{not json")
+    assert not isinstance(cached_weights(folder, compute)["w"], np.memmap) and len(calls) == 4
+    assert not isinstance(cached_weights(None, compute)["w"], np.memmap) and len(calls) == 5
 
 
 @pytest.mark.skipif(not ov_backend.available(), reason="OpenVINO is not installed")

@@ -19,6 +19,7 @@ random weights, so only the time is meaningful). Writes bench/results/ (JSON + M
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -73,15 +74,28 @@ def _open_dit(engines: Path, threads: int, loras=(), fresh: bool = False) -> flo
     return time.perf_counter() - t0
 
 
+@contextlib.contextmanager
+def _caches_in(folder: Path):
+    """This user's caches (traced graphs, fused weights) in `folder` for the block: one model's run alone."""
+    before = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(folder)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("XDG_CACHE_HOME")
+        else:
+            os.environ["XDG_CACHE_HOME"] = before
+
+
 def measure(name: str, size: tuple[int, int, int], rank: int, threads: int, recipe: bool, log=print) -> dict:
     from ..export.build import ExportConfig, run_export
     from ..export.tiny_wan import build_tiny_wan
     from ..runtime.pipeline import Pipeline
 
     h, w, f = size
-    with tempfile.TemporaryDirectory(prefix="bench-lora-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="bench-lora-") as tmp, _caches_in(Path(tmp) / "cache"):
         tmp = Path(tmp)
-        os.environ["XDG_CACHE_HOME"] = str(tmp / "cache")  # this run's caches only: traced graphs, fused weights
         model = build_tiny_wan(tmp / "model", name)
         log(f"{name}: exporting the base engines ...")
         t0 = time.perf_counter()

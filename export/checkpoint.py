@@ -24,6 +24,8 @@ SCHEDULERS = ("UniPCMultistepScheduler", "FlowMatchEulerDiscreteScheduler")
 # TI2V-5B's from its release (1280x704, 121 frames at 24 fps: Wan2.2's ti2v-5B configuration).
 WAN_DEFAULTS = {"height": 480, "width": 832, "frames": 81, "steps": 50, "guidance": 5.0, "negative_prompt": "",
                 "fps": 16, "max_sequence_length": 512}
+# AutoencoderKLWan's compression factors where its config names none
+VAE_SCALE_DEFAULTS = {"scale_factor_spatial": 8, "scale_factor_temporal": 4}
 FAMILY_DEFAULTS = {"wan2.1-t2v": WAN_DEFAULTS, "wan2.2-t2v-a14b": WAN_DEFAULTS,
                    "wan2.2-ti2v-5b": {**WAN_DEFAULTS, "height": 704, "width": 1280, "frames": 121, "fps": 24}}
 
@@ -55,11 +57,11 @@ class WanCheckpoint:
 
     @property
     def vae_scale_spatial(self) -> int:
-        return int(self.vae_config.get("scale_factor_spatial") or 8)
+        return _vae_scale(self.vae_config, "scale_factor_spatial")
 
     @property
     def vae_scale_temporal(self) -> int:
-        return int(self.vae_config.get("scale_factor_temporal") or 4)
+        return _vae_scale(self.vae_config, "scale_factor_temporal")
 
     @property
     def latent_channels(self) -> int:
@@ -89,6 +91,10 @@ def _require_safetensors(folder: Path) -> None:
         raise SoraError(f"{folder} has no .safetensors weights{hint}")
 
 
+def _vae_scale(vcfg: dict, key: str) -> int:
+    return int(vcfg.get(key) or VAE_SCALE_DEFAULTS[key])
+
+
 def _check_vae_factors(root: Path, vcfg: dict) -> None:
     """The VAE config's compression factors and latent statistics agree with its architecture (WanPipeline sizes
     latents by the factors alone): one line naming what disagrees. Absent keys take AutoencoderKLWan's defaults."""
@@ -97,13 +103,13 @@ def _check_vae_factors(root: Path, vcfg: dict) -> None:
         spatial = 2 ** (len(vcfg.get("dim_mult", [1, 2, 4, 4])) - 1) * int(vcfg.get("patch_size") or 1)
         z_dim = int(vcfg.get("z_dim", 16))
         stats = {k: len(vcfg.get(k) or [0.0] * 16) for k in ("latents_mean", "latents_std")}
+        configured = {k: _vae_scale(vcfg, k) for k in VAE_SCALE_DEFAULTS}
     except (TypeError, ValueError):
-        raise SoraError(f"{root}/vae/config.json: dim_mult, temperal_downsample, z_dim or the latent statistics "
-                        f"are not lists and numbers") from None
-    for key, built, default in (("scale_factor_spatial", spatial, 8), ("scale_factor_temporal", 2 ** sum(down), 4)):
-        if int(vcfg.get(key) or default) != built:
-            raise SoraError(f"{root}/vae/config.json: {key} is {vcfg.get(key) or default}, but its blocks compress "
-                            f"by {built}")
+        raise SoraError(f"{root}/vae/config.json: dim_mult, temperal_downsample, z_dim, the scale factors or the "
+                        f"latent statistics are not lists and numbers") from None
+    for key, built in (("scale_factor_spatial", spatial), ("scale_factor_temporal", 2 ** sum(down))):
+        if configured[key] != built:
+            raise SoraError(f"{root}/vae/config.json: {key} is {configured[key]}, but its blocks compress by {built}")
     for key, n in stats.items():
         if n != z_dim:
             raise SoraError(f"{root}/vae/config.json: {key} has {n} values for {z_dim} latent channels (z_dim)")

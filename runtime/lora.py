@@ -203,8 +203,9 @@ def fused_initializers(targets: dict[str, dict], loras: "LoraSet", read: Callabl
             raise SoraError(f"{tensor}: the graph holds it transposed as {target['transpose']}; LoRAs change "
                             f"matrices (transposed [1, 0]) only")
         base = read(target)
-        buffer = scratch.setdefault(base.shape, np.empty(base.shape, np.float32))
-        delta = loras.delta(tensor, order, transposed, out=buffer)
+        if base.shape not in scratch:
+            scratch[base.shape] = np.empty(base.shape, np.float32)
+        delta = loras.delta(tensor, order, transposed, out=scratch[base.shape])
         if base.dtype == np.float32 and base.flags.writeable:  # a fresh copy of the file's values: add in place
             base += delta
             out[target["initializer"]] = base

@@ -150,7 +150,8 @@ class Pipeline:
         place of the file's; computed when the DiT opens, so a released DiT (low_memory) holds none of them, and kept
         in this user's cache by the DiT's content and the LoRAs' (runtime/lora.py's cached_weights): a second load
         with the same LoRAs maps them."""
-        targets = self.manifest.data["engines"]["transformer"]["lora_targets"]
+        entry = self.manifest.data["engines"][HIGH]
+        targets = entry["lora_targets"]
 
         def stored(target: dict) -> np.ndarray:
             shape = target["shape"] if not target["transpose"] else [target["shape"][i] for i in target["transpose"]]
@@ -160,7 +161,7 @@ class Pipeline:
                                offset=target["offset"]).reshape(shape)
 
         key = f"{self.manifest.content_key(HIGH)}-{self.lora_set.digest()}"
-        folder = compiled_cache("lora", HIGH, key, self.manifest.data["engines"][HIGH].get("precision", "fp32"))
+        folder = compiled_cache("lora", HIGH, key, entry.get("precision", "fp32"))
         weights = cached_weights(folder, lambda: fused_initializers(targets, self.lora_set, stored))
         if folder is not None:
             compiled_used(folder)

@@ -3,11 +3,10 @@
 Caches are keyed by content and are this machine's own: prompt embeddings (runtime/prompt_cache.py), traced graphs
 (export/trace_cache.py) and the backends' compiled models (OpenVINO's blobs, ONNX Runtime's TensorRT engines, a DiT's
 weights with LoRAs added: runtime/lora.py), named by the engine's content hash, the backend (or `lora`) and the
-precision. Compiled models never live in an engine directory: a
-directory from elsewhere could otherwise ship a compiled model that its manifest's hashes do not cover. The traced
-graphs and the compiled models are kept within a size each (`SORAEDGE_TRACE_CACHE_GB`,
-`SORAEDGE_COMPILED_CACHE_GB`, default 20 GB, 0 turns a cache off) by dropping the least recently used entries: at
-real sizes one compiled DiT is as large as its weights.
+precision. Compiled models never live in an engine directory: a directory from elsewhere could otherwise ship a
+compiled model that its manifest's hashes do not cover. The traced graphs and the compiled models are kept within a
+size each (`SORAEDGE_TRACE_CACHE_GB`, `SORAEDGE_COMPILED_CACHE_GB`, default 20 GB, 0 turns a cache off) by dropping
+the least recently used entries: at real sizes one compiled DiT is as large as its weights.
 """
 
 from __future__ import annotations

@@ -43,15 +43,15 @@ def test_wan_pipeline_with_minilm_matches_sora_run(demo):
 
 
 def test_generated_videos_show_the_prompt(demo):
-    """Meaning, not numbers: the shipped weights move the object the asked way, and the object's mean colour is the
-    asked one (training prompts; bench/demo_probe.py measures the held-out ones). A model that ignored its prompt
-    would score ~1/6 on each. What the probe's stricter reading finds (a flat colour, a recognisable shape) the
-    shipped weights do not reach yet: docs/demo.md has the numbers."""
+    """Meaning, not numbers: on twelve training prompts the shipped weights draw the object in the asked colour, flat
+    by the probe's strict reading (at least 80% of its pixels that colour), and move it the way asked. A model that
+    ignored its prompt would score ~1/12 on the colour and ~1/6 on the motion; these weights read 8 and 9 of 12 here
+    (seed 11). bench/demo_probe.py measures the held-out combinations and the shape: docs/demo.md has the numbers."""
     from soraedge.demo.toy_world import TRAIN_SCENES
 
     _, ours = demo
-    scenes = TRAIN_SCENES[::16]  # 6 scenes
+    scenes = TRAIN_SCENES[::8]  # 12 scenes
     verdicts = [read_video(np.round(ours(s.caption, seed=11).frames * 255)) for s in scenes]
-    colour = sum(v.mean_name == s.colour for v, s in zip(verdicts, scenes))
+    colour = sum(v.colour == s.colour for v, s in zip(verdicts, scenes))
     motion = sum(v.motion == s.motion for v, s in zip(verdicts, scenes))
-    assert colour >= 4 and motion >= 5, [(s.caption, v) for s, v in zip(scenes, verdicts)]
+    assert colour >= 6 and motion >= 7, [(s.caption, v) for s, v in zip(scenes, verdicts)]

@@ -19,8 +19,8 @@ encoder frozen (the decoder alone: the latent space does not move). L2 + L1 reco
 object's pixels (plus, on whole clips, the error of the object's mean colour per frame), on the posterior mean (a
 plain autoencoder) with a small latent L2 term. Then per-channel latent mean/std are measured on encoded clips and
 written into the VAE config (`latents_mean`/`latents_std`, as Wan2.1 ships them), and 108 reconstructed clips, one
-of every scene, are scored by the probe (`vae_check` in the log). The recipe is deterministic for a seed; it was
-tried with seed 0 only at this architecture.
+of every scene, are scored by the probe (`vae_check` in the log). The recipe is deterministic for a seed and thread
+count; it was tried with seed 0 only at this architecture.
 Stage `dit`: WanTransformer3DModel (4 layers, 4 heads x 32, patch 1x2x2: 320 tokens) on normalised latents of
 17-frame training clips, rectified flow (x_t = (1 - s) x0 + s e, target e - x0, s shifted as the scheduler's
 flow_shift), conditioned on the frozen all-MiniLM-L6-v2 embeddings of the captions exactly as WanPipeline computes

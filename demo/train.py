@@ -5,13 +5,14 @@
     python -m soraedge.demo.train --out demo/weights --stage decoder  # more decoder-only steps; the DiT stays valid
     python -m soraedge.demo.train --out demo/weights --stage check    # the probe's reading of the VAE's reconstructions
 
-The committed weights came from these four commands, seed 0 (demo/weights/train_log.json records every phase, its
-time and loss: 118 min in all on 2 CPU cores, part of it beside another training run; docs/demo.md):
+The committed weights came from these five commands, seed 0 (demo/weights/train_log.json records every phase, its
+time and loss: 130 min in all on 2 CPU cores, part of it beside another training run; docs/demo.md):
 
     python -m soraedge.demo.train --out demo/weights --stage vae
     python -m soraedge.demo.train --out demo/weights --stage decoder --decoder-steps 900
     python -m soraedge.demo.train --out demo/weights --stage decoder --decoder-steps 1200
     python -m soraedge.demo.train --out demo/weights --stage dit
+    python -m soraedge.demo.train --out demo/weights --stage decoder --decoder-steps 800
 
 Stage `vae`: AutoencoderKLWan (base 16, z 16, 4x spatial / 4x temporal) on training clips in three phases: 5-frame
 crops; whole 17-frame clips (the decoder's own causal cache, as the pipeline decodes); whole clips again with the

@@ -131,7 +131,7 @@ def object_colour_error(recon: torch.Tensor, x: torch.Tensor, mask: torch.Tensor
 
 @torch.no_grad()
 def encode_clips(vae, n: int, seed: int) -> tuple[torch.Tensor, list]:
-    """n training clips -> (posterior means [n, z, 5, 16, 16], scenes)."""
+    """n training clips -> (posterior means [n, z, latent frames, latent height, latent width], scenes)."""
     latents, scenes = [], []
     for i in range(0, n, 8):
         batch = [sample(TRAIN_SCENES, seed + j) for j in range(i, min(n, i + 8))]

@@ -82,11 +82,13 @@ def apply_gradients(model, opt, sched, loss) -> float:
 
 
 def train_vae(steps: int, window: int, batch: int, lr: float, colour_weight: float, seed: int, log,
-              vae=None, decoder_only: bool = False) -> tuple[object, list]:
+              vae=None, decoder_only: bool = False, ring: int = 0) -> tuple[object, list]:
     """`window`-frame crops: 5 (one cached chunk) teaches the pictures fast; whole 17-frame clips teach the decoder
     to run on its own causal cache for as long as the pipeline decodes. Shorter windows are not enough: a decoder
     trained on 9-frame crops drew the last four frames of a 17-frame clip in the wrong colour (green as yellow).
-    `decoder_only` freezes the encoder, so the latent space (and a DiT trained on it) stays as it is."""
+    `decoder_only` freezes the encoder, so the latent space (and a DiT trained on it) stays as it is. `ring`: the
+    object's weight extends this many pixels around it, so that colour bled into the background next to the object
+    (a blurred edge, a rounded corner) costs what colour missing inside it costs."""
     from diffusers import AutoencoderKLWan
 
     torch.manual_seed(seed)
@@ -109,7 +111,8 @@ def train_vae(steps: int, window: int, batch: int, lr: float, colour_weight: flo
         # The object covers a few percent of the frame: weight its pixels (and its edges) up, or the decoder
         # settles on drawing the background alone.
         mask = ((x + 1).abs().sum(dim=1, keepdim=True) > 0.05).float()  # [B, 1, window, 64, 64]
-        weight = 1.0 + 20.0 * mask
+        near = torch.nn.functional.max_pool3d(mask, (1, 2 * ring + 1, 2 * ring + 1), 1, (0, ring, ring))
+        weight = 1.0 + 20.0 * near
         err = recon - x
         loss = (weight * (err.pow(2) + 0.5 * err.abs())).mean() / weight.mean() + 1e-4 * z.pow(2).mean()
         loss = loss + colour_weight * object_colour_error(recon, x, mask)
@@ -159,7 +162,8 @@ def shifted_sigmas(u: torch.Tensor) -> torch.Tensor:
     return FLOW_SHIFT * u / (1 + (FLOW_SHIFT - 1) * u)
 
 
-def train_dit(latents, scenes, steps: int, batch: int, seed: int, log) -> tuple[object, list]:
+def train_dit(latents, scenes, steps: int, batch: int, lr: float, seed: int, log, dit=None) -> tuple[object, list]:
+    """A new DiT, or more steps on `dit` (a fresh optimizer and one-cycle schedule)."""
     from diffusers import WanTransformer3DModel
 
     captions = sorted({s.caption for s in scenes})
@@ -169,8 +173,8 @@ def train_dit(latents, scenes, steps: int, batch: int, seed: int, log) -> tuple[
     text = torch.stack([torch.from_numpy(table[s.caption]) for s in scenes])  # [N, TEXT_LEN, 384]
 
     torch.manual_seed(seed)
-    dit = WanTransformer3DModel(**DIT_CONFIG)
-    opt, sched = one_cycle_adamw(dit, 1e-3, 0.01, steps)
+    dit = WanTransformer3DModel(**DIT_CONFIG) if dit is None else dit.train()
+    opt, sched = one_cycle_adamw(dit, lr, 0.01, steps)
     gen = torch.Generator().manual_seed(seed)
     losses = []
     for step in range(steps):
@@ -197,20 +201,24 @@ def save_fp16(model, folder: Path) -> None:
 
 @click.command()
 @click.option("--out", type=click.Path(path_type=Path), default=Path(__file__).parent / "weights", show_default=True)
-@click.option("--stage", type=click.Choice(["all", "vae", "decoder", "dit", "check"]), default="all",
+@click.option("--stage", type=click.Choice(["all", "vae", "decoder", "dit", "dit-more", "check"]), default="all",
               show_default=True, help="decoder: only the VAE's decoder-only phase, on the saved VAE (its DiT stays "
-              "valid). check: no training; the probe's reading of the saved VAE's reconstructions, printed.")
+              "valid). dit-more: more steps on the saved DiT. check: no training; the probe's reading of the saved "
+              "VAE's reconstructions, printed.")
 @click.option("--vae-steps", default=1000, show_default=True, help="Phase 1: 5-frame crops, batch 4.")
 @click.option("--vae-clip-steps", default=600, show_default=True, help="Phase 2: whole 17-frame clips, batch 2.")
 @click.option("--decoder-steps", default=400, show_default=True,
               help="Phase 3: whole clips, encoder frozen, the decoder alone.")
+@click.option("--ring", default=0, show_default=True,
+              help="Pixels around the object that the VAE loss weights as the object (0: the object alone).")
 @click.option("--dit-steps", default=2500, show_default=True)
+@click.option("--dit-lr", default=1e-3, show_default=True, help="The DiT's peak learning rate.")
 @click.option("--clips", default=1536, show_default=True, help="Encoded training clips for the DiT.")
 @click.option("--check-clips", default=108, show_default=True, help="Reconstructed clips the probe scores.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--threads", default=2, show_default=True)
-def main(out: Path, stage: str, vae_steps: int, vae_clip_steps: int, decoder_steps: int, dit_steps: int, clips: int,
-         check_clips: int, seed: int, threads: int) -> None:
+def main(out: Path, stage: str, vae_steps: int, vae_clip_steps: int, decoder_steps: int, ring: int, dit_steps: int,
+         dit_lr: float, clips: int, check_clips: int, seed: int, threads: int) -> None:
     from diffusers import AutoencoderKLWan
 
     torch.set_num_threads(threads)
@@ -220,7 +228,7 @@ def main(out: Path, stage: str, vae_steps: int, vae_clip_steps: int, decoder_ste
         return
     out.mkdir(parents=True, exist_ok=True)
     log_file = out / "train_log.json"
-    keep = log_file.exists() and stage in ("dit", "decoder")
+    keep = log_file.exists() and stage in ("dit", "dit-more", "decoder")
     record = json.loads(log_file.read_text()) if keep else {}
     record["machine"] = {**machine(), "threads": threads, "torch": torch.__version__}
 
@@ -243,9 +251,9 @@ def main(out: Path, stage: str, vae_steps: int, vae_clip_steps: int, decoder_ste
             if stage == "decoder" and not decoder_only:
                 continue
             t0 = time.time()
-            vae, losses = train_vae(steps, window, batch, lr, colour, seed + phase_seed, log, vae, decoder_only)
+            vae, losses = train_vae(steps, window, batch, lr, colour, seed + phase_seed, log, vae, decoder_only, ring)
             record["vae"]["phases"].append({"steps": steps, "window": window, "batch": batch, "lr": lr,
-                                            "colour_weight": colour, "decoder_only": decoder_only,
+                                            "colour_weight": colour, "decoder_only": decoder_only, "ring": ring,
                                             "seconds": time.time() - t0,
                                             "final_loss": float(np.mean(losses[-50:]))})
         vae.eval()
@@ -256,7 +264,9 @@ def main(out: Path, stage: str, vae_steps: int, vae_clip_steps: int, decoder_ste
         save_fp16(vae, out / "vae")
         record["vae_check"] = check_vae(vae, check_clips, seed + 30_000_000)
         log(f"vae reconstructions: {record['vae_check']}")
-    if stage in ("all", "dit"):
+    if stage in ("all", "dit", "dit-more"):
+        from diffusers import WanTransformer3DModel
+
         t0 = time.time()
         vae = AutoencoderKLWan.from_pretrained(out / "vae", torch_dtype=torch.float32).eval()
         lat, scenes = encode_clips(vae, clips, seed + 20_000_000)
@@ -264,11 +274,15 @@ def main(out: Path, stage: str, vae_steps: int, vae_clip_steps: int, decoder_ste
         std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
         lat = (lat - mean) / std  # the DiT's latent space, as WanPipeline de-normalises before decoding
         log(f"encoded {clips} clips in {time.time() - t0:.0f} s")
-        dit, losses = train_dit(lat, scenes, dit_steps, 32, seed, log)
+        more = stage == "dit-more"
+        phases = record["dit"]["phases"] if more else []
+        dit = WanTransformer3DModel.from_pretrained(out / "transformer", torch_dtype=torch.float32) if more else None
+        dit, losses = train_dit(lat, scenes, dit_steps, 32, dit_lr, seed + len(phases), log, dit)
         save_fp16(dit, out / "transformer")
-        record["dit"] = {"steps": dit_steps, "batch": 32, "clips": clips, "seconds": time.time() - t0,
-                         "final_loss": float(np.mean(losses[-100:])), "flow_shift": FLOW_SHIFT,
-                         "cfg_dropout": CFG_DROPOUT, "text_len": TEXT_LEN, "config": DIT_CONFIG}
+        phases.append({"steps": dit_steps, "clips": clips, "lr": dit_lr, "seconds": time.time() - t0,
+                       "final_loss": float(np.mean(losses[-100:]))})
+        record["dit"] = {"config": DIT_CONFIG, "batch": 32, "flow_shift": FLOW_SHIFT, "cfg_dropout": CFG_DROPOUT,
+                         "text_len": TEXT_LEN, "phases": phases}
     log_file.write_text(json.dumps(record, indent=2) + "\n")
 
 

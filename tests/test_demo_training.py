@@ -2,7 +2,8 @@
 reads: fp16 safetensors with diffusers configs, latent statistics in the VAE config, and a training log; the
 export's checks before tracing (every component's weights well formed and the model its config builds, tensor for
 tensor) pass on it. The export of these architectures is tested on the shipped demo weights (test_demo_model.py).
-Its decoder-only stage leaves the encoder, and so the DiT's latent space, exactly as it was."""
+Its decoder-only stage leaves the encoder, and so the DiT's latent space, exactly as it was; its dit-more stage
+continues the saved DiT."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ def test_training_from_scratch_writes_weights_the_exporter_reads(tmp_path):
     log = json.loads((tmp_path / "w" / "train_log.json").read_text())
     assert [p["window"] for p in log["vae"]["phases"]] == [5, 17, 17]
     assert [p["decoder_only"] for p in log["vae"]["phases"]] == [False, False, True]
-    assert log["dit"]["steps"] == 2 and log["vae_check"]["n"] == 2
+    assert [p["steps"] for p in log["dit"]["phases"]] == [2] and log["vae_check"]["n"] == 2
     check = CliRunner().invoke(train_main, ["--out", str(tmp_path / "w"), "--stage", "check", "--check-clips", "2"])
     assert check.exit_code == 0, check.output
     assert json.loads(check.output.strip().splitlines()[-1]) == log["vae_check"]  # the same reading, no training
@@ -37,6 +38,15 @@ def test_training_from_scratch_writes_weights_the_exporter_reads(tmp_path):
     assert source == f"demo (weights {(tmp_path / 'w').resolve()})"
     params = build._check_sizes(ck)
     assert set(params) == {"text_encoder", "transformer", "vae"} and all(n > 0 for n in params.values())
+    dit_file = tmp_path / "w" / "transformer" / "diffusion_pytorch_model.safetensors"
+    before = load_file(dit_file)
+    more = CliRunner().invoke(train_main, ["--out", str(tmp_path / "w"), "--stage", "dit-more", "--dit-steps", "1",
+                                           "--dit-lr", "1e-2", "--clips", "8"])
+    assert more.exit_code == 0, more.output
+    after = load_file(dit_file)
+    assert before.keys() == after.keys() and any((before[k] != after[k]).any() for k in before)
+    log = json.loads((tmp_path / "w" / "train_log.json").read_text())
+    assert [(p["steps"], p["lr"]) for p in log["dit"]["phases"]] == [(2, 1e-3), (1, 1e-2)]
 
 
 def test_decoder_stage_trains_the_decoder_alone(tmp_path):
@@ -46,7 +56,7 @@ def test_decoder_stage_trains_the_decoder_alone(tmp_path):
     assert first.exit_code == 0, first.output
     before = load_file(out / "vae" / "diffusion_pytorch_model.safetensors")
     config_before = json.loads((out / "vae" / "config.json").read_text())
-    result = CliRunner().invoke(train_main, base + ["--stage", "decoder"])
+    result = CliRunner().invoke(train_main, base + ["--stage", "decoder", "--ring", "2"])
     assert result.exit_code == 0, result.output
     after = load_file(out / "vae" / "diffusion_pytorch_model.safetensors")
     frozen = [k for k in before if k.startswith(("encoder.", "quant_conv."))]
@@ -55,4 +65,5 @@ def test_decoder_stage_trains_the_decoder_alone(tmp_path):
     config_after = json.loads((out / "vae" / "config.json").read_text())
     assert config_after["latents_mean"] == config_before["latents_mean"]
     log = json.loads((out / "train_log.json").read_text())
-    assert [p["decoder_only"] for p in log["vae"]["phases"]] == [False, False, True, True]
+    assert [(p["decoder_only"], p["ring"]) for p in log["vae"]["phases"]] == [(False, 0), (False, 0), (True, 0),
+                                                                               (True, 2)]

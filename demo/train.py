@@ -5,19 +5,28 @@
     python -m soraedge.demo.train --out demo/weights --stage decoder  # more decoder-only steps; the DiT stays valid
     python -m soraedge.demo.train --out demo/weights --stage check    # the probe's reading of the VAE's reconstructions
 
-The committed weights came from these five commands, seed 0 (demo/weights/train_log.json records every phase, its
-time and loss: 130 min in all on 2 CPU cores, part of it beside another training run; docs/demo.md):
+The committed weights came from these ten commands, seed 0, into demo/weights (the default --out; its
+train_log.json records every phase, its time and loss; docs/demo.md has the times):
 
-    python -m soraedge.demo.train --out demo/weights --stage vae
-    python -m soraedge.demo.train --out demo/weights --stage decoder --decoder-steps 900
-    python -m soraedge.demo.train --out demo/weights --stage decoder --decoder-steps 1200
-    python -m soraedge.demo.train --out demo/weights --stage dit
-    python -m soraedge.demo.train --out demo/weights --stage decoder --decoder-steps 800
+    python -m soraedge.demo.train --stage vae
+    python -m soraedge.demo.train --stage decoder --decoder-steps 900 --threads 1
+    python -m soraedge.demo.train --stage decoder --decoder-steps 1200 --threads 1
+    python -m soraedge.demo.train --stage dit
+    python -m soraedge.demo.train --stage decoder --decoder-steps 800
+    python -m soraedge.demo.train --stage decoder --decoder-steps 1600 --ring 2 --threads 1
+    python -m soraedge.demo.train --stage decoder --decoder-steps 1600 --ring 2 --threads 1
+    python -m soraedge.demo.train --stage decoder --decoder-steps 1200 --ring 2 --threads 1
+    python -m soraedge.demo.train --stage dit-more --dit-steps 2600 --dit-lr 5e-4 --clips 3072 --threads 1
+    python -m soraedge.demo.train --stage dit-more --dit-steps 1500 --dit-lr 3e-4 --clips 3072 --threads 1
+
+A decoder-only run leaves the encoder, and so the DiT's latent space, as it is, and a DiT run reads only the
+encoder: the decoder runs and the DiT runs do not depend on each other's order.
 
 Stage `vae`: AutoencoderKLWan (base 16, z 16, 4x spatial / 4x temporal) on training clips in three phases: 5-frame
 crops; whole 17-frame clips (the decoder's own causal cache, as the pipeline decodes); whole clips again with the
 encoder frozen (the decoder alone: the latent space does not move). L2 + L1 reconstruction weighted towards the
-object's pixels (plus, on whole clips, the error of the object's mean colour per frame), on the posterior mean (a
+object's pixels (with `--ring`, also the pixels that many around it, where a blurred edge or a rounded corner
+bleeds; plus, on whole clips, the error of the object's mean colour per frame), on the posterior mean (a
 plain autoencoder) with a small latent L2 term. Then per-channel latent mean/std are measured on encoded clips and
 written into the VAE config (`latents_mean`/`latents_std`, as Wan2.1 ships them), and 108 reconstructed clips, one
 of every scene, are scored by the probe (`vae_check` in the log). The recipe is deterministic for a seed and thread
@@ -26,7 +35,7 @@ Stage `dit`: WanTransformer3DModel (4 layers, 4 heads x 32, patch 1x2x2: 320 tok
 17-frame training clips, rectified flow (x_t = (1 - s) x0 + s e, target e - x0, s shifted as the scheduler's
 flow_shift), conditioned on the frozen all-MiniLM-L6-v2 embeddings of the captions exactly as WanPipeline computes
 them (trimmed, zero-padded to TEXT_LEN), with 10% of captions dropped to the empty prompt for classifier-free
-guidance.
+guidance. Stage `dit-more` continues the saved DiT with a fresh optimizer and schedule.
 Only training scenes are used (toy_world.TRAIN_SCENES); HELD_OUT combinations are never seen.
 Weights are saved as fp16 safetensors with their diffusers configs; train_log.json records losses and times.
 """

@@ -3,6 +3,7 @@
     python -m soraedge.demo.train --out demo/weights                  # both stages with the defaults
     python -m soraedge.demo.train --out demo/weights --stage dit      # the DiT again, on the saved VAE
     python -m soraedge.demo.train --out demo/weights --stage decoder  # more decoder-only steps; the DiT stays valid
+    python -m soraedge.demo.train --out demo/weights --stage dit-more # more steps on the saved DiT
     python -m soraedge.demo.train --out demo/weights --stage check    # the probe's reading of the VAE's reconstructions
 
 The committed weights came from these ten commands, seed 0, into demo/weights (the default --out; its
@@ -218,7 +219,7 @@ def save_fp16(model, folder: Path) -> None:
 @click.option("--vae-clip-steps", default=600, show_default=True, help="Phase 2: whole 17-frame clips, batch 2.")
 @click.option("--decoder-steps", default=400, show_default=True,
               help="Phase 3: whole clips, encoder frozen, the decoder alone.")
-@click.option("--ring", default=0, show_default=True,
+@click.option("--ring", default=0, show_default=True, type=click.IntRange(0),
               help="Pixels around the object that the VAE loss weights as the object (0: the object alone).")
 @click.option("--dit-steps", default=2500, show_default=True)
 @click.option("--dit-lr", default=1e-3, show_default=True, help="The DiT's peak learning rate.")
@@ -276,6 +277,10 @@ def main(out: Path, stage: str, vae_steps: int, vae_clip_steps: int, decoder_ste
     if stage in ("all", "dit", "dit-more"):
         from diffusers import WanTransformer3DModel
 
+        more = stage == "dit-more"
+        if more and "phases" not in record.get("dit", {}):
+            raise click.ClickException(f"--stage dit-more needs a DiT trained into {out} (its train_log.json names "
+                                       "none); run --stage dit first")
         t0 = time.time()
         vae = AutoencoderKLWan.from_pretrained(out / "vae", torch_dtype=torch.float32).eval()
         lat, scenes = encode_clips(vae, clips, seed + 20_000_000)
@@ -283,7 +288,6 @@ def main(out: Path, stage: str, vae_steps: int, vae_clip_steps: int, decoder_ste
         std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
         lat = (lat - mean) / std  # the DiT's latent space, as WanPipeline de-normalises before decoding
         log(f"encoded {clips} clips in {time.time() - t0:.0f} s")
-        more = stage == "dit-more"
         phases = record["dit"]["phases"] if more else []
         dit = WanTransformer3DModel.from_pretrained(out / "transformer", torch_dtype=torch.float32) if more else None
         dit, losses = train_dit(lat, scenes, dit_steps, 32, dit_lr, seed + len(phases), log, dit)

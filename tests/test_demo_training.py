@@ -67,3 +67,8 @@ def test_decoder_stage_trains_the_decoder_alone(tmp_path):
     log = json.loads((out / "train_log.json").read_text())
     assert [(p["decoder_only"], p["ring"]) for p in log["vae"]["phases"]] == [(False, 0), (False, 0), (True, 0),
                                                                                (True, 2)]
+
+
+def test_dit_more_without_a_dit_says_so(tmp_path):
+    result = CliRunner().invoke(train_main, ["--out", str(tmp_path / "w"), "--stage", "dit-more"])
+    assert result.exit_code != 0 and "run --stage dit first" in result.output and "Traceback" not in result.output

@@ -41,12 +41,27 @@ def test_training_from_scratch_writes_weights_the_exporter_reads(tmp_path):
     dit_file = tmp_path / "w" / "transformer" / "diffusion_pytorch_model.safetensors"
     before = load_file(dit_file)
     more = CliRunner().invoke(train_main, ["--out", str(tmp_path / "w"), "--stage", "dit-more", "--dit-steps", "1",
-                                           "--dit-lr", "1e-2", "--clips", "8"])
+                                           "--dit-lr", "1e-2", "--clips", "8", "--object-weight", "4"])
     assert more.exit_code == 0, more.output
     after = load_file(dit_file)
     assert before.keys() == after.keys() and any((before[k] != after[k]).any() for k in before)
     log = json.loads((tmp_path / "w" / "train_log.json").read_text())
-    assert [(p["steps"], p["lr"]) for p in log["dit"]["phases"]] == [(2, 1e-3), (1, 1e-2)]
+    assert [(p["steps"], p["lr"], p["object_weight"]) for p in log["dit"]["phases"]] == [(2, 1e-3, 0), (1, 1e-2, 4)]
+
+
+def test_latent_mask_marks_the_cells_that_see_the_object():
+    """The causal VAE's latent frame 0 sees frame 0 alone, latent frame k frames 4k-3..4k; a cell 4x4 pixels."""
+    import torch
+
+    from soraedge.demo.train import latent_mask
+
+    x = -torch.ones(1, 3, 17, 64, 64)  # black
+    x[0, :, 0, 1, 62] = 1.0  # frame 0 -> latent frame 0, cell (0, 15)
+    x[0, 1, 5, 10, 37] = 0.0  # frame 5 -> latent frame 2, cell (2, 9)
+    x[0, 0, 16, 63, 0] = 0.5  # frame 16 -> latent frame 4, cell (15, 0)
+    mask = latent_mask(x, (5, 16, 16))
+    assert mask.shape == (1, 1, 5, 16, 16)
+    assert sorted(map(tuple, mask[0, 0].nonzero().tolist())) == [(0, 0, 15), (2, 2, 9), (4, 15, 0)]
 
 
 def test_decoder_stage_trains_the_decoder_alone(tmp_path):

@@ -124,8 +124,7 @@ def train_vae(steps: int, window: int, batch: int, lr: float, colour_weight: flo
         # The object covers a few percent of the frame: weight its pixels (and its edges) up, or the decoder
         # settles on drawing the background alone.
         mask = object_mask(x)  # [B, 1, window, 64, 64]
-        near = torch.nn.functional.max_pool3d(mask, (1, 2 * ring + 1, 2 * ring + 1), 1, (0, ring, ring))
-        weight = 1.0 + 20.0 * near
+        weight = 1.0 + 20.0 * near_object(mask, ring)
         err = recon - x
         loss = (weight * (err.pow(2) + 0.5 * err.abs())).mean() / weight.mean() + 1e-4 * z.pow(2).mean()
         loss = loss + colour_weight * object_colour_error(recon, x, mask)
@@ -163,6 +162,11 @@ def encode_clips(vae, n: int, seed: int) -> tuple[torch.Tensor, list, torch.Tens
 def object_mask(x: torch.Tensor) -> torch.Tensor:
     """[B, 3, F, H, W] video in [-1, 1] on black -> [B, 1, F, H, W]: 1 on the object's pixels."""
     return ((x + 1).abs().sum(dim=1, keepdim=True) > 0.05).float()
+
+
+def near_object(mask: torch.Tensor, ring: int) -> torch.Tensor:
+    """A [B, 1, F, H, W] object mask grown by `ring` cells in each frame (0: the mask itself)."""
+    return torch.nn.functional.max_pool3d(mask, (1, 2 * ring + 1, 2 * ring + 1), 1, (0, ring, ring))
 
 
 def latent_mask(x: torch.Tensor, latent_shape) -> torch.Tensor:
@@ -213,12 +217,12 @@ def train_dit(latents, scenes, masks, steps: int, batch: int, lr: float, seed: i
     dit = WanTransformer3DModel(**DIT_CONFIG) if dit is None else dit.train()
     opt, sched = one_cycle_adamw(dit, lr, 0.01, steps)
     gen = torch.Generator().manual_seed(seed)
+    weights = 1.0 + object_weight * near_object(masks, 1)  # [N, 1, latent frames, latent height, latent width]
     losses = []
     for step in range(steps):
         idx = torch.randint(len(latents), (batch,), generator=gen)
         x0, ctx = latents[idx], text[idx].clone()
-        near = torch.nn.functional.max_pool3d(masks[idx], (1, 3, 3), 1, (0, 1, 1))
-        weight = 1.0 + object_weight * near
+        weight = weights[idx]
         drop = torch.rand(batch, generator=gen) < CFG_DROPOUT
         ctx[drop] = empty
         sigma = shifted_sigmas(torch.rand(batch, generator=gen))

@@ -12,7 +12,7 @@ from ..runtime.errors import SoraError
 from .text_encoder import TEXT_LEN, minilm_dir
 
 WEIGHTS = Path(__file__).parent / "weights"
-FLOW_SHIFT = 2.0  # as in training (train.py)
+FLOW_SHIFT = 2.0  # the DiT's training (train.py) and its sampler
 # What sora-run uses unless told: the size and length the model was trained on.
 DEMO_DEFAULTS = {"height": 64, "width": 64, "frames": 17, "steps": 20, "guidance": 4.0, "negative_prompt": "",
                  "fps": 8, "max_sequence_length": TEXT_LEN}

@@ -56,6 +56,7 @@ import numpy as np
 import torch
 
 from ..runtime.machine import machine
+from .pipeline_dir import DEMO_DEFAULTS, FLOW_SHIFT
 from .text_encoder import TEXT_LEN, encode_prompts
 from .toy_world import FRAMES, TRAIN_SCENES, render, sample
 
@@ -64,7 +65,6 @@ VAE_CONFIG = dict(base_dim=16, z_dim=16, dim_mult=[1, 2, 2], num_res_blocks=1, t
 DIT_CONFIG = dict(patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=32, in_channels=16, out_channels=16,
                   text_dim=384, freq_dim=256, ffn_dim=512, num_layers=4, cross_attn_norm=True,
                   qk_norm="rms_norm_across_heads", rope_max_seq_len=1024)
-FLOW_SHIFT = 2.0
 # The object-mean-colour term of the VAE loss, in the whole-clip phase only: from scratch it kept the decoder drawing
 # a tinted background instead of objects (loss flat for 450 steps).
 COLOUR_WEIGHT = 10.0
@@ -95,13 +95,14 @@ def apply_gradients(model, opt, sched, loss) -> float:
 
 
 def train_vae(steps: int, window: int, batch: int, lr: float, colour_weight: float, seed: int, log,
-              vae=None, decoder_only: bool = False, ring: int = 0) -> tuple[object, list]:
+              vae=None, decoder_only: bool = False, ring: int = 0, denoise=None) -> tuple[object, list]:
     """`window`-frame crops: 5 (one cached chunk) teaches the pictures fast; whole 17-frame clips teach the decoder
     to run on its own causal cache for as long as the pipeline decodes. Shorter windows are not enough: a decoder
     trained on 9-frame crops drew the last four frames of a 17-frame clip in the wrong colour (green as yellow).
     `decoder_only` freezes the encoder, so the latent space (and a DiT trained on it) stays as it is. `ring`: the
     object's weight extends this many pixels around it, so that colour bled into the background next to the object
-    (a blurred edge, a rounded corner) costs what colour missing inside it costs."""
+    (a blurred edge, a rounded corner) costs what colour missing inside it costs. `denoise` (decoder only): a
+    `Redenoiser`; the decoder learns from the latents it returns for each clip, as the sampler hands them over."""
     from diffusers import AutoencoderKLWan
 
     torch.manual_seed(seed)
@@ -112,14 +113,17 @@ def train_vae(steps: int, window: int, batch: int, lr: float, colour_weight: flo
     rng = np.random.default_rng(seed)
     losses = []
     for step in range(steps):
-        clips = []
+        clips, captions = [], []
         for _ in range(batch):
-            _, clip = sample(TRAIN_SCENES, int(rng.integers(1 << 31)))
+            scene, clip = sample(TRAIN_SCENES, int(rng.integers(1 << 31)))
             start = int(rng.integers(0, FRAMES - window + 1))
             clips.append(clip[start:start + window])  # [window, H, W, 3]
+            captions.append(scene.caption)
         x = to_video_tensor(clips)  # [B, 3, window, 64, 64]
         with torch.set_grad_enabled(not decoder_only):
             z = vae.encode(x).latent_dist.mode()  # a plain autoencoder: sampling noise drowned the small objects
+        if denoise is not None:
+            z = denoise(z, captions)
         recon = vae.decode(z).sample
         # The object covers a few percent of the frame: weight its pixels (and its edges) up, or the decoder
         # settles on drawing the background alone.
@@ -237,6 +241,41 @@ def train_dit(latents, scenes, masks, steps: int, batch: int, lr: float, seed: i
     return dit.eval(), losses
 
 
+class Redenoiser:
+    """Latents as the sampler hands them to the decoder: each clip's latent is noised to a sigma of the sampler's
+    schedule (DEMO_DEFAULTS' steps, shifted by FLOW_SHIFT; drawn uniformly among those up to `max_sigma`, 0 included)
+    and denoised again from there by the saved DiT, Euler steps with sora-run's default guidance. The generated
+    objects are softer than the encoder's (a square's corners rounded); a decoder trained on these draws what the
+    DiT meant, and the clip it was noised from is the target, so the sigma stays where the DiT keeps its layout."""
+
+    def __init__(self, out: Path, vae, max_sigma: float, seed: int):
+        from diffusers import WanTransformer3DModel
+
+        self.dit = WanTransformer3DModel.from_pretrained(out / "transformer", torch_dtype=torch.float32).eval()
+        self.mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
+        self.std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
+        steps = DEMO_DEFAULTS["steps"]
+        self.sigmas = shifted_sigmas(torch.linspace(1.0, 0.0, steps + 1))  # [steps + 1], 1 -> 0
+        self.starts = [i for i, s in enumerate(self.sigmas.tolist()) if s <= max_sigma]
+        captions = sorted({s.caption for s in TRAIN_SCENES})
+        embeddings = torch.from_numpy(encode_prompts(captions + [""]))
+        self.text, self.empty = dict(zip(captions, embeddings[:-1])), embeddings[-1]
+        self.gen = torch.Generator().manual_seed(seed)
+
+    @torch.no_grad()
+    def __call__(self, z: torch.Tensor, captions: list[str]) -> torch.Tensor:
+        out = []
+        for latent, caption in zip((z - self.mean) / self.std, captions):
+            k = self.starts[int(torch.randint(len(self.starts), (1,), generator=self.gen))]
+            x = latent[None] + self.sigmas[k] * (torch.randn(latent[None].shape, generator=self.gen) - latent[None])
+            ctx = torch.stack([self.text[caption], self.empty])
+            for a, b in zip(self.sigmas[k:-1], self.sigmas[k + 1:]):
+                cond, uncond = self.dit(x.expand(2, -1, -1, -1, -1), a.expand(2) * 1000, ctx, return_dict=False)[0]
+                x = x + (b - a) * (uncond + DEMO_DEFAULTS["guidance"] * (cond - uncond))
+            out.append(x[0])
+        return torch.stack(out) * self.std + self.mean
+
+
 def save_fp16(model, folder: Path) -> None:
     model.to(torch.float16).save_pretrained(folder, safe_serialization=True)
     model.to(torch.float32)
@@ -254,6 +293,9 @@ def save_fp16(model, folder: Path) -> None:
               help="Phase 3: whole clips, encoder frozen, the decoder alone.")
 @click.option("--ring", default=0, show_default=True, type=click.IntRange(0),
               help="Pixels around the object that the VAE loss weights as the object (0: the object alone).")
+@click.option("--denoised", default=0.0, show_default=True, type=click.FloatRange(0, 1),
+              help="Stage decoder: train on latents noised up to this sigma and denoised by the saved DiT (0: the "
+              "encoder's latents).")
 @click.option("--dit-steps", default=2500, show_default=True)
 @click.option("--dit-lr", default=1e-3, show_default=True, help="The DiT's peak learning rate.")
 @click.option("--object-weight", default=0.0, show_default=True, type=click.FloatRange(0),
@@ -262,8 +304,8 @@ def save_fp16(model, folder: Path) -> None:
 @click.option("--check-clips", default=108, show_default=True, help="Reconstructed clips the probe scores.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--threads", default=2, show_default=True)
-def main(out: Path, stage: str, vae_steps: int, vae_clip_steps: int, decoder_steps: int, ring: int, dit_steps: int,
-         dit_lr: float, object_weight: float, clips: int, check_clips: int, seed: int, threads: int) -> None:
+def main(out: Path, stage: str, vae_steps: int, vae_clip_steps: int, decoder_steps: int, ring: int, denoised: float,
+         dit_steps: int, dit_lr: float, object_weight: float, clips: int, check_clips: int, seed: int, threads: int) -> None:
     from diffusers import AutoencoderKLWan
 
     torch.set_num_threads(threads)
@@ -275,6 +317,8 @@ def main(out: Path, stage: str, vae_steps: int, vae_clip_steps: int, decoder_ste
     log_file = out / "train_log.json"
     keep = log_file.exists() and stage in ("dit", "dit-more", "decoder")
     record = json.loads(log_file.read_text()) if keep else {}
+    if denoised and (stage != "decoder" or "phases" not in record.get("dit", {})):
+        raise click.ClickException(f"--denoised needs --stage decoder and a DiT trained into {out}")
     record["machine"] = {**machine(), "threads": threads, "torch": torch.__version__}
 
     def log(msg):
@@ -296,9 +340,12 @@ def main(out: Path, stage: str, vae_steps: int, vae_clip_steps: int, decoder_ste
             if stage == "decoder" and not decoder_only:
                 continue
             t0 = time.time()
-            vae, losses = train_vae(steps, window, batch, lr, colour, seed + phase_seed, log, vae, decoder_only, ring)
+            denoise = Redenoiser(out, vae, denoised, seed + 40_000_000) if denoised else None
+            vae, losses = train_vae(steps, window, batch, lr, colour, seed + phase_seed, log, vae, decoder_only, ring,
+                                    denoise)
             record["vae"]["phases"].append({"steps": steps, "window": window, "batch": batch, "lr": lr,
                                             "colour_weight": colour, "decoder_only": decoder_only, "ring": ring,
+                                            "denoised": denoised,
                                             "seconds": time.time() - t0,
                                             "final_loss": float(np.mean(losses[-50:]))})
         vae.eval()

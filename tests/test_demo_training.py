@@ -2,13 +2,14 @@
 reads: fp16 safetensors with diffusers configs, latent statistics in the VAE config, and a training log; the
 export's checks before tracing (every component's weights well formed and the model its config builds, tensor for
 tensor) pass on it. The export of these architectures is tested on the shipped demo weights (test_demo_model.py).
-Its decoder-only stage leaves the encoder, and so the DiT's latent space, exactly as it was; its dit-more stage
-continues the saved DiT."""
+Its decoder-only stage leaves the encoder, and so the DiT's latent space, exactly as it was, and can train on the
+saved DiT's denoised latents; its dit-more stage continues the saved DiT."""
 
 from __future__ import annotations
 
 import json
 
+import pytest
 from click.testing import CliRunner
 from safetensors.numpy import load_file
 
@@ -47,6 +48,34 @@ def test_training_from_scratch_writes_weights_the_exporter_reads(tmp_path):
     assert before.keys() == after.keys() and any((before[k] != after[k]).any() for k in before)
     log = json.loads((tmp_path / "w" / "train_log.json").read_text())
     assert [(p["steps"], p["lr"], p["object_weight"]) for p in log["dit"]["phases"]] == [(2, 1e-3, 0), (1, 1e-2, 4)]
+    denoised = CliRunner().invoke(train_main, ["--out", str(tmp_path / "w"), "--stage", "decoder", "--decoder-steps",
+                                               "1", "--denoised", "0.5", "--check-clips", "2"])
+    assert denoised.exit_code == 0, denoised.output
+    log = json.loads((tmp_path / "w" / "train_log.json").read_text())
+    assert [p["denoised"] for p in log["vae"]["phases"]] == [0, 0, 0, 0.5]
+
+
+def test_redenoiser_starts_at_the_schedule_sigmas_up_to_its_bound(tmp_path):
+    """Bound 0: the encoder's latents come back as they went in; bound 1: every sigma of the sampler's schedule can
+    be the start, and the DiT's denoising changes the latents (finite)."""
+    import torch
+
+    from soraedge.demo.pipeline_dir import DEMO_DEFAULTS, WEIGHTS
+    from soraedge.demo.train import Redenoiser
+
+    from diffusers import AutoencoderKLWan
+
+    vae = AutoencoderKLWan.from_pretrained(WEIGHTS / "vae", torch_dtype=torch.float32)
+    z = torch.randn(2, 16, 5, 16, 16)
+    captions = ["a red circle moving up on a black background", "a blue square growing on a black background"]
+    same = Redenoiser(WEIGHTS, vae, 0.0, seed=0)
+    assert same.starts == [DEMO_DEFAULTS["steps"]]
+    assert torch.allclose(same(z, captions), z, atol=1e-5)
+    every = Redenoiser(WEIGHTS, vae, 1.0, seed=0)
+    assert every.starts == list(range(DEMO_DEFAULTS["steps"] + 1))
+    every.starts = [0]  # from pure noise: nothing of z is left
+    out = every(z, captions)
+    assert torch.isfinite(out).all() and not torch.allclose(out, z, atol=0.1)
 
 
 def test_latent_mask_marks_the_cells_that_see_the_object():
@@ -84,6 +113,9 @@ def test_decoder_stage_trains_the_decoder_alone(tmp_path):
                                                                                (True, 2)]
 
 
-def test_dit_more_without_a_dit_says_so(tmp_path):
-    result = CliRunner().invoke(train_main, ["--out", str(tmp_path / "w"), "--stage", "dit-more"])
-    assert result.exit_code != 0 and "run --stage dit first" in result.output and "Traceback" not in result.output
+@pytest.mark.parametrize("args, message", [(["--stage", "dit-more"], "run --stage dit first"),
+                                           (["--stage", "decoder", "--denoised", "0.5"], "--denoised needs"),
+                                           (["--stage", "vae", "--denoised", "0.5"], "--denoised needs")])
+def test_stages_without_a_dit_say_so(tmp_path, args, message):
+    result = CliRunner().invoke(train_main, ["--out", str(tmp_path / "w")] + args)
+    assert result.exit_code != 0 and message in result.output and "Traceback" not in result.output

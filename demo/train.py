@@ -6,7 +6,7 @@
     python -m soraedge.demo.train --out demo/weights --stage dit-more # more steps on the saved DiT
     python -m soraedge.demo.train --out demo/weights --stage check    # the probe's reading of the VAE's reconstructions
 
-The committed weights came from these twelve commands, seed 0, into demo/weights (the default --out; its
+The committed weights came from these fourteen commands, seed 0, into demo/weights (the default --out; its
 train_log.json records every phase, its time and loss; docs/demo.md has the times):
 
     python -m soraedge.demo.train --stage vae
@@ -21,9 +21,12 @@ train_log.json records every phase, its time and loss; docs/demo.md has the time
     python -m soraedge.demo.train --stage dit-more --dit-steps 1500 --dit-lr 3e-4 --clips 3072 --threads 1
     python -m soraedge.demo.train --stage decoder --decoder-steps 1600 --ring 2 --threads 1
     python -m soraedge.demo.train --stage dit-more --dit-steps 2400 --dit-lr 3e-4 --clips 3072 --threads 1
+    python -m soraedge.demo.train --stage decoder --decoder-steps 600 --ring 2 --denoised 0.6 --threads 1
+    python -m soraedge.demo.train --stage decoder --decoder-steps 1200 --ring 2 --denoised 0.6 --threads 1
 
 A decoder-only run leaves the encoder, and so the DiT's latent space, as it is, and a DiT run reads only the
-encoder: the decoder runs and the DiT runs do not depend on each other's order.
+encoder: the decoder runs and the DiT runs do not depend on each other's order, except that a `--denoised` decoder
+run reads the saved DiT and so comes after the DiT runs.
 
 Stage `vae`: AutoencoderKLWan (base 16, z 16, 4x spatial / 4x temporal) on training clips in three phases: 5-frame
 crops; whole 17-frame clips (the decoder's own causal cache, as the pipeline decodes); whole clips again with the
@@ -38,8 +41,11 @@ Stage `dit`: WanTransformer3DModel (4 layers, 4 heads x 32, patch 1x2x2: 320 tok
 17-frame training clips, rectified flow (x_t = (1 - s) x0 + s e, target e - x0, s shifted as the scheduler's
 flow_shift), conditioned on the frozen all-MiniLM-L6-v2 embeddings of the captions exactly as WanPipeline computes
 them (trimmed, zero-padded to TEXT_LEN), with 10% of captions dropped to the empty prompt for classifier-free
-guidance. Stage `dit-more` continues the saved DiT with a fresh optimizer and schedule; `--object-weight` counts the
-loss of the latent cells at and next to the object more (tried; not used by the committed weights).
+guidance. Stage `dit-more` continues the saved DiT with a fresh optimizer and schedule; `--grow N` first adds N
+blocks after the saved ones, each starting as the identity; `--object-weight` counts the loss of the latent cells at
+and next to the object more (tried; not used by the committed weights).
+`--stage decoder --denoised S` trains the decoder on latents as the sampler hands them over: each clip's latent is
+noised to a sigma of the sampler's schedule up to S and denoised again by the saved DiT; the clip is the target.
 Only training scenes are used (toy_world.TRAIN_SCENES); HELD_OUT combinations are never seen.
 Weights are saved as fp16 safetensors with their diffusers configs; train_log.json records losses and times.
 """
@@ -241,12 +247,29 @@ def train_dit(latents, scenes, masks, steps: int, batch: int, lr: float, seed: i
     return dit.eval(), losses
 
 
+def grow_dit(dit, layers: int):
+    """The saved DiT with `layers` more blocks after its own, each starting as the identity (the output projections
+    of its self-attention, cross-attention and feed-forward zero), so the grown DiT computes exactly what the saved
+    one did and training goes on from there with the extra depth."""
+    from diffusers import WanTransformer3DModel
+
+    grown = WanTransformer3DModel.from_config(dit.config, num_layers=dit.config.num_layers + layers)
+    missing, unexpected = grown.load_state_dict(dit.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith("blocks.") for k in missing), (missing, unexpected)
+    for block in grown.blocks[dit.config.num_layers:]:
+        for proj in (block.attn1.to_out[0], block.attn2.to_out[0], block.ffn.net[-1]):
+            torch.nn.init.zeros_(proj.weight)
+            torch.nn.init.zeros_(proj.bias)
+    return grown
+
+
 class Redenoiser:
     """Latents as the sampler hands them to the decoder: each clip's latent is noised to a sigma of the sampler's
     schedule (DEMO_DEFAULTS' steps, shifted by FLOW_SHIFT; drawn uniformly among those up to `max_sigma`, 0 included)
-    and denoised again from there by the saved DiT, Euler steps with sora-run's default guidance. The generated
-    objects are softer than the encoder's (a square's corners rounded); a decoder trained on these draws what the
-    DiT meant, and the clip it was noised from is the target, so the sigma stays where the DiT keeps its layout."""
+    and denoised again from there by the saved DiT, Euler steps with sora-run's default guidance. The DiT's latents
+    are not the encoder's (softer outlines, colours a little off); a decoder trained on these learns to draw from
+    what it will be given. The clip the latent was noised from is the target, so the sigma must stay where the DiT
+    keeps the clip's layout."""
 
     def __init__(self, out: Path, vae, max_sigma: float, seed: int):
         from diffusers import WanTransformer3DModel
@@ -300,12 +323,15 @@ def save_fp16(model, folder: Path) -> None:
 @click.option("--dit-lr", default=1e-3, show_default=True, help="The DiT's peak learning rate.")
 @click.option("--object-weight", default=0.0, show_default=True, type=click.FloatRange(0),
               help="The DiT loss of latent cells at and next to the object counts 1 + this many times.")
+@click.option("--grow", default=0, show_default=True, type=click.IntRange(0),
+              help="Stage dit-more: this many blocks added after the saved DiT's, each starting as the identity.")
 @click.option("--clips", default=1536, show_default=True, help="Encoded training clips for the DiT.")
 @click.option("--check-clips", default=108, show_default=True, help="Reconstructed clips the probe scores.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--threads", default=2, show_default=True)
 def main(out: Path, stage: str, vae_steps: int, vae_clip_steps: int, decoder_steps: int, ring: int, denoised: float,
-         dit_steps: int, dit_lr: float, object_weight: float, clips: int, check_clips: int, seed: int, threads: int) -> None:
+         dit_steps: int, dit_lr: float, object_weight: float, grow: int, clips: int, check_clips: int, seed: int,
+         threads: int) -> None:
     from diffusers import AutoencoderKLWan
 
     torch.set_num_threads(threads)
@@ -319,6 +345,8 @@ def main(out: Path, stage: str, vae_steps: int, vae_clip_steps: int, decoder_ste
     record = json.loads(log_file.read_text()) if keep else {}
     if denoised and (stage != "decoder" or "phases" not in record.get("dit", {})):
         raise click.ClickException(f"--denoised needs --stage decoder and a DiT trained into {out}")
+    if grow and stage != "dit-more":
+        raise click.ClickException("--grow needs --stage dit-more")
     record["machine"] = {**machine(), "threads": threads, "torch": torch.__version__}
 
     def log(msg):
@@ -372,12 +400,15 @@ def main(out: Path, stage: str, vae_steps: int, vae_clip_steps: int, decoder_ste
         log(f"encoded {clips} clips in {time.time() - t0:.0f} s")
         phases = record["dit"]["phases"] if more else []
         dit = WanTransformer3DModel.from_pretrained(out / "transformer", torch_dtype=torch.float32) if more else None
+        if grow:
+            dit = grow_dit(dit, grow)
         dit, losses = train_dit(lat, scenes, masks, dit_steps, 32, dit_lr, seed + len(phases), log, dit, object_weight)
         save_fp16(dit, out / "transformer")
-        phases.append({"steps": dit_steps, "clips": clips, "lr": dit_lr, "object_weight": object_weight,
+        phases.append({"steps": dit_steps, "clips": clips, "lr": dit_lr, "object_weight": object_weight, "grow": grow,
                        "seconds": time.time() - t0,
                        "final_loss": float(np.mean(losses[-100:]))})
-        record["dit"] = {"config": DIT_CONFIG, "batch": 32, "flow_shift": FLOW_SHIFT, "cfg_dropout": CFG_DROPOUT,
+        config = {k: list(v) if isinstance(v, tuple) else v for k, v in dit.config.items() if k in DIT_CONFIG}
+        record["dit"] = {"config": config, "batch": 32, "flow_shift": FLOW_SHIFT, "cfg_dropout": CFG_DROPOUT,
                          "text_len": TEXT_LEN, "phases": phases}
     log_file.write_text(json.dumps(record, indent=2) + "\n")
 

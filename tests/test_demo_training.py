@@ -42,17 +42,37 @@ def test_training_from_scratch_writes_weights_the_exporter_reads(tmp_path):
     dit_file = tmp_path / "w" / "transformer" / "diffusion_pytorch_model.safetensors"
     before = load_file(dit_file)
     more = CliRunner().invoke(train_main, ["--out", str(tmp_path / "w"), "--stage", "dit-more", "--dit-steps", "1",
-                                           "--dit-lr", "1e-2", "--clips", "8", "--object-weight", "4"])
+                                           "--dit-lr", "1e-2", "--clips", "8", "--object-weight", "4", "--grow", "1"])
     assert more.exit_code == 0, more.output
     after = load_file(dit_file)
-    assert before.keys() == after.keys() and any((before[k] != after[k]).any() for k in before)
+    assert before.keys() < after.keys() and any((before[k] != after[k]).any() for k in before)
     log = json.loads((tmp_path / "w" / "train_log.json").read_text())
-    assert [(p["steps"], p["lr"], p["object_weight"]) for p in log["dit"]["phases"]] == [(2, 1e-3, 0), (1, 1e-2, 4)]
+    assert [(p["steps"], p["lr"], p["object_weight"], p["grow"]) for p in log["dit"]["phases"]] == [(2, 1e-3, 0, 0),
+                                                                                                    (1, 1e-2, 4, 1)]
+    assert log["dit"]["config"]["num_layers"] == 5 == json.loads((dit_file.parent / "config.json").read_text())[
+        "num_layers"]
     denoised = CliRunner().invoke(train_main, ["--out", str(tmp_path / "w"), "--stage", "decoder", "--decoder-steps",
                                                "1", "--denoised", "0.5", "--check-clips", "2"])
     assert denoised.exit_code == 0, denoised.output
     log = json.loads((tmp_path / "w" / "train_log.json").read_text())
     assert [p["denoised"] for p in log["vae"]["phases"]] == [0, 0, 0, 0.5]
+
+
+def test_a_grown_dit_computes_what_the_saved_one_did():
+    import torch
+    from diffusers import WanTransformer3DModel
+
+    from soraedge.demo.pipeline_dir import WEIGHTS
+    from soraedge.demo.train import grow_dit
+
+    dit = WanTransformer3DModel.from_pretrained(WEIGHTS / "transformer", torch_dtype=torch.float32).eval()
+    grown = grow_dit(dit, 2).eval()
+    assert len(grown.blocks) == len(dit.blocks) + 2 == grown.config.num_layers
+    x, t, text = torch.randn(2, 16, 5, 16, 16), torch.tensor([900.0, 100.0]), torch.randn(2, 32, 384)
+    with torch.no_grad():
+        assert torch.equal(grown(x, t, text, return_dict=False)[0], dit(x, t, text, return_dict=False)[0])
+    trainable = {n for n, p in grown.named_parameters() if p.requires_grad}
+    assert "blocks.5.attn1.to_out.0.weight" in trainable  # zero, not frozen
 
 
 def test_redenoiser_starts_at_the_schedule_sigmas_up_to_its_bound(tmp_path):
@@ -115,7 +135,8 @@ def test_decoder_stage_trains_the_decoder_alone(tmp_path):
 
 @pytest.mark.parametrize("args, message", [(["--stage", "dit-more"], "run --stage dit first"),
                                            (["--stage", "decoder", "--denoised", "0.5"], "--denoised needs"),
-                                           (["--stage", "vae", "--denoised", "0.5"], "--denoised needs")])
+                                           (["--stage", "vae", "--denoised", "0.5"], "--denoised needs"),
+                                           (["--stage", "dit", "--grow", "2"], "--grow needs")])
 def test_stages_without_a_dit_say_so(tmp_path, args, message):
     result = CliRunner().invoke(train_main, ["--out", str(tmp_path / "w")] + args)
     assert result.exit_code != 0 and message in result.output and "Traceback" not in result.output

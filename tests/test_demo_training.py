@@ -75,15 +75,14 @@ def test_a_grown_dit_computes_what_the_saved_one_did():
     assert "blocks.5.attn1.to_out.0.weight" in trainable  # zero, not frozen
 
 
-def test_redenoiser_starts_at_the_schedule_sigmas_up_to_its_bound(tmp_path):
+def test_redenoiser_starts_at_the_schedule_sigmas_up_to_its_bound():
     """Bound 0: the encoder's latents come back as they went in; bound 1: every sigma of the sampler's schedule can
     be the start, and the DiT's denoising changes the latents (finite)."""
     import torch
+    from diffusers import AutoencoderKLWan
 
     from soraedge.demo.pipeline_dir import DEMO_DEFAULTS, WEIGHTS
     from soraedge.demo.train import Redenoiser
-
-    from diffusers import AutoencoderKLWan
 
     vae = AutoencoderKLWan.from_pretrained(WEIGHTS / "vae", torch_dtype=torch.float32)
     z = torch.randn(2, 16, 5, 16, 16)
@@ -137,6 +136,6 @@ def test_decoder_stage_trains_the_decoder_alone(tmp_path):
                                            (["--stage", "decoder", "--denoised", "0.5"], "--denoised needs"),
                                            (["--stage", "vae", "--denoised", "0.5"], "--denoised needs"),
                                            (["--stage", "dit", "--grow", "2"], "--grow needs")])
-def test_stages_without_a_dit_say_so(tmp_path, args, message):
+def test_options_without_what_they_need_say_so(tmp_path, args, message):
     result = CliRunner().invoke(train_main, ["--out", str(tmp_path / "w")] + args)
     assert result.exit_code != 0 and message in result.output and "Traceback" not in result.output

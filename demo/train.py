@@ -205,6 +205,20 @@ def check_vae(vae, n: int, seed: int) -> dict:
     return {"psnr_db": 10 * math.log10(255**2 / mse), **score([read_video(r) for r in recon], scenes)}
 
 
+def caption_embeddings(captions) -> tuple[dict, torch.Tensor]:
+    """({caption: [TEXT_LEN, 384] embedding}, the empty prompt's embedding), from one text-encoder load."""
+    captions = sorted(captions)
+    embeddings = torch.from_numpy(encode_prompts(captions + [""]))  # [len + 1, TEXT_LEN, 384], "" last
+    return dict(zip(captions, embeddings[:-1])), embeddings[-1]
+
+
+def latent_statistics(vae) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VAE config's per-channel latent mean and std, [1, z, 1, 1, 1] each: the DiT works on (z - mean) / std,
+    as WanPipeline de-normalises before decoding."""
+    view = lambda v: torch.tensor(v).view(1, -1, 1, 1, 1)  # noqa: E731
+    return view(vae.config.latents_mean), view(vae.config.latents_std)
+
+
 def shifted_sigmas(u: torch.Tensor) -> torch.Tensor:
     return FLOW_SHIFT * u / (1 + (FLOW_SHIFT - 1) * u)
 
@@ -217,11 +231,8 @@ def train_dit(latents, scenes, masks, steps: int, batch: int, lr: float, seed: i
     leaves each cell's target, and so the flow, as it is."""
     from diffusers import WanTransformer3DModel
 
-    captions = sorted({s.caption for s in scenes})
-    embeddings = encode_prompts(captions + [""])  # [len + 1, TEXT_LEN, 384]: one encoder load, "" last
-    table = dict(zip(captions, embeddings[:-1]))
-    empty = torch.from_numpy(embeddings[-1])
-    text = torch.stack([torch.from_numpy(table[s.caption]) for s in scenes])  # [N, TEXT_LEN, 384]
+    table, empty = caption_embeddings({s.caption for s in scenes})
+    text = torch.stack([table[s.caption] for s in scenes])  # [N, TEXT_LEN, 384]
 
     torch.manual_seed(seed)
     dit = WanTransformer3DModel(**DIT_CONFIG) if dit is None else dit.train()
@@ -275,14 +286,11 @@ class Redenoiser:
         from diffusers import WanTransformer3DModel
 
         self.dit = WanTransformer3DModel.from_pretrained(out / "transformer", torch_dtype=torch.float32).eval()
-        self.mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
-        self.std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
+        self.mean, self.std = latent_statistics(vae)
         steps = DEMO_DEFAULTS["steps"]
         self.sigmas = shifted_sigmas(torch.linspace(1.0, 0.0, steps + 1))  # [steps + 1], 1 -> 0
         self.starts = [i for i, s in enumerate(self.sigmas.tolist()) if s <= max_sigma]
-        captions = sorted({s.caption for s in TRAIN_SCENES})
-        embeddings = torch.from_numpy(encode_prompts(captions + [""]))
-        self.text, self.empty = dict(zip(captions, embeddings[:-1])), embeddings[-1]
+        self.text, self.empty = caption_embeddings({s.caption for s in TRAIN_SCENES})
         self.gen = torch.Generator().manual_seed(seed)
 
     @torch.no_grad()
@@ -343,7 +351,8 @@ def main(out: Path, stage: str, vae_steps: int, vae_clip_steps: int, decoder_ste
     log_file = out / "train_log.json"
     keep = log_file.exists() and stage in ("dit", "dit-more", "decoder")
     record = json.loads(log_file.read_text()) if keep else {}
-    if denoised and (stage != "decoder" or "phases" not in record.get("dit", {})):
+    has_dit = "phases" in record.get("dit", {})
+    if denoised and (stage != "decoder" or not has_dit):
         raise click.ClickException(f"--denoised needs --stage decoder and a DiT trained into {out}")
     if grow and stage != "dit-more":
         raise click.ClickException("--grow needs --stage dit-more")
@@ -388,15 +397,14 @@ def main(out: Path, stage: str, vae_steps: int, vae_clip_steps: int, decoder_ste
         from diffusers import WanTransformer3DModel
 
         more = stage == "dit-more"
-        if more and "phases" not in record.get("dit", {}):
+        if more and not has_dit:
             raise click.ClickException(f"--stage dit-more needs a DiT trained into {out} (its train_log.json names "
                                        "none); run --stage dit first")
         t0 = time.time()
         vae = AutoencoderKLWan.from_pretrained(out / "vae", torch_dtype=torch.float32).eval()
         lat, scenes, masks = encode_clips(vae, clips, seed + 20_000_000)
-        mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
-        std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
-        lat = (lat - mean) / std  # the DiT's latent space, as WanPipeline de-normalises before decoding
+        mean, std = latent_statistics(vae)
+        lat = (lat - mean) / std  # the DiT's latent space
         log(f"encoded {clips} clips in {time.time() - t0:.0f} s")
         phases = record["dit"]["phases"] if more else []
         dit = WanTransformer3DModel.from_pretrained(out / "transformer", torch_dtype=torch.float32) if more else None

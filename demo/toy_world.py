@@ -45,6 +45,14 @@ HELD_OUT = tuple(Scene(c, SHAPES[(i + k) % 3], _MOTIONS[(i + 3 * k) % 6]) for i,
 TRAIN_SCENES = tuple(sc for sc in ALL_SCENES if sc not in HELD_OUT)
 
 
+SQUARE_HALF_SIDE = 0.85  # a square's half side, in units of its half-size r
+TRIANGLE_BASE = 0.8  # a triangle's apex is r above its centre, its base this many r below
+# Each shape's area in units of r^2, and how far below its centre (cx, cy) the centroid of its area lies, in units of
+# r: what its pixels say of where it is and how large.
+AREA = {"circle": np.pi, "square": (2 * SQUARE_HALF_SIDE) ** 2, "triangle": 1 + TRIANGLE_BASE}
+CENTROID_BELOW = {"circle": 0.0, "square": 0.0, "triangle": (2 * TRIANGLE_BASE - 1) / 3}
+
+
 def _mask(shape: str, cx: float, cy: float, r: float) -> np.ndarray:
     """Coverage in [0, 1], [SIZE, SIZE], of a shape centred at (cx, cy) with half-size r (pixels)."""
     n = SIZE * SUPERSAMPLE
@@ -53,10 +61,10 @@ def _mask(shape: str, cx: float, cy: float, r: float) -> np.ndarray:
     if shape == "circle":
         inside = (x - cx) ** 2 + (y - cy) ** 2 <= r * r
     elif shape == "square":
-        side = 0.85 * r
+        side = SQUARE_HALF_SIDE * r
         inside = (np.abs(x - cx) <= side) & (np.abs(y - cy) <= side)
     else:  # triangle, apex up
-        top, bottom = cy - r, cy + 0.8 * r
+        top, bottom = cy - r, cy + TRIANGLE_BASE * r
         half_width = r * (y - top) / (bottom - top)
         inside = (y >= top) & (y <= bottom) & (np.abs(x - cx) <= half_width)
     return inside.reshape(SIZE, SUPERSAMPLE, SIZE, SUPERSAMPLE).mean(axis=(1, 3))
@@ -80,6 +88,12 @@ def render(scene: Scene, seed: int) -> np.ndarray:
         if scene.motion in ("left", "up"):
             along = along[::-1]
         cx, cy = (along, across) if scene.motion in ("left", "right") else (across, along)
+    return draw(scene, cx, cy, radius)
+
+
+def draw(scene: Scene, cx: np.ndarray, cy: np.ndarray, radius: np.ndarray) -> np.ndarray:
+    """`scene`'s shape in its colour, centred at (cx[i], cy[i]) with half-size radius[i] in frame i: uint8
+    [FRAMES, SIZE, SIZE, 3]."""
     colour = np.array(COLOURS[scene.colour], np.float32)
     background = np.array(BACKGROUND, np.float32)
     frames = np.empty((FRAMES, SIZE, SIZE, 3), np.uint8)

@@ -46,6 +46,9 @@ blocks after the saved ones, each starting as the identity; `--object-weight` co
 and next to the object more (tried; not used by the committed weights).
 `--stage decoder --denoised S` trains the decoder on latents as the sampler hands them over: each clip's latent is
 noised to a sigma of the sampler's schedule up to S and denoised again by the saved DiT; the clip is the target.
+`--stage decoder --samples N` draws half of each batch from N latents the saved DiT samples from pure noise for
+training captions, each with the clip of its caption drawn on the path and at the size the DiT gave the object
+(`follow`); samples the probe reads as another colour or motion are dropped.
 Only training scenes are used (toy_world.TRAIN_SCENES); HELD_OUT combinations are never seen.
 Weights are saved as fp16 safetensors with their diffusers configs; train_log.json records losses and times.
 """
@@ -64,7 +67,7 @@ import torch
 from ..runtime.machine import machine
 from .pipeline_dir import DEMO_DEFAULTS, FLOW_SHIFT
 from .text_encoder import TEXT_LEN, encode_prompts
-from .toy_world import FRAMES, TRAIN_SCENES, render, sample
+from .toy_world import BACKGROUND, FRAMES, SIZE, TRAIN_SCENES, render, sample
 
 VAE_CONFIG = dict(base_dim=16, z_dim=16, dim_mult=[1, 2, 2], num_res_blocks=1, temperal_downsample=[True, True],
                   scale_factor_spatial=4, scale_factor_temporal=4)
@@ -101,14 +104,15 @@ def apply_gradients(model, opt, sched, loss) -> float:
 
 
 def train_vae(steps: int, window: int, batch: int, lr: float, colour_weight: float, seed: int, log,
-              vae=None, decoder_only: bool = False, ring: int = 0, denoise=None) -> tuple[object, list]:
+              vae=None, decoder_only: bool = False, ring: int = 0, denoise=None, samples=None) -> tuple[object, list]:
     """`window`-frame crops: 5 (one cached chunk) teaches the pictures fast; whole 17-frame clips teach the decoder
     to run on its own causal cache for as long as the pipeline decodes. Shorter windows are not enough: a decoder
     trained on 9-frame crops drew the last four frames of a 17-frame clip in the wrong colour (green as yellow).
     `decoder_only` freezes the encoder, so the latent space (and a DiT trained on it) stays as it is. `ring`: the
     object's weight extends this many pixels around it, so that colour bled into the background next to the object
     (a blurred edge, a rounded corner) costs what colour missing inside it costs. `denoise` (decoder only): a
-    `Redenoiser`; the decoder learns from the latents it returns for each clip, as the sampler hands them over."""
+    `Redenoiser`; the decoder learns from the latents it returns for each clip, as the sampler hands them over.
+    `samples` (decoder only, whole clips): `DiTSamples`; the second half of each batch is drawn from them."""
     from diffusers import AutoencoderKLWan
 
     torch.manual_seed(seed)
@@ -120,7 +124,7 @@ def train_vae(steps: int, window: int, batch: int, lr: float, colour_weight: flo
     losses = []
     for step in range(steps):
         clips, captions = [], []
-        for _ in range(batch):
+        for _ in range(batch - (batch // 2 if samples else 0)):
             scene, clip = sample(TRAIN_SCENES, int(rng.integers(1 << 31)))
             start = int(rng.integers(0, FRAMES - window + 1))
             clips.append(clip[start:start + window])  # [window, H, W, 3]
@@ -130,6 +134,9 @@ def train_vae(steps: int, window: int, batch: int, lr: float, colour_weight: flo
             z = vae.encode(x).latent_dist.mode()  # a plain autoencoder: sampling noise drowned the small objects
         if denoise is not None:
             z = denoise(z, captions)
+        if samples is not None:
+            more_z, more_x = samples.draw(rng, batch // 2)
+            z, x = torch.cat([z, more_z]), torch.cat([x, more_x])
         recon = vae.decode(z).sample
         # The object covers a few percent of the frame: weight its pixels (and its edges) up, or the decoder
         # settles on drawing the background alone.
@@ -274,6 +281,29 @@ def grow_dit(dit, layers: int):
     return grown
 
 
+def schedule_sigmas() -> torch.Tensor:
+    """The sampler's sigmas at sora-run's default step count, shifted by FLOW_SHIFT: [steps + 1], 1 -> 0."""
+    return shifted_sigmas(torch.linspace(1.0, 0.0, DEMO_DEFAULTS["steps"] + 1))
+
+
+@torch.no_grad()
+def euler_guided(dit, x: torch.Tensor, sigmas: torch.Tensor, text: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
+    """Latents [B, z, F, H, W] at sigmas[0] carried down to sigmas[-1] by Euler steps, with sora-run's default
+    classifier-free guidance between their captions' embeddings `text` [B, L, D] and the empty prompt's [L, D]."""
+    n = len(x)
+    ctx = torch.cat([text, empty.expand(n, -1, -1)])
+    for a, b in zip(sigmas[:-1], sigmas[1:]):
+        cond, uncond = dit(torch.cat([x, x]), a.expand(2 * n) * 1000, ctx, return_dict=False)[0].split(n)
+        x = x + (b - a) * (uncond + DEMO_DEFAULTS["guidance"] * (cond - uncond))
+    return x
+
+
+def load_dit(out: Path):
+    from diffusers import WanTransformer3DModel
+
+    return WanTransformer3DModel.from_pretrained(out / "transformer", torch_dtype=torch.float32).eval()
+
+
 class Redenoiser:
     """Latents as the sampler hands them to the decoder: each clip's latent is noised to a sigma of the sampler's
     schedule (DEMO_DEFAULTS' steps, shifted by FLOW_SHIFT; drawn uniformly among those up to `max_sigma`, 0 included)
@@ -283,12 +313,9 @@ class Redenoiser:
     keeps the clip's layout."""
 
     def __init__(self, out: Path, vae, max_sigma: float, seed: int):
-        from diffusers import WanTransformer3DModel
-
-        self.dit = WanTransformer3DModel.from_pretrained(out / "transformer", torch_dtype=torch.float32).eval()
+        self.dit = load_dit(out)
         self.mean, self.std = latent_statistics(vae)
-        steps = DEMO_DEFAULTS["steps"]
-        self.sigmas = shifted_sigmas(torch.linspace(1.0, 0.0, steps + 1))  # [steps + 1], 1 -> 0
+        self.sigmas = schedule_sigmas()
         self.starts = [i for i, s in enumerate(self.sigmas.tolist()) if s <= max_sigma]
         self.text, self.empty = caption_embeddings({s.caption for s in TRAIN_SCENES})
         self.gen = torch.Generator().manual_seed(seed)
@@ -299,12 +326,75 @@ class Redenoiser:
         for latent, caption in zip((z - self.mean) / self.std, captions):
             k = self.starts[int(torch.randint(len(self.starts), (1,), generator=self.gen))]
             x = latent[None] + self.sigmas[k] * (torch.randn(latent[None].shape, generator=self.gen) - latent[None])
-            ctx = torch.stack([self.text[caption], self.empty])
-            for a, b in zip(self.sigmas[k:-1], self.sigmas[k + 1:]):
-                cond, uncond = self.dit(x.expand(2, -1, -1, -1, -1), a.expand(2) * 1000, ctx, return_dict=False)[0]
-                x = x + (b - a) * (uncond + DEMO_DEFAULTS["guidance"] * (cond - uncond))
-            out.append(x[0])
+            out.append(euler_guided(self.dit, x, self.sigmas[k:], self.text[caption][None], self.empty)[0])
         return torch.stack(out) * self.std + self.mean
+
+
+def follow(scene, frames: np.ndarray) -> np.ndarray | None:
+    """The clip of `scene` (its shape, in its colour) whose object moves and grows as the object in `frames` (uint8
+    [F, H, W, 3]) does: the object's centre and size in each frame (from its coverage's centroid and area, the probe's
+    measure), each fitted by a straight line over the clip, as the world moves and grows its objects. None where the
+    probe reads the colour or the motion of `frames` wrong, or the object is missing from half the frames."""
+    from .probe import OBJECT_DISTANCE, SHAPE_PIXELS, read_video
+    from .toy_world import AREA, CENTROID_BELOW, draw
+
+    verdict = read_video(frames)
+    if verdict.colour != scene.colour or verdict.motion != scene.motion:
+        return None
+    distance = np.abs(frames.astype(np.float32) - np.array(BACKGROUND, np.float32)).sum(-1)  # [F, H, W]
+    full = float(np.percentile(distance[distance > OBJECT_DISTANCE], 90))
+    coverage = np.clip(distance / full, 0.0, 1.0) * (distance > OBJECT_DISTANCE / 2)
+    centre = np.arange(SIZE) + 0.5
+    seen, cx, cy, radius = [], [], [], []
+    for i, c in enumerate(coverage):
+        area = c.sum()
+        if area >= SHAPE_PIXELS:
+            r = np.sqrt(area / AREA[scene.shape])
+            seen.append(i)
+            cx.append((c.sum(0) * centre).sum() / area)
+            cy.append((c.sum(1) * centre).sum() / area - CENTROID_BELOW[scene.shape] * r)
+            radius.append(r)
+    if len(seen) < len(frames) / 2:
+        return None
+    line = lambda v: np.polyval(np.polyfit(seen, v, 1), np.arange(len(frames)))  # noqa: E731
+    return draw(scene, line(cx), line(cy), line(radius))
+
+
+class DiTSamples:
+    """Latents the saved DiT samples from pure noise for training captions (sora-run's default steps and guidance,
+    Euler), each paired with the clip the decoder is to draw from it: `follow`'s clip of the caption, on the path and
+    at the size the DiT gave its object (read from the decoder's drawing of the latent before training). The DiT
+    lays the object out right but its outline as a blob with wobbly edges; from these pairs the decoder learns to
+    draw the outline the caption asks for from such latents. Samples whose colour or motion the probe reads wrong are
+    dropped (their target would teach the decoder that error)."""
+
+    def __init__(self, out: Path, vae, n: int, seed: int, log):
+        dit = load_dit(out)
+        mean, std = latent_statistics(vae)
+        sigmas = schedule_sigmas()
+        text, empty = caption_embeddings({s.caption for s in TRAIN_SCENES})
+        gen, rng = torch.Generator().manual_seed(seed), np.random.default_rng(seed)
+        c = vae.config
+        shape = (c.z_dim, (FRAMES - 1) // c.scale_factor_temporal + 1, SIZE // c.scale_factor_spatial,
+                 SIZE // c.scale_factor_spatial)
+        self.latents, self.clips = [], []
+        for start in range(0, n, 16):
+            scenes = [TRAIN_SCENES[int(rng.integers(len(TRAIN_SCENES)))] for _ in range(min(16, n - start))]
+            x = torch.randn((len(scenes), *shape), generator=gen)
+            z = euler_guided(dit, x, sigmas, torch.stack([text[s.caption] for s in scenes]), empty) * std + mean
+            with torch.no_grad():
+                drawn = ((vae.decode(z).sample.clamp(-1, 1) + 1) * 127.5).round().permute(0, 2, 3, 4, 1).numpy()
+            for scene, latent, frames in zip(scenes, z, drawn.astype(np.uint8)):
+                target = follow(scene, frames)
+                if target is not None:
+                    self.latents.append(latent[None])
+                    self.clips.append(target)
+            log(f"dit samples {start + len(scenes)}/{n}, {len(self.clips)} kept")
+
+    def draw(self, rng, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`count` (latents [count, z, F, H, W], target videos [count, 3, FRAMES, H, W] in [-1, 1]) drawn with rng."""
+        idx = rng.integers(len(self.clips), size=count)
+        return torch.cat([self.latents[i] for i in idx]), to_video_tensor([self.clips[i] for i in idx])
 
 
 def save_fp16(model, folder: Path) -> None:
@@ -327,6 +417,9 @@ def save_fp16(model, folder: Path) -> None:
 @click.option("--denoised", default=0.0, show_default=True, type=click.FloatRange(0, 1),
               help="Stage decoder: train on latents noised up to this sigma and denoised by the saved DiT (0: the "
               "encoder's latents).")
+@click.option("--samples", default=0, show_default=True, type=click.IntRange(0),
+              help="Stage decoder: half of each batch from this many latents the saved DiT samples for training "
+              "captions, each with its caption's clip drawn where the DiT put the object (0: none).")
 @click.option("--dit-steps", default=2500, show_default=True)
 @click.option("--dit-lr", default=1e-3, show_default=True, help="The DiT's peak learning rate.")
 @click.option("--object-weight", default=0.0, show_default=True, type=click.FloatRange(0),
@@ -338,7 +431,7 @@ def save_fp16(model, folder: Path) -> None:
 @click.option("--seed", default=0, show_default=True)
 @click.option("--threads", default=2, show_default=True)
 def main(out: Path, stage: str, vae_steps: int, vae_clip_steps: int, decoder_steps: int, ring: int, denoised: float,
-         dit_steps: int, dit_lr: float, object_weight: float, grow: int, clips: int, check_clips: int, seed: int,
+         samples: int, dit_steps: int, dit_lr: float, object_weight: float, grow: int, clips: int, check_clips: int, seed: int,
          threads: int) -> None:
     from diffusers import AutoencoderKLWan
 
@@ -352,8 +445,9 @@ def main(out: Path, stage: str, vae_steps: int, vae_clip_steps: int, decoder_ste
     keep = log_file.exists() and stage in ("dit", "dit-more", "decoder")
     record = json.loads(log_file.read_text()) if keep else {}
     has_dit = "phases" in record.get("dit", {})
-    if denoised and (stage != "decoder" or not has_dit):
-        raise click.ClickException(f"--denoised needs --stage decoder and a DiT trained into {out}")
+    for name, value in (("--denoised", denoised), ("--samples", samples)):
+        if value and (stage != "decoder" or not has_dit):
+            raise click.ClickException(f"{name} needs --stage decoder and a DiT trained into {out}")
     if grow and stage != "dit-more":
         raise click.ClickException("--grow needs --stage dit-more")
     record["machine"] = {**machine(), "threads": threads, "torch": torch.__version__}
@@ -378,11 +472,16 @@ def main(out: Path, stage: str, vae_steps: int, vae_clip_steps: int, decoder_ste
                 continue
             t0 = time.time()
             denoise = Redenoiser(out, vae, denoised, seed + 40_000_000) if denoised else None
+            pairs = DiTSamples(out, vae, samples, seed + 50_000_000, log) if samples else None
+            if pairs is not None and not pairs.clips:
+                raise click.ClickException(f"none of the saved DiT's {samples} samples reads as its caption's colour "
+                                           "and motion: nothing to train the decoder on")
             vae, losses = train_vae(steps, window, batch, lr, colour, seed + phase_seed, log, vae, decoder_only, ring,
-                                    denoise)
+                                    denoise, pairs)
             record["vae"]["phases"].append({"steps": steps, "window": window, "batch": batch, "lr": lr,
                                             "colour_weight": colour, "decoder_only": decoder_only, "ring": ring,
-                                            "denoised": denoised,
+                                            "denoised": denoised, "samples": samples,
+                                            "samples_kept": len(pairs.clips) if pairs else 0,
                                             "seconds": time.time() - t0,
                                             "final_loss": float(np.mean(losses[-50:]))})
         vae.eval()

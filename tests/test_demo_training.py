@@ -3,12 +3,14 @@ reads: fp16 safetensors with diffusers configs, latent statistics in the VAE con
 export's checks before tracing (every component's weights well formed and the model its config builds, tensor for
 tensor) pass on it. The export of these architectures is tested on the shipped demo weights (test_demo_model.py).
 Its decoder-only stage leaves the encoder, and so the DiT's latent space, exactly as it was, and can train on the
-saved DiT's denoised latents; its dit-more stage continues the saved DiT."""
+saved DiT's denoised latents or on the saved DiT's own samples, each paired with its caption's clip drawn where the
+DiT put the object; its dit-more stage continues the saved DiT."""
 
 from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 from safetensors.numpy import load_file
@@ -56,6 +58,48 @@ def test_training_from_scratch_writes_weights_the_exporter_reads(tmp_path):
     assert denoised.exit_code == 0, denoised.output
     log = json.loads((tmp_path / "w" / "train_log.json").read_text())
     assert [p["denoised"] for p in log["vae"]["phases"]] == [0, 0, 0, 0.5]
+    garbage = CliRunner().invoke(train_main, ["--out", str(tmp_path / "w"), "--stage", "decoder", "--samples", "1"])
+    assert garbage.exit_code != 0 and "nothing to train the decoder on" in garbage.output  # a 3-step DiT's samples
+
+
+def test_decoder_trains_on_the_dit_samples_that_read_right(tmp_path):
+    """The shipped DiT's samples mostly read as their captions; the decoder trains on them, its encoder untouched."""
+    import shutil
+
+    from soraedge.demo.pipeline_dir import WEIGHTS
+
+    out = tmp_path / "w"
+    shutil.copytree(WEIGHTS, out)
+    before = load_file(out / "vae" / "diffusion_pytorch_model.safetensors")
+    result = CliRunner().invoke(train_main, ["--out", str(out), "--stage", "decoder", "--samples", "3",
+                                             "--decoder-steps", "1", "--check-clips", "2"])
+    assert result.exit_code == 0, result.output
+    phase = json.loads((out / "train_log.json").read_text())["vae"]["phases"][-1]
+    assert phase["samples"] == 3 and 1 <= phase["samples_kept"] <= 3 and phase["decoder_only"]
+    after = load_file(out / "vae" / "diffusion_pytorch_model.safetensors")
+    assert all((before[k] == after[k]).all() for k in before if k.startswith(("encoder.", "quant_conv.")))
+    assert any((before[k] != after[k]).any() for k in before if k.startswith("decoder."))
+
+
+def test_follow_draws_the_caption_where_the_video_put_the_object():
+    """On the world's own clips `follow` redraws the clip; given another shape's clip it draws the caption's shape on
+    the same path (read back as that shape, moving the same way); a clip read as another colour or motion gives
+    None."""
+    from soraedge.demo.probe import read_video
+    from soraedge.demo.toy_world import ALL_SCENES, Scene, render
+    from soraedge.demo.train import follow
+
+    for i, scene in enumerate(ALL_SCENES):
+        clip = render(scene, 300 + i)
+        mse = np.mean((follow(scene, clip).astype(np.float32) - clip) ** 2)
+        assert mse < 255**2 * 1e-4, scene  # PSNR above 40 dB
+    circle = render(Scene("red", "circle", "right"), 1)
+    square = follow(Scene("red", "square", "right"), circle)
+    seen, drawn = read_video(circle), read_video(square)
+    assert (drawn.shape, drawn.motion, drawn.colour) == ("square", "right", "red")
+    assert abs(drawn.travel_px - seen.travel_px) < 1.0
+    assert follow(Scene("blue", "circle", "right"), circle) is None
+    assert follow(Scene("red", "circle", "left"), circle) is None
 
 
 def test_a_grown_dit_computes_what_the_saved_one_did():
@@ -134,6 +178,7 @@ def test_decoder_stage_trains_the_decoder_alone(tmp_path):
 
 @pytest.mark.parametrize("args, message", [(["--stage", "dit-more"], "run --stage dit first"),
                                            (["--stage", "decoder", "--denoised", "0.5"], "--denoised needs"),
+                                           (["--stage", "decoder", "--samples", "8"], "--samples needs"),
                                            (["--stage", "vae", "--denoised", "0.5"], "--denoised needs"),
                                            (["--stage", "dit", "--grow", "2"], "--grow needs")])
 def test_options_without_what_they_need_say_so(tmp_path, args, message):

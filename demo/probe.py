@@ -80,12 +80,24 @@ def _fill(coverage: np.ndarray) -> float:
     return float(coverage.sum() / max(width * height, 1e-6))
 
 
+def object_pixels(frames: np.ndarray, background=None) -> tuple[np.ndarray, np.ndarray]:
+    """(masks [F, H, W]: the object's pixels, coverage [F, H, W] in [0, 1]: how much of each pixel the object
+    covers, anti-aliased edges by their share) of frames [F, H, W, 3]. `background`: its RGB where known, else the
+    median of the border pixels."""
+    frames = np.asarray(frames, np.float32)
+    if background is None:
+        border = np.concatenate([frames[:, 0], frames[:, -1], frames[:, :, 0], frames[:, :, -1]], axis=1)
+        background = np.median(border.reshape(-1, 3), axis=0)
+    distance = np.abs(frames - np.asarray(background, np.float32)).sum(-1)  # [F, H, W]
+    masks = distance > OBJECT_DISTANCE
+    full = float(np.percentile(distance[masks], 90)) if masks.any() else 1.0  # the object's own colour, inside
+    coverage = np.clip(distance / max(full, 1e-6), 0.0, 1.0) * (distance > OBJECT_DISTANCE / 2)
+    return masks, coverage
+
+
 def read_video(frames: np.ndarray) -> Verdict:
     frames = np.asarray(frames, np.float32)  # [F, H, W, 3]
-    border = np.concatenate([frames[:, 0], frames[:, -1], frames[:, :, 0], frames[:, :, -1]], axis=1)
-    background = np.median(border.reshape(-1, 3), axis=0)
-    distance = np.abs(frames - background).sum(-1)  # [F, H, W]
-    masks = distance > OBJECT_DISTANCE
+    masks, coverage = object_pixels(frames)
     if masks.sum() < MIN_PIXELS:
         return Verdict(None, None)
     pixels = frames[masks]
@@ -93,8 +105,6 @@ def read_video(frames: np.ndarray) -> Verdict:
     flat = float((colour_names(pixels) == mean_name).mean())
     colour = mean_name if flat >= FLAT_SHARE else "mixed"
 
-    full = float(np.percentile(distance[masks], 90))  # the object's own colour, away from its edges
-    coverage = np.clip(distance / max(full, 1e-6), 0.0, 1.0) * (distance > OBJECT_DISTANCE / 2)
     fills = [_fill(c) for c, m in zip(coverage, masks) if m.sum() >= SHAPE_PIXELS]
     fill = float(np.median(fills)) if fills else 0.0
     shape = min(FILL, key=lambda s: abs(FILL[s] - fill)) if fills else None

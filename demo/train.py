@@ -6,7 +6,7 @@
     python -m soraedge.demo.train --out demo/weights --stage dit-more # more steps on the saved DiT
     python -m soraedge.demo.train --out demo/weights --stage check    # the probe's reading of the VAE's reconstructions
 
-The committed weights came from these fourteen commands, seed 0, into demo/weights (the default --out; its
+The committed weights came from these fifteen commands, seed 0, into demo/weights (the default --out; its
 train_log.json records every phase, its time and loss; docs/demo.md has the times):
 
     python -m soraedge.demo.train --stage vae
@@ -23,10 +23,11 @@ train_log.json records every phase, its time and loss; docs/demo.md has the time
     python -m soraedge.demo.train --stage dit-more --dit-steps 2400 --dit-lr 3e-4 --clips 3072 --threads 1
     python -m soraedge.demo.train --stage decoder --decoder-steps 600 --ring 2 --denoised 0.6 --threads 1
     python -m soraedge.demo.train --stage decoder --decoder-steps 1200 --ring 2 --denoised 0.6 --threads 1
+    python -m soraedge.demo.train --stage decoder --decoder-steps 1800 --ring 2 --samples 1200
 
 A decoder-only run leaves the encoder, and so the DiT's latent space, as it is, and a DiT run reads only the
 encoder: the decoder runs and the DiT runs do not depend on each other's order, except that a `--denoised` decoder
-run reads the saved DiT and so comes after the DiT runs.
+run (and a `--samples` one) reads the saved DiT and so comes after the DiT runs.
 
 Stage `vae`: AutoencoderKLWan (base 16, z 16, 4x spatial / 4x temporal) on training clips in three phases: 5-frame
 crops; whole 17-frame clips (the decoder's own causal cache, as the pipeline decodes); whole clips again with the
@@ -332,18 +333,17 @@ class Redenoiser:
 
 def follow(scene, frames: np.ndarray) -> np.ndarray | None:
     """The clip of `scene` (its shape, in its colour) whose object moves and grows as the object in `frames` (uint8
-    [F, H, W, 3]) does: the object's centre and size in each frame (from its coverage's centroid and area, the probe's
-    measure), each fitted by a straight line over the clip, as the world moves and grows its objects. None where the
-    probe reads the colour or the motion of `frames` wrong, or the object is missing from half the frames."""
-    from .probe import OBJECT_DISTANCE, SHAPE_PIXELS, read_video
+    [F, H, W, 3]) does: the object's centre and size in each frame (the centroid and area of its coverage as the
+    probe measures it, on the world's background), each fitted by a straight line over the clip, as the world moves
+    and grows its objects. None where the probe reads the colour or the motion of `frames` wrong, or the object is
+    missing from half the frames."""
+    from .probe import SHAPE_PIXELS, object_pixels, read_video
     from .toy_world import AREA, CENTROID_BELOW, draw
 
     verdict = read_video(frames)
     if verdict.colour != scene.colour or verdict.motion != scene.motion:
         return None
-    distance = np.abs(frames.astype(np.float32) - np.array(BACKGROUND, np.float32)).sum(-1)  # [F, H, W]
-    full = float(np.percentile(distance[distance > OBJECT_DISTANCE], 90))
-    coverage = np.clip(distance / full, 0.0, 1.0) * (distance > OBJECT_DISTANCE / 2)
+    _, coverage = object_pixels(frames, BACKGROUND)
     centre = np.arange(SIZE) + 0.5
     seen, cx, cy, radius = [], [], [], []
     for i, c in enumerate(coverage):
@@ -431,8 +431,8 @@ def save_fp16(model, folder: Path) -> None:
 @click.option("--seed", default=0, show_default=True)
 @click.option("--threads", default=2, show_default=True)
 def main(out: Path, stage: str, vae_steps: int, vae_clip_steps: int, decoder_steps: int, ring: int, denoised: float,
-         samples: int, dit_steps: int, dit_lr: float, object_weight: float, grow: int, clips: int, check_clips: int, seed: int,
-         threads: int) -> None:
+         samples: int, dit_steps: int, dit_lr: float, object_weight: float, grow: int, clips: int, check_clips: int,
+         seed: int, threads: int) -> None:
     from diffusers import AutoencoderKLWan
 
     torch.set_num_threads(threads)

@@ -72,7 +72,7 @@ def test_decoder_trains_on_the_dit_samples_that_read_right(tmp_path):
     shutil.copytree(WEIGHTS, out)
     before = load_file(out / "vae" / "diffusion_pytorch_model.safetensors")
     result = CliRunner().invoke(train_main, ["--out", str(out), "--stage", "decoder", "--samples", "3",
-                                             "--decoder-steps", "1", "--check-clips", "2"])
+                                             "--decoder-steps", "3", "--check-clips", "2"])
     assert result.exit_code == 0, result.output
     phase = json.loads((out / "train_log.json").read_text())["vae"]["phases"][-1]
     assert phase["samples"] == 3 and 1 <= phase["samples_kept"] <= 3 and phase["decoder_only"]

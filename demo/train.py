@@ -300,6 +300,7 @@ def euler_guided(dit, x: torch.Tensor, sigmas: torch.Tensor, text: torch.Tensor,
 
 
 def load_dit(out: Path):
+    """The DiT saved in `out`, in fp32, in eval mode."""
     from diffusers import WanTransformer3DModel
 
     return WanTransformer3DModel.from_pretrained(out / "transformer", torch_dtype=torch.float32).eval()
@@ -493,8 +494,6 @@ def main(out: Path, stage: str, vae_steps: int, vae_clip_steps: int, decoder_ste
         record["vae_check"] = check_vae(vae, check_clips, seed + 30_000_000)
         log(f"vae reconstructions: {record['vae_check']}")
     if stage in ("all", "dit", "dit-more"):
-        from diffusers import WanTransformer3DModel
-
         more = stage == "dit-more"
         if more and not has_dit:
             raise click.ClickException(f"--stage dit-more needs a DiT trained into {out} (its train_log.json names "
@@ -506,7 +505,7 @@ def main(out: Path, stage: str, vae_steps: int, vae_clip_steps: int, decoder_ste
         lat = (lat - mean) / std  # the DiT's latent space
         log(f"encoded {clips} clips in {time.time() - t0:.0f} s")
         phases = record["dit"]["phases"] if more else []
-        dit = WanTransformer3DModel.from_pretrained(out / "transformer", torch_dtype=torch.float32) if more else None
+        dit = load_dit(out) if more else None  # train_dit puts it back in training mode
         if grow:
             dit = grow_dit(dit, grow)
         dit, losses = train_dit(lat, scenes, masks, dit_steps, 32, dit_lr, seed + len(phases), log, dit, object_weight)

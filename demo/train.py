@@ -282,6 +282,42 @@ def grow_dit(dit, layers: int):
     return grown
 
 
+def widen(vae, seed: int):
+    """The saved VAE with every feature width of its decoder doubled (`decoder_base_dim`, which AutoencoderKLWan
+    reads apart from the encoder's `base_dim`), computing exactly what the saved one did: each feature channel
+    becomes two equal copies, a layer that reads a doubled input reads each copy at half weight, and the copies'
+    outgoing weights differ by an opposite small perturbation (the sum the next layer sees stays the same; the
+    gradients the two copies get do not, so training can tell them apart). Three layouts are not one run of
+    channels: the attention's q | k | v (each part doubled; q scaled by 1/sqrt(2) because its dot product now sums
+    twice as many equal terms under a 1/sqrt(width) scale), and the temporal upsampler's two output frames. The
+    encoder, quant convs and latent statistics are untouched: the DiT's latent space stays as it is."""
+    from diffusers import AutoencoderKLWan
+
+    base = vae.config.decoder_base_dim or vae.config.base_dim
+    wide = AutoencoderKLWan.from_config(vae.config, decoder_base_dim=2 * base)
+    gen = torch.Generator().manual_seed(seed)
+    old = vae.state_dict()
+    state = {}
+    for name, target in wide.state_dict().items():
+        value = old[name].float()
+        for dim in range(value.dim()):
+            if target.shape[dim] == value.shape[dim]:
+                continue
+            assert target.shape[dim] == 2 * value.shape[dim], (name, value.shape, target.shape)
+            groups = 3 if ".to_qkv." in name and dim == 0 else 2 if ".time_conv." in name and dim == 0 else 1
+            parts = value.reshape(*value.shape[:dim], groups, -1, *value.shape[dim + 1:])
+            value = torch.cat([parts, parts], dim=dim + 1).reshape(target.shape[:dim + 1] + value.shape[dim + 1:])
+            if dim == 1:  # a doubled input: each copy at half weight, plus and minus a small perturbation
+                half = value.shape[1] // 2
+                noise = 1e-2 * value[:, :half].std() * torch.randn(value[:, :half].shape, generator=gen)
+                value = torch.cat([value[:, :half] / 2 + noise, value[:, half:] / 2 - noise], dim=1)
+        if ".to_qkv." in name and target.shape != old[name].shape:
+            value[: len(value) // 3] /= math.sqrt(2)
+        state[name] = value
+    wide.load_state_dict(state)
+    return wide
+
+
 def schedule_sigmas() -> torch.Tensor:
     """The sampler's sigmas at sora-run's default step count, shifted by FLOW_SHIFT: [steps + 1], 1 -> 0."""
     return shifted_sigmas(torch.linspace(1.0, 0.0, DEMO_DEFAULTS["steps"] + 1))
@@ -421,6 +457,8 @@ def save_fp16(model, folder: Path) -> None:
 @click.option("--samples", default=0, show_default=True, type=click.IntRange(0),
               help="Stage decoder: half of each batch from this many latents the saved DiT samples for training "
               "captions, each with its caption's clip drawn where the DiT put the object (0: none).")
+@click.option("--widen-decoder", is_flag=True, help="Stage decoder: first double every feature width of the saved "
+              "decoder, computing what it did (decoder_base_dim; the encoder and so the DiT stay valid).")
 @click.option("--dit-steps", default=2500, show_default=True)
 @click.option("--dit-lr", default=1e-3, show_default=True, help="The DiT's peak learning rate.")
 @click.option("--object-weight", default=0.0, show_default=True, type=click.FloatRange(0),
@@ -432,7 +470,7 @@ def save_fp16(model, folder: Path) -> None:
 @click.option("--seed", default=0, show_default=True)
 @click.option("--threads", default=2, show_default=True)
 def main(out: Path, stage: str, vae_steps: int, vae_clip_steps: int, decoder_steps: int, ring: int, denoised: float,
-         samples: int, dit_steps: int, dit_lr: float, object_weight: float, grow: int, clips: int, check_clips: int,
+         samples: int, widen_decoder: bool, dit_steps: int, dit_lr: float, object_weight: float, grow: int, clips: int, check_clips: int,
          seed: int, threads: int) -> None:
     from diffusers import AutoencoderKLWan
 
@@ -449,6 +487,8 @@ def main(out: Path, stage: str, vae_steps: int, vae_clip_steps: int, decoder_ste
     for name, value in (("--denoised", denoised), ("--samples", samples)):
         if value and (stage != "decoder" or not has_dit):
             raise click.ClickException(f"{name} needs --stage decoder and a DiT trained into {out}")
+    if widen_decoder and stage != "decoder":
+        raise click.ClickException("--widen-decoder needs --stage decoder")
     if grow and stage != "dit-more":
         raise click.ClickException("--grow needs --stage dit-more")
     record["machine"] = {**machine(), "threads": threads, "torch": torch.__version__}
@@ -465,6 +505,9 @@ def main(out: Path, stage: str, vae_steps: int, vae_clip_steps: int, decoder_ste
         if stage == "decoder":
             vae = AutoencoderKLWan.from_pretrained(out / "vae", torch_dtype=torch.float32)
             record.setdefault("vae", {"config": VAE_CONFIG, "phases": []})
+            if widen_decoder:
+                vae = widen(vae, seed + 60_000_000)
+                record["vae"]["config"] = {**record["vae"]["config"], "decoder_base_dim": vae.config.decoder_base_dim}
         else:
             vae = None
             record["vae"] = {"config": VAE_CONFIG, "phases": []}
@@ -481,7 +524,7 @@ def main(out: Path, stage: str, vae_steps: int, vae_clip_steps: int, decoder_ste
                                     denoise, pairs)
             record["vae"]["phases"].append({"steps": steps, "window": window, "batch": batch, "lr": lr,
                                             "colour_weight": colour, "decoder_only": decoder_only, "ring": ring,
-                                            "denoised": denoised, "samples": samples,
+                                            "denoised": denoised, "samples": samples, "widened": widen_decoder,
                                             "samples_kept": len(pairs.clips) if pairs else 0,
                                             "seconds": time.time() - t0,
                                             "final_loss": float(np.mean(losses[-50:]))})

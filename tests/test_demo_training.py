@@ -119,6 +119,32 @@ def test_a_grown_dit_computes_what_the_saved_one_did():
     assert "blocks.5.attn1.to_out.0.weight" in trainable  # zero, not frozen
 
 
+def test_a_widened_decoder_computes_what_the_saved_one_did():
+    """Every decoder width doubles, the encoder stays byte for byte, and the decoder's drawing of a latent is the
+    same; the two copies of each channel start apart (their outgoing weights differ), or training could not use
+    them."""
+    import torch
+    from diffusers import AutoencoderKLWan
+
+    from soraedge.demo.pipeline_dir import WEIGHTS
+    from soraedge.demo.train import widen
+
+    vae = AutoencoderKLWan.from_pretrained(WEIGHTS / "vae", torch_dtype=torch.float32).eval()
+    wide = widen(vae, 0).eval()
+    assert wide.config.decoder_base_dim == 2 * vae.config.base_dim
+    assert wide.config.latents_mean == vae.config.latents_mean
+    old, new = vae.state_dict(), wide.state_dict()
+    assert all(torch.equal(old[k], new[k]) for k in old if not k.startswith("decoder."))
+    conv = new["decoder.up_blocks.0.resnets.0.conv1.weight"]  # [2 out, 2 in, ...]
+    half = conv.shape[1] // 2
+    assert conv.shape[1] == 2 * old["decoder.up_blocks.0.resnets.0.conv1.weight"].shape[1]
+    assert not torch.allclose(conv[:, :half], conv[:, half:])
+    z = torch.randn(1, vae.config.z_dim, 5, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = vae.decode(z).sample, wide.decode(z).sample
+    assert (a - b).abs().max() < 1e-4 and a.abs().max() > 0.5
+
+
 def test_redenoiser_starts_at_the_schedule_sigmas_up_to_its_bound():
     """Bound 0: the encoder's latents come back as they went in; bound 1: every sigma of the sampler's schedule can
     be the start, and the DiT's denoising changes the latents (finite)."""
@@ -174,13 +200,22 @@ def test_decoder_stage_trains_the_decoder_alone(tmp_path):
     log = json.loads((out / "train_log.json").read_text())
     assert [(p["decoder_only"], p["ring"]) for p in log["vae"]["phases"]] == [(False, 0), (False, 0), (True, 0),
                                                                                (True, 2)]
+    wider = CliRunner().invoke(train_main, base + ["--stage", "decoder", "--widen-decoder"])
+    assert wider.exit_code == 0, wider.output
+    widened = load_file(out / "vae" / "diffusion_pytorch_model.safetensors")
+    assert all((after[k] == widened[k]).all() for k in frozen)
+    config = json.loads((out / "vae" / "config.json").read_text())
+    log = json.loads((out / "train_log.json").read_text())
+    assert config["decoder_base_dim"] == 2 * config["base_dim"] == log["vae"]["config"]["decoder_base_dim"]
+    assert [p["widened"] for p in log["vae"]["phases"][3:]] == [False, True]
 
 
 @pytest.mark.parametrize("args, message", [(["--stage", "dit-more"], "run --stage dit first"),
                                            (["--stage", "decoder", "--denoised", "0.5"], "--denoised needs"),
                                            (["--stage", "decoder", "--samples", "8"], "--samples needs"),
                                            (["--stage", "vae", "--denoised", "0.5"], "--denoised needs"),
-                                           (["--stage", "dit", "--grow", "2"], "--grow needs")])
+                                           (["--stage", "dit", "--grow", "2"], "--grow needs"),
+                                           (["--stage", "dit", "--widen-decoder"], "--widen-decoder needs")])
 def test_options_without_what_they_need_say_so(tmp_path, args, message):
     result = CliRunner().invoke(train_main, ["--out", str(tmp_path / "w")] + args)
     assert result.exit_code != 0 and message in result.output and "Traceback" not in result.output

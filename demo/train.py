@@ -49,7 +49,9 @@ and next to the object more (tried; not used by the committed weights).
 noised to a sigma of the sampler's schedule up to S and denoised again by the saved DiT; the clip is the target.
 `--stage decoder --samples N` draws half of each batch from N latents the saved DiT samples from pure noise for
 training captions, each with the clip of its caption drawn on the path and at the size the DiT gave the object
-(`follow`); samples the probe reads as another colour or motion are dropped.
+(`follow`); samples the probe reads as another colour or motion are dropped. `--widen-decoder` first doubles
+every feature width of the saved decoder (`widen`: decoder_base_dim, four times the parameters), computing exactly
+what it did, so the run goes on from the saved decoder with more capacity; the encoder stays as it is.
 Only training scenes are used (toy_world.TRAIN_SCENES); HELD_OUT combinations are never seen.
 Weights are saved as fp16 safetensors with their diffusers configs; train_log.json records losses and times.
 """

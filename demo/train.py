@@ -472,8 +472,8 @@ def save_fp16(model, folder: Path) -> None:
 @click.option("--seed", default=0, show_default=True)
 @click.option("--threads", default=2, show_default=True)
 def main(out: Path, stage: str, vae_steps: int, vae_clip_steps: int, decoder_steps: int, ring: int, denoised: float,
-         samples: int, widen_decoder: bool, dit_steps: int, dit_lr: float, object_weight: float, grow: int, clips: int, check_clips: int,
-         seed: int, threads: int) -> None:
+         samples: int, widen_decoder: bool, dit_steps: int, dit_lr: float, object_weight: float, grow: int,
+         clips: int, check_clips: int, seed: int, threads: int) -> None:
     from diffusers import AutoencoderKLWan
 
     torch.set_num_threads(threads)

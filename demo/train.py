@@ -107,7 +107,8 @@ def apply_gradients(model, opt, sched, loss) -> float:
 
 
 def train_vae(steps: int, window: int, batch: int, lr: float, colour_weight: float, seed: int, log,
-              vae=None, decoder_only: bool = False, ring: int = 0, denoise=None, samples=None) -> tuple[object, list]:
+              vae=None, decoder_only: bool = False, ring: int = 0, denoise=None, samples=None,
+              fill_weight: float = 0.0) -> tuple[object, list]:
     """`window`-frame crops: 5 (one cached chunk) teaches the pictures fast; whole 17-frame clips teach the decoder
     to run on its own causal cache for as long as the pipeline decodes. Shorter windows are not enough: a decoder
     trained on 9-frame crops drew the last four frames of a 17-frame clip in the wrong colour (green as yellow).
@@ -115,7 +116,8 @@ def train_vae(steps: int, window: int, batch: int, lr: float, colour_weight: flo
     object's weight extends this many pixels around it, so that colour bled into the background next to the object
     (a blurred edge, a rounded corner) costs what colour missing inside it costs. `denoise` (decoder only): a
     `Redenoiser`; the decoder learns from the latents it returns for each clip, as the sampler hands them over.
-    `samples` (decoder only, whole clips): `DiTSamples`; the second half of each batch is drawn from them."""
+    `samples` (decoder only, whole clips): `DiTSamples`; the second half of each batch is drawn from them.
+    `fill_weight`: the weight of `fill_error`, the error of how much of its bounding box the object fills."""
     from diffusers import AutoencoderKLWan
 
     torch.manual_seed(seed)
@@ -148,6 +150,8 @@ def train_vae(steps: int, window: int, batch: int, lr: float, colour_weight: flo
         err = recon - x
         loss = (weight * (err.pow(2) + 0.5 * err.abs())).mean() / weight.mean() + 1e-4 * z.pow(2).mean()
         loss = loss + colour_weight * object_colour_error(recon, x, mask)
+        if fill_weight:
+            loss = loss + fill_weight * fill_error(recon, x)
         losses.append(apply_gradients(vae, opt, sched, loss))
         if step % 50 == 0 or step == steps - 1:
             log(f"vae step {step}/{steps} loss {np.mean(losses[-50:]):.4f}")
@@ -162,6 +166,34 @@ def object_colour_error(recon: torch.Tensor, x: torch.Tensor, mask: torch.Tensor
     area = mask.sum(dim=(3, 4)).clamp(min=1.0)  # [B, 1, F]
     mean = lambda v: (v * mask).sum(dim=(3, 4)) / area  # noqa: E731 - [B, 3, F]
     return (mean(recon) - mean(x)).pow(2).mean()
+
+
+def object_fill(video: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    """How much of its bounding box the object fills in each frame, as the probe measures it (`probe._fill` of
+    `probe.object_pixels`' coverage on the world's black background), differentiable: [B, 3, F, H, W] video in
+    [-1, 1], `full` [B, 1, F] the object's own distance from the background -> [B, F]."""
+    from .probe import OBJECT_DISTANCE
+
+    distance = ((video + 1) * 127.5).abs().sum(dim=1)  # [B, F, H, W], summed |RGB - black| as the probe sums it
+    gate = torch.sigmoid((distance - OBJECT_DISTANCE / 2) / 4)  # the probe's hard cut at half OBJECT_DISTANCE
+    coverage = (distance / full[:, 0, :, None, None].clamp(min=1.0)).clamp(0, 1) * gate
+    width, height = coverage.amax(dim=2).sum(dim=-1), coverage.amax(dim=3).sum(dim=-1)
+    return coverage.sum(dim=(2, 3)) / (width * height).clamp(min=1.0)
+
+
+def fill_error(recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Squared error of how much of its bounding box the object fills (`object_fill`), over the frames where the
+    target's object has a shape (SHAPE_PIXELS or more), [B, 3, F, H, W] videos.
+
+    A rounded corner costs the per-pixel losses a few pixels of the object's edge; to a viewer, and to the probe,
+    it is the difference between a square and a circle. This term counts each frame's outline as a whole."""
+    from .probe import SHAPE_PIXELS
+
+    distance = ((x + 1) * 127.5).abs().sum(dim=1)  # [B, F, H, W]
+    full = distance.amax(dim=(2, 3))[:, None]  # [B, 1, F]: the object's colour, its flat inside
+    shaped = (object_mask(x).sum(dim=(1, 3, 4)) >= SHAPE_PIXELS).float()  # [B, F]
+    err = (object_fill(recon, full) - object_fill(x, full)).pow(2)
+    return (err * shaped).sum() / shaped.sum().clamp(min=1.0)
 
 
 @torch.no_grad()
@@ -461,6 +493,8 @@ def save_fp16(model, folder: Path) -> None:
               "captions, each with its caption's clip drawn where the DiT put the object (0: none).")
 @click.option("--widen-decoder", is_flag=True, help="Stage decoder: first double every feature width of the saved "
               "decoder, computing what it did (decoder_base_dim; the encoder and so the DiT stay valid).")
+@click.option("--fill-weight", default=0.0, show_default=True, type=click.FloatRange(0),
+              help="Stage vae or decoder: weight of the error of how much of its bounding box the object fills.")
 @click.option("--dit-steps", default=2500, show_default=True)
 @click.option("--dit-lr", default=1e-3, show_default=True, help="The DiT's peak learning rate.")
 @click.option("--object-weight", default=0.0, show_default=True, type=click.FloatRange(0),
@@ -472,8 +506,8 @@ def save_fp16(model, folder: Path) -> None:
 @click.option("--seed", default=0, show_default=True)
 @click.option("--threads", default=2, show_default=True)
 def main(out: Path, stage: str, vae_steps: int, vae_clip_steps: int, decoder_steps: int, ring: int, denoised: float,
-         samples: int, widen_decoder: bool, dit_steps: int, dit_lr: float, object_weight: float, grow: int,
-         clips: int, check_clips: int, seed: int, threads: int) -> None:
+         samples: int, widen_decoder: bool, fill_weight: float, dit_steps: int, dit_lr: float, object_weight: float,
+         grow: int, clips: int, check_clips: int, seed: int, threads: int) -> None:
     from diffusers import AutoencoderKLWan
 
     torch.set_num_threads(threads)
@@ -523,10 +557,11 @@ def main(out: Path, stage: str, vae_steps: int, vae_clip_steps: int, decoder_ste
                 raise click.ClickException(f"none of the saved DiT's {samples} samples reads as its caption's colour "
                                            "and motion: nothing to train the decoder on")
             vae, losses = train_vae(steps, window, batch, lr, colour, seed + phase_seed, log, vae, decoder_only, ring,
-                                    denoise, pairs)
+                                    denoise, pairs, fill_weight)
             record["vae"]["phases"].append({"steps": steps, "window": window, "batch": batch, "lr": lr,
                                             "colour_weight": colour, "decoder_only": decoder_only, "ring": ring,
                                             "denoised": denoised, "samples": samples, "widened": widen_decoder,
+                                            "fill_weight": fill_weight,
                                             "samples_kept": len(pairs.clips) if pairs else 0,
                                             "seconds": time.time() - t0,
                                             "final_loss": float(np.mean(losses[-50:]))})

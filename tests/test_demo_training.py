@@ -145,6 +145,35 @@ def test_a_widened_decoder_computes_what_the_saved_one_did():
     assert (a - b).abs().max() < 1e-4 and a.abs().max() > 0.5
 
 
+def test_fill_term_measures_what_the_probe_reads():
+    """`object_fill` is the probe's fill ratio (within 0.02 on world clips of each shape, every frame with a shape),
+    yet differentiable; `fill_error` is zero for the clip itself, clear for a circle drawn where a square was asked,
+    and its gradient fills a rounded square's corners in."""
+    import torch
+
+    from soraedge.demo.probe import SHAPE_PIXELS, _fill, object_pixels
+    from soraedge.demo.toy_world import BACKGROUND, Scene, render
+    from soraedge.demo.train import fill_error, object_fill, to_video_tensor
+
+    clips = [render(Scene("yellow", shape, "growing"), 7) for shape in ("circle", "square", "triangle")]
+    x = to_video_tensor(clips)
+    full = ((x + 1) * 127.5).sum(dim=1).amax(dim=(2, 3))[:, None]
+    ours = object_fill(x, full)
+    for clip, fills in zip(clips, ours):
+        masks, coverage = object_pixels(clip, BACKGROUND)
+        probe = [(_fill(c), float(f)) for c, m, f in zip(coverage, masks, fills) if m.sum() >= SHAPE_PIXELS]
+        assert probe and max(abs(a - b) for a, b in probe) < 0.02, probe
+    assert float(fill_error(x, x)) == 0.0
+    square, circle = x[1:2], to_video_tensor([render(Scene("yellow", "circle", "growing"), 7)])
+    assert float(fill_error(circle, square)) > 0.02  # (1 - pi / 4)^2 = 0.046
+    rounded = torch.nn.functional.avg_pool3d(square, (1, 5, 5), 1, (0, 2, 2), count_include_pad=False)
+    rounded.requires_grad_(True)
+    fill_error(rounded, square).backward()
+    ys, xs = np.nonzero(clips[1][-1].sum(-1))  # the last frame's square
+    corner = rounded.grad[0, :, -1, ys.min():ys.min() + 3, xs.min():xs.min() + 3]
+    assert corner.sum() < 0  # brighter corner pixels lower the error
+
+
 def test_redenoiser_starts_at_the_schedule_sigmas_up_to_its_bound():
     """Bound 0: the encoder's latents come back as they went in; bound 1: every sigma of the sampler's schedule can
     be the start, and the DiT's denoising changes the latents (finite)."""
@@ -189,7 +218,7 @@ def test_decoder_stage_trains_the_decoder_alone(tmp_path):
     assert first.exit_code == 0, first.output
     before = load_file(out / "vae" / "diffusion_pytorch_model.safetensors")
     config_before = json.loads((out / "vae" / "config.json").read_text())
-    result = CliRunner().invoke(train_main, base + ["--stage", "decoder", "--ring", "2"])
+    result = CliRunner().invoke(train_main, base + ["--stage", "decoder", "--ring", "2", "--fill-weight", "2"])
     assert result.exit_code == 0, result.output
     after = load_file(out / "vae" / "diffusion_pytorch_model.safetensors")
     frozen = [k for k in before if k.startswith(("encoder.", "quant_conv."))]
@@ -198,8 +227,8 @@ def test_decoder_stage_trains_the_decoder_alone(tmp_path):
     config_after = json.loads((out / "vae" / "config.json").read_text())
     assert config_after["latents_mean"] == config_before["latents_mean"]
     log = json.loads((out / "train_log.json").read_text())
-    assert [(p["decoder_only"], p["ring"]) for p in log["vae"]["phases"]] == [(False, 0), (False, 0), (True, 0),
-                                                                               (True, 2)]
+    assert [(p["decoder_only"], p["ring"], p["fill_weight"]) for p in log["vae"]["phases"]] == [
+        (False, 0, 0), (False, 0, 0), (True, 0, 0), (True, 2, 2)]
     wider = CliRunner().invoke(train_main, base + ["--stage", "decoder", "--widen-decoder"])
     assert wider.exit_code == 0, wider.output
     widened = load_file(out / "vae" / "diffusion_pytorch_model.safetensors")

@@ -143,19 +143,28 @@ def train_vae(steps: int, window: int, batch: int, lr: float, colour_weight: flo
             more_z, more_x = samples.draw(rng, batch // 2)
             z, x = torch.cat([z, more_z]), torch.cat([x, more_x])
         recon = vae.decode(z).sample
-        # The object covers a few percent of the frame: weight its pixels (and its edges) up, or the decoder
-        # settles on drawing the background alone.
-        mask = object_mask(x)  # [B, 1, window, 64, 64]
-        weight = 1.0 + 20.0 * near_object(mask, ring)
-        err = recon - x
-        loss = (weight * (err.pow(2) + 0.5 * err.abs())).mean() / weight.mean() + 1e-4 * z.pow(2).mean()
-        loss = loss + colour_weight * object_colour_error(recon, x, mask)
-        if fill_weight:
-            loss = loss + fill_weight * fill_error(recon, x)
+        loss = picture_loss(recon, x, ring, colour_weight, fill_weight) + 1e-4 * z.pow(2).mean()
         losses.append(apply_gradients(vae, opt, sched, loss))
         if step % 50 == 0 or step == steps - 1:
             log(f"vae step {step}/{steps} loss {np.mean(losses[-50:]):.4f}")
     return vae, losses
+
+
+def picture_loss(recon: torch.Tensor, x: torch.Tensor, ring: int, colour_weight: float,
+                 fill_weight: float) -> torch.Tensor:
+    """How far a drawn video is from the clip, [B, 3, F, H, W] each: L2 + L1 / 2 per pixel, weighted towards the
+    object's pixels and the `ring` around them, plus `object_colour_error` and `fill_error` at their weights."""
+    # The object covers a few percent of the frame: weight its pixels (and its edges) up, or the decoder settles on
+    # drawing the background alone.
+    mask = object_mask(x)  # [B, 1, F, H, W]
+    weight = 1.0 + 20.0 * near_object(mask, ring)
+    err = recon - x
+    loss = (weight * (err.pow(2) + 0.5 * err.abs())).mean() / weight.mean()
+    if colour_weight:
+        loss = loss + colour_weight * object_colour_error(recon, x, mask)
+    if fill_weight:
+        loss = loss + fill_weight * fill_error(recon, x)
+    return loss
 
 
 def object_colour_error(recon: torch.Tensor, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -266,11 +275,11 @@ def shifted_sigmas(u: torch.Tensor) -> torch.Tensor:
 
 
 def train_dit(latents, scenes, masks, steps: int, batch: int, lr: float, seed: int, log, dit=None,
-              object_weight: float = 0.0) -> tuple[object, list]:
+              object_weight: float = 0.0, decoded=None) -> tuple[object, list]:
     """A new DiT, or more steps on `dit` (a fresh optimizer and one-cycle schedule). `object_weight`: the loss of the
     latent cells that see the object, and of their neighbours, counts 1 + object_weight times. The object covers a
     few percent of the latent; its outline (a square's corners) is what a viewer reads, and a per-cell reweighting
-    leaves each cell's target, and so the flow, as it is."""
+    leaves each cell's target, and so the flow, as it is. `decoded`: a `DecodedLoss`, added to each step's loss."""
     from diffusers import WanTransformer3DModel
 
     table, empty = caption_embeddings({s.caption for s in scenes})
@@ -294,10 +303,37 @@ def train_dit(latents, scenes, masks, steps: int, batch: int, lr: float, seed: i
         xt = (1 - s) * x0 + s * noise
         pred = dit(xt, sigma * 1000, ctx, return_dict=False)[0]
         loss = (weight * (pred - (noise - x0)).pow(2)).mean() / weight.mean()
+        if decoded is not None:
+            loss = loss + decoded(xt, s, pred, idx)
         losses.append(apply_gradients(dit, opt, sched, loss))
         if step % 100 == 0 or step == steps - 1:
             log(f"dit step {step}/{steps} loss {np.mean(losses[-100:]):.4f}")
     return dit.eval(), losses
+
+
+class DecodedLoss:
+    """The DiT's prediction of the clean latent, drawn by the saved decoder (frozen) and compared with the clip:
+    `picture_loss` (pixels, the object's colour and how much of its box it fills) at `weight`, on up to `count`
+    items of each batch whose sigma is at most `max_sigma`. The flow loss counts every latent value alike; a
+    square's corners are a few of them, and the DiT draws them round. From a low enough sigma the clean latent is
+    nearly determined by the noisy one, so this term asks of the DiT what the flow target asks, counted as a viewer
+    counts it. The DiT's latents are the `encode_clips` clips of `seed` (re-rendered here, index for index)."""
+
+    def __init__(self, vae, seed: int, weight: float, max_sigma: float, ring: int, fill_weight: float,
+                 count: int = 2):
+        self.vae = vae.eval().requires_grad_(False)
+        self.mean, self.std = latent_statistics(vae)
+        self.seed, self.weight, self.max_sigma, self.ring, self.fill_weight = seed, weight, max_sigma, ring, fill_weight
+        self.count = count
+
+    def __call__(self, xt: torch.Tensor, s: torch.Tensor, pred: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        low = (s.flatten() <= self.max_sigma).nonzero().flatten()[: self.count]
+        if not len(low):
+            return pred.sum() * 0.0
+        x0 = (xt[low] - s[low] * pred[low]) * self.std + self.mean  # pred is the flow (noise - x0)
+        recon = self.vae.decode(x0).sample
+        clips = to_video_tensor([sample(TRAIN_SCENES, self.seed + int(idx[i]))[1] for i in low])
+        return self.weight * picture_loss(recon, clips, self.ring, COLOUR_WEIGHT, self.fill_weight)
 
 
 def grow_dit(dit, layers: int):
@@ -495,6 +531,11 @@ def save_fp16(model, folder: Path) -> None:
               "decoder, computing what it did (decoder_base_dim; the encoder and so the DiT stay valid).")
 @click.option("--fill-weight", default=0.0, show_default=True, type=click.FloatRange(0),
               help="Stage vae or decoder: weight of the error of how much of its bounding box the object fills.")
+@click.option("--decoded-weight", default=0.0, show_default=True, type=click.FloatRange(0),
+              help="Stage dit or dit-more: weight of the saved decoder's drawing of the DiT's clean-latent "
+              "prediction against the clip (with --ring and --fill-weight as the decoder's loss has them).")
+@click.option("--decoded-sigma", default=0.5, show_default=True, type=click.FloatRange(0, 1),
+              help="The sigmas up to which --decoded-weight applies.")
 @click.option("--dit-steps", default=2500, show_default=True)
 @click.option("--dit-lr", default=1e-3, show_default=True, help="The DiT's peak learning rate.")
 @click.option("--object-weight", default=0.0, show_default=True, type=click.FloatRange(0),
@@ -506,8 +547,9 @@ def save_fp16(model, folder: Path) -> None:
 @click.option("--seed", default=0, show_default=True)
 @click.option("--threads", default=2, show_default=True)
 def main(out: Path, stage: str, vae_steps: int, vae_clip_steps: int, decoder_steps: int, ring: int, denoised: float,
-         samples: int, widen_decoder: bool, fill_weight: float, dit_steps: int, dit_lr: float, object_weight: float,
-         grow: int, clips: int, check_clips: int, seed: int, threads: int) -> None:
+         samples: int, widen_decoder: bool, fill_weight: float, decoded_weight: float, decoded_sigma: float,
+         dit_steps: int, dit_lr: float, object_weight: float, grow: int, clips: int, check_clips: int, seed: int,
+         threads: int) -> None:
     from diffusers import AutoencoderKLWan
 
     torch.set_num_threads(threads)
@@ -525,6 +567,8 @@ def main(out: Path, stage: str, vae_steps: int, vae_clip_steps: int, decoder_ste
             raise click.ClickException(f"{name} needs --stage decoder and a DiT trained into {out}")
     if widen_decoder and stage != "decoder":
         raise click.ClickException("--widen-decoder needs --stage decoder")
+    if decoded_weight and stage not in ("dit", "dit-more"):
+        raise click.ClickException("--decoded-weight needs --stage dit or dit-more")
     if grow and stage != "dit-more":
         raise click.ClickException("--grow needs --stage dit-more")
     record["machine"] = {**machine(), "threads": threads, "torch": torch.__version__}
@@ -588,9 +632,14 @@ def main(out: Path, stage: str, vae_steps: int, vae_clip_steps: int, decoder_ste
         dit = load_dit(out) if more else None  # train_dit puts it back in training mode
         if grow:
             dit = grow_dit(dit, grow)
-        dit, losses = train_dit(lat, scenes, masks, dit_steps, 32, dit_lr, seed + len(phases), log, dit, object_weight)
+        decoded = (DecodedLoss(vae, seed + 20_000_000, decoded_weight, decoded_sigma, ring, fill_weight)
+                   if decoded_weight else None)
+        dit, losses = train_dit(lat, scenes, masks, dit_steps, 32, dit_lr, seed + len(phases), log, dit, object_weight,
+                                decoded)
         save_fp16(dit, out / "transformer")
         phases.append({"steps": dit_steps, "clips": clips, "lr": dit_lr, "object_weight": object_weight, "grow": grow,
+                       "decoded_weight": decoded_weight, "decoded_sigma": decoded_sigma, "ring": ring,
+                       "fill_weight": fill_weight,
                        "seconds": time.time() - t0,
                        "final_loss": float(np.mean(losses[-100:]))})
         config = {k: list(v) if isinstance(v, tuple) else v for k, v in dit.config.items() if k in DIT_CONFIG}

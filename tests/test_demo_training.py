@@ -44,13 +44,15 @@ def test_training_from_scratch_writes_weights_the_exporter_reads(tmp_path):
     dit_file = tmp_path / "w" / "transformer" / "diffusion_pytorch_model.safetensors"
     before = load_file(dit_file)
     more = CliRunner().invoke(train_main, ["--out", str(tmp_path / "w"), "--stage", "dit-more", "--dit-steps", "1",
-                                           "--dit-lr", "1e-2", "--clips", "8", "--object-weight", "4", "--grow", "1"])
+                                           "--dit-lr", "1e-2", "--clips", "8", "--object-weight", "4", "--grow", "1",
+                                           "--decoded-weight", "1", "--decoded-sigma", "1", "--fill-weight", "2"])
     assert more.exit_code == 0, more.output
     after = load_file(dit_file)
     assert before.keys() < after.keys() and any((before[k] != after[k]).any() for k in before)
     log = json.loads((tmp_path / "w" / "train_log.json").read_text())
     assert [(p["steps"], p["lr"], p["object_weight"], p["grow"]) for p in log["dit"]["phases"]] == [(2, 1e-3, 0, 0),
                                                                                                     (1, 1e-2, 4, 1)]
+    assert (log["dit"]["phases"][-1]["decoded_weight"], log["dit"]["phases"][-1]["fill_weight"]) == (1, 2)
     assert log["dit"]["config"]["num_layers"] == 5 == json.loads((dit_file.parent / "config.json").read_text())[
         "num_layers"]
     denoised = CliRunner().invoke(train_main, ["--out", str(tmp_path / "w"), "--stage", "decoder", "--decoder-steps",
@@ -174,6 +176,34 @@ def test_fill_term_measures_what_the_probe_reads():
     assert corner.sum() < 0  # brighter corner pixels lower the error
 
 
+def test_decoded_loss_draws_the_dits_clean_latent_against_its_clip():
+    """With the DiT's flow exact (pred = noise - x0) the decoded term is the VAE's own reconstruction loss of the
+    clip, small; against another clip's latent it is large; above its sigma bound it is zero, and it passes a
+    gradient to the prediction and none to the frozen decoder."""
+    import torch
+    from diffusers import AutoencoderKLWan
+
+    from soraedge.demo.pipeline_dir import WEIGHTS
+    from soraedge.demo.train import DecodedLoss, encode_clips, latent_statistics
+
+    vae = AutoencoderKLWan.from_pretrained(WEIGHTS / "vae", torch_dtype=torch.float32)
+    z, _, _ = encode_clips(vae, 2, 11)
+    mean, std = latent_statistics(vae)
+    x0 = (z - mean) / std
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+    s = torch.tensor([0.3, 0.9]).view(-1, 1, 1, 1, 1)
+    xt = (1 - s) * x0 + s * noise
+    loss = DecodedLoss(vae, 11, 1.0, 0.5, ring=2, fill_weight=2.0)
+    pred = (noise - x0).requires_grad_(True)
+    right = loss(xt, s, pred, torch.tensor([0, 1]))  # item 0 only: item 1's sigma is above the bound
+    swapped = loss(xt, s, pred, torch.tensor([1, 0]))  # item 0's latent against clip 1
+    assert right.item() < 0.1 < swapped.item(), (right.item(), swapped.item())
+    right.backward()
+    assert pred.grad[0].abs().sum() > 0 and pred.grad[1].abs().sum() == 0
+    assert all(p.grad is None for p in vae.parameters())
+    assert loss(xt, torch.full_like(s, 0.9), pred, torch.tensor([0, 1])).item() == 0.0
+
+
 def test_redenoiser_starts_at_the_schedule_sigmas_up_to_its_bound():
     """Bound 0: the encoder's latents come back as they went in; bound 1: every sigma of the sampler's schedule can
     be the start, and the DiT's denoising changes the latents (finite)."""
@@ -244,7 +274,8 @@ def test_decoder_stage_trains_the_decoder_alone(tmp_path):
                                            (["--stage", "decoder", "--samples", "8"], "--samples needs"),
                                            (["--stage", "vae", "--denoised", "0.5"], "--denoised needs"),
                                            (["--stage", "dit", "--grow", "2"], "--grow needs"),
-                                           (["--stage", "dit", "--widen-decoder"], "--widen-decoder needs")])
+                                           (["--stage", "dit", "--widen-decoder"], "--widen-decoder needs"),
+                                           (["--stage", "decoder", "--decoded-weight", "1"], "--decoded-weight needs")])
 def test_options_without_what_they_need_say_so(tmp_path, args, message):
     result = CliRunner().invoke(train_main, ["--out", str(tmp_path / "w")] + args)
     assert result.exit_code != 0 and message in result.output and "Traceback" not in result.output

@@ -4,7 +4,8 @@ Exports the built-in demo to fp32 engines (and, with --precision, reduced-precis
 INT8 calibrated on 8 training captions), generates every prompt of the prompt set from the engines (sora-run's path,
 fixed seeds), reads each video back with demo/probe.py, and reports colour, shape and motion accuracy (and all three
 at once) separately for the held-out colour x shape x motion combinations (never seen in training) and for training
-combinations; reduced precisions also get the PSNR of their videos against the fp32 engines' on the same seeds.
+combinations; reduced precisions also get the PSNR of their videos against the fp32 engines' on the same seeds, and
+one the quality gate refuses is reported as refused, with the gate's measurement.
 Writes bench/results/ (JSON + Markdown, with the prompt set).
 
     python -m soraedge.bench.demo_probe [--seeds 3] [--precision int8 --precision fp16] [--backend ort
@@ -68,6 +69,7 @@ def run(seeds: int, precisions, threads: int, steps: int | None, weights: Path |
     from ..demo.toy_world import TRAIN_SCENES
     from ..export.build import ExportConfig, run_export
     from ..precision.quality_gate import psnr
+    from ..runtime.errors import SoraError
 
     prompts = prompt_set(seeds)
     rows = {}
@@ -80,9 +82,16 @@ def run(seeds: int, precisions, threads: int, steps: int | None, weights: Path |
         for precision in ("fp32", *precisions):
             log(f"exporting demo ({precision}) ...")
             out = Path(tmp) / precision
-            run_export(ExportConfig(model="demo", out=out, backend="ort", precision=precision, check_parity=False,
-                                    threads=threads, calib=calib,
-                                    demo_weights=str(weights) if weights else None))
+            try:
+                run_export(ExportConfig(model="demo", out=out, backend="ort", precision=precision, check_parity=False,
+                                        threads=threads, calib=calib,
+                                        demo_weights=str(weights) if weights else None))
+            except SoraError as e:  # the quality gate refused it: that is the measurement
+                if precision == "fp32":
+                    raise
+                rows[precision] = {"precision": precision, "refused": str(e)}
+                log(f"  {precision}: {e}")
+                continue
             for backend in backends:
                 log(f"generating {len(prompts)} videos on {backend} ...")
                 videos, s_per_video = generate_all(out, prompts, threads, steps, backend)
@@ -107,6 +116,9 @@ def to_markdown(r: dict) -> str:
              "| engines | runs on | split | videos | colour | shape | motion | all three | PSNR vs fp32 | s/video |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for row in r["rows"].values():
+        if "refused" in row:
+            lines.append(f"| {row['precision']} | - | - | - | refused: {row['refused']} | | | | | |")
+            continue
         p = f"{row['psnr_vs_fp32_db']:.1f} dB" if "psnr_vs_fp32_db" in row else "reference"
         for split in ("held_out", "train"):
             a = row[split]

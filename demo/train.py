@@ -6,8 +6,8 @@
     python -m soraedge.demo.train --out demo/weights --stage dit-more # more steps on the saved DiT
     python -m soraedge.demo.train --out demo/weights --stage check    # the probe's reading of the VAE's reconstructions
 
-The committed weights came from these fifteen commands, seed 0, into demo/weights (the default --out; its
-train_log.json records every phase, its time and loss; docs/demo.md has the times):
+The committed weights came from these eighteen commands, seed 0 where none is named, into demo/weights (the
+default --out; its train_log.json records every phase, its time and loss; docs/demo.md has the times):
 
     python -m soraedge.demo.train --stage vae
     python -m soraedge.demo.train --stage decoder --decoder-steps 900 --threads 1
@@ -24,6 +24,12 @@ train_log.json records every phase, its time and loss; docs/demo.md has the time
     python -m soraedge.demo.train --stage decoder --decoder-steps 600 --ring 2 --denoised 0.6 --threads 1
     python -m soraedge.demo.train --stage decoder --decoder-steps 1200 --ring 2 --denoised 0.6 --threads 1
     python -m soraedge.demo.train --stage decoder --decoder-steps 1800 --ring 2 --samples 1200
+    python -m soraedge.demo.train --stage decoder --decoder-steps 600 --ring 2 --samples 400 --fill-weight 8 \
+        --seed 3 --threads 1
+    python -m soraedge.demo.train --stage decoder --decoder-steps 1200 --ring 2 --samples 1200 --fill-weight 16 \
+        --seed 4 --threads 1
+    python -m soraedge.demo.train --stage decoder --decoder-steps 1200 --ring 2 --samples 800 --fill-weight 32 \
+        --seed 6 --threads 1
 
 A decoder-only run leaves the encoder, and so the DiT's latent space, as it is, and a DiT run reads only the
 encoder: the decoder runs and the DiT runs do not depend on each other's order, except that a `--denoised` decoder
@@ -44,7 +50,9 @@ flow_shift), conditioned on the frozen all-MiniLM-L6-v2 embeddings of the captio
 them (trimmed, zero-padded to TEXT_LEN), with 10% of captions dropped to the empty prompt for classifier-free
 guidance. Stage `dit-more` continues the saved DiT with a fresh optimizer and schedule; `--grow N` first adds N
 blocks after the saved ones, each starting as the identity; `--object-weight` counts the loss of the latent cells at
-and next to the object more (tried; not used by the committed weights).
+and next to the object more (tried; not used by the committed weights); `--decoded-weight` adds the frozen
+decoder's drawing of the DiT's clean-latent prediction at low sigmas, judged against the clip (`DecodedLoss`; tried,
+not used by the committed weights).
 `--stage decoder --denoised S` trains the decoder on latents as the sampler hands them over: each clip's latent is
 noised to a sigma of the sampler's schedule up to S and denoised again by the saved DiT; the clip is the target.
 `--stage decoder --samples N` draws half of each batch from N latents the saved DiT samples from pure noise for
@@ -52,6 +60,8 @@ training captions, each with the clip of its caption drawn on the path and at th
 (`follow`); samples the probe reads as another colour or motion are dropped. `--widen-decoder` first doubles
 every feature width of the saved decoder (`widen`: decoder_base_dim, four times the parameters), computing exactly
 what it did, so the run goes on from the saved decoder with more capacity; the encoder stays as it is.
+`--fill-weight` adds the error of how much of its bounding box the object fills, as the probe measures it
+(`fill_error`): the term that makes the decoder draw a square's corners.
 Only training scenes are used (toy_world.TRAIN_SCENES); HELD_OUT combinations are never seen.
 Weights are saved as fp16 safetensors with their diffusers configs; train_log.json records losses and times.
 """

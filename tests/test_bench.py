@@ -120,3 +120,18 @@ def test_the_demo_grid_is_one_row_per_held_out_prompt(tiny_engines, tmp_path):
                               len(HELD_OUT) * (size["height"] * SCALE + GAP))
     fails_one_line(grid_main, ["--engines", engines, "-o", tmp_path / "g.jpg"], "is written as a .png")
     assert not (tmp_path / "g.jpg").exists()
+
+
+def test_the_demo_probe_reports_a_refused_precision_as_refused():
+    """A precision the quality gate refuses is a row of the result, with the gate's words, not a crash."""
+    from soraedge.bench.demo_probe import to_markdown
+
+    verdict = {"prompt": "a red circle moving left on a black background", "split": "held_out"}
+    split = {"n": 1, "colour_accuracy": 1.0, "shape_accuracy": 1.0, "motion_accuracy": 1.0, "all_accuracy": 1.0}
+    r = {"machine": {"cpu": "test cpu"}, "threads": 2, "steps": 20, "seeds_per_prompt": 1, "weights": "w",
+         "rows": {"fp32 on ort": {"precision": "fp32", "backend": "ort", "s_per_video": 1.0, "held_out": split,
+                                  "train": split, "verdicts": [verdict]},
+                  "int8": {"precision": "int8", "refused": "PSNR 29.4 dB against fp32 (threshold 30.0 dB)"}}}
+    md = to_markdown(r)
+    row = next(line for line in md.splitlines() if line.startswith("| int8 |"))
+    assert "refused: PSNR 29.4 dB" in row and row.count("|") == md.splitlines()[4].count("|")

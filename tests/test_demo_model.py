@@ -46,7 +46,7 @@ def test_generated_videos_show_the_prompt(demo):
     """Meaning, not numbers: on twelve training prompts the shipped weights draw the object in the asked colour, flat
     by the probe's strict reading (at least 80% of its pixels that colour), and move it the way asked. A model that
     ignored its prompt would score ~1/12 on the colour and ~1/6 on the motion; these weights read 12 and 12 of 12
-    (seed 11, Intel Xeon). bench/demo_probe.py measures the held-out combinations and the shape: docs/demo.md has
+    (seed 11, AMD EPYC). bench/demo_probe.py measures the held-out combinations and the shape: docs/demo.md has
     the numbers."""
     from soraedge.demo.toy_world import TRAIN_SCENES
 

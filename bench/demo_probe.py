@@ -68,8 +68,7 @@ def run(seeds: int, precisions, threads: int, steps: int | None, weights: Path |
     from ..precision.calib.config import CalibConfig
     from ..demo.toy_world import TRAIN_SCENES
     from ..export.build import ExportConfig, run_export
-    from ..precision.quality_gate import psnr
-    from ..runtime.errors import SoraError
+    from ..precision.quality_gate import QualityGateRefused, psnr
 
     prompts = prompt_set(seeds)
     rows = {}
@@ -86,8 +85,8 @@ def run(seeds: int, precisions, threads: int, steps: int | None, weights: Path |
                 run_export(ExportConfig(model="demo", out=out, backend="ort", precision=precision, check_parity=False,
                                         threads=threads, calib=calib,
                                         demo_weights=str(weights) if weights else None))
-            except SoraError as e:  # a quality gate's refusal is the measurement; any other error is not
-                if precision == "fp32" or "fails the quality gate" not in str(e):
+            except QualityGateRefused as e:  # the refusal is the measurement; any other error stops the run
+                if precision == "fp32":
                     raise
                 rows[precision] = {"precision": precision, "refused": str(e)}
                 log(f"  {precision}: {e}")

@@ -115,15 +115,20 @@ def _worst(psnrs: list[float]) -> float:
     return min(psnrs) if all(not np.isnan(s) for s in psnrs) else float("nan")
 
 
+class QualityGateRefused(SoraError):
+    """The quality gate measured a reduced precision and refused it (the message has the measurement)."""
+
+
 def check_quality(result: dict, label: str = "") -> None:
-    """Raise SoraError (one line) where a measure_quality record did not pass. `label` names what was gated (e.g.
-    "int8 transformer")."""
+    """Raise QualityGateRefused (one line) where a measure_quality record did not pass. `label` names what was gated
+    (e.g. "int8 transformer")."""
     worst = _worst(result["psnr_db"])
     if not worst >= result["min_psnr_db"]:  # also catches NaN
-        raise SoraError(f"{label or result['execution_precision']} on {result['backend']} fails the quality gate: "
-                        f"PSNR {worst:.1f} dB against fp32 (threshold {result['min_psnr_db']} dB); nothing was "
-                        f"written. Use a higher precision, another calibration, or lower --min-psnr")
+        raise QualityGateRefused(f"{label or result['execution_precision']} on {result['backend']} fails the quality "
+                                 f"gate: PSNR {worst:.1f} dB against fp32 (threshold {result['min_psnr_db']} dB); "
+                                 f"nothing was written. Use a higher precision, another calibration, or lower "
+                                 f"--min-psnr")
     if not min(result["text_embedding_cosine"]) >= MIN_TEXT_COSINE:
-        raise SoraError(f"the text encoder fails the quality gate: embedding cosine "
-                        f"{min(result['text_embedding_cosine']):.4f} against fp32 (threshold {MIN_TEXT_COSINE}); "
-                        f"nothing was written. Use int8 or fp32 for it")
+        raise QualityGateRefused(f"the text encoder fails the quality gate: embedding cosine "
+                                 f"{min(result['text_embedding_cosine']):.4f} against fp32 (threshold "
+                                 f"{MIN_TEXT_COSINE}); nothing was written. Use int8 or fp32 for it")

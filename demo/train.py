@@ -187,13 +187,18 @@ def object_colour_error(recon: torch.Tensor, x: torch.Tensor, mask: torch.Tensor
     return (mean(recon) - mean(x)).pow(2).mean()
 
 
+def distance_from_black(video: torch.Tensor) -> torch.Tensor:
+    """[B, 3, F, H, W] video in [-1, 1] -> [B, F, H, W]: summed |RGB - black| in 0..255 units, as the probe sums it."""
+    return ((video + 1) * 127.5).abs().sum(dim=1)
+
+
 def object_fill(video: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
     """How much of its bounding box the object fills in each frame, as the probe measures it (`probe._fill` of
     `probe.object_pixels`' coverage on the world's black background), differentiable: [B, 3, F, H, W] video in
     [-1, 1], `full` [B, 1, F] the object's own distance from the background -> [B, F]."""
     from .probe import OBJECT_DISTANCE
 
-    distance = ((video + 1) * 127.5).abs().sum(dim=1)  # [B, F, H, W], summed |RGB - black| as the probe sums it
+    distance = distance_from_black(video)
     gate = torch.sigmoid((distance - OBJECT_DISTANCE / 2) / 4)  # the probe's hard cut at half OBJECT_DISTANCE
     coverage = (distance / full[:, 0, :, None, None].clamp(min=1.0)).clamp(0, 1) * gate
     width, height = coverage.amax(dim=2).sum(dim=-1), coverage.amax(dim=3).sum(dim=-1)
@@ -208,8 +213,7 @@ def fill_error(recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     it is the difference between a square and a circle. This term counts each frame's outline as a whole."""
     from .probe import SHAPE_PIXELS
 
-    distance = ((x + 1) * 127.5).abs().sum(dim=1)  # [B, F, H, W]
-    full = distance.amax(dim=(2, 3))[:, None]  # [B, 1, F]: the object's colour, its flat inside
+    full = distance_from_black(x).amax(dim=(2, 3))[:, None]  # [B, 1, F]: the object's colour, its flat inside
     shaped = (object_mask(x).sum(dim=(1, 3, 4)) >= SHAPE_PIXELS).float()  # [B, F]
     err = (object_fill(recon, full) - object_fill(x, full)).pow(2)
     return (err * shaped).sum() / shaped.sum().clamp(min=1.0)

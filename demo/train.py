@@ -61,7 +61,9 @@ training captions, each with the clip of its caption drawn on the path and at th
 every feature width of the saved decoder (`widen`: decoder_base_dim, four times the parameters), computing exactly
 what it did, so the run goes on from the saved decoder with more capacity; the encoder stays as it is.
 `--fill-weight` adds the error of how much of its bounding box the object fills, as the probe measures it
-(`fill_error`): the term that makes the decoder draw a square's corners.
+(`fill_error`): the term that makes the decoder draw a square's corners. `--mask-fill-weight` adds the same error
+read from plain masks of the object at three distances from the background (`mask_fill_error`): a soft edge whose
+faint fringe is round fills its box to the probe's coverage and not to a detector that thresholds low.
 Only training scenes are used (toy_world.TRAIN_SCENES); HELD_OUT combinations are never seen.
 Weights are saved as fp16 safetensors with their diffusers configs; train_log.json records losses and times.
 """
@@ -118,7 +120,7 @@ def apply_gradients(model, opt, sched, loss) -> float:
 
 def train_vae(steps: int, window: int, batch: int, lr: float, colour_weight: float, seed: int, log,
               vae=None, decoder_only: bool = False, ring: int = 0, denoise=None, samples=None,
-              fill_weight: float = 0.0) -> tuple[object, list]:
+              fill_weight: float = 0.0, mask_fill_weight: float = 0.0) -> tuple[object, list]:
     """`window`-frame crops: 5 (one cached chunk) teaches the pictures fast; whole 17-frame clips teach the decoder
     to run on its own causal cache for as long as the pipeline decodes. Shorter windows are not enough: a decoder
     trained on 9-frame crops drew the last four frames of a 17-frame clip in the wrong colour (green as yellow).
@@ -127,7 +129,8 @@ def train_vae(steps: int, window: int, batch: int, lr: float, colour_weight: flo
     (a blurred edge, a rounded corner) costs what colour missing inside it costs. `denoise` (decoder only): a
     `Redenoiser`; the decoder learns from the latents it returns for each clip, as the sampler hands them over.
     `samples` (decoder only, whole clips): `DiTSamples`; the second half of each batch is drawn from them.
-    `fill_weight`: the weight of `fill_error`, the error of how much of its bounding box the object fills."""
+    `fill_weight`: the weight of `fill_error`, the error of how much of its bounding box the object fills;
+    `mask_fill_weight` that of `mask_fill_error`, the same read from plain masks."""
     from diffusers import AutoencoderKLWan
 
     torch.manual_seed(seed)
@@ -153,7 +156,7 @@ def train_vae(steps: int, window: int, batch: int, lr: float, colour_weight: flo
             more_z, more_x = samples.draw(rng, batch // 2)
             z, x = torch.cat([z, more_z]), torch.cat([x, more_x])
         recon = vae.decode(z).sample
-        loss = picture_loss(recon, x, ring, colour_weight, fill_weight) + 1e-4 * z.pow(2).mean()
+        loss = picture_loss(recon, x, ring, colour_weight, fill_weight, mask_fill_weight) + 1e-4 * z.pow(2).mean()
         losses.append(apply_gradients(vae, opt, sched, loss))
         if step % 50 == 0 or step == steps - 1:
             log(f"vae step {step}/{steps} loss {np.mean(losses[-50:]):.4f}")
@@ -161,9 +164,10 @@ def train_vae(steps: int, window: int, batch: int, lr: float, colour_weight: flo
 
 
 def picture_loss(recon: torch.Tensor, x: torch.Tensor, ring: int, colour_weight: float,
-                 fill_weight: float) -> torch.Tensor:
+                 fill_weight: float, mask_fill_weight: float = 0.0) -> torch.Tensor:
     """How far a drawn video is from the clip, [B, 3, F, H, W] each: L2 + L1 / 2 per pixel, weighted towards the
-    object's pixels and the `ring` around them, plus `object_colour_error` and `fill_error` at their weights."""
+    object's pixels and the `ring` around them, plus `object_colour_error`, `fill_error` and `mask_fill_error` at
+    their weights."""
     # The object covers a few percent of the frame: weight its pixels (and its edges) up, or the decoder settles on
     # drawing the background alone.
     mask = object_mask(x)  # [B, 1, F, H, W]
@@ -174,6 +178,8 @@ def picture_loss(recon: torch.Tensor, x: torch.Tensor, ring: int, colour_weight:
         loss = loss + colour_weight * object_colour_error(recon, x, mask)
     if fill_weight:
         loss = loss + fill_weight * fill_error(recon, x)
+    if mask_fill_weight:
+        loss = loss + mask_fill_weight * mask_fill_error(recon, x)
     return loss
 
 
@@ -192,22 +198,35 @@ def distance_from_black(video: torch.Tensor) -> torch.Tensor:
     return ((video + 1) * 127.5).abs().sum(dim=1)
 
 
-def object_fill(video: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
-    """How much of its bounding box the object fills in each frame, as the probe measures it (`probe._fill` of
-    `probe.object_pixels`' coverage on the world's black background), differentiable: [B, 3, F, H, W] video in
-    [-1, 1], `full` [B, 1, F] the object's own distance from the background -> [B, F]."""
+def object_fill(video: torch.Tensor, full: torch.Tensor, cut: float | None = None) -> torch.Tensor:
+    """How much of its bounding box the object fills in each frame, differentiable: [B, 3, F, H, W] video in
+    [-1, 1], `full` [B, 1, F] the object's own distance from the background -> [B, F]. `cut` None: as the probe
+    measures it (`probe._fill` of `probe.object_pixels`' coverage on the world's black background); a distance: as
+    a plain detector does, the pixels farther than `cut` from the background counted whole, their count over their
+    box's area."""
     from .probe import OBJECT_DISTANCE
 
     distance = distance_from_black(video)
-    gate = torch.sigmoid((distance - OBJECT_DISTANCE / 2) / 4)  # the probe's hard cut at half OBJECT_DISTANCE
-    coverage = (distance / full[:, 0, :, None, None].clamp(min=1.0)).clamp(0, 1) * gate
+    if cut is None:
+        gate = torch.sigmoid((distance - OBJECT_DISTANCE / 2) / 4)  # the probe's hard cut at half OBJECT_DISTANCE
+        coverage = (distance / full[:, 0, :, None, None].clamp(min=1.0)).clamp(0, 1) * gate
+    else:  # soft enough that a dark pixel just outside a corner still feels the pull
+        coverage = torch.sigmoid((distance - cut) / (cut / 8))
     width, height = coverage.amax(dim=2).sum(dim=-1), coverage.amax(dim=3).sum(dim=-1)
     return coverage.sum(dim=(2, 3)) / (width * height).clamp(min=1.0)
 
 
-def fill_error(recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Squared error of how much of its bounding box the object fills (`object_fill`), over the frames where the
-    target's object has a shape (SHAPE_PIXELS or more), [B, 3, F, H, W] videos.
+def mask_cuts() -> tuple[float, ...]:
+    """The distances from the background at which `mask_fill_error` reads the object as a plain mask: half, once and
+    twice the probe's OBJECT_DISTANCE; a crisp outline fills its box at every one."""
+    from .probe import OBJECT_DISTANCE
+
+    return (OBJECT_DISTANCE / 2, OBJECT_DISTANCE, OBJECT_DISTANCE * 2)
+
+
+def fill_error(recon: torch.Tensor, x: torch.Tensor, cut: float | None = None) -> torch.Tensor:
+    """Squared error of how much of its bounding box the object fills (`object_fill`, read at `cut`), over the
+    frames where the target's object has a shape (SHAPE_PIXELS or more), [B, 3, F, H, W] videos.
 
     A rounded corner costs the per-pixel losses a few pixels of the object's edge; to a viewer, and to the probe,
     it is the difference between a square and a circle. This term counts each frame's outline as a whole."""
@@ -215,8 +234,14 @@ def fill_error(recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
     full = distance_from_black(x).amax(dim=(2, 3))[:, None]  # [B, 1, F]: the object's colour, its flat inside
     shaped = (object_mask(x).sum(dim=(1, 3, 4)) >= SHAPE_PIXELS).float()  # [B, F]
-    err = (object_fill(recon, full) - object_fill(x, full)).pow(2)
+    err = (object_fill(recon, full, cut) - object_fill(x, full, cut)).pow(2)
     return (err * shaped).sum() / shaped.sum().clamp(min=1.0)
+
+
+def mask_fill_error(recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """`fill_error` of the object read as a plain mask, the mean over `mask_cuts`: a soft edge whose faint fringe
+    rounds the corners reads as a circle to a detector that thresholds low, though its coverage fills the box."""
+    return torch.stack([fill_error(recon, x, cut) for cut in mask_cuts()]).mean()
 
 
 @torch.no_grad()
@@ -545,6 +570,9 @@ def save_fp16(model, folder: Path) -> None:
               "decoder, computing what it did (decoder_base_dim; the encoder and so the DiT stay valid).")
 @click.option("--fill-weight", default=0.0, show_default=True, type=click.FloatRange(0),
               help="Stage vae or decoder: weight of the error of how much of its bounding box the object fills.")
+@click.option("--mask-fill-weight", default=0.0, show_default=True, type=click.FloatRange(0),
+              help="Stage vae or decoder: weight of the same error read from plain masks of the object "
+              "(mask_fill_error).")
 @click.option("--decoded-weight", default=0.0, show_default=True, type=click.FloatRange(0),
               help="Stage dit or dit-more: weight of the saved decoder's drawing of the DiT's clean-latent "
               "prediction against the clip (with --ring and --fill-weight as the decoder's loss has them).")
@@ -561,9 +589,9 @@ def save_fp16(model, folder: Path) -> None:
 @click.option("--seed", default=0, show_default=True)
 @click.option("--threads", default=2, show_default=True)
 def main(out: Path, stage: str, vae_steps: int, vae_clip_steps: int, decoder_steps: int, ring: int, denoised: float,
-         samples: int, widen_decoder: bool, fill_weight: float, decoded_weight: float, decoded_sigma: float,
-         dit_steps: int, dit_lr: float, object_weight: float, grow: int, clips: int, check_clips: int, seed: int,
-         threads: int) -> None:
+         samples: int, widen_decoder: bool, fill_weight: float, mask_fill_weight: float, decoded_weight: float,
+         decoded_sigma: float, dit_steps: int, dit_lr: float, object_weight: float, grow: int, clips: int,
+         check_clips: int, seed: int, threads: int) -> None:
     from diffusers import AutoencoderKLWan
 
     torch.set_num_threads(threads)
@@ -581,6 +609,8 @@ def main(out: Path, stage: str, vae_steps: int, vae_clip_steps: int, decoder_ste
             raise click.ClickException(f"{name} needs --stage decoder and a DiT trained into {out}")
     if widen_decoder and stage != "decoder":
         raise click.ClickException("--widen-decoder needs --stage decoder")
+    if mask_fill_weight and stage not in ("all", "vae", "decoder"):
+        raise click.ClickException("--mask-fill-weight needs --stage all, vae or decoder")
     if decoded_weight and stage not in ("dit", "dit-more"):
         raise click.ClickException("--decoded-weight needs --stage dit or dit-more")
     if grow and stage != "dit-more":
@@ -615,11 +645,11 @@ def main(out: Path, stage: str, vae_steps: int, vae_clip_steps: int, decoder_ste
                 raise click.ClickException(f"none of the saved DiT's {samples} samples reads as its caption's colour "
                                            "and motion: nothing to train the decoder on")
             vae, losses = train_vae(steps, window, batch, lr, colour, seed + phase_seed, log, vae, decoder_only, ring,
-                                    denoise, pairs, fill_weight)
+                                    denoise, pairs, fill_weight, mask_fill_weight)
             record["vae"]["phases"].append({"steps": steps, "window": window, "batch": batch, "lr": lr,
                                             "colour_weight": colour, "decoder_only": decoder_only, "ring": ring,
                                             "denoised": denoised, "samples": samples, "widened": widen_decoder,
-                                            "fill_weight": fill_weight,
+                                            "fill_weight": fill_weight, "mask_fill_weight": mask_fill_weight,
                                             "samples_kept": len(pairs.clips) if pairs else 0,
                                             "seconds": time.time() - t0,
                                             "final_loss": float(np.mean(losses[-50:]))})

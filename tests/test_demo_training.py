@@ -176,6 +176,40 @@ def test_fill_term_measures_what_the_probe_reads():
     assert corner.sum() < 0  # brighter corner pixels lower the error
 
 
+def test_mask_fill_term_reads_the_object_as_a_plain_detector_does():
+    """`object_fill` at a cut is the probe's plain-mask fill (`probe._mask_fill`, within 0.04 on world clips of each
+    shape and three colours); `mask_fill_error` is zero for the clip itself and clear for a square whose faint
+    fringe is round, a square to the probe's coverage and a circle to a mask, and its gradient darkens that fringe
+    where it sticks out of the square's box."""
+    from soraedge.demo.probe import OBJECT_DISTANCE, SHAPE_PIXELS, _mask_fill, object_pixels
+    from soraedge.demo.toy_world import BACKGROUND, Scene, _mask, render
+    from soraedge.demo.train import distance_from_black, mask_fill_error, object_fill, to_video_tensor
+
+    clips = [render(Scene(colour, shape, "growing"), 7) for colour in ("red", "yellow", "blue")
+             for shape in ("circle", "square", "triangle")]
+    x = to_video_tensor(clips)
+    ours = object_fill(x, distance_from_black(x).amax(dim=(2, 3))[:, None], OBJECT_DISTANCE)
+    for clip, fills in zip(clips, ours):
+        masks, _ = object_pixels(clip, BACKGROUND)
+        probe = [(_mask_fill(m), float(f)) for m, f in zip(masks, fills) if m.sum() >= SHAPE_PIXELS]
+        assert probe and max(abs(a - b) for a, b in probe) < 0.04, probe
+    assert float(mask_fill_error(x, x)) == 0.0
+
+    def frame(layers):  # [1, 3, 1, H, W] in [-1, 1]: shapes centred in the frame, painted in order
+        out = np.zeros((64, 64, 3), np.float32)
+        for shape, rgb, r in layers:
+            cover = _mask(shape, 32.0, 32.0, r)[..., None]
+            out = cover * np.array(rgb, np.float32) + (1 - cover) * out
+        return to_video_tensor([np.round(out)[None].astype(np.uint8)])
+
+    square = frame([("square", (255, 255, 0), 9)])
+    fringed = frame([("circle", (70, 70, 0), 13), ("square", (255, 255, 0), 9)]).requires_grad_(True)
+    err = mask_fill_error(fringed, square)
+    assert err.item() > 0.01
+    err.backward()
+    assert fringed.grad[0, :, 0, 32, 32 + 12].sum() > 0  # the fringe beside the square's edge: darker is better
+
+
 def test_decoded_loss_draws_the_dits_clean_latent_against_its_clip():
     """With the DiT's flow exact (pred = noise - x0) the decoded term is the VAE's own reconstruction loss of the
     clip, small; against another clip's latent it is large; above its sigma bound it is zero, and it passes a
@@ -248,7 +282,8 @@ def test_decoder_stage_trains_the_decoder_alone(tmp_path):
     assert first.exit_code == 0, first.output
     before = load_file(out / "vae" / "diffusion_pytorch_model.safetensors")
     config_before = json.loads((out / "vae" / "config.json").read_text())
-    result = CliRunner().invoke(train_main, base + ["--stage", "decoder", "--ring", "2", "--fill-weight", "2"])
+    result = CliRunner().invoke(train_main, base + ["--stage", "decoder", "--ring", "2", "--fill-weight", "2",
+                                                    "--mask-fill-weight", "3"])
     assert result.exit_code == 0, result.output
     after = load_file(out / "vae" / "diffusion_pytorch_model.safetensors")
     frozen = [k for k in before if k.startswith(("encoder.", "quant_conv."))]
@@ -257,8 +292,8 @@ def test_decoder_stage_trains_the_decoder_alone(tmp_path):
     config_after = json.loads((out / "vae" / "config.json").read_text())
     assert config_after["latents_mean"] == config_before["latents_mean"]
     log = json.loads((out / "train_log.json").read_text())
-    assert [(p["decoder_only"], p["ring"], p["fill_weight"]) for p in log["vae"]["phases"]] == [
-        (False, 0, 0), (False, 0, 0), (True, 0, 0), (True, 2, 2)]
+    assert [(p["decoder_only"], p["ring"], p["fill_weight"], p["mask_fill_weight"]) for p in log["vae"]["phases"]] == [
+        (False, 0, 0, 0), (False, 0, 0, 0), (True, 0, 0, 0), (True, 2, 2, 3)]
     wider = CliRunner().invoke(train_main, base + ["--stage", "decoder", "--widen-decoder"])
     assert wider.exit_code == 0, wider.output
     widened = load_file(out / "vae" / "diffusion_pytorch_model.safetensors")
@@ -275,7 +310,8 @@ def test_decoder_stage_trains_the_decoder_alone(tmp_path):
                                            (["--stage", "vae", "--denoised", "0.5"], "--denoised needs"),
                                            (["--stage", "dit", "--grow", "2"], "--grow needs"),
                                            (["--stage", "dit", "--widen-decoder"], "--widen-decoder needs"),
-                                           (["--stage", "decoder", "--decoded-weight", "1"], "--decoded-weight needs")])
+                                           (["--stage", "decoder", "--decoded-weight", "1"], "--decoded-weight needs"),
+                                           (["--stage", "dit", "--mask-fill-weight", "1"], "--mask-fill-weight needs")])
 def test_options_without_what_they_need_say_so(tmp_path, args, message):
     result = CliRunner().invoke(train_main, ["--out", str(tmp_path / "w")] + args)
     assert result.exit_code != 0 and message in result.output and "Traceback" not in result.output

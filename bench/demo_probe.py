@@ -58,7 +58,8 @@ def accuracy_by_split(videos, prompts) -> dict:
         out[split] = score([verdicts[i] for i in idx], [prompts[i]["scene"] for i in idx])
     out["verdicts"] = [{"prompt": p["scene"].caption, "seed": p["seed"], "split": p["split"],
                         "colour": v.colour, "mean_colour": v.mean_name, "flat_share": round(v.flat_share, 3),
-                        "shape": v.shape, "fill": round(v.fill, 3), "motion": v.motion}
+                        "shape": v.shape, "fill": round(v.fill, 3), "mask_fill": round(v.mask_fill, 3),
+                        "motion": v.motion}
                        for p, v in zip(prompts, verdicts)]
     return out
 

@@ -8,7 +8,9 @@ The background is the median of the border pixels; the object is every pixel far
   their own, so a yellow centre in a red halo is not yellow.
 - Shape: how much of its bounding box the object fills (area over box, both from the object's coverage so that
   anti-aliased edges count by their share), the median over the frames: nearest of a circle's pi/4, a square's 1
-  and a triangle's 1/2.
+  and a triangle's 1/2. The shape counts only if the object's plain mask (its pixels counted whole, over their box)
+  reads the same: a square core in a faint round fringe is a square to one reading and a circle to the other, and
+  reads "unclear".
 - Motion: the object's centroid path and its size over the clip; a size change larger than the centroid's travel
   means growing/shrinking, otherwise the dominant direction.
 Frames are uint8 [F, H, W, 3]. `score` turns verdicts over a prompt set into colour, shape and motion accuracy and
@@ -68,6 +70,7 @@ class Verdict:
     shape: str | None = None
     flat_share: float = 0.0  # of the object's pixels that read as `colour` on their own
     fill: float = 0.0  # median share of its bounding box the object fills
+    mask_fill: float = 0.0  # the same, of the object's plain mask (its pixels counted whole, their box)
     travel_px: float = 0.0
     radius_change_px: float = 0.0
     mean_name: str | None = None  # the name of the object's mean colour, flat or not
@@ -78,6 +81,16 @@ def _fill(coverage: np.ndarray) -> float:
     measure: the box's width is the sum over columns of the column's largest coverage, its height likewise."""
     width, height = coverage.max(0).sum(), coverage.max(1).sum()
     return float(coverage.sum() / max(width * height, 1e-6))
+
+
+def _mask_fill(mask: np.ndarray) -> float:
+    """Pixel count over bounding-box area of one frame's object mask [H, W] (bool): a plain detector's reading."""
+    ys, xs = np.nonzero(mask)
+    return float(len(ys) / ((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)))
+
+
+def _nearest_shape(fill: float) -> str:
+    return min(FILL, key=lambda s: abs(FILL[s] - fill))
 
 
 def object_pixels(frames: np.ndarray, background=None) -> tuple[np.ndarray, np.ndarray]:
@@ -105,9 +118,12 @@ def read_video(frames: np.ndarray) -> Verdict:
     flat = float((colour_names(pixels) == mean_name).mean())
     colour = mean_name if flat >= FLAT_SHARE else "mixed"
 
-    fills = [_fill(c) for c, m in zip(coverage, masks) if m.sum() >= SHAPE_PIXELS]
-    fill = float(np.median(fills)) if fills else 0.0
-    shape = min(FILL, key=lambda s: abs(FILL[s] - fill)) if fills else None
+    shaped = [i for i, m in enumerate(masks) if m.sum() >= SHAPE_PIXELS]
+    fill = float(np.median([_fill(coverage[i]) for i in shaped])) if shaped else 0.0
+    mask_fill = float(np.median([_mask_fill(masks[i]) for i in shaped])) if shaped else 0.0
+    shape = None
+    if shaped:
+        shape = _nearest_shape(fill) if _nearest_shape(fill) == _nearest_shape(mask_fill) else "unclear"
 
     ys, xs = np.mgrid[: frames.shape[1], : frames.shape[2]]
     t, cx, cy, radius = [], [], [], []
@@ -119,7 +135,7 @@ def read_video(frames: np.ndarray) -> Verdict:
             cy.append(ys[m].mean())
             radius.append(np.sqrt(n / np.pi))
     if len(t) < 2:
-        return Verdict(colour, None, shape, flat, fill, mean_name=mean_name)
+        return Verdict(colour, None, shape, flat, fill, mask_fill, mean_name=mean_name)
     slope = lambda v: np.polyfit(t, v, 1)[0] * (frames.shape[0] - 1)  # noqa: E731 - change over the clip
     dx, dy, dr = slope(cx), slope(cy), slope(radius)
     travel = float(np.hypot(dx, dy))
@@ -131,7 +147,7 @@ def read_video(frames: np.ndarray) -> Verdict:
         motion = "right" if dx > 0 else "left"
     else:
         motion = "down" if dy > 0 else "up"
-    return Verdict(colour, motion, shape, flat, fill, travel, float(dr), mean_name)
+    return Verdict(colour, motion, shape, flat, fill, mask_fill, travel, float(dr), mean_name)
 
 
 def score(verdicts, scenes) -> dict:

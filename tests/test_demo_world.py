@@ -43,6 +43,7 @@ YELLOW, RED = COLOURS["yellow"], COLOURS["red"]
     ("an orange square", _clip([("square", (240, 140, 30), 9)]), {"colour"}),
     ("a round blob for a square", _clip([("circle", YELLOW, 10)]), {"shape"}),
     ("a triangle for a square", _clip([("triangle", YELLOW, 10)]), {"shape"}),
+    ("a square in a faint round fringe", _clip([("circle", (70, 70, 0), 12), ("square", YELLOW, 9)]), {"shape"}),
     ("moving left", _clip([("square", YELLOW, 9)])[::-1], {"motion"}),
 ])
 def test_probe_reads_deliberately_wrong_clips_as_wrong(name, clip, wrong):

@@ -55,9 +55,10 @@ class Scenario:
     @property
     def latent_shape(self) -> tuple[int, int, int, int, int]:
         """[B, C, f, h, w] of the model's Wan VAE (4x temporal; 8x spatial, Wan2.2's 16x)."""
-        s = self.config().vae_scale_spatial
-        return (self.batch, self.config().latent_channels, (self.frames - 1) // 4 + 1, self.height // s,
-                self.width // s)
+        from ..runtime.validate import latent_grid
+
+        return (self.batch, self.config().latent_channels,
+                *latent_grid(self.frames, self.height, self.width, 4, self.config().vae_scale_spatial))
 
     @property
     def tokens(self) -> int:

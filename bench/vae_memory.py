@@ -25,6 +25,7 @@ CHILD = """
 import sys, time, json, numpy as np
 from soraedge.runtime.backends.ort import OrtEngine
 from soraedge.runtime.spec import EngineSpec
+from soraedge.runtime.validate import latent_grid
 from soraedge.runtime.vae_decode import ChunkedVaeDecoder
 from soraedge.runtime.video import VideoWriter
 d, frames, h, w, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
@@ -32,7 +33,7 @@ tile = int(sys.argv[6]) or None
 specs = json.load(open(d + "/specs.json"))
 dec = ChunkedVaeDecoder(*(OrtEngine(__import__("pathlib").Path(d) / (s["name"] + ".onnx"), EngineSpec.from_dict(s),
                                     threads, arena=False) for s in specs), tile=tile)  # as the runtime opens them
-z = np.random.default_rng(0).standard_normal((1, 16, (frames - 1) // 4 + 1, h // 8, w // 8), dtype=np.float32)
+z = np.random.default_rng(0).standard_normal((1, 16, *latent_grid(frames, h, w, 4, 8)), dtype=np.float32)
 t0 = time.perf_counter()
 with VideoWriter(d + f"/out{frames}.mp4", 16) as out:
     for chunk in dec.chunks(z):

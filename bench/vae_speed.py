@@ -21,6 +21,7 @@ import click
 import numpy as np
 
 from ..runtime.machine import machine
+from ..runtime.validate import latent_grid
 
 from .harness import results_option, save, shape_name, versions
 
@@ -59,7 +60,7 @@ def run(height: int, width: int, frames: int, threads: int, log=print, family: s
         tmp = Path(tmp)
         specs, vae = export_real_vae(tmp, height, width, log, family)
         c, s, t = vae.config.z_dim, vae.config.scale_factor_spatial, vae.config.scale_factor_temporal
-        z = np.random.default_rng(0).standard_normal((1, c, (frames - 1) // t + 1, height // s, width // s),
+        z = np.random.default_rng(0).standard_normal((1, c, *latent_grid(frames, height, width, t, s)),
                                                     dtype=np.float32)
         flops = _conv_flops(vae, z)
 

@@ -80,6 +80,7 @@ import numpy as np
 import torch
 
 from ..runtime.machine import machine
+from ..runtime.validate import latent_grid
 from .pipeline_dir import DEMO_DEFAULTS, FLOW_SHIFT
 from .text_encoder import TEXT_LEN, encode_prompts
 from .toy_world import BACKGROUND, FRAMES, SIZE, TRAIN_SCENES, render, sample
@@ -521,8 +522,7 @@ class DiTSamples:
         text, empty = caption_embeddings({s.caption for s in TRAIN_SCENES})
         gen, rng = torch.Generator().manual_seed(seed), np.random.default_rng(seed)
         c = vae.config
-        shape = (c.z_dim, (FRAMES - 1) // c.scale_factor_temporal + 1, SIZE // c.scale_factor_spatial,
-                 SIZE // c.scale_factor_spatial)
+        shape = (c.z_dim, *latent_grid(FRAMES, SIZE, SIZE, c.scale_factor_temporal, c.scale_factor_spatial))
         self.latents, self.clips = [], []
         for start in range(0, n, 16):
             scenes = [TRAIN_SCENES[int(rng.integers(len(TRAIN_SCENES)))] for _ in range(min(16, n - start))]

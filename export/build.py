@@ -32,7 +32,7 @@ from ..runtime.manifest import Manifest, sha256_file, staged
 from ..runtime.memory import available_bytes
 from ..runtime.spec import Dim
 from ..runtime.user_cache import check_settings
-from ..runtime.validate import check_frames, check_size, check_threads
+from ..runtime.validate import check_frames, check_size, check_threads, latent_grid
 from .checkpoint import WanCheckpoint, read_checkpoint, read_json
 from ..target.choose import build_runtime, check_request, cpu_only, graph_bytes, openvino_unsupported
 from .dit import AttentionForm, dit_spec, load_dit, load_reference_dit, streamed_reference_dit
@@ -302,12 +302,12 @@ def _export_into(ck: WanCheckpoint, cfg: ExportConfig, defaults: dict, params: d
     p_t, p_h, p_w = ck.patch
     if p_t != 1:
         raise SoraError(f"temporal patch size {p_t} is not supported (Wan2.1 uses 1)")
-    lat_f = (defaults["frames"] - 1) // t + 1
-    lat_f_max = max(lat_f, (cfg.max_frames - 1) // t + 1)
+    lat_f, lat_h, lat_w = latent_grid(defaults["frames"], defaults["height"], defaults["width"], t, s)
+    lat_f_max = max(lat_f, latent_grid(cfg.max_frames, 0, 0, t, s)[0])
     lat_max = max(defaults["height"], defaults["width"], MAX_SIDE) // s
     f_dim = Dim("f", 1, lat_f, lat_f_max)
-    h_dim = Dim("h", p_h, defaults["height"] // s, lat_max // p_h * p_h, p_h)
-    w_dim = Dim("w", p_w, defaults["width"] // s, lat_max // p_w * p_w, p_w)
+    h_dim = Dim("h", p_h, lat_h, lat_max // p_h * p_h, p_h)
+    w_dim = Dim("w", p_w, lat_w, lat_max // p_w * p_w, p_w)
     engines = {}
 
     # Text encoder

@@ -37,7 +37,7 @@ from .text import PromptEncoder
 from .user_cache import check_settings, compiled_cache, compiled_used
 from .vae_decode import ChunkedVaeDecoder
 from .validate import (check_finite, check_frames, check_guidance, check_seed, check_size, check_steps, check_text,
-                       check_threads)
+                       check_threads, latent_grid)
 
 
 log = logging.getLogger("soraedge")
@@ -260,7 +260,7 @@ class Pipeline:
     # -- validation ------------------------------------------------------------------------------------------
     def latent_shape(self, height: int, width: int, frames: int) -> tuple[int, ...]:
         s, t = self.config["vae_scale_spatial"], self.config["vae_scale_temporal"]
-        return (1, self.config["latent_channels"], (frames - 1) // t + 1, height // s, width // s)
+        return (1, self.config["latent_channels"], *latent_grid(frames, height, width, t, s))
 
     def resolve(self, height=None, width=None, frames=None, steps=None, guidance=None, negative_prompt=None,
                 guidance_2=None):

@@ -1,5 +1,6 @@
 """Checks on every number a user hands in, shared by export and run so each rule and its message are written once.
-Each is checked before any compute; 0 is an error, never "use the default"."""
+Each is checked before any compute; 0 is an error, never "use the default". `latent_grid` is the latent size those
+numbers give."""
 
 from __future__ import annotations
 
@@ -56,6 +57,12 @@ def check_size(height: int, width: int, multiple: int) -> None:
         if v < multiple or v % multiple:
             lo = max(multiple, v // multiple * multiple)
             raise SoraError(f"{name}={v} is not a multiple of {multiple} (nearest valid: {lo} or {lo + multiple})")
+
+
+def latent_grid(frames: int, height: int, width: int, scale_t: int, scale_s: int) -> tuple[int, int, int]:
+    """(frames, height, width) of a causal video VAE's latent for a video of that size: the first frame alone, then
+    one latent frame per `scale_t` frames; `scale_s` pixels a side per latent cell."""
+    return (frames - 1) // scale_t + 1, height // scale_s, width // scale_s
 
 
 def check_frames(frames: int, scale_t: int) -> None:

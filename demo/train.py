@@ -6,7 +6,7 @@
     python -m soraedge.demo.train --out demo/weights --stage dit-more # more steps on the saved DiT
     python -m soraedge.demo.train --out demo/weights --stage check    # the probe's reading of the VAE's reconstructions
 
-The committed weights came from these eighteen commands, seed 0 where none is named, into demo/weights (the
+The committed weights came from these twenty commands, seed 0 where none is named, into demo/weights (the
 default --out; its train_log.json records every phase, its time and loss; docs/demo.md has the times):
 
     python -m soraedge.demo.train --stage vae
@@ -30,6 +30,10 @@ default --out; its train_log.json records every phase, its time and loss; docs/d
         --seed 4 --threads 1
     python -m soraedge.demo.train --stage decoder --decoder-steps 1200 --ring 2 --samples 800 --fill-weight 32 \
         --seed 6 --threads 1
+    python -m soraedge.demo.train --stage decoder --decoder-steps 1200 --ring 2 --samples 800 --fill-weight 32 \
+        --mask-fill-weight 32 --seed 8 --threads 1
+    python -m soraedge.demo.train --stage decoder --decoder-steps 1200 --ring 2 --samples 800 --fill-weight 32 \
+        --mask-fill-weight 32 --seed 10 --threads 1
 
 A decoder-only run leaves the encoder, and so the DiT's latent space, as it is, and a DiT run reads only the
 encoder: the decoder runs and the DiT runs do not depend on each other's order, except that a `--denoised` decoder

@@ -23,6 +23,7 @@ import numpy as np
 
 from ..runtime.errors import SoraError
 from ..runtime.machine import machine
+from ..runtime.validate import latent_grid
 
 RESULTS = Path(__file__).parent / "results"
 INDEX = "README.md"
@@ -55,8 +56,6 @@ class Scenario:
     @property
     def latent_shape(self) -> tuple[int, int, int, int, int]:
         """[B, C, f, h, w] of the model's Wan VAE (4x temporal; 8x spatial, Wan2.2's 16x)."""
-        from ..runtime.validate import latent_grid
-
         return (self.batch, self.config().latent_channels,
                 *latent_grid(self.frames, self.height, self.width, 4, self.config().vae_scale_spatial))
 

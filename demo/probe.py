@@ -90,6 +90,7 @@ def _mask_fill(mask: np.ndarray) -> float:
 
 
 def _nearest_shape(fill: float) -> str:
+    """The shape whose share of its bounding box is nearest `fill`."""
     return min(FILL, key=lambda s: abs(FILL[s] - fill))
 
 
@@ -123,7 +124,8 @@ def read_video(frames: np.ndarray) -> Verdict:
     mask_fill = float(np.median([_mask_fill(masks[i]) for i in shaped])) if shaped else 0.0
     shape = None
     if shaped:
-        shape = _nearest_shape(fill) if _nearest_shape(fill) == _nearest_shape(mask_fill) else "unclear"
+        by_coverage, by_mask = _nearest_shape(fill), _nearest_shape(mask_fill)
+        shape = by_coverage if by_coverage == by_mask else "unclear"
 
     ys, xs = np.mgrid[: frames.shape[1], : frames.shape[2]]
     t, cx, cy, radius = [], [], [], []

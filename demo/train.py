@@ -86,6 +86,7 @@ import torch
 from ..runtime.machine import machine
 from ..runtime.validate import latent_grid
 from .pipeline_dir import DEMO_DEFAULTS, FLOW_SHIFT
+from .probe import OBJECT_DISTANCE, SHAPE_PIXELS, object_pixels, read_video, score
 from .text_encoder import TEXT_LEN, encode_prompts
 from .toy_world import BACKGROUND, FRAMES, SIZE, TRAIN_SCENES, render, sample
 
@@ -209,8 +210,6 @@ def object_fill(video: torch.Tensor, full: torch.Tensor, cut: float | None = Non
     measures it (`probe._fill` of `probe.object_pixels`' coverage on the world's black background); a distance: as
     a plain detector does, the pixels farther than `cut` from the background counted whole, their count over their
     box's area."""
-    from .probe import OBJECT_DISTANCE
-
     distance = distance_from_black(video)
     if cut is None:
         gate = torch.sigmoid((distance - OBJECT_DISTANCE / 2) / 4)  # the probe's hard cut at half OBJECT_DISTANCE
@@ -221,12 +220,9 @@ def object_fill(video: torch.Tensor, full: torch.Tensor, cut: float | None = Non
     return coverage.sum(dim=(2, 3)) / (width * height).clamp(min=1.0)
 
 
-def mask_cuts() -> tuple[float, ...]:
-    """The distances from the background at which `mask_fill_error` reads the object as a plain mask: half, once and
-    twice the probe's OBJECT_DISTANCE; a crisp outline fills its box at every one."""
-    from .probe import OBJECT_DISTANCE
-
-    return (OBJECT_DISTANCE / 2, OBJECT_DISTANCE, OBJECT_DISTANCE * 2)
+# The distances from the background at which `mask_fill_error` reads the object as a plain mask: half, once and
+# twice the probe's OBJECT_DISTANCE; a crisp outline fills its box at every one.
+MASK_CUTS = (OBJECT_DISTANCE / 2, OBJECT_DISTANCE, OBJECT_DISTANCE * 2)
 
 
 def fill_error(recon: torch.Tensor, x: torch.Tensor, cut: float | None = None) -> torch.Tensor:
@@ -235,8 +231,6 @@ def fill_error(recon: torch.Tensor, x: torch.Tensor, cut: float | None = None) -
 
     A rounded corner costs the per-pixel losses a few pixels of the object's edge; to a viewer, and to the probe,
     it is the difference between a square and a circle. This term counts each frame's outline as a whole."""
-    from .probe import SHAPE_PIXELS
-
     full = distance_from_black(x).amax(dim=(2, 3))[:, None]  # [B, 1, F]: the object's colour, its flat inside
     shaped = (object_mask(x).sum(dim=(1, 3, 4)) >= SHAPE_PIXELS).float()  # [B, F]
     err = (object_fill(recon, full, cut) - object_fill(x, full, cut)).pow(2)
@@ -244,9 +238,9 @@ def fill_error(recon: torch.Tensor, x: torch.Tensor, cut: float | None = None) -
 
 
 def mask_fill_error(recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """`fill_error` of the object read as a plain mask, the mean over `mask_cuts`: a soft edge whose faint fringe
+    """`fill_error` of the object read as a plain mask, the mean over MASK_CUTS: a soft edge whose faint fringe
     rounds the corners reads as a circle to a detector that thresholds low, though its coverage fills the box."""
-    return torch.stack([fill_error(recon, x, cut) for cut in mask_cuts()]).mean()
+    return torch.stack([fill_error(recon, x, cut) for cut in MASK_CUTS]).mean()
 
 
 @torch.no_grad()
@@ -288,7 +282,6 @@ def latent_mask(x: torch.Tensor, latent_shape) -> torch.Tensor:
 @torch.no_grad()
 def check_vae(vae, n: int, seed: int) -> dict:
     """PSNR and probe accuracy of n reconstructed 17-frame clips of every scene (held-out ones included)."""
-    from .probe import read_video, score
     from .toy_world import ALL_SCENES
 
     scenes = [ALL_SCENES[(seed + i) % len(ALL_SCENES)] for i in range(n)]
@@ -488,7 +481,6 @@ def follow(scene, frames: np.ndarray) -> np.ndarray | None:
     probe measures it, on the world's background), each fitted by a straight line over the clip, as the world moves
     and grows its objects. None where the probe reads the colour or the motion of `frames` wrong, or the object is
     missing from half the frames."""
-    from .probe import SHAPE_PIXELS, object_pixels, read_video
     from .toy_world import AREA, CENTROID_BELOW, draw
 
     verdict = read_video(frames)
